@@ -1,0 +1,284 @@
+//! The gateway's one typed configuration: defaults, TOML file, command-line flags.
+//!
+//! Owns every tunable number, its default and the start-up checks that refuse a
+//! bad combination. `docs/config.md` documents each field (name, default, unit, why).
+//! Read once on the main thread, then shared read-only with every shard.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// Which io driver the shards run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum IoDriver {
+    /// io_uring where the kernel allows it, epoll otherwise.
+    Auto,
+    /// io_uring only; refuse to start without it.
+    IoUring,
+    /// epoll only (also what valgrind needs).
+    Epoll,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// WebSocket listener; every shard binds it with SO_REUSEPORT.
+    pub listen: SocketAddr,
+    /// Admin HTTP listener: /healthz, /readyz, /metrics.
+    pub admin_listen: SocketAddr,
+    /// Where the generated development secret (and later, local state) lives.
+    pub data_dir: PathBuf,
+    /// Shards (threads); 0 means one per available core.
+    pub shards: usize,
+    /// This node's id in the fleet (0-1023); part of every message id.
+    pub node_id: u16,
+    pub io_driver: IoDriver,
+    /// Pin shard N to core N.
+    pub pin_shards: bool,
+    /// Entries in each shard's io_uring submission queue.
+    pub io_uring_entries: u32,
+    /// HS256 secret for bearer tokens (at least 32 bytes). Prefer the
+    /// GATEWAY_AUTH_SECRET environment variable to writing it here.
+    pub auth_secret: Option<String>,
+    /// Most simultaneous connections; 0 means as many as RLIMIT_NOFILE allows.
+    pub connections_max: usize,
+    pub handshake_timeout_ms: u64,
+    pub handshake_bytes_max: usize,
+    /// How often clients are told to ping.
+    pub heartbeat_interval_ms: u64,
+    /// Silence after which a connection is closed (4000).
+    pub heartbeat_timeout_ms: u64,
+    /// Largest WebSocket message (frame or joined fragments); larger closes with 1009.
+    pub message_bytes_max: usize,
+    /// Largest `body`; larger gets `body_too_large` and the connection stays.
+    pub body_bytes_max: usize,
+    /// Bytes queued to one connection before it is closed as a slow consumer (4001).
+    pub send_queue_bytes_max: usize,
+    /// Kernel send buffer per client socket; 0 keeps the kernel's autotuning.
+    pub socket_send_buffer_bytes: usize,
+    /// Slots in each shard-to-shard queue.
+    pub cross_shard_queue_capacity: usize,
+    /// How long a `send` id is remembered for idempotency.
+    pub idempotency_window_ms: u64,
+    /// Most remembered `send` ids per shard; the oldest are forgotten first.
+    pub idempotency_entries_max: usize,
+    /// Client errors within one minute after which the connection closes (1008).
+    pub protocol_errors_max: u32,
+    /// Window over which a draining node spreads its 1012 closes.
+    pub drain_window_ms: u64,
+    /// How long to wait for a client's close reply before dropping the socket.
+    pub close_grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("literal"),
+            admin_listen: "127.0.0.1:9090".parse().expect("literal"),
+            data_dir: PathBuf::from("data"),
+            shards: 0,
+            node_id: 0,
+            io_driver: IoDriver::Auto,
+            pin_shards: true,
+            io_uring_entries: 4096,
+            auth_secret: None,
+            connections_max: 0,
+            handshake_timeout_ms: 5_000,
+            handshake_bytes_max: 8 * 1024,
+            heartbeat_interval_ms: 30_000,
+            heartbeat_timeout_ms: 90_000,
+            message_bytes_max: 96 * 1024,
+            body_bytes_max: 64 * 1024,
+            send_queue_bytes_max: 1024 * 1024,
+            socket_send_buffer_bytes: 0,
+            cross_shard_queue_capacity: 8 * 1024,
+            idempotency_window_ms: 24 * 60 * 60 * 1000,
+            idempotency_entries_max: 256 * 1024,
+            protocol_errors_max: 20,
+            drain_window_ms: 60_000,
+            close_grace_ms: 1_000,
+        }
+    }
+}
+
+/// Declares the command-line overrides: one optional flag per config field.
+macro_rules! overrides {
+    ($($(#[$meta:meta])* $field:ident: $ty:ty),* $(,)?) => {
+        /// Every config field as a flag; a flag wins over the file.
+        #[derive(Debug, Default, Clone, clap::Args)]
+        pub struct Overrides {
+            $($(#[$meta])* #[arg(long)] pub $field: Option<$ty>,)*
+        }
+
+        impl Overrides {
+            pub fn apply(&self, config: &mut Config) {
+                $(if let Some(value) = &self.$field { config.$field = value.clone(); })*
+            }
+        }
+    };
+}
+
+overrides! {
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    data_dir: PathBuf,
+    shards: usize,
+    node_id: u16,
+    #[arg(value_enum)]
+    io_driver: IoDriver,
+    pin_shards: bool,
+    io_uring_entries: u32,
+    connections_max: usize,
+    handshake_timeout_ms: u64,
+    handshake_bytes_max: usize,
+    heartbeat_interval_ms: u64,
+    heartbeat_timeout_ms: u64,
+    message_bytes_max: usize,
+    body_bytes_max: usize,
+    send_queue_bytes_max: usize,
+    socket_send_buffer_bytes: usize,
+    cross_shard_queue_capacity: usize,
+    idempotency_window_ms: u64,
+    idempotency_entries_max: usize,
+    protocol_errors_max: u32,
+    drain_window_ms: u64,
+    close_grace_ms: u64,
+}
+
+/// The `--config` file and the flags over it.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ConfigArgs {
+    /// TOML config file; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// HS256 token secret (at least 32 bytes).
+    #[arg(long, env = "GATEWAY_AUTH_SECRET", hide_env_values = true)]
+    pub auth_secret: Option<String>,
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+impl ConfigArgs {
+    /// Defaults, then the file, then the environment and flags; then checked.
+    pub fn load(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => read_file(path)?,
+            None => Config::default(),
+        };
+        self.overrides.apply(&mut config);
+        if let Some(secret) = &self.auth_secret {
+            config.auth_secret = Some(secret.clone());
+        }
+        if config.shards == 0 {
+            config.shards = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<Config> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+}
+
+impl Config {
+    /// Refuses combinations that cannot work, at start-up rather than at run time.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let shard_limit = usize::from(chat_protocol::snowflake::SHARD_ID_MAX) + 1;
+        if self.shards == 0 || self.shards > shard_limit {
+            bail!(
+                "shards must be 1-{shard_limit} (message ids have 6 shard bits), got {}",
+                self.shards
+            );
+        }
+        if self.node_id > chat_protocol::snowflake::NODE_ID_MAX {
+            bail!(
+                "node_id must be 0-{}, got {}",
+                chat_protocol::snowflake::NODE_ID_MAX,
+                self.node_id
+            );
+        }
+        if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms {
+            bail!("heartbeat_timeout_ms must exceed heartbeat_interval_ms");
+        }
+        if self.body_bytes_max + 1024 > self.message_bytes_max {
+            bail!("message_bytes_max must leave at least 1 KiB of room above body_bytes_max for the JSON envelope");
+        }
+        if self.send_queue_bytes_max < self.message_bytes_max {
+            bail!("send_queue_bytes_max must hold at least one message_bytes_max message");
+        }
+        if self.cross_shard_queue_capacity < 16 {
+            bail!("cross_shard_queue_capacity must be at least 16");
+        }
+        if self.handshake_bytes_max < 512 {
+            bail!("handshake_bytes_max must be at least 512");
+        }
+        if let Some(secret) = &self.auth_secret {
+            if secret.len() < 32 {
+                bail!("auth_secret must be at least 32 bytes (HS256 keys shorter than the hash are weak)");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_once_shards_are_resolved() {
+        let config = Config {
+            shards: 2,
+            ..Config::default()
+        };
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_in_the_file_are_refused() {
+        let error =
+            toml::from_str::<Config>("listen = \"127.0.0.1:1\"\nlisten_typo = 3\n").unwrap_err();
+        assert!(error.to_string().contains("unknown field"), "{error}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut config: Config = toml::from_str("shards = 3\nnode_id = 7\n").unwrap();
+        Overrides {
+            shards: Some(1),
+            ..Overrides::default()
+        }
+        .apply(&mut config);
+        assert_eq!((config.shards, config.node_id), (1, 7));
+    }
+
+    #[test]
+    fn bad_combinations_are_refused() {
+        let short_secret = Config {
+            shards: 1,
+            auth_secret: Some("short".into()),
+            ..Config::default()
+        };
+        assert!(short_secret.validate().is_err());
+        let too_many_shards = Config {
+            shards: 65,
+            ..Config::default()
+        };
+        assert!(too_many_shards.validate().is_err());
+        let heartbeat = Config {
+            shards: 1,
+            heartbeat_timeout_ms: 10,
+            heartbeat_interval_ms: 10,
+            ..Config::default()
+        };
+        assert!(heartbeat.validate().is_err());
+    }
+}

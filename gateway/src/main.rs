@@ -1,0 +1,95 @@
+//! `gateway`: the chat connection gateway of one node.
+//!
+//! `gateway` (or `gateway run`) serves WebSockets until drained;
+//! `gateway token` mints a bearer token with the node's secret. This file owns
+//! only the command line, logging set-up and the global allocator.
+
+mod admin;
+mod clock;
+mod config;
+mod mesh;
+mod metrics;
+mod node;
+mod secret;
+mod shard;
+mod sock;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::ConfigArgs;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "Thread-per-core WebSocket chat gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve WebSockets (the default).
+    Run {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Print a bearer token signed with this node's secret.
+    Token {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        device: String,
+        /// Lifetime, e.g. `1h`, `30m`, `7d`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => cli.config.load().and_then(node::run),
+        Some(Command::Run { config }) => config.load().and_then(node::run),
+        Some(Command::Token {
+            user,
+            device,
+            ttl,
+            config,
+        }) => print_token(&config, &user, &device, ttl),
+    };
+    if let Err(error) = result {
+        tracing::error!("{error:#}");
+        std::process::exit(2);
+    }
+}
+
+fn print_token(args: &ConfigArgs, user: &str, device: &str, ttl: Duration) -> anyhow::Result<()> {
+    let config = args.load()?;
+    let secret = secret::resolve(&config)?;
+    let exp = clock::unix_s() + ttl.as_secs();
+    let token = chat_protocol::token::mint(&secret, user, device, exp).map_err(|error| {
+        anyhow::anyhow!("{error}: user and device ids are 1-64 characters of [A-Za-z0-9_.-]")
+    })?;
+    println!("{token}");
+    Ok(())
+}

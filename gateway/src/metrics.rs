@@ -1,0 +1,318 @@
+//! Node and shard counters, and their Prometheus text rendering for /metrics.
+//!
+//! Each shard writes only its own `ShardMetrics` (cache-line padded, relaxed
+//! atomics with a single writer, so no contention); the admin thread only reads.
+//! Never allocates on the shards' side.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+use chat_protocol::codes::{CloseCode, ErrorCode, CLOSE_CODES, ERROR_CODES};
+use crossbeam_utils::CachePadded;
+
+use crate::mesh::Mesh;
+
+/// Why a handshake was refused, for `gateway_handshakes_refused_total{reason}`.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal {
+    BadRequest,
+    Unauthorized,
+    NotFound,
+    MethodNotAllowed,
+    UpgradeRequired,
+    TooLarge,
+    AtCapacity,
+    Draining,
+    Timeout,
+}
+
+const REFUSALS: [(&str, Refusal); 9] = [
+    ("bad_request", Refusal::BadRequest),
+    ("unauthorized", Refusal::Unauthorized),
+    ("not_found", Refusal::NotFound),
+    ("method_not_allowed", Refusal::MethodNotAllowed),
+    ("upgrade_required", Refusal::UpgradeRequired),
+    ("too_large", Refusal::TooLarge),
+    ("at_capacity", Refusal::AtCapacity),
+    ("draining", Refusal::Draining),
+    ("timeout", Refusal::Timeout),
+];
+
+/// Counters of one shard. Written only by that shard's thread.
+#[derive(Default)]
+pub struct ShardMetrics {
+    pub connections: AtomicU64,
+    /// Users with at least one connection here (refreshed each heartbeat sweep).
+    pub users: AtomicU64,
+    /// Entries in the idempotency table (refreshed each heartbeat sweep).
+    pub idempotency_entries: AtomicU64,
+    pub handshakes_accepted: AtomicU64,
+    pub handshakes_refused: [AtomicU64; REFUSALS.len()],
+    pub handoffs_sent: AtomicU64,
+    pub handoffs_received: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub messages_routed_local: AtomicU64,
+    pub messages_routed_cross_shard: AtomicU64,
+    pub messages_received_cross_shard: AtomicU64,
+    pub idempotent_replays: AtomicU64,
+    pub errors: [AtomicU64; ERROR_CODES.len()],
+    pub closes: [AtomicU64; CLOSE_CODES.len()],
+}
+
+/// Adds `amount` to a counter that only the calling thread writes: a plain
+/// load and store, cheaper than a locked read-modify-write.
+pub fn bump(counter: &AtomicU64, amount: u64) {
+    counter.store(counter.load(Relaxed).wrapping_add(amount), Relaxed);
+}
+
+impl ShardMetrics {
+    pub fn refused(&self, refusal: Refusal) {
+        bump(&self.handshakes_refused[refusal as usize], 1);
+    }
+    pub fn error(&self, code: ErrorCode) {
+        bump(&self.errors[code.index()], 1);
+    }
+    pub fn closed(&self, code: CloseCode) {
+        bump(&self.closes[code.index()], 1);
+    }
+}
+
+/// State the whole node shares: metrics, the connection budget, drain and readiness.
+pub struct NodeState {
+    pub shards: Vec<CachePadded<ShardMetrics>>,
+    /// Sockets open (accepted and not yet closed), across all shards.
+    pub connections_open: CachePadded<AtomicUsize>,
+    /// The most sockets this process may hold (from RLIMIT_NOFILE and config).
+    pub connections_max: usize,
+    pub draining: AtomicBool,
+    pub shards_ready: AtomicUsize,
+    pub io_driver: std::sync::OnceLock<&'static str>,
+}
+
+impl NodeState {
+    pub fn new(shard_count: usize, connections_max: usize) -> Self {
+        Self {
+            shards: (0..shard_count)
+                .map(|_| CachePadded::new(ShardMetrics::default()))
+                .collect(),
+            connections_open: CachePadded::new(AtomicUsize::new(0)),
+            connections_max,
+            draining: AtomicBool::new(false),
+            shards_ready: AtomicUsize::new(0),
+            io_driver: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Claims one connection slot; false when the node is full.
+    pub fn try_claim_connection(&self) -> bool {
+        let previous = self.connections_open.fetch_add(1, Relaxed);
+        if previous >= self.connections_max {
+            self.connections_open.fetch_sub(1, Relaxed);
+            return false;
+        }
+        true
+    }
+
+    pub fn release_connection(&self) {
+        self.connections_open.fetch_sub(1, Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.shards_ready.load(Relaxed) == self.shards.len() && !self.draining.load(Relaxed)
+    }
+}
+
+/// Renders Prometheus text exposition format 0.0.4.
+pub fn render(node: &NodeState, mesh: &Mesh) -> String {
+    let mut out = String::with_capacity(8 * 1024);
+    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    let per_shard = |out: &mut String,
+                     name: &str,
+                     kind: &str,
+                     help: &str,
+                     read: &dyn Fn(&ShardMetrics) -> u64| {
+        family(out, name, kind, help);
+        for (shard, metrics) in node.shards.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", read(metrics));
+        }
+    };
+
+    family(
+        &mut out,
+        "gateway_connections_max",
+        "gauge",
+        "Connections this process can hold (RLIMIT_NOFILE and config).",
+    );
+    let _ = writeln!(out, "gateway_connections_max {}", node.connections_max);
+    family(
+        &mut out,
+        "gateway_sockets_open",
+        "gauge",
+        "Sockets open, including handshakes in progress.",
+    );
+    let _ = writeln!(
+        out,
+        "gateway_sockets_open {}",
+        node.connections_open.load(Relaxed)
+    );
+    family(
+        &mut out,
+        "gateway_draining",
+        "gauge",
+        "1 while the node drains.",
+    );
+    let _ = writeln!(
+        out,
+        "gateway_draining {}",
+        u8::from(node.draining.load(Relaxed))
+    );
+
+    per_shard(
+        &mut out,
+        "gateway_connections",
+        "gauge",
+        "Registered WebSocket connections.",
+        &|m| m.connections.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_users",
+        "gauge",
+        "Users homed on the shard with a connection.",
+        &|m| m.users.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_idempotency_entries",
+        "gauge",
+        "Remembered send ids.",
+        &|m| m.idempotency_entries.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_handshakes_accepted_total",
+        "counter",
+        "Upgrades accepted.",
+        &|m| m.handshakes_accepted.load(Relaxed),
+    );
+    family(
+        &mut out,
+        "gateway_handshakes_refused_total",
+        "counter",
+        "Upgrades refused, by reason.",
+    );
+    for (shard, metrics) in node.shards.iter().enumerate() {
+        for (reason, refusal) in REFUSALS {
+            let value = metrics.handshakes_refused[refusal as usize].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "gateway_handshakes_refused_total{{shard=\"{shard}\",reason=\"{reason}\"}} {value}"
+            );
+        }
+    }
+    per_shard(
+        &mut out,
+        "gateway_handoffs_sent_total",
+        "counter",
+        "Authenticated sockets handed to their user's home shard.",
+        &|m| m.handoffs_sent.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_handoffs_received_total",
+        "counter",
+        "Sockets adopted from another shard.",
+        &|m| m.handoffs_received.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_frames_in_total",
+        "counter",
+        "WebSocket messages and control frames received.",
+        &|m| m.frames_in.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_frames_out_total",
+        "counter",
+        "Frames queued to clients.",
+        &|m| m.frames_out.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_messages_routed_local_total",
+        "counter",
+        "Sends whose recipient is homed on the sender's shard.",
+        &|m| m.messages_routed_local.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_messages_routed_cross_shard_total",
+        "counter",
+        "Sends handed to the recipient's home shard.",
+        &|m| m.messages_routed_cross_shard.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_messages_received_cross_shard_total",
+        "counter",
+        "Deliveries received from other shards.",
+        &|m| m.messages_received_cross_shard.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_idempotent_replays_total",
+        "counter",
+        "Repeated send ids answered from the idempotency table.",
+        &|m| m.idempotent_replays.load(Relaxed),
+    );
+    family(
+        &mut out,
+        "gateway_cross_shard_queue_depth",
+        "gauge",
+        "Messages waiting in a shard's inbound queues.",
+    );
+    for shard in 0..node.shards.len() {
+        let _ = writeln!(
+            out,
+            "gateway_cross_shard_queue_depth{{shard=\"{shard}\"}} {}",
+            mesh.depth(shard)
+        );
+    }
+    family(
+        &mut out,
+        "gateway_errors_total",
+        "counter",
+        "Error frames sent, by code.",
+    );
+    for (shard, metrics) in node.shards.iter().enumerate() {
+        for code in ERROR_CODES {
+            let value = metrics.errors[code.index()].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "gateway_errors_total{{shard=\"{shard}\",code=\"{}\"}} {value}",
+                code.as_str()
+            );
+        }
+    }
+    family(
+        &mut out,
+        "gateway_closes_total",
+        "counter",
+        "Connections closed by the gateway, by WebSocket close code.",
+    );
+    for (shard, metrics) in node.shards.iter().enumerate() {
+        for code in CLOSE_CODES {
+            let value = metrics.closes[code.index()].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "gateway_closes_total{{shard=\"{shard}\",code=\"{}\"}} {value}",
+                code.code()
+            );
+        }
+    }
+    out
+}

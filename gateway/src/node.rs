@@ -1,0 +1,170 @@
+//! The node: start-up checks, listeners, shard threads, admin, signals, exit.
+//!
+//! Owns the process-wide decisions: how many connections the fd limit allows,
+//! binding one SO_REUSEPORT listener per shard, pinning shards to cores, and
+//! turning SIGTERM/SIGINT into a drain (a second signal exits at once).
+//! Never touches a connection: shards own those.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use anyhow::Context;
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+use crate::config::Config;
+use crate::mesh::{Mesh, Sender, ShardMessage};
+use crate::metrics::NodeState;
+use crate::shard::{self, ShardSetup};
+use crate::{admin, secret};
+
+/// Descriptors kept back from connections: stdio, log files, the admin
+/// listener, the signal pipe and similar.
+const FD_RESERVE_BASE: u64 = 64;
+/// Per shard: its listener, io_uring or epoll fd, eventfd, timer.
+const FD_RESERVE_PER_SHARD: u64 = 8;
+/// Listen backlog; the kernel caps it at net.core.somaxconn (see tuning/).
+const LISTEN_BACKLOG: i32 = 4096;
+
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let secret = Arc::new(secret::resolve(&config)?);
+    let connections_max = connection_budget(&config)?;
+
+    let listeners = bind_shard_listeners(config.listen, config.shards)?;
+    let listen = listeners[0].local_addr()?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .with_context(|| format!("binding admin listener {}", config.admin_listen))?;
+    let admin_listen = admin_listener.local_addr()?;
+
+    let node = Arc::new(NodeState::new(config.shards, connections_max));
+    let mesh = Arc::new(Mesh::new(config.shards, config.cross_shard_queue_capacity));
+    let config = Arc::new(config);
+    let cores = if config.pin_shards {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+
+    let mut threads = Vec::with_capacity(config.shards);
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let setup = ShardSetup {
+            id,
+            config: config.clone(),
+            node: node.clone(),
+            mesh: mesh.clone(),
+            secret: secret.clone(),
+            listener,
+            core: cores.get(id % cores.len().max(1)).copied(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("shard-{id}"))
+            .spawn(move || shard::run(setup))?;
+        threads.push(thread);
+    }
+    admin::spawn(admin_listener, node.clone(), mesh.clone())?;
+    spawn_signal_handler(node.clone(), mesh.clone())?;
+
+    while node.shards_ready.load(Relaxed) < config.shards
+        && !threads.iter().any(|t| t.is_finished())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    tracing::info!(%listen, %admin_listen, shards = config.shards, node_id = config.node_id,
+        driver = node.io_driver.get().copied().unwrap_or("?"), connections_max, "gateway ready");
+
+    let mut failed = None;
+    for (id, thread) in threads.into_iter().enumerate() {
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => failed = Some(error.context(format!("shard {id} failed"))),
+            Err(_) => failed = Some(anyhow::anyhow!("shard {id} panicked")),
+        }
+        if failed.is_some() {
+            break;
+        }
+    }
+    match failed {
+        Some(error) => Err(error),
+        None => {
+            tracing::info!("all shards drained; exiting");
+            Ok(())
+        }
+    }
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to the hard one and says how many
+/// connections fit. Fails when not even one does.
+fn connection_budget(config: &Config) -> anyhow::Result<usize> {
+    let (soft_before, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
+    let soft = rlimit::increase_nofile_limit(hard).unwrap_or(soft_before);
+    let reserve = FD_RESERVE_BASE + FD_RESERVE_PER_SHARD * config.shards as u64;
+    let by_fds = soft.saturating_sub(reserve) as usize;
+    anyhow::ensure!(
+        by_fds > 0,
+        "RLIMIT_NOFILE is {soft}: no room for connections after reserving {reserve}"
+    );
+    let connections_max = if config.connections_max == 0 {
+        by_fds
+    } else {
+        config.connections_max.min(by_fds)
+    };
+    tracing::info!(
+        nofile_soft = soft,
+        nofile_hard = hard,
+        connections_max,
+        "this process can hold {connections_max} connections (raise LimitNOFILE for more)"
+    );
+    Ok(connections_max)
+}
+
+/// One listener per shard on the same address (SO_REUSEPORT); the kernel
+/// spreads new connections across them. Port 0 is resolved by the first.
+fn bind_shard_listeners(address: SocketAddr, shards: usize) -> anyhow::Result<Vec<TcpListener>> {
+    let mut address = address;
+    let mut listeners = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(address),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket
+            .bind(&address.into())
+            .with_context(|| format!("binding {address}"))?;
+        socket.listen(LISTEN_BACKLOG)?;
+        let listener: TcpListener = socket.into();
+        address = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// First SIGTERM or SIGINT: drain. Second: exit at once.
+fn spawn_signal_handler(node: Arc<NodeState>, mesh: Arc<Mesh>) -> anyhow::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if node.draining.swap(true, Relaxed) {
+                    tracing::warn!(signal, "second signal: exiting now");
+                    std::process::exit(1);
+                }
+                tracing::info!(
+                    signal,
+                    "draining: no new connections; clients told to reconnect (1012)"
+                );
+                for shard in 0..mesh.shard_count() {
+                    if mesh
+                        .send(Sender::External, shard, ShardMessage::Drain)
+                        .is_err()
+                    {
+                        tracing::error!(shard, "could not deliver drain request");
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! Accepting sockets and the WebSocket handshake, on whichever shard the kernel picked.
+//!
+//! Owns the accept loop (capacity check, back-off on fd exhaustion), the
+//! bounded, timed handshake read, token verification, and the hand-off of an
+//! authenticated socket to its user's home shard. Refusals are HTTP answers
+//! (401, 4xx, 503), never a dropped socket. Never serves WebSocket frames.
+
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use chat_protocol::handshake::{self, HandshakeError, UpgradeRequest};
+use chat_protocol::ids;
+use monoio::net::{TcpListener, TcpStream};
+
+use super::{refusal_503, Shard};
+use crate::mesh::{Handoff, Sender, ShardMessage};
+use crate::metrics::{bump, Refusal};
+use crate::sock;
+
+/// The WebSocket endpoint's path.
+pub const WS_PATH: &str = "/ws";
+/// Pause after the process runs out of file descriptors, so the accept loop
+/// does not spin while connections close.
+const FD_EXHAUSTED_PAUSE_MS: u64 = 50;
+
+enum Accepted {
+    Socket(std::io::Result<(TcpStream, std::net::SocketAddr)>),
+    Draining,
+}
+
+pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    let mut exhausted_logged = false;
+    loop {
+        let accepted = monoio::select! {
+            result = listener.accept() => Accepted::Socket(result),
+            _ = shard.drain_started.wait() => Accepted::Draining,
+        };
+        match accepted {
+            Accepted::Draining => break,
+            Accepted::Socket(Ok((stream, _peer))) => {
+                exhausted_logged = false;
+                if !shard.node.try_claim_connection() {
+                    shard.metrics().refused(Refusal::AtCapacity);
+                    sock::send_best_effort(
+                        stream.as_raw_fd(),
+                        &refusal_503("node at connection capacity"),
+                    );
+                    continue;
+                }
+                monoio::spawn(handshake(shard.clone(), stream));
+            }
+            Accepted::Socket(Err(error)) => {
+                let exhausted = matches!(
+                    error.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                );
+                if exhausted {
+                    if !exhausted_logged {
+                        tracing::warn!(shard = shard.id, %error, "accept: out of file descriptors or memory; pausing accepts");
+                        exhausted_logged = true;
+                    }
+                    monoio::time::sleep(Duration::from_millis(FD_EXHAUSTED_PAUSE_MS)).await;
+                } else {
+                    tracing::debug!(shard = shard.id, %error, "accept failed");
+                }
+            }
+        }
+    }
+    drop(listener);
+    tracing::info!(shard = shard.id, "stopped accepting");
+}
+
+enum ReadError {
+    /// The client went away before finishing its request.
+    Closed,
+    Refused(HandshakeError),
+}
+
+/// Reads and answers one upgrade request; the connection slot is already claimed.
+async fn handshake(shard: Rc<Shard>, stream: TcpStream) {
+    let fd = stream.as_raw_fd();
+    let timeout = Duration::from_millis(shard.config.handshake_timeout_ms);
+    let outcome = monoio::time::timeout(timeout, read_upgrade(&shard, &stream)).await;
+    let refuse = |refusal: Refusal, status: u16, reason: &str, body: &str| {
+        shard.metrics().refused(refusal);
+        sock::send_best_effort(fd, &handshake::refusal(status, reason, body));
+    };
+    match outcome {
+        Err(_elapsed) => refuse(
+            Refusal::Timeout,
+            408,
+            "Request Timeout",
+            "handshake timed out",
+        ),
+        Ok(Err(ReadError::Closed)) => {}
+        Ok(Err(ReadError::Refused(error))) => {
+            let (status, reason) = error.status();
+            let refusal = match error {
+                HandshakeError::TooLarge => Refusal::TooLarge,
+                HandshakeError::BadRequest(_) => Refusal::BadRequest,
+                HandshakeError::MethodNotAllowed => Refusal::MethodNotAllowed,
+                HandshakeError::NotFound => Refusal::NotFound,
+                HandshakeError::UpgradeRequired => Refusal::UpgradeRequired,
+            };
+            refuse(refusal, status, reason, &error.to_string());
+        }
+        Ok(Ok((upgrade, early_bytes))) => {
+            match shard
+                .verifier
+                .verify(&upgrade.token, crate::clock::unix_s())
+            {
+                Ok(claims) => {
+                    route_to_home(
+                        &shard,
+                        stream,
+                        &claims.sub,
+                        &claims.dev,
+                        upgrade.accept_key,
+                        early_bytes,
+                    );
+                    return;
+                }
+                Err(error) => refuse(
+                    Refusal::Unauthorized,
+                    401,
+                    "Unauthorized",
+                    &error.to_string(),
+                ),
+            }
+        }
+    }
+    drop(stream);
+    shard.node.release_connection();
+}
+
+/// Reads until a complete upgrade request is buffered (bounded by
+/// `handshake_bytes_max`). Returns it with any bytes that followed it.
+async fn read_upgrade(
+    shard: &Shard,
+    stream: &TcpStream,
+) -> Result<(UpgradeRequest, Vec<u8>), ReadError> {
+    let limit = shard.config.handshake_bytes_max;
+    let mut buffer = vec![0u8; 1024.min(limit)];
+    let mut filled = 0;
+    loop {
+        stream
+            .readable(false)
+            .await
+            .map_err(|_| ReadError::Closed)?;
+        if filled == buffer.len() {
+            buffer.resize((buffer.len() * 2).min(limit), 0);
+        }
+        match sock::recv(stream.as_raw_fd(), &mut buffer[filled..]) {
+            Ok(0) => return Err(ReadError::Closed),
+            Ok(read) => filled += read,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(_) => return Err(ReadError::Closed),
+        }
+        match handshake::parse_upgrade(&buffer[..filled], WS_PATH, limit) {
+            Ok(Some((upgrade, length))) => {
+                buffer.truncate(filled);
+                buffer.drain(..length);
+                buffer.shrink_to_fit();
+                return Ok((upgrade, buffer));
+            }
+            Ok(None) if filled == limit => {
+                return Err(ReadError::Refused(HandshakeError::TooLarge))
+            }
+            Ok(None) => {}
+            Err(error) => return Err(ReadError::Refused(error)),
+        }
+    }
+}
+
+/// Serves the socket here if its user is homed here, else hands it over.
+fn route_to_home(
+    shard: &Rc<Shard>,
+    stream: TcpStream,
+    user_id: &str,
+    device_id: &str,
+    accept_key: String,
+    early_bytes: Vec<u8>,
+) {
+    let home = ids::home_shard(user_id, shard.mesh.shard_count());
+    if home == shard.id {
+        shard.adopt(stream, user_id, device_id, &accept_key, early_bytes);
+        return;
+    }
+    let socket = match sock::duplicate(stream.as_raw_fd()) {
+        Ok(socket) => socket,
+        Err(error) => {
+            tracing::warn!(%error, "could not duplicate a socket for hand-off");
+            sock::send_best_effort(
+                stream.as_raw_fd(),
+                &refusal_503("node out of file descriptors"),
+            );
+            shard.node.release_connection();
+            return;
+        }
+    };
+    // This runtime closes its descriptor; the home shard owns the duplicate.
+    drop(stream);
+    let handoff = Handoff {
+        socket,
+        user_id: user_id.to_owned(),
+        device_id: device_id.to_owned(),
+        accept_key,
+        early_bytes,
+    };
+    match shard
+        .mesh
+        .send(Sender::Shard(shard.id), home, ShardMessage::Adopt(handoff))
+    {
+        Ok(()) => bump(&shard.metrics().handoffs_sent, 1),
+        Err(refused) => {
+            shard.metrics().refused(Refusal::AtCapacity);
+            if let ShardMessage::Adopt(handoff) = refused {
+                sock::send_best_effort(
+                    handoff.socket.as_raw_fd(),
+                    &refusal_503("home shard queue full"),
+                );
+            }
+            shard.node.release_connection();
+        }
+    }
+}

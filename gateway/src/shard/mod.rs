@@ -1,0 +1,397 @@
+//! A shard: one pinned thread running one monoio runtime, owning its listener,
+//! its connections and the user table of the users homed on it.
+//!
+//! Owns the shard's state (`Shard`) and its long-lived tasks: accepting,
+//! draining the cross-shard inbox, sweeping silent connections, and draining
+//! on shutdown. Everything in `Shard` is touched only by this thread (`Rc`,
+//! `RefCell`, never `Arc<Mutex>`); other threads reach it only through `Mesh`.
+//! No `RefCell` borrow is ever held across an `.await`.
+
+mod accept;
+pub mod connection;
+mod dedup;
+mod router;
+mod users;
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chat_protocol::codes::CloseCode;
+use chat_protocol::frames::{self, HelloFrame};
+use chat_protocol::snowflake::SnowflakeGenerator;
+use chat_protocol::token::TokenVerifier;
+use chat_protocol::{handshake, ws, PROTOCOL_VERSION};
+use monoio::net::TcpStream;
+use slab::Slab;
+
+use self::connection::Conn;
+use self::dedup::IdempotencyTable;
+use self::users::UserTable;
+use crate::config::{Config, IoDriver};
+use crate::mesh::{Handoff, Mesh, ShardMessage};
+use crate::metrics::{bump, NodeState, Refusal, ShardMetrics};
+use crate::sock;
+
+/// Bytes of the buffer every connection on a shard reads into. One per shard,
+/// so idle connections hold none. 64 KiB drains a busy socket in few calls.
+const SCRATCH_BYTES: usize = 64 * 1024;
+/// Cross-shard messages handled per inbox turn before yielding to connections.
+const INBOX_BUDGET: usize = 1024;
+/// Longest pause between heartbeat sweeps.
+const SWEEP_INTERVAL_MS_MAX: u64 = 1_000;
+
+/// What the node hands a shard thread at start-up (all `Send`).
+pub struct ShardSetup {
+    pub id: usize,
+    pub config: Arc<Config>,
+    pub node: Arc<NodeState>,
+    pub mesh: Arc<Mesh>,
+    pub secret: Arc<Vec<u8>>,
+    pub listener: std::net::TcpListener,
+    pub core: Option<core_affinity::CoreId>,
+}
+
+/// The shard's state, shared by its tasks on its one thread.
+pub struct Shard {
+    pub id: usize,
+    pub config: Arc<Config>,
+    pub node: Arc<NodeState>,
+    pub mesh: Arc<Mesh>,
+    verifier: TokenVerifier,
+    /// Users homed here, with their live devices.
+    users: RefCell<UserTable>,
+    /// Every registered connection, for heartbeat sweeps and draining.
+    conns: RefCell<Slab<Rc<Conn>>>,
+    snowflake: RefCell<SnowflakeGenerator>,
+    idempotency: RefCell<IdempotencyTable>,
+    /// The read buffer all connections share; taken and put back around each read.
+    scratch: RefCell<Vec<u8>>,
+    /// `{"type":"pong"}`, encoded once.
+    pong_frame: Bytes,
+    draining: Cell<bool>,
+    /// Fired when draining starts (stops the accept loop).
+    drain_started: LocalSignal,
+    /// Fired when the shard has closed everything and may exit.
+    finished: LocalSignal,
+    /// Origin of the shard clock used for liveness.
+    started: Instant,
+}
+
+impl Shard {
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.node.shards[self.id]
+    }
+
+    /// Milliseconds on this shard's monotonic clock.
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Registers an authenticated socket whose user is homed here, answers the
+    /// upgrade, says hello and starts serving it.
+    fn adopt(
+        self: &Rc<Self>,
+        socket: TcpStream,
+        user_id: &str,
+        device_id: &str,
+        accept_key: &str,
+        early_bytes: Vec<u8>,
+    ) {
+        if self.draining.get() {
+            self.metrics().refused(Refusal::Draining);
+            sock::send_best_effort(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                &refusal_503("node is draining"),
+            );
+            self.node.release_connection();
+            return;
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+        let _ = socket.set_nodelay(true);
+        if self.config.socket_send_buffer_bytes > 0 {
+            if let Err(error) = sock::set_send_buffer(fd, self.config.socket_send_buffer_bytes) {
+                tracing::debug!(%error, "SO_SNDBUF not set");
+            }
+        }
+        let user_id = self
+            .users
+            .borrow()
+            .interned(user_id)
+            .unwrap_or_else(|| Rc::from(user_id));
+        let conn = {
+            let mut conns = self.conns.borrow_mut();
+            let slot = conns.vacant_key();
+            let conn = Rc::new(Conn::new(
+                slot,
+                user_id,
+                device_id,
+                self.config.send_queue_bytes_max,
+                self.now_ms(),
+            ));
+            conns.insert(conn.clone());
+            conn
+        };
+        let hello = frames::encode_hello(&HelloFrame {
+            kind: "hello",
+            protocol: PROTOCOL_VERSION,
+            user: &conn.user_id,
+            device: &conn.device_id,
+            heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+            heartbeat_timeout_ms: self.config.heartbeat_timeout_ms,
+            body_bytes_max: self.config.body_bytes_max,
+            message_bytes_max: self.config.message_bytes_max,
+        });
+        conn.enqueue(Bytes::from(handshake::switching_protocols(accept_key)));
+        conn.enqueue(Bytes::from(ws::text_frame(&hello)));
+        // Registered before the client can see `hello`, so anything sent to the
+        // user after the client reads `hello` reaches this device.
+        self.users.borrow_mut().add(conn.clone());
+        let metrics = self.metrics();
+        bump(&metrics.handshakes_accepted, 1);
+        bump(&metrics.connections, 1);
+        monoio::spawn(connection::serve(self.clone(), socket, conn, early_bytes));
+    }
+
+    /// Removes a connection from every table; nothing is delivered to it after.
+    fn unregister(&self, conn: &Conn) {
+        self.users.borrow_mut().remove(conn);
+        self.conns.borrow_mut().try_remove(conn.slot);
+        let connections = &self.metrics().connections;
+        connections.store(connections.load(Relaxed).saturating_sub(1), Relaxed);
+    }
+
+    fn handle(self: &Rc<Self>, message: ShardMessage) {
+        match message {
+            ShardMessage::Deliver(delivery) => {
+                bump(&self.metrics().messages_received_cross_shard, 1);
+                self.users
+                    .borrow()
+                    .deliver(&delivery.to_user, &delivery.frame, None);
+            }
+            ShardMessage::Adopt(handoff) => self.adopt_handoff(handoff),
+            ShardMessage::Drain => {
+                if !self.draining.replace(true) {
+                    self.drain_started.fire();
+                    monoio::spawn(drain(self.clone()));
+                }
+            }
+        }
+    }
+
+    fn adopt_handoff(self: &Rc<Self>, handoff: Handoff) {
+        bump(&self.metrics().handoffs_received, 1);
+        match TcpStream::from_std(handoff.socket) {
+            Ok(socket) => self.adopt(
+                socket,
+                &handoff.user_id,
+                &handoff.device_id,
+                &handoff.accept_key,
+                handoff.early_bytes,
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "could not adopt a handed-off socket");
+                self.node.release_connection();
+            }
+        }
+    }
+}
+
+/// A 503 refusal, sent when the node is full or draining.
+fn refusal_503(body: &str) -> Vec<u8> {
+    handshake::refusal(503, "Service Unavailable", body)
+}
+
+/// Runs shard `setup.id` on the current thread until it has drained.
+pub fn run(setup: ShardSetup) -> anyhow::Result<()> {
+    if let Some(core) = setup.core {
+        if !core_affinity::set_for_current(core) {
+            tracing::warn!(
+                shard = setup.id,
+                core = core.id,
+                "could not pin shard to its core"
+            );
+        }
+    }
+    let use_io_uring = match setup.config.io_driver {
+        IoDriver::Auto => monoio::utils::detect_uring(),
+        IoDriver::IoUring => {
+            anyhow::ensure!(
+                monoio::utils::detect_uring(),
+                "io_driver = io_uring, but io_uring is unavailable here"
+            );
+            true
+        }
+        IoDriver::Epoll => false,
+    };
+    let entries = setup.config.io_uring_entries;
+    if use_io_uring {
+        let mut runtime = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(entries)
+            .enable_timer()
+            .build()?;
+        runtime.block_on(shard_main(setup, "io_uring"))
+    } else {
+        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .with_entries(entries)
+            .enable_timer()
+            .build()?;
+        runtime.block_on(shard_main(setup, "epoll"))
+    }
+}
+
+async fn shard_main(setup: ShardSetup, driver: &'static str) -> anyhow::Result<()> {
+    let listener = monoio::net::TcpListener::from_std(setup.listener)?;
+    let config = setup.config;
+    let shard = Rc::new(Shard {
+        id: setup.id,
+        verifier: TokenVerifier::new(&setup.secret),
+        users: RefCell::new(UserTable::default()),
+        conns: RefCell::new(Slab::new()),
+        snowflake: RefCell::new(SnowflakeGenerator::new(config.node_id, setup.id as u16)),
+        idempotency: RefCell::new(IdempotencyTable::new(
+            config.idempotency_window_ms,
+            config.idempotency_entries_max,
+        )),
+        scratch: RefCell::new(vec![0; SCRATCH_BYTES]),
+        pong_frame: Bytes::from(ws::text_frame(frames::PONG_JSON)),
+        draining: Cell::new(false),
+        drain_started: LocalSignal::default(),
+        finished: LocalSignal::default(),
+        started: Instant::now(),
+        config,
+        node: setup.node,
+        mesh: setup.mesh,
+    });
+    let _ = shard.node.io_driver.set(driver);
+    tracing::info!(shard = shard.id, driver, core = ?setup.core.map(|c| c.id), "shard started");
+
+    monoio::spawn(inbox(shard.clone()));
+    monoio::spawn(sweep(shard.clone()));
+    monoio::spawn(accept::accept_loop(shard.clone(), listener));
+    shard.node.shards_ready.fetch_add(1, Relaxed);
+
+    shard.finished.wait().await;
+    tracing::info!(shard = shard.id, "shard drained");
+    Ok(())
+}
+
+/// Handles what other shards (and the control thread) send this one.
+async fn inbox(shard: Rc<Shard>) {
+    loop {
+        shard.mesh.wait(shard.id).await;
+        let taken = shard
+            .mesh
+            .drain(shard.id, INBOX_BUDGET, |message| shard.handle(message));
+        if taken == INBOX_BUDGET {
+            yield_now().await;
+        }
+    }
+}
+
+/// Closes connections silent for longer than the heartbeat timeout (4000).
+async fn sweep(shard: Rc<Shard>) {
+    let timeout_ms = shard.config.heartbeat_timeout_ms;
+    let interval = Duration::from_millis((timeout_ms / 4).clamp(10, SWEEP_INTERVAL_MS_MAX));
+    loop {
+        monoio::time::sleep(interval).await;
+        let now_ms = shard.now_ms();
+        for (_, conn) in shard.conns.borrow().iter() {
+            if now_ms.saturating_sub(conn.last_seen_ms()) > timeout_ms {
+                conn.request_close(CloseCode::HeartbeatTimeout);
+            }
+        }
+        let metrics = shard.metrics();
+        metrics
+            .users
+            .store(shard.users.borrow().user_count() as u64, Relaxed);
+        metrics
+            .idempotency_entries
+            .store(shard.idempotency.borrow().len() as u64, Relaxed);
+    }
+}
+
+/// Closes every connection with 1012, each at a random moment within the drain
+/// window (so a fleet drain is no reconnect storm), then lets the shard exit.
+async fn drain(shard: Rc<Shard>) {
+    let window_ms = shard.config.drain_window_ms.max(1);
+    let start = Instant::now();
+    let mut schedule: Vec<(u64, Weak<Conn>)> = shard
+        .conns
+        .borrow()
+        .iter()
+        .map(|(_, conn)| (fastrand::u64(0..window_ms), Rc::downgrade(conn)))
+        .collect();
+    schedule.sort_unstable_by_key(|(at_ms, _)| *at_ms);
+    tracing::info!(
+        shard = shard.id,
+        connections = schedule.len(),
+        window_ms,
+        "draining"
+    );
+    for (at_ms, conn) in schedule {
+        let due = start + Duration::from_millis(at_ms);
+        let wait = due.saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            monoio::time::sleep(wait).await;
+        }
+        if let Some(conn) = conn.upgrade() {
+            conn.request_close(CloseCode::ServiceRestart);
+        }
+    }
+    // Anything adopted while the schedule ran.
+    for (_, conn) in shard.conns.borrow().iter() {
+        conn.request_close(CloseCode::ServiceRestart);
+    }
+    let deadline = Instant::now() + Duration::from_millis(shard.config.close_grace_ms + 1_000);
+    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shard.finished.fire();
+}
+
+/// Lets other tasks run once.
+async fn yield_now() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
+
+/// A one-shot, single-thread event with one waiter (the latest poll wins).
+#[derive(Default)]
+struct LocalSignal {
+    fired: Cell<bool>,
+    waiter: Cell<Option<Waker>>,
+}
+
+impl LocalSignal {
+    fn fire(&self) {
+        self.fired.set(true);
+        if let Some(waker) = self.waiter.take() {
+            waker.wake();
+        }
+    }
+
+    async fn wait(&self) {
+        poll_fn(|cx| {
+            if self.fired.get() {
+                return Poll::Ready(());
+            }
+            self.waiter.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await
+    }
+}

@@ -1,0 +1,214 @@
+//! The HTTP/1.1 upgrade that opens a WebSocket, parsed and answered without I/O.
+//!
+//! Owns request validation (method, path, upgrade headers, version), token
+//! extraction (`Authorization: Bearer` or `?token=`) and the response bytes.
+//! Never verifies the token itself (that is `token`) and never reads a socket.
+
+/// Most headers accepted in an upgrade request.
+const HEADERS_MAX: usize = 32;
+
+/// A valid upgrade request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UpgradeRequest {
+    /// The bearer token, from the header or the query; empty when absent.
+    pub token: String,
+    /// `Sec-WebSocket-Accept` value to answer with.
+    pub accept_key: String,
+}
+
+/// Why an upgrade was refused, and the HTTP status to answer with.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("request headers are larger than the limit")]
+    TooLarge,
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("only GET is allowed")]
+    MethodNotAllowed,
+    #[error("no such path")]
+    NotFound,
+    #[error("not a WebSocket upgrade (or not version 13)")]
+    UpgradeRequired,
+}
+
+impl HandshakeError {
+    pub fn status(&self) -> (u16, &'static str) {
+        match self {
+            HandshakeError::TooLarge => (431, "Request Header Fields Too Large"),
+            HandshakeError::BadRequest(_) => (400, "Bad Request"),
+            HandshakeError::MethodNotAllowed => (405, "Method Not Allowed"),
+            HandshakeError::NotFound => (404, "Not Found"),
+            HandshakeError::UpgradeRequired => (426, "Upgrade Required"),
+        }
+    }
+}
+
+/// Parses the request at the start of `input`. `Ok(None)` means more bytes are
+/// needed; `Ok(Some((request, length)))` gives the request and how many bytes
+/// it took (anything after it is the client's first WebSocket frames).
+pub fn parse_upgrade(
+    input: &[u8],
+    ws_path: &str,
+    request_bytes_max: usize,
+) -> Result<Option<(UpgradeRequest, usize)>, HandshakeError> {
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let mut request = httparse::Request::new(&mut headers);
+    let length = match request.parse(input) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) if input.len() >= request_bytes_max => {
+            return Err(HandshakeError::TooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HandshakeError::TooLarge),
+        Err(_) => return Err(HandshakeError::BadRequest("malformed HTTP request")),
+    };
+    if length > request_bytes_max {
+        return Err(HandshakeError::TooLarge);
+    }
+    if request.method != Some("GET") {
+        return Err(HandshakeError::MethodNotAllowed);
+    }
+    let target = request.path.unwrap_or("");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if path != ws_path {
+        return Err(HandshakeError::NotFound);
+    }
+
+    let header = |name: &str| {
+        request
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| std::str::from_utf8(h.value).unwrap_or(""))
+    };
+    let has_token = |value: Option<&str>, wanted: &str| {
+        value.is_some_and(|v| {
+            v.split(',')
+                .any(|part| part.trim().eq_ignore_ascii_case(wanted))
+        })
+    };
+    if !has_token(header("upgrade"), "websocket") || !has_token(header("connection"), "upgrade") {
+        return Err(HandshakeError::UpgradeRequired);
+    }
+    if header("sec-websocket-version").map(str::trim) != Some("13") {
+        return Err(HandshakeError::UpgradeRequired);
+    }
+    let key = header("sec-websocket-key")
+        .map(str::trim)
+        .filter(|key| key.len() == 24)
+        .ok_or(HandshakeError::BadRequest(
+            "missing or malformed Sec-WebSocket-Key",
+        ))?;
+
+    let token = match header("authorization") {
+        Some(value) => value
+            .trim()
+            .strip_prefix("Bearer ")
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_default(),
+        None => form_urlencoded::parse(query.as_bytes())
+            .find(|(name, _)| name == "token")
+            .map(|(_, value)| value.into_owned())
+            .unwrap_or_default(),
+    };
+    let accept_key = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    Ok(Some((UpgradeRequest { token, accept_key }, length)))
+}
+
+/// `101 Switching Protocols` for an accepted upgrade.
+pub fn switching_protocols(accept_key: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// A complete refusal with a short plain-text body; the connection closes after it.
+pub fn refusal(status: u16, reason: &str, body: &str) -> Vec<u8> {
+    let mut extra = "";
+    if status == 401 {
+        extra = "WWW-Authenticate: Bearer\r\n";
+    } else if status == 503 {
+        extra = "Retry-After: 1\r\n";
+    }
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}\n",
+        body.len() + 1
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn request(target: &str, extra: &str) -> Vec<u8> {
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n{extra}\r\n"
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn the_rfc_sample_key_gets_the_rfc_accept_value() {
+        let input = request("/ws", "Authorization: Bearer abc.def.ghi\r\n");
+        let (upgrade, length) = parse_upgrade(&input, "/ws", 8192).unwrap().unwrap();
+        assert_eq!(length, input.len());
+        assert_eq!(upgrade.accept_key, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(upgrade.token, "abc.def.ghi");
+    }
+
+    #[test]
+    fn the_token_may_come_in_the_query() {
+        let input = request("/ws?x=1&token=abc.def.ghi", "");
+        let (upgrade, _) = parse_upgrade(&input, "/ws", 8192).unwrap().unwrap();
+        assert_eq!(upgrade.token, "abc.def.ghi");
+    }
+
+    #[test]
+    fn bytes_after_the_request_are_not_consumed() {
+        let mut input = request("/ws", "");
+        let length = input.len();
+        input.extend_from_slice(b"\x81\x85frame");
+        let (_, consumed) = parse_upgrade(&input, "/ws", 8192).unwrap().unwrap();
+        assert_eq!(consumed, length);
+    }
+
+    #[test]
+    fn partial_requests_ask_for_more_until_the_limit() {
+        let input = request("/ws", "");
+        assert_eq!(parse_upgrade(&input[..20], "/ws", 8192), Ok(None));
+        assert_eq!(
+            parse_upgrade(&input[..20], "/ws", 20),
+            Err(HandshakeError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn refusals_name_their_status() {
+        let wrong_path = request("/other", "");
+        assert_eq!(
+            parse_upgrade(&wrong_path, "/ws", 8192),
+            Err(HandshakeError::NotFound)
+        );
+        let post = b"POST /ws HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(
+            parse_upgrade(post, "/ws", 8192),
+            Err(HandshakeError::MethodNotAllowed)
+        );
+        let plain = b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(
+            parse_upgrade(plain, "/ws", 8192),
+            Err(HandshakeError::UpgradeRequired)
+        );
+        assert!(matches!(
+            parse_upgrade(b"\x00\x01garbage\r\n\r\n", "/ws", 8192),
+            Err(HandshakeError::BadRequest(_))
+        ));
+        assert!(String::from_utf8(refusal(401, "Unauthorized", "bad token"))
+            .unwrap()
+            .starts_with("HTTP/1.1 401 Unauthorized\r\n"));
+    }
+}

@@ -1,0 +1,20 @@
+//! Protocol v1 of the chat gateway, as plain functions over bytes and state.
+//!
+//! Owns: the id rules, conversation ids and home-shard hashing (`ids`), message
+//! ids (`snowflake`), bearer tokens (`token`), the HTTP upgrade (`handshake`),
+//! WebSocket framing (`ws`), the JSON frames (`frames`) and the stable error and
+//! close codes (`codes`). `docs/protocol.md` is the contract these implement.
+//!
+//! Must never: perform I/O, read a clock, or depend on an async runtime. Callers
+//! pass the time in, so every function here can be tested and fuzzed byte for byte.
+
+pub mod codes;
+pub mod frames;
+pub mod handshake;
+pub mod ids;
+pub mod snowflake;
+pub mod token;
+pub mod ws;
+
+/// The protocol version this crate implements; sent to clients in `hello`.
+pub const PROTOCOL_VERSION: u32 = 1;
