@@ -1,0 +1,398 @@
+//! Test support shared by every integration test: start the real `gateway`
+//! binary on loopback ports, mint tokens, and talk to it with a real WebSocket
+//! client (tungstenite) over a real TCP socket. Every wait here is bounded.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tungstenite::{Message, WebSocket};
+
+pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+/// Longest any single wait in a test may take.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A free loopback port (bound and released; the gateway binds it next).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn unix_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+pub fn token(user: &str, device: &str) -> String {
+    chat_protocol::token::mint(SECRET.as_bytes(), user, device, unix_s() + 3600).unwrap()
+}
+
+/// A running gateway process; killed when dropped.
+pub struct Gateway {
+    child: Child,
+    pub ws: SocketAddr,
+    pub admin: SocketAddr,
+    pub data_dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Two shards, short heartbeats, and `extra` flags on top.
+    pub fn start(extra: &[&str]) -> Gateway {
+        Self::start_with(extra, Some(SECRET))
+    }
+
+    pub fn start_with(extra: &[&str], secret: Option<&str>) -> Gateway {
+        let data_dir = tempfile::tempdir().unwrap();
+        let ws: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        command
+            .args([
+                "--listen",
+                &ws.to_string(),
+                "--admin-listen",
+                &admin.to_string(),
+            ])
+            .args(["--data-dir", data_dir.path().to_str().unwrap()])
+            .args(extra)
+            .env_remove("GATEWAY_AUTH_SECRET")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        // Test defaults, unless the test sets them itself.
+        for (flag, value) in [
+            ("--shards", "2"),
+            ("--drain-window-ms", "500"),
+            ("--close-grace-ms", "500"),
+        ] {
+            if !extra.contains(&flag) {
+                command.args([flag, value]);
+            }
+        }
+        if let Some(secret) = secret {
+            command.env("GATEWAY_AUTH_SECRET", secret);
+        }
+        let child = command.spawn().expect("gateway binary starts");
+        let mut gateway = Gateway {
+            child,
+            ws,
+            admin,
+            data_dir,
+        };
+        gateway.wait_ready();
+        gateway
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("gateway exited during start-up: {status}");
+            }
+            if self.admin_get("/readyz").map(|(status, _)| status) == Some(200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready within {WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// GET on the admin listener: (status, body), or None if it did not answer.
+    pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        let mut stream = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let status = response.split(' ').nth(1)?.parse().ok()?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default();
+        Some((status, body))
+    }
+
+    /// Sum of every sample of `name` whose labels contain all of `labels`.
+    pub fn metric(&self, name: &str, labels: &[&str]) -> u64 {
+        let (_, body) = self.admin_get("/metrics").expect("metrics answer");
+        body.lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter(|line| line.split(['{', ' ']).next() == Some(name))
+            .filter(|line| labels.iter().all(|label| line.contains(label)))
+            .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
+    /// Waits (bounded) until `metric(name, labels) >= at_least`.
+    pub fn wait_metric(&self, name: &str, labels: &[&str], at_least: u64) -> u64 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let value = self.metric(name, labels);
+            if value >= at_least {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}{labels:?} stayed at {value} < {at_least}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Connects as `user`/`device` and waits for `hello`.
+    pub fn connect(&self, user: &str, device: &str) -> Client {
+        let mut client = self
+            .connect_with_token(&token(user, device))
+            .expect("upgrade accepted");
+        let hello = client.recv();
+        assert_eq!(hello["type"], "hello", "first frame is hello: {hello}");
+        assert_eq!(
+            (hello["user"].as_str(), hello["device"].as_str()),
+            (Some(user), Some(device))
+        );
+        client
+    }
+
+    /// Attempts an upgrade with `token` in the Authorization header. Err is the HTTP status.
+    pub fn connect_with_token(&self, token: &str) -> Result<Client, u16> {
+        self.upgrade("/ws", Some(token), TcpStream::connect(self.ws).unwrap())
+    }
+
+    /// Attempts an upgrade on a given socket (so tests can size its buffers).
+    /// Err is the HTTP status, or 0 when the server gave none.
+    pub fn upgrade(
+        &self,
+        path: &str,
+        bearer: Option<&str>,
+        stream: TcpStream,
+    ) -> Result<Client, u16> {
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut request = tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "ws://{}{path}",
+            self.ws
+        ))
+        .unwrap();
+        if let Some(token) = bearer {
+            request
+                .headers_mut()
+                .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        match tungstenite::client(request, stream) {
+            Ok((socket, _response)) => Ok(Client { socket }),
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+                Err(response.status().as_u16())
+            }
+            // No HTTP answer at all (reset, closed listener): status 0.
+            Err(_) => Err(0),
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway still running after {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A WebSocket client over a blocking socket with a read timeout.
+pub struct Client {
+    pub socket: WebSocket<TcpStream>,
+}
+
+/// What the server said next.
+#[derive(Debug)]
+pub enum Next {
+    Json(Value),
+    Closed(Option<u16>),
+    /// The socket ended without a close frame.
+    Gone,
+    Silent,
+}
+
+impl Client {
+    pub fn send(&mut self, value: Value) {
+        self.socket.send(Message::text(value.to_string())).unwrap();
+    }
+
+    pub fn send_text(&mut self, text: &str) {
+        self.socket.send(Message::text(text.to_owned())).unwrap();
+    }
+
+    /// Writes raw bytes to the socket, bypassing the client's framing.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.socket.get_mut().write_all(bytes).unwrap();
+    }
+
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.socket
+            .get_mut()
+            .set_read_timeout(Some(timeout))
+            .unwrap();
+    }
+
+    /// The next JSON frame, a close, or silence within the read timeout.
+    pub fn next(&mut self) -> Next {
+        loop {
+            match self.socket.read() {
+                Ok(Message::Text(text)) => {
+                    return Next::Json(serde_json::from_str(&text).expect("server sends JSON"))
+                }
+                Ok(Message::Close(frame)) => return Next::Closed(frame.map(|f| u16::from(f.code))),
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(error))
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Next::Silent
+                }
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                    return Next::Closed(None)
+                }
+                Err(_) => return Next::Gone,
+            }
+        }
+    }
+
+    /// The next JSON frame; panics on anything else.
+    pub fn recv(&mut self) -> Value {
+        match self.next() {
+            Next::Json(value) => value,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    /// Skips frames until one of type `kind` (at most `limit` frames).
+    pub fn recv_type(&mut self, kind: &str) -> Value {
+        for _ in 0..1000 {
+            let value = self.recv();
+            if value["type"] == kind {
+                return value;
+            }
+        }
+        panic!("no {kind} frame within 1000 frames");
+    }
+
+    /// Reads (at most `limit` frames) until the server closes; returns its code.
+    pub fn expect_close(&mut self, limit: usize) -> Option<u16> {
+        for _ in 0..limit {
+            match self.next() {
+                Next::Json(_) => continue,
+                Next::Closed(code) => return code,
+                other => panic!("expected a close, got {other:?}"),
+            }
+        }
+        panic!("no close within {limit} frames");
+    }
+
+    /// Asserts nothing arrives for `quiet`.
+    pub fn expect_silence(&mut self, quiet: Duration) {
+        self.set_timeout(quiet);
+        let next = self.next();
+        self.set_timeout(WAIT);
+        assert!(
+            matches!(next, Next::Silent),
+            "expected silence, got {next:?}"
+        );
+    }
+
+    pub fn ping(&mut self) {
+        self.send(serde_json::json!({"type": "ping"}));
+        assert_eq!(self.recv()["type"], "pong");
+    }
+
+    pub fn close(mut self) {
+        let _ = self.socket.close(Some(tungstenite::protocol::CloseFrame {
+            code: WsCloseCode::Normal,
+            reason: "".into(),
+        }));
+        let _ = self.socket.flush();
+    }
+}
+
+/// Users whose home shards differ on a 2-shard node: (on shard 0, on shard 1).
+pub fn users_on_different_shards(prefix: &str) -> (String, String) {
+    let mut on = [None, None];
+    for index in 0..1000 {
+        let user = format!("{prefix}{index}");
+        let shard = chat_protocol::ids::home_shard(&user, 2);
+        on[shard].get_or_insert(user);
+        if on.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let [a, b] = on;
+    (a.unwrap(), b.unwrap())
+}
+
+/// A client frame built by hand: `first_byte` is FIN/RSV/opcode, masked unless `mask` is None.
+pub fn raw_frame(first_byte: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut frame = vec![first_byte];
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        len if len < 126 => frame.push(mask_bit | len as u8),
+        len if len <= 0xffff => {
+            frame.push(mask_bit | 126);
+            frame.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        len => {
+            frame.push(mask_bit | 127);
+            frame.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(mask) => {
+            frame.extend_from_slice(&mask);
+            frame.extend(
+                payload
+                    .iter()
+                    .enumerate()
+                    .map(|(i, byte)| byte ^ mask[i % 4]),
+            );
+        }
+        None => frame.extend_from_slice(payload),
+    }
+    frame
+}
