@@ -27,7 +27,9 @@ const EXTERNAL_QUEUE_CAPACITY: usize = 16;
 #[derive(Debug)]
 pub enum ShardMessage {
     /// Take over an authenticated socket whose user is homed on the receiver.
-    Adopt(Handoff),
+    /// Boxed: hand-offs are rare next to deliveries, and a small enum keeps
+    /// every queue slot small.
+    Adopt(Box<Handoff>),
     /// Deliver an encoded frame to every device of a user homed on the receiver.
     Deliver(Delivery),
     /// Stop accepting and close every connection over the drain window.

@@ -208,13 +208,13 @@ fn route_to_home(
     };
     // This runtime closes its descriptor; the home shard owns the duplicate.
     drop(stream);
-    let handoff = Handoff {
+    let handoff = Box::new(Handoff {
         socket,
         user_id: user_id.to_owned(),
         device_id: device_id.to_owned(),
         accept_key,
         early_bytes,
-    };
+    });
     match shard
         .mesh
         .send(Sender::Shard(shard.id), home, ShardMessage::Adopt(handoff))

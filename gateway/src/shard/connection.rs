@@ -181,12 +181,28 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, conn: Rc<Conn>, early_by
 
     // Bytes of the outbox's front entry already written.
     let mut front_written = 0usize;
-    let ending = serve_until_closing(&shard, &stream, &conn, &mut reader, &mut front_written).await;
+    // Boxed so the long-lived task holds only the small steady-state future;
+    // the close path (timers, two readiness waits) is allocated when needed.
+    let ending = Box::pin(serve_until_closing(
+        &shard,
+        &stream,
+        &conn,
+        &mut reader,
+        &mut front_written,
+    ))
+    .await;
 
     shard.unregister(&conn);
     if let Ending::Close(code) = ending {
         shard.metrics().closed(code);
-        close_gracefully(&shard, &stream, &conn, code, front_written).await;
+        Box::pin(close_gracefully(
+            &shard,
+            &stream,
+            &conn,
+            code,
+            front_written,
+        ))
+        .await;
     }
     drop(stream);
     shard.node.release_connection();
@@ -384,6 +400,9 @@ fn flush(fd: RawFd, shard: &Shard, conn: &Conn, front_written: &mut usize) -> io
         let sent = {
             let outbox = conn.outbox.borrow();
             if outbox.is_empty() {
+                drop(outbox);
+                // An idle connection keeps no queue capacity (memory budget).
+                *conn.outbox.borrow_mut() = VecDeque::new();
                 return Ok(true);
             }
             let mut slices = [IoSlice::new(&[]); IOVECS_PER_WRITE_MAX];

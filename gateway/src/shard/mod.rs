@@ -174,7 +174,7 @@ impl Shard {
                     .borrow()
                     .deliver(&delivery.to_user, &delivery.frame, None);
             }
-            ShardMessage::Adopt(handoff) => self.adopt_handoff(handoff),
+            ShardMessage::Adopt(handoff) => self.adopt_handoff(*handoff),
             ShardMessage::Drain => {
                 if !self.draining.replace(true) {
                     self.drain_started.fire();
@@ -186,14 +186,15 @@ impl Shard {
 
     fn adopt_handoff(self: &Rc<Self>, handoff: Handoff) {
         bump(&self.metrics().handoffs_received, 1);
-        match TcpStream::from_std(handoff.socket) {
-            Ok(socket) => self.adopt(
-                socket,
-                &handoff.user_id,
-                &handoff.device_id,
-                &handoff.accept_key,
-                handoff.early_bytes,
-            ),
+        let Handoff {
+            socket,
+            user_id,
+            device_id,
+            accept_key,
+            early_bytes,
+        } = handoff;
+        match TcpStream::from_std(socket) {
+            Ok(socket) => self.adopt(socket, &user_id, &device_id, &accept_key, early_bytes),
             Err(error) => {
                 tracing::warn!(%error, "could not adopt a handed-off socket");
                 self.node.release_connection();
@@ -229,6 +230,9 @@ pub fn run(setup: ShardSetup) -> anyhow::Result<()> {
         }
         IoDriver::Epoll => false,
     };
+    // The epoll driver accepts with plain non-blocking syscalls (a blocking
+    // listener would stall the whole shard); io_uring's accept waits in the kernel.
+    setup.listener.set_nonblocking(!use_io_uring)?;
     let entries = setup.config.io_uring_entries;
     if use_io_uring {
         let mut runtime = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()

@@ -1,0 +1,203 @@
+//! The `connect` scenario: open and hold N authenticated WebSockets.
+//!
+//! Owns pacing (a fixed open rate), spreading source addresses over
+//! 127.0.0.x so more than one address's ephemeral ports are available, and
+//! the before/after memory readings of the gateway process. Connections are
+//! opened with blocking sockets by a few threads; the scenario measures the
+//! server, not the client's speed. Every loop is bounded by count and time.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::procfs;
+
+#[derive(clap::Args, Debug)]
+pub struct ConnectArgs {
+    /// Gateway WebSocket address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub target: SocketAddr,
+    /// Connections to open and hold.
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Connections opened per second (paced).
+    #[arg(long, default_value_t = 2000)]
+    pub rate: u64,
+    /// Seconds to hold every connection once all are open.
+    #[arg(long, default_value_t = 5)]
+    pub hold_s: u64,
+    /// Source addresses 127.0.0.2 .. 127.0.0.(1+N) are used round-robin.
+    #[arg(long, default_value_t = 8)]
+    pub source_addresses: u8,
+    /// The gateway's process id, to read its memory from /proc.
+    #[arg(long)]
+    pub gateway_pid: Option<u32>,
+    /// Token secret (the gateway's GATEWAY_AUTH_SECRET).
+    #[arg(long, env = "GATEWAY_AUTH_SECRET", hide_env_values = true)]
+    pub secret: String,
+    /// Prefix of the generated user ids.
+    #[arg(long, default_value = "bench")]
+    pub user_prefix: String,
+    /// Write a JSON summary here.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ConnectReport {
+    pub connections_requested: usize,
+    pub connections_held: usize,
+    pub errors: usize,
+    pub open_seconds: f64,
+    pub open_rate_per_s: f64,
+    pub gateway_before: Option<procfs::ProcessMemory>,
+    pub gateway_after: Option<procfs::ProcessMemory>,
+    pub user_space_bytes_per_connection: Option<f64>,
+    pub kernel_tcp_buffer_bytes_per_connection: Option<f64>,
+    pub kernel_slab_bytes_per_connection_both_ends: Option<f64>,
+}
+
+/// Opens one WebSocket from `source` and reads up to the gateway's `hello`.
+fn open_one(
+    target: SocketAddr,
+    source: std::net::IpAddr,
+    token: &str,
+) -> anyhow::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&target.into(), Duration::from_secs(5))?;
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET /ws HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )?;
+    // Read until the hello frame has arrived: it follows the 101 response.
+    let mut buffer = [0u8; 1024];
+    let mut filled = 0;
+    loop {
+        let read = stream.read(&mut buffer[filled..])?;
+        anyhow::ensure!(read > 0, "closed during handshake");
+        filled += read;
+        let text = String::from_utf8_lossy(&buffer[..filled]);
+        anyhow::ensure!(
+            text.starts_with("HTTP/1.1 101"),
+            "refused: {}",
+            text.lines().next().unwrap_or("")
+        );
+        if text.contains("\"type\":\"hello\"") && text.ends_with('}') {
+            return Ok(stream);
+        }
+        anyhow::ensure!(filled < buffer.len(), "response larger than expected");
+    }
+}
+
+pub fn run(args: &ConnectArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.source_addresses >= 1 && args.source_addresses <= 200,
+        "source_addresses must be 1-200"
+    );
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 3600;
+    let before = args.gateway_pid.map(procfs::process_memory).transpose()?;
+    let tcp_pages_before = procfs::tcp_memory_pages().ok();
+    let slab_before = procfs::slab_bytes().ok();
+
+    let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    let mut held = Vec::with_capacity(args.connections);
+    let mut errors = 0usize;
+    let mut first_error = None;
+    for index in 0..args.connections {
+        let due = started + interval.mul_f64(index as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        let source = std::net::IpAddr::from([
+            127,
+            0,
+            0,
+            2 + (index % usize::from(args.source_addresses)) as u8,
+        ]);
+        let user = format!("{}{index}", args.user_prefix);
+        let token = chat_protocol::token::mint(args.secret.as_bytes(), &user, "d0", expires)
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
+        match open_one(args.target, source, &token) {
+            Ok(stream) => held.push(stream),
+            Err(error) => {
+                errors += 1;
+                first_error.get_or_insert(error.to_string());
+            }
+        }
+    }
+    let open_seconds = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(args.hold_s));
+
+    let after = args
+        .gateway_pid
+        .map(procfs::process_memory)
+        .transpose()
+        .context("reading gateway memory")?;
+    let count = held.len().max(1) as f64;
+    let mut report = ConnectReport {
+        connections_requested: args.connections,
+        connections_held: held.len(),
+        errors,
+        open_seconds,
+        open_rate_per_s: held.len() as f64 / open_seconds,
+        gateway_before: before,
+        gateway_after: after,
+        ..ConnectReport::default()
+    };
+    if let (Some(before), Some(after)) = (before, after) {
+        report.user_space_bytes_per_connection =
+            Some((after.anonymous_bytes as f64 - before.anonymous_bytes as f64) / count);
+    }
+    if let (Some(before), Ok(after)) = (tcp_pages_before, procfs::tcp_memory_pages()) {
+        report.kernel_tcp_buffer_bytes_per_connection =
+            Some((after as f64 - before as f64) * 4096.0 / count);
+    }
+    if let (Some(before), Ok(after)) = (slab_before, procfs::slab_bytes()) {
+        report.kernel_slab_bytes_per_connection_both_ends =
+            Some((after as f64 - before as f64) / count);
+    }
+
+    println!(
+        "connect: {} of {} connections held, {} errors",
+        report.connections_held, args.connections, errors
+    );
+    if let Some(error) = first_error {
+        println!("  first error: {error}");
+    }
+    println!(
+        "  opened in {:.2} s ({:.0}/s)",
+        report.open_seconds, report.open_rate_per_s
+    );
+    if let (Some(before), Some(after)) = (before, after) {
+        println!(
+            "  gateway anonymous memory {:.1} MiB -> {:.1} MiB (rss {:.1} MiB)",
+            before.anonymous_bytes as f64 / 1048576.0,
+            after.anonymous_bytes as f64 / 1048576.0,
+            after.rss_bytes as f64 / 1048576.0
+        );
+    }
+    if let Some(bytes) = report.user_space_bytes_per_connection {
+        println!("  user-space bytes per idle connection: {bytes:.0}");
+    }
+    if let Some(bytes) = report.kernel_slab_bytes_per_connection_both_ends {
+        println!("  kernel slab bytes per connection (both socket ends, machine-wide): {bytes:.0}");
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    drop(held);
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! Reads process and kernel memory figures from /proc.
+//!
+//! Owns parsing of `/proc/PID/smaps_rollup`, `/proc/PID/stat` and
+//! `/proc/net/sockstat`. Never writes anything.
+
+use anyhow::Context;
+
+/// A process's resident memory, in bytes.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct ProcessMemory {
+    pub rss_bytes: u64,
+    /// Anonymous (heap, stacks) resident bytes: what connections cost in user space.
+    pub anonymous_bytes: u64,
+}
+
+pub fn process_memory(pid: u32) -> anyhow::Result<ProcessMemory> {
+    let path = format!("/proc/{pid}/smaps_rollup");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let field = |name: &str| {
+        text.lines()
+            .find(|line| line.starts_with(name))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|kib| kib.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .unwrap_or(0)
+    };
+    Ok(ProcessMemory {
+        rss_bytes: field("Rss:"),
+        anonymous_bytes: field("Anonymous:"),
+    })
+}
+
+/// Pages the kernel has allocated to TCP socket buffers, machine-wide.
+pub fn tcp_memory_pages() -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/net/sockstat")?;
+    let line = text
+        .lines()
+        .find(|line| line.starts_with("TCP:"))
+        .context("no TCP line in sockstat")?;
+    let mut words = line.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "mem" {
+            return Ok(words.next().context("mem without value")?.parse()?);
+        }
+    }
+    anyhow::bail!("no mem field in {line}")
+}
+
+/// Kernel slab memory (reclaimable and not), machine-wide, in bytes.
+pub fn slab_bytes() -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    let line = text
+        .lines()
+        .find(|line| line.starts_with("Slab:"))
+        .context("no Slab line in meminfo")?;
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("Slab without value")?
+        .parse()?;
+    Ok(kib * 1024)
+}
