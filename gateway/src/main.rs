@@ -7,12 +7,14 @@
 mod admin;
 mod clock;
 mod config;
+mod doctor;
 mod mesh;
 mod metrics;
 mod node;
 mod secret;
 mod shard;
 mod sock;
+mod supervisor;
 
 use std::time::Duration;
 
@@ -44,6 +46,17 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Audit this host for a connection target: prints each setting that falls
+    /// short, why it matters and the line that fixes it. Exits 1 when the host
+    /// cannot hold the target.
+    Doctor {
+        /// Connections one gateway process should hold.
+        #[arg(long, default_value_t = 100_000)]
+        connections: u64,
+        /// Shards the gateway will run (default: one per core).
+        #[arg(long)]
+        shards: Option<u64>,
+    },
     /// Print a bearer token signed with this node's secret.
     Token {
         #[arg(long)]
@@ -72,6 +85,17 @@ fn main() {
     let result = match cli.command {
         None => cli.config.load().and_then(node::run),
         Some(Command::Run { config }) => config.load().and_then(node::run),
+        Some(Command::Doctor {
+            connections,
+            shards,
+        }) => {
+            let host = doctor::HostFacts::read();
+            let shards = shards.unwrap_or(host.cores as u64);
+            let (report, holds) =
+                doctor::render(&doctor::evaluate(&host, connections, shards), connections);
+            print!("{report}");
+            std::process::exit(if holds { 0 } else { 1 });
+        }
         Some(Command::Token {
             user,
             device,

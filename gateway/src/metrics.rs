@@ -42,6 +42,8 @@ const REFUSALS: [(&str, Refusal); 9] = [
 #[derive(Default)]
 pub struct ShardMetrics {
     pub connections: AtomicU64,
+    /// Heartbeat sweeps completed: proof of progress for the systemd watchdog.
+    pub sweeps: AtomicU64,
     /// Users with at least one connection here (refreshed each heartbeat sweep).
     pub users: AtomicU64,
     /// Entries in the idempotency table (refreshed each heartbeat sweep).

@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::mesh::{Mesh, Sender, ShardMessage};
 use crate::metrics::NodeState;
 use crate::shard::{self, ShardSetup};
-use crate::{admin, secret};
+use crate::{admin, secret, supervisor};
 
 /// Descriptors kept back from connections: stdio, log files, the admin
 /// listener, the signal pipe and similar.
@@ -69,8 +69,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    tracing::info!(%listen, %admin_listen, shards = config.shards, node_id = config.node_id,
-        driver = node.io_driver.get().copied().unwrap_or("?"), connections_max, "gateway ready");
+    // A shard that failed to start ends its thread; the joins below report it.
+    if node.shards_ready.load(Relaxed) == config.shards {
+        supervisor::spawn_watchdog(node.clone())?;
+        supervisor::ready(&format!(
+            "serving {listen}, up to {connections_max} connections"
+        ));
+        tracing::info!(%listen, %admin_listen, shards = config.shards, node_id = config.node_id,
+            driver = node.io_driver.get().copied().unwrap_or("?"), connections_max, "gateway ready");
+    }
 
     let mut failed = None;
     for (id, thread) in threads.into_iter().enumerate() {
@@ -156,6 +163,7 @@ fn spawn_signal_handler(node: Arc<NodeState>, mesh: Arc<Mesh>) -> anyhow::Result
                     signal,
                     "draining: no new connections; clients told to reconnect (1012)"
                 );
+                supervisor::stopping();
                 for shard in 0..mesh.shard_count() {
                     if mesh
                         .send(Sender::External, shard, ShardMessage::Drain)
