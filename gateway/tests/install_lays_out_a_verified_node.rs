@@ -70,7 +70,10 @@ fn install_stages_a_complete_node() {
     let unit = std::fs::read_to_string(at("/etc/systemd/system/chat-gateway.service")).unwrap();
     assert!(unit
         .contains("ExecStart=/usr/local/bin/chat-gateway --config /etc/chat-gateway/gateway.toml"));
-    assert!(!unit.contains("@BINDIR@") && !unit.contains("@DOCDIR@"), "every placeholder replaced");
+    assert!(
+        !unit.contains("@BINDIR@") && !unit.contains("@DOCDIR@"),
+        "every placeholder replaced"
+    );
 
     let env = std::fs::read_to_string(at("/etc/chat-gateway/gateway.env")).unwrap();
     let secret = env
