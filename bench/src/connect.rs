@@ -6,15 +6,15 @@
 //! opened with blocking sockets by a few threads; the scenario measures the
 //! server, not the client's speed. Every loop is bounded by count and time.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::procfs;
+use crate::gateway_process::GatewayProcess;
+use crate::{procfs, wsclient};
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct ConnectArgs {
     /// Gateway WebSocket address.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -31,6 +31,12 @@ pub struct ConnectArgs {
     /// Source addresses 127.0.0.2 .. 127.0.0.(1+N) are used round-robin.
     #[arg(long, default_value_t = 8)]
     pub source_addresses: u8,
+    /// Start this gateway binary (on a free loopback port) instead of using --target.
+    #[arg(long)]
+    pub spawn_gateway: Option<String>,
+    /// Extra flags for the spawned gateway, e.g. --gateway-arg=--shards --gateway-arg=1.
+    #[arg(long = "gateway-arg", allow_hyphen_values = true)]
+    pub gateway_args: Vec<String>,
     /// The gateway's process id, to read its memory from /proc.
     #[arg(long)]
     pub gateway_pid: Option<u32>,
@@ -59,42 +65,16 @@ pub struct ConnectReport {
     pub kernel_slab_bytes_per_connection_both_ends: Option<f64>,
 }
 
-/// Opens one WebSocket from `source` and reads up to the gateway's `hello`.
-fn open_one(
-    target: SocketAddr,
-    source: std::net::IpAddr,
-    token: &str,
-) -> anyhow::Result<TcpStream> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.bind(&SocketAddr::new(source, 0).into())?;
-    socket.connect_timeout(&target.into(), Duration::from_secs(5))?;
-    let mut stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET /ws HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {token}\r\n\r\n"
-    )?;
-    // Read until the hello frame has arrived: it follows the 101 response.
-    let mut buffer = [0u8; 1024];
-    let mut filled = 0;
-    loop {
-        let read = stream.read(&mut buffer[filled..])?;
-        anyhow::ensure!(read > 0, "closed during handshake");
-        filled += read;
-        let text = String::from_utf8_lossy(&buffer[..filled]);
-        anyhow::ensure!(
-            text.starts_with("HTTP/1.1 101"),
-            "refused: {}",
-            text.lines().next().unwrap_or("")
-        );
-        if text.contains("\"type\":\"hello\"") && text.ends_with('}') {
-            return Ok(stream);
-        }
-        anyhow::ensure!(filled < buffer.len(), "response larger than expected");
-    }
-}
-
 pub fn run(args: &ConnectArgs) -> anyhow::Result<()> {
+    let spawned = args
+        .spawn_gateway
+        .as_deref()
+        .map(|binary| GatewayProcess::start(binary, &args.secret, &args.gateway_args))
+        .transpose()?;
+    let (target, gateway_pid) = match &spawned {
+        Some(gateway) => (gateway.ws, Some(gateway.pid())),
+        None => (args.target, args.gateway_pid),
+    };
     anyhow::ensure!(
         args.source_addresses >= 1 && args.source_addresses <= 200,
         "source_addresses must be 1-200"
@@ -103,7 +83,7 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs()
         + 3600;
-    let before = args.gateway_pid.map(procfs::process_memory).transpose()?;
+    let before = gateway_pid.map(procfs::process_memory).transpose()?;
     let tcp_pages_before = procfs::tcp_memory_pages().ok();
     let slab_before = procfs::slab_bytes().ok();
 
@@ -130,8 +110,8 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<()> {
         let user = format!("{}{index}", args.user_prefix);
         let token = chat_protocol::token::mint(args.secret.as_bytes(), &user, "d0", expires)
             .map_err(|error| anyhow::anyhow!("{error}"))?;
-        match open_one(args.target, source, &token) {
-            Ok(stream) => held.push(stream),
+        match wsclient::open(target, source, &token) {
+            Ok((stream, _)) => held.push(stream),
             Err(error) => {
                 errors += 1;
                 first_error.get_or_insert(error.to_string());
@@ -141,8 +121,7 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<()> {
     let open_seconds = started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(args.hold_s));
 
-    let after = args
-        .gateway_pid
+    let after = gateway_pid
         .map(procfs::process_memory)
         .transpose()
         .context("reading gateway memory")?;

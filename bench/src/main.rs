@@ -4,8 +4,15 @@
 //! lives in its own module and prints a table plus an optional JSON summary.
 //! Never asserts speed: it measures and reports.
 
+mod clock;
 mod connect;
+mod gateway_process;
+mod one_to_one;
 mod procfs;
+mod report;
+mod schedule;
+mod timer;
+mod wsclient;
 
 use clap::{Parser, Subcommand};
 
@@ -21,10 +28,14 @@ enum Scenario {
     /// Open and hold N authenticated connections; report time, errors and the
     /// gateway's memory per connection.
     Connect(connect::ConnectArgs),
+    /// N users sending 1:1 messages between random pairs at a fixed open-loop
+    /// rate; delivery and acknowledgement latency from each send's intended time.
+    OneToOne(one_to_one::OneToOneArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Connect(args) => connect::run(&args),
+        Scenario::OneToOne(args) => one_to_one::run(&args),
     }
 }

@@ -60,3 +60,17 @@ pub fn slab_bytes() -> anyhow::Result<u64> {
         .parse()?;
     Ok(kib * 1024)
 }
+
+/// CPU time (user + system) a process has used, in seconds.
+pub fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start after ") ".
+    let after_name = stat.rsplit_once(") ").context("malformed stat")?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5); here indices 11 and 12.
+    let ticks: u64 = fields.get(11).context("no utime")?.parse::<u64>()?
+        + fields.get(12).context("no stime")?.parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(ticks as f64 / ticks_per_second)
+}

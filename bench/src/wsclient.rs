@@ -1,0 +1,139 @@
+//! The load generator's WebSocket client: a blocking upgrade, then masked text
+//! frames out and server frames in over caller-owned buffers.
+//!
+//! Owns only what a load client needs (no fragmentation, text and close
+//! frames); header parsing and formatting come from tungstenite. Never
+//! allocates per frame on the receive path.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
+
+/// Opens a WebSocket from `source` and reads through the gateway's `hello`.
+/// Returns the socket and any bytes that followed `hello`.
+pub fn open(
+    target: SocketAddr,
+    source: IpAddr,
+    token: &str,
+) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&target.into(), Duration::from_secs(5))?;
+    let mut stream: TcpStream = socket.into();
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET /ws HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )?;
+    let mut buffer = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let read = stream.read(&mut chunk)?;
+        anyhow::ensure!(read > 0, "closed during handshake");
+        buffer.extend_from_slice(&chunk[..read]);
+        anyhow::ensure!(buffer.len() < 64 * 1024, "handshake response too large");
+        let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buffer[..end]);
+        anyhow::ensure!(
+            head.starts_with("HTTP/1.1 101"),
+            "refused: {}",
+            head.lines().next().unwrap_or("")
+        );
+        let frames = &buffer[end + 4..];
+        if let Some((ServerFrame::Text(text), used)) = decode(frames) {
+            anyhow::ensure!(
+                text.starts_with(br#"{"type":"hello""#),
+                "first frame is not hello"
+            );
+            let rest = frames[used..].to_vec();
+            return Ok((stream, rest));
+        }
+    }
+}
+
+/// Appends a masked text frame (clients must mask, RFC 6455 §5.3).
+pub fn encode_text(payload: &[u8], out: &mut Vec<u8>) {
+    let mask = fastrand::u32(..).to_ne_bytes();
+    let header = FrameHeader {
+        is_final: true,
+        rsv1: false,
+        rsv2: false,
+        rsv3: false,
+        opcode: OpCode::Data(Data::Text),
+        mask: Some(mask),
+    };
+    header
+        .format(payload.len() as u64, out)
+        .expect("writing to a Vec");
+    out.extend(
+        payload
+            .iter()
+            .enumerate()
+            .map(|(index, byte)| byte ^ mask[index & 3]),
+    );
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ServerFrame<'a> {
+    Text(&'a [u8]),
+    Close(Option<u16>),
+    Other,
+}
+
+/// The first complete server frame in `input` and the bytes it used.
+pub fn decode(input: &[u8]) -> Option<(ServerFrame<'_>, usize)> {
+    let mut cursor = std::io::Cursor::new(input);
+    let (header, length) = FrameHeader::parse(&mut cursor).ok()??;
+    let start = cursor.position() as usize;
+    let end = start + length as usize;
+    if input.len() < end {
+        return None;
+    }
+    let payload = &input[start..end];
+    let frame = match header.opcode {
+        OpCode::Data(Data::Text) => ServerFrame::Text(payload),
+        OpCode::Control(Control::Close) => ServerFrame::Close(
+            (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]])),
+        ),
+        _ => ServerFrame::Other,
+    };
+    Some((frame, end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_frames_decode_only_when_complete() {
+        let mut frame = vec![0x81, 5];
+        frame.extend_from_slice(b"hello");
+        assert_eq!(decode(&frame[..4]), None);
+        assert_eq!(decode(&frame), Some((ServerFrame::Text(b"hello"), 7)));
+        assert_eq!(
+            decode(&[0x88, 2, 0x03, 0xf4]),
+            Some((ServerFrame::Close(Some(1012)), 4))
+        );
+    }
+
+    #[test]
+    fn client_frames_are_masked_and_round_trip() {
+        let mut out = Vec::new();
+        encode_text(b"abc", &mut out);
+        assert_eq!(out[0], 0x81);
+        assert_eq!(out[1], 0x80 | 3);
+        let mask = &out[2..6];
+        let unmasked: Vec<u8> = out[6..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ mask[i & 3])
+            .collect();
+        assert_eq!(unmasked, b"abc");
+    }
+}

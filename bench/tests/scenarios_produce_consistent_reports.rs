@@ -1,0 +1,136 @@
+//! Each bench scenario, run briefly against a real gateway that bench starts
+//! itself, produces reports whose numbers add up. No assertion is about speed.
+//! Needs the gateway binary built (`cargo test --workspace` builds it).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+const SECRET: &str = "bench-test-secret-0123456789abcdef0123";
+
+/// target/debug/gateway, next to this test's own directory (target/debug/deps).
+fn gateway_binary() -> PathBuf {
+    let deps = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let binary = deps.parent().unwrap().join("gateway");
+    assert!(
+        binary.exists(),
+        "{} missing: run `cargo test --workspace` (it builds the gateway)",
+        binary.display()
+    );
+    binary
+}
+
+fn bench(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(args)
+        .args([
+            "--spawn-gateway",
+            gateway_binary().to_str().unwrap(),
+            "--gateway-arg=--shards",
+            "--gateway-arg=2",
+        ])
+        .env("GATEWAY_AUTH_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "bench failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn connect_holds_every_connection_and_reports_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("connect.json");
+    let table = bench(&[
+        "connect",
+        "--connections",
+        "60",
+        "--rate",
+        "600",
+        "--hold-s",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        table.contains("60 of 60 connections held, 0 errors"),
+        "{table}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["connections_held"], 60);
+    assert_eq!(report["errors"], 0);
+    assert!(report["gateway_after"]["rss_bytes"].as_u64().unwrap() > 0);
+    assert!(report["user_space_bytes_per_connection"].is_number());
+}
+
+#[test]
+fn one_to_one_counts_add_up_and_files_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("o2o.json");
+    let prefix = dir.path().join("o2o");
+    let svg = dir.path().join("o2o.svg");
+    let table = bench(&[
+        "one-to-one",
+        "--users",
+        "20",
+        "--rate",
+        "200",
+        "--duration-s",
+        "2",
+        "--warmup-s",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+        "--hgrm-prefix",
+        prefix.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(
+        table.contains("delivery") && table.contains("p99"),
+        "{table}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let number = |path: &[&str]| {
+        path.iter()
+            .fold(&report, |value, key| &value[*key])
+            .as_u64()
+            .unwrap_or_else(|| panic!("{path:?} in {report}"))
+    };
+    // 200/s for 3 s: every send is delivered to its one recipient device and acknowledged once.
+    assert_eq!(number(&["sent"]), 600);
+    assert_eq!(number(&["delivered_total"]), 600);
+    assert_eq!(number(&["acked_total"]), 600);
+    // Only sends intended inside the 2 s measured window are in the histograms.
+    for latency in ["delivery", "ack"] {
+        let count = number(&[latency, "count"]);
+        assert!((399..=401).contains(&count), "{latency} count {count}");
+        let (p50, p99, max) = (
+            number(&[latency, "p50_us"]),
+            number(&[latency, "p99_us"]),
+            number(&[latency, "max_us"]),
+        );
+        assert!(
+            p50 >= 1 && p50 <= p99 && p99 <= max,
+            "{latency}: {p50} {p99} {max}"
+        );
+    }
+    assert!(report["errors"].as_object().unwrap().is_empty(), "{report}");
+    assert!(report["gateway_cpu_s"].as_f64().unwrap() >= 0.0);
+    assert!(report["environment"]["kernel"]
+        .as_str()
+        .is_some_and(|k| !k.is_empty()));
+    let hgrm = std::fs::read_to_string(format!("{}-delivery.hgrm", prefix.display())).unwrap();
+    assert!(hgrm.contains("Total count"), "{hgrm}");
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(plot.matches("<polyline").count(), 2);
+}
