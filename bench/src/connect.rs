@@ -6,19 +6,17 @@
 //! opened with blocking sockets by a few threads; the scenario measures the
 //! server, not the client's speed. Every loop is bounded by count and time.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::gateway_process::GatewayProcess;
+use crate::gateway_process::GatewayTarget;
 use crate::{procfs, wsclient};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConnectArgs {
-    /// Gateway WebSocket address.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub target: SocketAddr,
+    #[command(flatten)]
+    pub gateway: GatewayTarget,
     /// Connections to open and hold.
     #[arg(long, default_value_t = 1000)]
     pub connections: usize,
@@ -28,21 +26,6 @@ pub struct ConnectArgs {
     /// Seconds to hold every connection once all are open.
     #[arg(long, default_value_t = 5)]
     pub hold_s: u64,
-    /// Source addresses 127.0.0.2 .. 127.0.0.(1+N) are used round-robin.
-    #[arg(long, default_value_t = 8)]
-    pub source_addresses: u8,
-    /// Start this gateway binary (on a free loopback port) instead of using --target.
-    #[arg(long)]
-    pub spawn_gateway: Option<String>,
-    /// Extra flags for the spawned gateway, e.g. --gateway-arg=--shards --gateway-arg=1.
-    #[arg(long = "gateway-arg", allow_hyphen_values = true)]
-    pub gateway_args: Vec<String>,
-    /// The gateway's process id, to read its memory from /proc.
-    #[arg(long)]
-    pub gateway_pid: Option<u32>,
-    /// Token secret (the gateway's GATEWAY_AUTH_SECRET).
-    #[arg(long, env = "GATEWAY_AUTH_SECRET", hide_env_values = true)]
-    pub secret: String,
     /// Prefix of the generated user ids.
     #[arg(long, default_value = "bench")]
     pub user_prefix: String,
@@ -66,23 +49,8 @@ pub struct ConnectReport {
 }
 
 pub fn run(args: &ConnectArgs) -> anyhow::Result<()> {
-    let spawned = args
-        .spawn_gateway
-        .as_deref()
-        .map(|binary| GatewayProcess::start(binary, &args.secret, &args.gateway_args))
-        .transpose()?;
-    let (target, gateway_pid) = match &spawned {
-        Some(gateway) => (gateway.ws, Some(gateway.pid())),
-        None => (args.target, args.gateway_pid),
-    };
-    anyhow::ensure!(
-        args.source_addresses >= 1 && args.source_addresses <= 200,
-        "source_addresses must be 1-200"
-    );
-    let expires = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 3600;
+    let gateway = args.gateway.resolve()?;
+    let (target, gateway_pid) = (gateway.address, gateway.pid);
     let before = gateway_pid.map(procfs::process_memory).transpose()?;
     let tcp_pages_before = procfs::tcp_memory_pages().ok();
     let slab_before = procfs::slab_bytes().ok();
@@ -101,16 +69,10 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<()> {
         if Instant::now() > deadline {
             break;
         }
-        let source = std::net::IpAddr::from([
-            127,
-            0,
-            0,
-            2 + (index % usize::from(args.source_addresses)) as u8,
-        ]);
-        let user = format!("{}{index}", args.user_prefix);
-        let token = chat_protocol::token::mint(args.secret.as_bytes(), &user, "d0", expires)
-            .map_err(|error| anyhow::anyhow!("{error}"))?;
-        match wsclient::open(target, source, &token) {
+        let token = args
+            .gateway
+            .token(&format!("{}{index}", args.user_prefix))?;
+        match wsclient::open(target, args.gateway.source(index), &token) {
             Ok((stream, _)) => held.push(stream),
             Err(error) => {
                 errors += 1;

@@ -10,6 +10,81 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+/// Which gateway a scenario talks to, and how clients reach it. Shared by every scenario.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GatewayTarget {
+    /// Gateway WebSocket address (ignored with --spawn-gateway).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub target: SocketAddr,
+    /// Start this gateway binary (on a free loopback port) instead of using --target.
+    #[arg(long)]
+    pub spawn_gateway: Option<String>,
+    /// Extra flags for the spawned gateway, e.g. --gateway-arg=--shards --gateway-arg=1.
+    #[arg(long = "gateway-arg", allow_hyphen_values = true)]
+    pub gateway_args: Vec<String>,
+    /// The gateway's process id, to read its memory and CPU from /proc.
+    #[arg(long)]
+    pub gateway_pid: Option<u32>,
+    /// Token secret (the gateway's GATEWAY_AUTH_SECRET).
+    #[arg(long, env = "GATEWAY_AUTH_SECRET", hide_env_values = true)]
+    pub secret: String,
+    /// Source addresses 127.0.0.2 .. 127.0.0.(1+N) are used round-robin.
+    #[arg(long, default_value_t = 8)]
+    pub source_addresses: u8,
+}
+
+/// The gateway a scenario runs against; holds a spawned process until dropped.
+pub struct ResolvedTarget {
+    pub address: SocketAddr,
+    pub pid: Option<u32>,
+    _spawned: Option<GatewayProcess>,
+}
+
+impl GatewayTarget {
+    /// Starts the gateway if asked to, and says where it is.
+    pub fn resolve(&self) -> anyhow::Result<ResolvedTarget> {
+        anyhow::ensure!(
+            (1..=200).contains(&self.source_addresses),
+            "source_addresses must be 1-200"
+        );
+        Ok(match &self.spawn_gateway {
+            Some(binary) => {
+                let gateway = GatewayProcess::start(binary, &self.secret, &self.gateway_args)?;
+                ResolvedTarget {
+                    address: gateway.ws,
+                    pid: Some(gateway.pid()),
+                    _spawned: Some(gateway),
+                }
+            }
+            None => ResolvedTarget {
+                address: self.target,
+                pid: self.gateway_pid,
+                _spawned: None,
+            },
+        })
+    }
+
+    /// The loopback source address for the `index`-th connection.
+    pub fn source(&self, index: usize) -> std::net::IpAddr {
+        std::net::IpAddr::from([
+            127,
+            0,
+            0,
+            2 + (index % usize::from(self.source_addresses)) as u8,
+        ])
+    }
+
+    /// A token for `user`'s device `d0`, valid for an hour.
+    pub fn token(&self, user: &str) -> anyhow::Result<String> {
+        let expires = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            + 3600;
+        chat_protocol::token::mint(self.secret.as_bytes(), user, "d0", expires)
+            .map_err(|error| anyhow::anyhow!("{error}"))
+    }
+}
+
 pub struct GatewayProcess {
     child: Child,
     pub ws: SocketAddr,

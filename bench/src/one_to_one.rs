@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +19,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::clock::monotonic_ns;
-use crate::gateway_process::GatewayProcess;
+use crate::gateway_process::GatewayTarget;
 use crate::report::{self, Percentiles};
 use crate::schedule::OpenLoop;
 use crate::timer::SendTimer;
@@ -28,8 +27,8 @@ use crate::{procfs, wsclient};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct OneToOneArgs {
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub target: SocketAddr,
+    #[command(flatten)]
+    pub gateway: GatewayTarget,
     /// Users (one connection each).
     #[arg(long, default_value_t = 1000)]
     pub users: usize,
@@ -48,23 +47,9 @@ pub struct OneToOneArgs {
     /// Bytes of each message body.
     #[arg(long, default_value_t = 100)]
     pub body_bytes: usize,
-    /// Source addresses 127.0.0.2 .. 127.0.0.(1+N) are used round-robin.
-    #[arg(long, default_value_t = 8)]
-    pub source_addresses: u8,
     /// Connections opened per second while setting up.
     #[arg(long, default_value_t = 8000)]
     pub connect_rate: u64,
-    /// Start this gateway binary (on a free loopback port) instead of using --target.
-    #[arg(long)]
-    pub spawn_gateway: Option<String>,
-    /// Extra flags for the spawned gateway, e.g. --gateway-arg=--shards --gateway-arg=1.
-    #[arg(long = "gateway-arg", allow_hyphen_values = true)]
-    pub gateway_args: Vec<String>,
-    /// The gateway's process id, for its CPU time during the measured window.
-    #[arg(long)]
-    pub gateway_pid: Option<u32>,
-    #[arg(long, env = "GATEWAY_AUTH_SECRET", hide_env_values = true)]
-    pub secret: String,
     #[arg(long, default_value = "o2o")]
     pub user_prefix: String,
     /// JSON summary.
@@ -138,48 +123,21 @@ pub struct OneToOneReport {
 }
 
 pub fn run(args: &OneToOneArgs) -> anyhow::Result<()> {
-    let spawned = args
-        .spawn_gateway
-        .as_deref()
-        .map(|binary| GatewayProcess::start(binary, &args.secret, &args.gateway_args))
-        .transpose()?;
-    let mut args = args.clone();
-    if let Some(gateway) = &spawned {
-        args.target = gateway.ws;
-        args.gateway_pid = Some(gateway.pid());
-    }
-    let args = &args;
     anyhow::ensure!(
         args.users >= 2 && args.threads >= 1 && args.rate > 0.0,
         "need 2+ users, 1+ threads, a positive rate"
     );
-    anyhow::ensure!(
-        args.source_addresses >= 1 && args.source_addresses <= 200,
-        "source_addresses must be 1-200"
-    );
-    let expires = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 3600;
+    let gateway = args.gateway.resolve()?;
 
     // Connect everyone (paced), before any message is scheduled.
     let mut per_thread: Vec<Vec<Conn>> = (0..args.threads).map(|_| Vec::new()).collect();
     let connect_interval = Duration::from_secs_f64(1.0 / args.connect_rate.max(1) as f64);
     for user_index in 0..args.users {
-        let source = std::net::IpAddr::from([
-            127,
-            0,
-            0,
-            2 + (user_index % usize::from(args.source_addresses)) as u8,
-        ]);
-        let token = chat_protocol::token::mint(
-            args.secret.as_bytes(),
-            &format!("{}{user_index}", args.user_prefix),
-            "d0",
-            expires,
-        )
-        .map_err(|error| anyhow::anyhow!("{error}"))?;
-        let (stream, rest) = wsclient::open(args.target, source, &token)?;
+        let token = args
+            .gateway
+            .token(&format!("{}{user_index}", args.user_prefix))?;
+        let (stream, rest) =
+            wsclient::open(gateway.address, args.gateway.source(user_index), &token)?;
         stream.set_nonblocking(true)?;
         per_thread[user_index % args.threads].push(Conn {
             stream: TcpStream::from_std(stream),
@@ -225,12 +183,12 @@ pub fn run(args: &OneToOneArgs) -> anyhow::Result<()> {
         }
     };
     sleep_until(measure_from_ns);
-    let gateway_cpu_start = args
-        .gateway_pid
+    let gateway_cpu_start = gateway
+        .pid
         .and_then(|pid| procfs::process_cpu_seconds(pid).ok());
     sleep_until(end_ns);
-    let gateway_cpu_end = args
-        .gateway_pid
+    let gateway_cpu_end = gateway
+        .pid
         .and_then(|pid| procfs::process_cpu_seconds(pid).ok());
 
     let mut delivery = report::new_histogram();
@@ -430,7 +388,10 @@ fn worker(
                 return Ok(result);
             }
         }
-        let next_wake = [schedule.next_due_ns(), pings.next_due_ns()].into_iter().flatten().min();
+        let next_wake = [schedule.next_due_ns(), pings.next_due_ns()]
+            .into_iter()
+            .flatten()
+            .min();
         if let Some(due) = next_wake {
             timer.arm(due)?;
         }
@@ -489,6 +450,24 @@ fn flush(conn: &mut Conn, poll: &Poll, index: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Counts one arrival and, when its send was intended inside the measured
+/// window, records its latency from that intended time.
+fn record_latency(
+    intended: Option<&str>,
+    now: u64,
+    shared: &Shared,
+    counter: &AtomicU64,
+    histogram: &mut Histogram<u64>,
+) {
+    let Some(intended) = intended.and_then(|text| text.parse::<u64>().ok()) else {
+        return;
+    };
+    counter.fetch_add(1, Relaxed);
+    if intended >= shared.measure_from_ns && intended < shared.end_ns {
+        let _ = histogram.record((now.saturating_sub(intended) / 1000).max(1));
+    }
+}
+
 fn read_and_record(
     conn: &mut Conn,
     scratch: &mut [u8],
@@ -518,37 +497,24 @@ fn read_and_record(
                 };
                 match incoming.kind {
                     "message" => {
+                        // The body starts `t<intended ns>:`.
                         let intended = incoming
                             .body
                             .and_then(|b| b.strip_prefix('t'))
-                            .and_then(|b| b.split(':').next())
-                            .and_then(|t| t.parse::<u64>().ok());
-                        if let Some(intended) = intended {
-                            shared.delivered.fetch_add(1, Relaxed);
-                            if intended >= shared.measure_from_ns && intended < shared.end_ns {
-                                let _ = result
-                                    .delivery
-                                    .as_mut()
-                                    .expect("set")
-                                    .record(((now.saturating_sub(intended)) / 1000).max(1));
-                            }
-                        }
+                            .and_then(|b| b.split(':').next());
+                        let histogram = result.delivery.as_mut().expect("set");
+                        record_latency(intended, now, shared, &shared.delivered, histogram);
                     }
                     "sent" => {
-                        let intended = incoming
-                            .id
-                            .and_then(|id| id.split('-').nth(1))
-                            .and_then(|t| t.parse::<u64>().ok());
-                        if let Some(intended) = intended {
-                            shared.acked.fetch_add(1, Relaxed);
-                            if intended >= shared.measure_from_ns && intended < shared.end_ns {
-                                let _ = result
-                                    .ack
-                                    .as_mut()
-                                    .expect("set")
-                                    .record(((now.saturating_sub(intended)) / 1000).max(1));
-                            }
-                        }
+                        // The id is `<sequence>-<intended ns>`.
+                        let intended = incoming.id.and_then(|id| id.split('-').nth(1));
+                        record_latency(
+                            intended,
+                            now,
+                            shared,
+                            &shared.acked,
+                            result.ack.as_mut().expect("set"),
+                        );
                     }
                     "error" => {
                         *result

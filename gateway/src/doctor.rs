@@ -328,8 +328,7 @@ impl HostFacts {
             tcp_wmem: triple("/proc/sys/net/ipv4/tcp_wmem"),
             memlock_soft_bytes: rlimit::getrlimit(rlimit::Resource::MEMLOCK)
                 .map_or(0, |(soft, _)| soft),
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            is_root: unsafe { libc::geteuid() } == 0,
+            is_root: effective_uid() == Some(0),
             io_uring_disabled: number("/proc/sys/kernel/io_uring_disabled"),
             io_uring_works: monoio::utils::detect_uring(),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -337,6 +336,13 @@ impl HostFacts {
             page_bytes: 4096,
         }
     }
+}
+
+/// The effective uid, from /proc (the second field of `Uid:`).
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
 }
 
 #[cfg(test)]

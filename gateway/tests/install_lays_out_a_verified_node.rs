@@ -5,16 +5,11 @@
 
 mod support;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use support::run_script;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path)
@@ -25,19 +20,14 @@ fn mode(path: &Path) -> u32 {
 }
 
 fn install_into(root: &Path) {
-    let output = Command::new(repo().join("scripts/install"))
-        .args([
+    run_script(
+        "scripts/install",
+        &[
             "--destdir",
             root.to_str().unwrap(),
             "--binary",
             env!("CARGO_BIN_EXE_gateway"),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "install failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+        ],
     );
 }
 
@@ -121,15 +111,9 @@ fn reinstalling_keeps_the_operators_config_and_secret() {
 
 #[test]
 fn every_unit_passes_systemd_analyze_verify_and_security() {
-    let output = Command::new(repo().join("systemd/check"))
-        .args(["--binary", env!("CARGO_BIN_EXE_gateway")])
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{report}{}",
-        String::from_utf8_lossy(&output.stderr)
+    let report = run_script(
+        "systemd/check",
+        &["--binary", env!("CARGO_BIN_EXE_gateway")],
     );
     assert!(
         report.contains("chat-gateway.service: verify ok"),

@@ -1,15 +1,12 @@
 //! The host tuning files name settings this kernel has, and the CPU placement
 //! script runs (dry) against a real interface.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod support;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+use support::{repo, run_script};
+
+use std::path::Path;
+use std::process::Command;
 
 #[test]
 fn every_sysctl_in_the_profile_exists_and_parses() {
@@ -46,15 +43,9 @@ fn every_sysctl_in_the_profile_exists_and_parses() {
 
 #[test]
 fn cpu_placement_dry_run_names_what_it_would_change() {
-    let output = Command::new(repo().join("tuning/cpu-placement"))
-        .args(["--interface", "lo", "--cores", "0", "--dry-run"])
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{report}{}",
-        String::from_utf8_lossy(&output.stderr)
+    let report = run_script(
+        "tuning/cpu-placement",
+        &["--interface", "lo", "--cores", "0", "--dry-run"],
     );
     assert!(
         report.contains("would write 1 > /sys/class/net/lo/queues/rx-0/rps_cpus"),

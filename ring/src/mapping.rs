@@ -108,3 +108,13 @@ impl Mapping {
         }
     }
 }
+
+/// Reads a header field before the mapping is validated (plain bytes, no atomics).
+pub fn read_array<const N: usize>(map: &MmapRaw, offset: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    assert!(offset + N <= map.len());
+    // SAFETY: in bounds (assert); header fields are written once at creation,
+    // before the file is linked into place, so nobody writes them now.
+    unsafe { std::ptr::copy_nonoverlapping(map.as_ptr().add(offset), out.as_mut_ptr(), N) };
+    out
+}

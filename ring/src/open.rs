@@ -13,7 +13,7 @@ use memmap2::MmapOptions;
 
 use crate::consumer::Consumer;
 use crate::layout::*;
-use crate::mapping::Mapping;
+use crate::mapping::{read_array, Mapping};
 use crate::producer::Producer;
 use crate::RingError;
 
@@ -147,16 +147,6 @@ fn attach(
         });
     }
     Ok((mapping, lock))
-}
-
-/// Reads a header field before the mapping is validated (plain bytes, no atomics).
-fn read_array<const N: usize>(map: &memmap2::MmapRaw, offset: usize) -> [u8; N] {
-    let mut out = [0u8; N];
-    assert!(offset + N <= map.len());
-    // SAFETY: in bounds (assert); header fields are written once at creation,
-    // before the file is renamed into place, so nobody writes them now.
-    unsafe { std::ptr::copy_nonoverlapping(map.as_ptr().add(offset), out.as_mut_ptr(), N) };
-    out
 }
 
 fn create(path: &Path, options: RingOptions) -> Result<(), RingError> {

@@ -406,3 +406,27 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The repository root (scripts, tuning and systemd files live there).
+pub fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Runs a script from the repository with `args`, asserts it succeeded, and
+/// returns what it printed.
+pub fn run_script(script: &str, args: &[&str]) -> String {
+    let output = Command::new(repo().join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{script} failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
