@@ -67,6 +67,14 @@ pub struct Config {
     pub idempotency_entries_max: usize,
     /// Client errors within one minute after which the connection closes (1008).
     pub protocol_errors_max: u32,
+    /// Text frames per second per connection (token bucket rate).
+    pub frames_per_s: f32,
+    /// Text frames a connection may send at once before `frames_per_s` applies.
+    pub frames_burst: f32,
+    /// Sends per second per user, across all of the user's devices.
+    pub sends_per_s: f32,
+    /// Sends a user may make at once before `sends_per_s` applies.
+    pub sends_burst: f32,
     /// Window over which a draining node spreads its 1012 closes.
     pub drain_window_ms: u64,
     /// How long to wait for a client's close reply before dropping the socket.
@@ -98,6 +106,10 @@ impl Default for Config {
             idempotency_window_ms: 24 * 60 * 60 * 1000,
             idempotency_entries_max: 256 * 1024,
             protocol_errors_max: 20,
+            frames_per_s: 100.0,
+            frames_burst: 300.0,
+            sends_per_s: 20.0,
+            sends_burst: 100.0,
             drain_window_ms: 60_000,
             close_grace_ms: 1_000,
         }
@@ -144,6 +156,10 @@ overrides! {
     idempotency_window_ms: u64,
     idempotency_entries_max: usize,
     protocol_errors_max: u32,
+    frames_per_s: f32,
+    frames_burst: f32,
+    sends_per_s: f32,
+    sends_burst: f32,
     drain_window_ms: u64,
     close_grace_ms: u64,
 }
@@ -213,6 +229,19 @@ impl Config {
         }
         if self.send_queue_bytes_max < self.message_bytes_max {
             bail!("send_queue_bytes_max must hold at least one message_bytes_max message");
+        }
+        if self.send_queue_bytes_max > u32::MAX as usize {
+            bail!("send_queue_bytes_max must be below 4 GiB");
+        }
+        for (name, value) in [
+            ("frames_per_s", self.frames_per_s),
+            ("frames_burst", self.frames_burst),
+            ("sends_per_s", self.sends_per_s),
+            ("sends_burst", self.sends_burst),
+        ] {
+            if !(value.is_finite() && value >= 1.0) {
+                bail!("{name} must be at least 1");
+            }
         }
         if self.cross_shard_queue_capacity < 16 {
             bail!("cross_shard_queue_capacity must be at least 16");

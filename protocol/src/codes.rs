@@ -16,15 +16,19 @@ pub enum ErrorCode {
     BodyTooLarge,
     /// The node cannot take this frame now (a queue is full). Retry the same frame later.
     Overloaded,
+    /// Over a rate limit (frames per connection, or sends per user across all
+    /// of the user's devices). The frame was not processed; retry after `retry_after_ms`.
+    RateLimited,
 }
 
 /// Every error code, for metrics.
-pub const ERROR_CODES: [ErrorCode; 5] = [
+pub const ERROR_CODES: [ErrorCode; 6] = [
     ErrorCode::MalformedJson,
     ErrorCode::UnknownType,
     ErrorCode::InvalidField,
     ErrorCode::BodyTooLarge,
     ErrorCode::Overloaded,
+    ErrorCode::RateLimited,
 ];
 
 impl ErrorCode {
@@ -35,6 +39,7 @@ impl ErrorCode {
             ErrorCode::InvalidField => "invalid_field",
             ErrorCode::BodyTooLarge => "body_too_large",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 

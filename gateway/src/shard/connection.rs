@@ -22,6 +22,7 @@ use chat_protocol::codes::CloseCode;
 use chat_protocol::ws::{self, Flow, WsDecoder, WsEvent};
 use monoio::net::TcpStream;
 
+use super::limits::TokenBucket;
 use super::{router, Shard};
 use crate::metrics::bump;
 use crate::sock;
@@ -41,8 +42,8 @@ pub struct Conn {
     pub device_id: Box<str>,
     /// Encoded bytes waiting to be written, oldest first. Bounded by `outbox_bytes_max`.
     outbox: RefCell<VecDeque<Bytes>>,
-    outbox_bytes: Cell<usize>,
-    outbox_bytes_max: usize,
+    outbox_bytes: Cell<u32>,
+    outbox_bytes_max: u32,
     /// Set once; the task closes the connection with this code.
     close: Cell<Option<CloseCode>>,
     waker: Cell<Option<Waker>>,
@@ -50,8 +51,10 @@ pub struct Conn {
     notified: Cell<bool>,
     /// Shard clock (ms) of the last bytes received.
     last_seen_ms: Cell<u64>,
-    /// (start of the current minute on the shard clock, client errors in it).
-    errors_in_window: Cell<(u64, u32)>,
+    /// (start of the current minute on the shard clock, wrapping; client errors in it).
+    errors_in_window: Cell<(u32, u32)>,
+    /// Text frames this connection may still send (rate limit).
+    pub frames: Cell<TokenBucket>,
 }
 
 impl Conn {
@@ -60,6 +63,7 @@ impl Conn {
         user_id: Rc<str>,
         device_id: &str,
         outbox_bytes_max: usize,
+        frames: TokenBucket,
         now_ms: u64,
     ) -> Self {
         Self {
@@ -68,12 +72,14 @@ impl Conn {
             device_id: device_id.into(),
             outbox: RefCell::new(VecDeque::new()),
             outbox_bytes: Cell::new(0),
-            outbox_bytes_max,
+            outbox_bytes_max: u32::try_from(outbox_bytes_max)
+                .expect("config bounds send_queue_bytes_max below 4 GiB"),
             close: Cell::new(None),
             waker: Cell::new(None),
             notified: Cell::new(false),
             last_seen_ms: Cell::new(now_ms),
-            errors_in_window: Cell::new((now_ms, 0)),
+            errors_in_window: Cell::new((now_ms as u32, 0)),
+            frames: Cell::new(frames),
         }
     }
 
@@ -83,12 +89,12 @@ impl Conn {
         if self.close.get().is_some() {
             return false;
         }
-        let queued = self.outbox_bytes.get() + bytes.len();
-        if queued > self.outbox_bytes_max {
+        let queued = u64::from(self.outbox_bytes.get()) + bytes.len() as u64;
+        if queued > u64::from(self.outbox_bytes_max) {
             self.request_close(CloseCode::SlowConsumer);
             return false;
         }
-        self.outbox_bytes.set(queued);
+        self.outbox_bytes.set(queued as u32);
         self.outbox.borrow_mut().push_back(bytes);
         self.wake();
         true
@@ -112,9 +118,10 @@ impl Conn {
 
     /// Counts a client error; true when the connection passed `errors_max` in a minute.
     pub fn count_error(&self, now_ms: u64, errors_max: u32) -> bool {
+        let now = now_ms as u32;
         let (window_start_ms, count) = self.errors_in_window.get();
-        let (window_start_ms, count) = if now_ms - window_start_ms >= 60_000 {
-            (now_ms, 1)
+        let (window_start_ms, count) = if now.wrapping_sub(window_start_ms) >= 60_000 {
+            (now, 1)
         } else {
             (window_start_ms, count + 1)
         };
@@ -420,7 +427,7 @@ fn flush(fd: RawFd, shard: &Shard, conn: &Conn, front_written: &mut usize) -> io
             }
         };
         let mut outbox = conn.outbox.borrow_mut();
-        conn.outbox_bytes.set(conn.outbox_bytes.get() - sent);
+        conn.outbox_bytes.set(conn.outbox_bytes.get() - sent as u32);
         let mut remaining = sent;
         let mut frames = 0;
         while remaining > 0 {
@@ -460,8 +467,8 @@ async fn close_gracefully(
             outbox.truncate(usize::from(front_written > 0));
         }
         let close = Bytes::from(ws::close_frame(code));
-        conn.outbox_bytes
-            .set(outbox.iter().map(Bytes::len).sum::<usize>() - front_written + close.len());
+        let queued = outbox.iter().map(Bytes::len).sum::<usize>() - front_written + close.len();
+        conn.outbox_bytes.set(queued as u32);
         outbox.push_back(close);
     }
     let deadline = Instant::now() + Duration::from_millis(shard.config.close_grace_ms);

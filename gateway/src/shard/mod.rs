@@ -10,6 +10,7 @@
 mod accept;
 pub mod connection;
 mod dedup;
+mod limits;
 mod router;
 mod users;
 
@@ -32,6 +33,7 @@ use slab::Slab;
 
 use self::connection::Conn;
 use self::dedup::IdempotencyTable;
+use self::limits::{Limit, TokenBucket};
 use self::users::UserTable;
 use crate::config::{Config, IoDriver};
 use crate::mesh::{Handoff, Mesh, ShardMessage};
@@ -88,6 +90,14 @@ impl Shard {
         &self.node.shards[self.id]
     }
 
+    /// The per-connection text frame rate limit.
+    pub fn frames_limit(&self) -> Limit {
+        Limit {
+            per_s: self.config.frames_per_s,
+            burst: self.config.frames_burst,
+        }
+    }
+
     /// Milliseconds on this shard's monotonic clock.
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
@@ -127,11 +137,13 @@ impl Shard {
         let conn = {
             let mut conns = self.conns.borrow_mut();
             let slot = conns.vacant_key();
+            let frames = TokenBucket::full(self.frames_limit(), self.now_ms());
             let conn = Rc::new(Conn::new(
                 slot,
                 user_id,
                 device_id,
                 self.config.send_queue_bytes_max,
+                frames,
                 self.now_ms(),
             ));
             conns.insert(conn.clone());
@@ -151,7 +163,7 @@ impl Shard {
         conn.enqueue(Bytes::from(ws::text_frame(&hello)));
         // Registered before the client can see `hello`, so anything sent to the
         // user after the client reads `hello` reaches this device.
-        self.users.borrow_mut().add(conn.clone());
+        self.users.borrow_mut().add(conn.clone(), self.now_ms());
         let metrics = self.metrics();
         bump(&metrics.handshakes_accepted, 1);
         bump(&metrics.connections, 1);
@@ -255,7 +267,10 @@ async fn shard_main(setup: ShardSetup, driver: &'static str) -> anyhow::Result<(
     let shard = Rc::new(Shard {
         id: setup.id,
         verifier: TokenVerifier::new(&setup.secret),
-        users: RefCell::new(UserTable::default()),
+        users: RefCell::new(UserTable::new(Limit {
+            per_s: config.sends_per_s,
+            burst: config.sends_burst,
+        })),
         conns: RefCell::new(Slab::new()),
         snowflake: RefCell::new(SnowflakeGenerator::new(config.node_id, setup.id as u16)),
         idempotency: RefCell::new(IdempotencyTable::new(

@@ -25,6 +25,21 @@ pub fn on_text(shard: &Shard, conn: &Conn, text: &[u8]) {
         conn.request_close(CloseCode::InvalidPayload);
         return;
     }
+    let mut frames = conn.frames.get();
+    let allowed = frames.try_take(shard.frames_limit(), shard.now_ms());
+    conn.frames.set(frames);
+    if let Err(retry_after_ms) = allowed {
+        // Not even parsed: a flood costs us as little as possible.
+        refuse(
+            shard,
+            conn,
+            None,
+            ErrorCode::RateLimited,
+            "too many frames on this connection",
+            retry_after_ms,
+        );
+        return;
+    }
     match frames::decode_client_frame(text, shard.config.body_bytes_max) {
         Ok(ClientFrame::Ping) => {
             conn.enqueue(shard.pong_frame.clone());
@@ -49,6 +64,22 @@ pub fn on_text(shard: &Shard, conn: &Conn, text: &[u8]) {
 }
 
 fn on_send(shard: &Shard, conn: &Conn, send: SendFrame<'_>) {
+    if let Err(retry_after_ms) = shard
+        .users
+        .borrow_mut()
+        .take_send(&conn.user_id, shard.now_ms())
+    {
+        let message = "too many sends by this user (all devices count)";
+        refuse(
+            shard,
+            conn,
+            Some(&send.client_msg_id),
+            ErrorCode::RateLimited,
+            message,
+            retry_after_ms,
+        );
+        return;
+    }
     let now_unix_ms = crate::clock::unix_ms();
     let key = dedup::key(&conn.user_id, &conn.device_id, &send.client_msg_id);
     if let Some(prior) = shard.idempotency.borrow_mut().get(&key, now_unix_ms) {
@@ -128,6 +159,33 @@ fn on_send(shard: &Shard, conn: &Conn, send: SendFrame<'_>) {
         now_unix_ms,
     );
     conn.enqueue(Bytes::from(ws::text_frame(&sent)));
+}
+
+/// Answers `rate_limited` and counts it toward the abuse limit.
+fn refuse(
+    shard: &Shard,
+    conn: &Conn,
+    client_msg_id: Option<&str>,
+    code: ErrorCode,
+    message: &str,
+    retry_after_ms: u64,
+) {
+    send_error(
+        shard,
+        conn,
+        client_msg_id,
+        code,
+        message,
+        Some(retry_after_ms),
+    );
+    count_client_error(shard, conn);
+}
+
+/// Closes with 1008 once a connection passes `protocol_errors_max` client errors in a minute.
+fn count_client_error(shard: &Shard, conn: &Conn) {
+    if conn.count_error(shard.now_ms(), shard.config.protocol_errors_max) {
+        conn.request_close(CloseCode::PolicyViolation);
+    }
 }
 
 fn send_error(

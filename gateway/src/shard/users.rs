@@ -1,8 +1,10 @@
-//! The per-core user table: which connections each user homed on this shard has.
+//! The per-core user table: which connections each user homed on this shard
+//! has, and each user's send allowance.
 //!
-//! Owns the map from user id to that user's live devices. Belongs to one shard
-//! thread (`Rc`, `!Send`); every device of a user is here, so delivery to all of
-//! them is a local loop with no locks. Never does I/O: it queues frames.
+//! Owns the map from user id to that user's live devices and send bucket.
+//! Belongs to one shard thread (`Rc`, `!Send`); every device of a user is here,
+//! so delivery to all of them is a local loop and the rate limit holds across
+//! devices with no locks. Never does I/O: it queues frames.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -11,32 +13,61 @@ use bytes::Bytes;
 use smallvec::SmallVec;
 
 use super::connection::Conn;
+use super::limits::{Limit, TokenBucket};
 
 type FnvBuildHasher = std::hash::BuildHasherDefault<fnv::FnvHasher>;
 /// A user's devices. Most users have one connected device: stored inline,
 /// it costs no allocation (24 bytes either way; a `Vec` would add 32 on the heap).
 type Devices = SmallVec<[Rc<Conn>; 1]>;
 
+/// A user homed here: their connected devices and their shared send allowance.
+struct UserEntry {
+    devices: Devices,
+    /// Sends across all of the user's devices (they are all on this shard).
+    sends: TokenBucket,
+}
+
 /// Users homed on this shard with at least one connection.
-#[derive(Default)]
 pub struct UserTable {
-    users: HashMap<Rc<str>, Devices, FnvBuildHasher>,
+    users: HashMap<Rc<str>, UserEntry, FnvBuildHasher>,
+    sends_limit: Limit,
 }
 
 impl UserTable {
-    pub fn add(&mut self, conn: Rc<Conn>) {
-        self.users
+    pub fn new(sends_limit: Limit) -> Self {
+        Self {
+            users: HashMap::default(),
+            sends_limit,
+        }
+    }
+
+    pub fn add(&mut self, conn: Rc<Conn>, now_ms: u64) {
+        let sends = TokenBucket::full(self.sends_limit, now_ms);
+        let entry = self
+            .users
             .entry(conn.user_id.clone())
-            .or_default()
-            .push(conn);
+            .or_insert_with(|| UserEntry {
+                devices: Devices::new(),
+                sends,
+            });
+        entry.devices.push(conn);
     }
 
     pub fn remove(&mut self, conn: &Conn) {
-        if let Some(devices) = self.users.get_mut(&*conn.user_id) {
-            devices.retain(|device| device.slot != conn.slot);
-            if devices.is_empty() {
+        if let Some(entry) = self.users.get_mut(&*conn.user_id) {
+            entry.devices.retain(|device| device.slot != conn.slot);
+            if entry.devices.is_empty() {
                 self.users.remove(&*conn.user_id);
             }
+        }
+    }
+
+    /// Takes one send from `user_id`'s allowance, or says in how many ms the next is due.
+    pub fn take_send(&mut self, user_id: &str, now_ms: u64) -> Result<(), u64> {
+        let limit = self.sends_limit;
+        match self.users.get_mut(user_id) {
+            Some(entry) => entry.sends.try_take(limit, now_ms),
+            None => Ok(()),
         }
     }
 
@@ -51,11 +82,15 @@ impl UserTable {
     /// Queues `frame` to every device of `user_id` except the connection in
     /// slot `except`. Returns how many devices it was queued to.
     pub fn deliver(&self, user_id: &str, frame: &Bytes, except: Option<usize>) -> usize {
-        let Some(devices) = self.users.get(user_id) else {
+        let Some(entry) = self.users.get(user_id) else {
             return 0;
         };
         let mut delivered = 0;
-        for device in devices.iter().filter(|device| Some(device.slot) != except) {
+        for device in entry
+            .devices
+            .iter()
+            .filter(|device| Some(device.slot) != except)
+        {
             if device.enqueue(frame.clone()) {
                 delivered += 1;
             }
