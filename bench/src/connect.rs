@@ -32,35 +32,33 @@ pub struct ConnectArgs {
     /// Write a JSON summary here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Load-generator processes to spread the connections over (one process
+    /// may hold at most RLIMIT_NOFILE sockets; 20,000 on the build machines).
+    #[arg(long, default_value_t = 1)]
+    pub processes: usize,
+    /// Internal: run as one of `--processes` workers (open, report, hold until stdin closes).
+    #[arg(long, hide = true)]
+    pub worker: bool,
 }
 
-#[derive(Debug, Default, serde::Serialize)]
-pub struct ConnectReport {
-    pub connections_requested: usize,
-    pub connections_held: usize,
-    pub errors: usize,
-    pub open_seconds: f64,
-    pub open_rate_per_s: f64,
-    pub gateway_before: Option<procfs::ProcessMemory>,
-    pub gateway_after: Option<procfs::ProcessMemory>,
-    pub user_space_bytes_per_connection: Option<f64>,
-    pub kernel_tcp_buffer_bytes_per_connection: Option<f64>,
-    pub kernel_slab_bytes_per_connection_both_ends: Option<f64>,
+/// What one process opened.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Opened {
+    held: usize,
+    errors: usize,
+    first_error: Option<String>,
 }
 
-pub fn run(args: &ConnectArgs) -> anyhow::Result<()> {
-    let gateway = args.gateway.resolve()?;
-    let (target, gateway_pid) = (gateway.address, gateway.pid);
-    let before = gateway_pid.map(procfs::process_memory).transpose()?;
-    let tcp_pages_before = procfs::tcp_memory_pages().ok();
-    let slab_before = procfs::slab_bytes().ok();
-
+/// Opens `args.connections` connections, paced at `args.rate`.
+fn open_connections(
+    args: &ConnectArgs,
+    target: std::net::SocketAddr,
+) -> anyhow::Result<(Vec<std::net::TcpStream>, Opened)> {
     let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(600);
     let mut held = Vec::with_capacity(args.connections);
-    let mut errors = 0usize;
-    let mut first_error = None;
+    let mut opened = Opened::default();
     for index in 0..args.connections {
         let due = started + interval.mul_f64(index as f64);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -75,25 +73,133 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<()> {
         match wsclient::open(target, args.gateway.source(index), &token) {
             Ok((stream, _)) => held.push(stream),
             Err(error) => {
-                errors += 1;
-                first_error.get_or_insert(error.to_string());
+                opened.errors += 1;
+                opened.first_error.get_or_insert(error.to_string());
             }
         }
     }
+    opened.held = held.len();
+    Ok((held, opened))
+}
+
+/// Worker mode: open, print one JSON line, hold until the parent closes stdin.
+fn run_worker(args: &ConnectArgs) -> anyhow::Result<()> {
+    let (held, opened) = open_connections(args, args.gateway.target)?;
+    println!("{}", serde_json::to_string(&opened)?);
+    std::io::Write::flush(&mut std::io::stdout())?;
+    // Bounded: a parent that never closes stdin still ends the worker.
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(900));
+        std::process::exit(3);
+    });
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    drop(held);
+    Ok(())
+}
+
+/// Spreads the connections over `args.processes` worker processes with
+/// disjoint users and source addresses; returns them once all have opened.
+fn spawn_workers(
+    args: &ConnectArgs,
+    target: std::net::SocketAddr,
+) -> anyhow::Result<(Vec<std::process::Child>, Opened)> {
+    use std::io::BufRead;
+    let processes = args.processes;
+    let addresses = args.gateway.source_addresses;
+    anyhow::ensure!(
+        2 + processes * usize::from(addresses) <= 255,
+        "processes x source_addresses must fit in 127.0.0.2-254"
+    );
+    let mut children = Vec::with_capacity(processes);
+    for worker in 0..processes {
+        let count =
+            args.connections / processes + usize::from(worker < args.connections % processes);
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .args(["connect", "--worker", "--target", &target.to_string()])
+            .args([
+                "--connections",
+                &count.to_string(),
+                "--rate",
+                &(args.rate / processes as u64).max(1).to_string(),
+            ])
+            .args(["--user-prefix", &format!("{}{worker}-", args.user_prefix)])
+            .args([
+                "--source-base",
+                &(2 + worker * usize::from(addresses)).to_string(),
+                "--source-addresses",
+                &addresses.to_string(),
+            ])
+            .env("GATEWAY_AUTH_SECRET", &args.gateway.secret)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        children.push(child);
+    }
+    let mut total = Opened::default();
+    for child in children.iter_mut() {
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().expect("piped")).read_line(&mut line)?;
+        let opened: Opened = serde_json::from_str(line.trim())
+            .with_context(|| format!("worker reported {line:?}"))?;
+        total.held += opened.held;
+        total.errors += opened.errors;
+        if total.first_error.is_none() {
+            total.first_error = opened.first_error;
+        }
+    }
+    Ok((children, total))
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ConnectReport {
+    pub connections_requested: usize,
+    pub connections_held: usize,
+    pub gateway_processes: usize,
+    pub load_generator_processes: usize,
+    pub errors: usize,
+    pub open_seconds: f64,
+    pub open_rate_per_s: f64,
+    pub gateway_before: Option<procfs::ProcessMemory>,
+    pub gateway_after: Option<procfs::ProcessMemory>,
+    pub user_space_bytes_per_connection: Option<f64>,
+    pub kernel_tcp_buffer_bytes_per_connection: Option<f64>,
+    pub kernel_slab_bytes_per_connection_both_ends: Option<f64>,
+}
+
+pub fn run(args: &ConnectArgs) -> anyhow::Result<()> {
+    if args.worker {
+        return run_worker(args);
+    }
+    let gateway = args.gateway.resolve()?;
+    let before = gateway.memory()?;
+    let tcp_pages_before = procfs::tcp_memory_pages().ok();
+    let slab_before = procfs::slab_bytes().ok();
+
+    let started = Instant::now();
+    let (held, workers, opened) = if args.processes <= 1 {
+        let (held, opened) = open_connections(args, gateway.address)?;
+        (held, Vec::new(), opened)
+    } else {
+        let (workers, opened) = spawn_workers(args, gateway.address)?;
+        (Vec::new(), workers, opened)
+    };
     let open_seconds = started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(args.hold_s));
 
-    let after = gateway_pid
-        .map(procfs::process_memory)
-        .transpose()
-        .context("reading gateway memory")?;
-    let count = held.len().max(1) as f64;
+    let after = gateway.memory().context("reading gateway memory")?;
+    let errors = opened.errors;
+    let first_error = opened.first_error.clone();
+    let held_count = opened.held;
+    let count = held_count.max(1) as f64;
     let mut report = ConnectReport {
         connections_requested: args.connections,
-        connections_held: held.len(),
+        connections_held: held_count,
+        gateway_processes: gateway.pids.len(),
+        load_generator_processes: args.processes.max(1),
         errors,
         open_seconds,
-        open_rate_per_s: held.len() as f64 / open_seconds,
+        open_rate_per_s: held_count as f64 / open_seconds,
         gateway_before: before,
         gateway_after: after,
         ..ConnectReport::default()
@@ -112,8 +218,8 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<()> {
     }
 
     println!(
-        "connect: {} of {} connections held, {} errors",
-        report.connections_held, args.connections, errors
+        "connect: {} of {} connections held, {} errors ({} gateway processes, {} load-generator processes)",
+        report.connections_held, args.connections, errors, report.gateway_processes, report.load_generator_processes
     );
     if let Some(error) = first_error {
         println!("  first error: {error}");
@@ -140,5 +246,9 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
     drop(held);
+    for mut worker in workers {
+        drop(worker.stdin.take()); // the worker closes its connections and exits
+        worker.wait()?;
+    }
     Ok(())
 }

@@ -22,44 +22,91 @@ pub struct GatewayTarget {
     /// Extra flags for the spawned gateway, e.g. --gateway-arg=--shards --gateway-arg=1.
     #[arg(long = "gateway-arg", allow_hyphen_values = true)]
     pub gateway_args: Vec<String>,
-    /// The gateway's process id, to read its memory and CPU from /proc.
-    #[arg(long)]
-    pub gateway_pid: Option<u32>,
+    /// With --spawn-gateway: how many gateway processes share the port
+    /// (SO_REUSEPORT); one process may hold at most RLIMIT_NOFILE sockets.
+    #[arg(long, default_value_t = 1)]
+    pub gateway_processes: usize,
+    /// Process ids of gateways started elsewhere, to read their memory and CPU
+    /// from /proc (repeat for several).
+    #[arg(long = "gateway-pid")]
+    pub gateway_pids: Vec<u32>,
     /// Token secret (the gateway's GATEWAY_AUTH_SECRET).
     #[arg(long, env = "GATEWAY_AUTH_SECRET", hide_env_values = true)]
     pub secret: String,
-    /// Source addresses 127.0.0.2 .. 127.0.0.(1+N) are used round-robin.
+    /// Source addresses 127.0.0.B .. 127.0.0.(B+N-1) are used round-robin
+    /// (B = --source-base), so one host can open more than 64k connections.
     #[arg(long, default_value_t = 8)]
     pub source_addresses: u8,
+    /// First source address's last byte (workers use disjoint ranges).
+    #[arg(long, default_value_t = 2, hide = true)]
+    pub source_base: u8,
 }
 
-/// The gateway a scenario runs against; holds a spawned process until dropped.
+/// The gateway a scenario runs against; holds spawned processes until dropped.
 pub struct ResolvedTarget {
     pub address: SocketAddr,
-    pub pid: Option<u32>,
-    _spawned: Option<GatewayProcess>,
+    /// Every gateway process behind `address` (empty when unknown).
+    pub pids: Vec<u32>,
+    _spawned: Vec<GatewayProcess>,
+}
+
+impl ResolvedTarget {
+    /// Summed memory of every gateway process.
+    pub fn memory(&self) -> anyhow::Result<Option<crate::procfs::ProcessMemory>> {
+        if self.pids.is_empty() {
+            return Ok(None);
+        }
+        let mut total = crate::procfs::ProcessMemory::default();
+        for pid in &self.pids {
+            let memory = crate::procfs::process_memory(*pid)?;
+            total.rss_bytes += memory.rss_bytes;
+            total.anonymous_bytes += memory.anonymous_bytes;
+        }
+        Ok(Some(total))
+    }
+
+    /// Summed CPU seconds of every gateway process.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        if self.pids.is_empty() {
+            return None;
+        }
+        self.pids
+            .iter()
+            .map(|pid| crate::procfs::process_cpu_seconds(*pid).ok())
+            .sum()
+    }
 }
 
 impl GatewayTarget {
     /// Starts the gateway if asked to, and says where it is.
     pub fn resolve(&self) -> anyhow::Result<ResolvedTarget> {
         anyhow::ensure!(
-            (1..=200).contains(&self.source_addresses),
-            "source_addresses must be 1-200"
+            self.source_addresses >= 1
+                && u16::from(self.source_base) + u16::from(self.source_addresses) <= 255,
+            "source addresses must stay within 127.0.0.1-254"
+        );
+        anyhow::ensure!(
+            (1..=64).contains(&self.gateway_processes),
+            "gateway_processes must be 1-64"
         );
         Ok(match &self.spawn_gateway {
             Some(binary) => {
-                let gateway = GatewayProcess::start(binary, &self.secret, &self.gateway_args)?;
+                let address: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+                let spawned = (0..self.gateway_processes)
+                    .map(|_| {
+                        GatewayProcess::start(binary, &self.secret, &self.gateway_args, address)
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
                 ResolvedTarget {
-                    address: gateway.ws,
-                    pid: Some(gateway.pid()),
-                    _spawned: Some(gateway),
+                    address,
+                    pids: spawned.iter().map(GatewayProcess::pid).collect(),
+                    _spawned: spawned,
                 }
             }
             None => ResolvedTarget {
                 address: self.target,
-                pid: self.gateway_pid,
-                _spawned: None,
+                pids: self.gateway_pids.clone(),
+                _spawned: Vec::new(),
             },
         })
     }
@@ -70,7 +117,7 @@ impl GatewayTarget {
             127,
             0,
             0,
-            2 + (index % usize::from(self.source_addresses)) as u8,
+            self.source_base + (index % usize::from(self.source_addresses)) as u8,
         ])
     }
 
@@ -87,7 +134,6 @@ impl GatewayTarget {
 
 pub struct GatewayProcess {
     child: Child,
-    pub ws: SocketAddr,
     _data_dir: TempDir,
 }
 
@@ -105,9 +151,14 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl GatewayProcess {
-    /// Starts `binary` with `secret` and `extra` flags and waits until it is ready.
-    pub fn start(binary: &str, secret: &str, extra: &[String]) -> anyhow::Result<Self> {
-        let ws: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    /// Starts `binary` listening on `ws` (other processes may share it through
+    /// SO_REUSEPORT) with `secret` and `extra` flags, and waits until it is ready.
+    pub fn start(
+        binary: &str,
+        secret: &str,
+        extra: &[String],
+        ws: SocketAddr,
+    ) -> anyhow::Result<Self> {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let data_dir = std::env::temp_dir().join(format!(
             "bench-gateway-{}-{}",
@@ -132,7 +183,6 @@ impl GatewayProcess {
             .with_context(|| format!("starting {binary}"))?;
         let mut gateway = GatewayProcess {
             child,
-            ws,
             _data_dir: data_dir,
         };
         let deadline = Instant::now() + Duration::from_secs(15);

@@ -183,13 +183,9 @@ pub fn run(args: &OneToOneArgs) -> anyhow::Result<()> {
         }
     };
     sleep_until(measure_from_ns);
-    let gateway_cpu_start = gateway
-        .pid
-        .and_then(|pid| procfs::process_cpu_seconds(pid).ok());
+    let gateway_cpu_start = gateway.cpu_seconds();
     sleep_until(end_ns);
-    let gateway_cpu_end = gateway
-        .pid
-        .and_then(|pid| procfs::process_cpu_seconds(pid).ok());
+    let gateway_cpu_end = gateway.cpu_seconds();
 
     let mut delivery = report::new_histogram();
     let mut ack = report::new_histogram();

@@ -72,6 +72,37 @@ fn connect_holds_every_connection_and_reports_memory() {
 }
 
 #[test]
+fn connect_spreads_over_worker_and_gateway_processes_and_sums_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("connect-multi.json");
+    bench(&[
+        "connect",
+        "--connections",
+        "301",
+        "--rate",
+        "1500",
+        "--hold-s",
+        "1",
+        "--processes",
+        "3",
+        "--gateway-processes",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(
+        report["connections_held"], 301,
+        "the workers' shares add up: {report}"
+    );
+    assert_eq!(report["errors"], 0);
+    assert_eq!(report["gateway_processes"], 2);
+    assert_eq!(report["load_generator_processes"], 3);
+    assert!(report["user_space_bytes_per_connection"].is_number());
+}
+
+#[test]
 fn one_to_one_counts_add_up_and_files_are_written() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("o2o.json");
