@@ -22,6 +22,21 @@ pub enum IoDriver {
     Epoll,
 }
 
+/// How the kernel runs io_uring completion work for a shard's ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum IoUringTaskRun {
+    /// The kernel's default: completions may interrupt the shard at any time.
+    Kernel,
+    /// COOP_TASKRUN + SINGLE_ISSUER: completion work waits for the shard's next
+    /// kernel entry, and the ring knows one thread submits. Measured here: about
+    /// 10% less CPU per message and a lower tail at 5,000 msgs/s. Linux 6.0+.
+    Coop,
+    /// Coop plus DEFER_TASKRUN: completion work runs only when the shard waits.
+    /// Mixed results here. Linux 6.1+.
+    Defer,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -40,6 +55,8 @@ pub struct Config {
     pub pin_shards: bool,
     /// Entries in each shard's io_uring submission queue.
     pub io_uring_entries: u32,
+    /// io_uring task-run mode; falls back to `kernel` where refused.
+    pub io_uring_task_run: IoUringTaskRun,
     /// HS256 secret for bearer tokens (at least 32 bytes). Prefer the
     /// GATEWAY_AUTH_SECRET environment variable to writing it here.
     pub auth_secret: Option<String>,
@@ -92,6 +109,7 @@ impl Default for Config {
             io_driver: IoDriver::Auto,
             pin_shards: true,
             io_uring_entries: 4096,
+            io_uring_task_run: IoUringTaskRun::Coop,
             auth_secret: None,
             connections_max: 0,
             handshake_timeout_ms: 5_000,
@@ -143,6 +161,8 @@ overrides! {
     io_driver: IoDriver,
     pin_shards: bool,
     io_uring_entries: u32,
+    #[arg(value_enum)]
+    io_uring_task_run: IoUringTaskRun,
     connections_max: usize,
     handshake_timeout_ms: u64,
     handshake_bytes_max: usize,

@@ -35,7 +35,7 @@ use self::connection::Conn;
 use self::dedup::IdempotencyTable;
 use self::limits::{Limit, TokenBucket};
 use self::users::UserTable;
-use crate::config::{Config, IoDriver};
+use crate::config::{Config, IoDriver, IoUringTaskRun};
 use crate::mesh::{Handoff, Mesh, ShardMessage};
 use crate::metrics::{bump, NodeState, Refusal, ShardMetrics};
 use crate::sock;
@@ -220,6 +220,24 @@ fn refusal_503(body: &str) -> Vec<u8> {
     handshake::refusal(503, "Service Unavailable", body)
 }
 
+/// The io_uring setup flags for `mode` (see `IoUringTaskRun`).
+fn ring_builder(mode: IoUringTaskRun) -> io_uring::Builder {
+    let mut builder = io_uring::IoUring::builder();
+    match mode {
+        IoUringTaskRun::Kernel => {}
+        IoUringTaskRun::Coop => {
+            builder.setup_coop_taskrun().setup_single_issuer();
+        }
+        IoUringTaskRun::Defer => {
+            builder
+                .setup_coop_taskrun()
+                .setup_single_issuer()
+                .setup_defer_taskrun();
+        }
+    }
+    builder
+}
+
 /// Runs shard `setup.id` on the current thread until it has drained.
 pub fn run(setup: ShardSetup) -> anyhow::Result<()> {
     if let Some(core) = setup.core {
@@ -247,10 +265,23 @@ pub fn run(setup: ShardSetup) -> anyhow::Result<()> {
     setup.listener.set_nonblocking(!use_io_uring)?;
     let entries = setup.config.io_uring_entries;
     if use_io_uring {
-        let mut runtime = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .with_entries(entries)
-            .enable_timer()
-            .build()?;
+        let build = |mode| {
+            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .uring_builder(ring_builder(mode))
+                .with_entries(entries)
+                .enable_timer()
+                .build()
+        };
+        let mode = setup.config.io_uring_task_run;
+        let mut runtime = match build(mode) {
+            Ok(runtime) => runtime,
+            // Kernels before 6.0 reject these flags: a plain ring still works.
+            Err(error) if mode != IoUringTaskRun::Kernel => {
+                tracing::warn!(shard = setup.id, %error, ?mode, "io_uring task-run flags refused; using a plain ring");
+                build(IoUringTaskRun::Kernel)?
+            }
+            Err(error) => return Err(error.into()),
+        };
         runtime.block_on(shard_main(setup, "io_uring"))
     } else {
         let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()

@@ -1,5 +1,6 @@
-//! The epoll fallback (for kernels without io_uring) serves the same protocol:
-//! handshake, hand-off to the home shard, delivery, close codes.
+//! Every io mode serves the same protocol: the epoll fallback (kernels without
+//! io_uring), and io_uring with each task-run mode (`coop`, the default, is what
+//! every other test runs): handshake, hand-off to the home shard, delivery, errors.
 
 mod support;
 
@@ -8,7 +9,21 @@ use support::{users_on_different_shards, Gateway};
 
 #[test]
 fn delivery_across_shards_works_on_the_epoll_driver() {
-    let gateway = Gateway::start(&["--io-driver", "epoll"]);
+    delivery_across_shards_works(&["--io-driver", "epoll"]);
+}
+
+#[test]
+fn delivery_across_shards_works_on_io_uring_with_kernel_task_run() {
+    delivery_across_shards_works(&["--io-driver", "io-uring", "--io-uring-task-run", "kernel"]);
+}
+
+#[test]
+fn delivery_across_shards_works_on_io_uring_with_deferred_task_run() {
+    delivery_across_shards_works(&["--io-driver", "io-uring", "--io-uring-task-run", "defer"]);
+}
+
+fn delivery_across_shards_works(flags: &[&str]) {
+    let gateway = Gateway::start(flags);
     let (user_a, user_b) = users_on_different_shards("e");
     let mut a_devices: Vec<_> = (0..4)
         .map(|d| gateway.connect(&user_a, &format!("d{d}")))
