@@ -64,17 +64,6 @@ impl ResolvedTarget {
         }
         Ok(Some(total))
     }
-
-    /// Summed CPU seconds of every gateway process.
-    pub fn cpu_seconds(&self) -> Option<f64> {
-        if self.pids.is_empty() {
-            return None;
-        }
-        self.pids
-            .iter()
-            .map(|pid| crate::procfs::process_cpu_seconds(*pid).ok())
-            .sum()
-    }
 }
 
 impl GatewayTarget {

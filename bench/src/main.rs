@@ -7,6 +7,7 @@
 mod clock;
 mod connect;
 mod gateway_process;
+mod nats_peer;
 mod one_to_one;
 mod procfs;
 mod report;

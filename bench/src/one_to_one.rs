@@ -6,7 +6,9 @@
 //! counted, never skipped), and records two latencies from each send's
 //! *intended* time: delivery (to the recipient's `message`) and
 //! acknowledgement (to the sender's `sent`). Warm-up is excluded. Every loop
-//! is bounded by count and time.
+//! is bounded by count and time. `--peer nats-ws` runs the same schedule
+//! against nats-server's WebSocket listener; `--compare` runs both and prints
+//! the ratios.
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
@@ -20,6 +22,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::clock::monotonic_ns;
 use crate::gateway_process::GatewayTarget;
+use crate::nats_peer::{self, NatsEvent, NatsServer};
 use crate::report::{self, Percentiles};
 use crate::schedule::OpenLoop;
 use crate::timer::SendTimer;
@@ -61,6 +64,23 @@ pub struct OneToOneArgs {
     /// Latency-by-percentile plot.
     #[arg(long)]
     pub svg: Option<std::path::PathBuf>,
+    /// What to measure: our gateway, or nats-server's WebSocket listener.
+    #[arg(long, value_enum, default_value = "gateway")]
+    pub peer: Peer,
+    /// Run the gateway and then nats-server with the same schedule and print the ratios.
+    #[arg(long)]
+    pub compare: bool,
+    /// The nats-server binary (Debian's `nats-server` package).
+    #[arg(long, default_value = "nats-server")]
+    pub nats_server: String,
+}
+
+/// The server under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Peer {
+    Gateway,
+    NatsWs,
 }
 
 /// A send later than this after its intended time counts as late.
@@ -79,6 +99,8 @@ struct Conn {
     user_index: usize,
     input: Vec<u8>,
     output: Vec<u8>,
+    /// NATS protocol bytes carried by WebSocket frames (nats-ws only).
+    nats: Vec<u8>,
 }
 
 #[derive(Default)]
@@ -92,6 +114,7 @@ struct WorkerResult {
 }
 
 struct Shared {
+    peer: Peer,
     users: usize,
     start_ns: u64,
     measure_from_ns: u64,
@@ -103,6 +126,7 @@ struct Shared {
 
 #[derive(Debug, serde::Serialize)]
 pub struct OneToOneReport {
+    pub peer: Peer,
     pub users: usize,
     pub connections_held: usize,
     pub rate_per_s: f64,
@@ -114,8 +138,8 @@ pub struct OneToOneReport {
     pub delivery: Percentiles,
     pub ack: Percentiles,
     pub delivered_per_s_measured: f64,
-    pub gateway_cpu_s: Option<f64>,
-    pub delivered_per_gateway_cpu_s: Option<f64>,
+    pub server_cpu_s: Option<f64>,
+    pub delivered_per_server_cpu_s: Option<f64>,
     pub bench_cpu_s: Option<f64>,
     pub errors: BTreeMap<String, u64>,
     pub closes: u64,
@@ -127,23 +151,126 @@ pub fn run(args: &OneToOneArgs) -> anyhow::Result<()> {
         args.users >= 2 && args.threads >= 1 && args.rate > 0.0,
         "need 2+ users, 1+ threads, a positive rate"
     );
-    let gateway = args.gateway.resolve()?;
+    let peers: &[Peer] = if args.compare {
+        &[Peer::Gateway, Peer::NatsWs]
+    } else {
+        std::slice::from_ref(&args.peer)
+    };
+    let mut runs = Vec::new();
+    for &peer in peers {
+        let (report, delivery, ack) = run_one(args, peer)?;
+        print_table(&report);
+        if let Some(prefix) = &args.hgrm_prefix {
+            let name = if args.compare {
+                format!("{prefix}-{peer:?}").to_lowercase()
+            } else {
+                prefix.clone()
+            };
+            std::fs::write(format!("{name}-delivery.hgrm"), report::hgrm(&delivery))?;
+            if peer == Peer::Gateway {
+                std::fs::write(format!("{name}-ack.hgrm"), report::hgrm(&ack))?;
+            }
+        }
+        runs.push((report, delivery, ack));
+    }
+    let ratios = args.compare.then(|| compare(&runs[0].0, &runs[1].0));
+    if let Some(path) = &args.json {
+        let reports: Vec<&OneToOneReport> = runs.iter().map(|(report, _, _)| report).collect();
+        let json = match &ratios {
+            Some(ratios) => serde_json::json!({ "runs": reports, "ratios": ratios }),
+            None => serde_json::to_value(reports[0])?,
+        };
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+    }
+    if let Some(path) = &args.svg {
+        let title = format!(
+            "one-to-one: {} users, {} msgs/s, {} B bodies",
+            args.users, args.rate, args.body_bytes
+        );
+        let mut series: Vec<(&str, &Histogram<u64>)> = Vec::new();
+        for (report, delivery, ack) in &runs {
+            match report.peer {
+                Peer::Gateway => {
+                    series.push(("gateway delivery", delivery));
+                    series.push(("gateway ack (sent)", ack));
+                }
+                Peer::NatsWs => series.push(("nats-server ws delivery", delivery)),
+            }
+        }
+        std::fs::write(path, report::svg(&title, &series))?;
+    }
+    Ok(())
+}
+
+/// Gateway over nats-server: delivered msgs per server CPU-second, p50, p99.
+fn compare(gateway: &OneToOneReport, nats: &OneToOneReport) -> serde_json::Value {
+    let ratio =
+        |a: Option<f64>, b: Option<f64>| a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| a / b);
+    let per_cpu = ratio(
+        gateway.delivered_per_server_cpu_s,
+        nats.delivered_per_server_cpu_s,
+    );
+    let p50 = ratio(
+        Some(nats.delivery.p50_us as f64),
+        Some(gateway.delivery.p50_us as f64),
+    );
+    let p99 = ratio(
+        Some(nats.delivery.p99_us as f64),
+        Some(gateway.delivery.p99_us as f64),
+    );
+    let show = |value: Option<f64>| value.map_or("n/a".to_owned(), |v| format!("{v:.2}x"));
+    println!("compare (gateway relative to nats-server, higher is better for the gateway):");
+    println!("  delivered msgs per server CPU-second: {}", show(per_cpu));
+    println!("  delivery p50 (nats / gateway):        {}", show(p50));
+    println!("  delivery p99 (nats / gateway):        {}", show(p99));
+    serde_json::json!({
+        "delivered_per_server_cpu_s_gateway_over_nats": per_cpu,
+        "p50_nats_over_gateway": p50,
+        "p99_nats_over_gateway": p99,
+    })
+}
+
+/// One run against `peer`; returns its report and histograms.
+fn run_one(
+    args: &OneToOneArgs,
+    peer: Peer,
+) -> anyhow::Result<(OneToOneReport, Histogram<u64>, Histogram<u64>)> {
+    // The server under test, held until the run ends.
+    let (address, server_pids, _server): (std::net::SocketAddr, Vec<u32>, Box<dyn std::any::Any>) =
+        match peer {
+            Peer::Gateway => {
+                let gateway = args.gateway.resolve()?;
+                (gateway.address, gateway.pids.clone(), Box::new(gateway))
+            }
+            Peer::NatsWs => {
+                let nats = NatsServer::start(&args.nats_server)?;
+                (nats.websocket, vec![nats.pid()], Box::new(nats))
+            }
+        };
+    let server_cpu = || -> Option<f64> {
+        server_pids
+            .iter()
+            .map(|pid| procfs::process_cpu_seconds(*pid).ok())
+            .sum()
+    };
 
     // Connect everyone (paced), before any message is scheduled.
     let mut per_thread: Vec<Vec<Conn>> = (0..args.threads).map(|_| Vec::new()).collect();
     let connect_interval = Duration::from_secs_f64(1.0 / args.connect_rate.max(1) as f64);
     for user_index in 0..args.users {
-        let token = args
-            .gateway
-            .token(&format!("{}{user_index}", args.user_prefix))?;
-        let (stream, rest) =
-            wsclient::open(gateway.address, args.gateway.source(user_index), &token)?;
+        let user = format!("{}{user_index}", args.user_prefix);
+        let source = args.gateway.source(user_index);
+        let (stream, rest) = match peer {
+            Peer::Gateway => wsclient::open(address, source, &args.gateway.token(&user)?)?,
+            Peer::NatsWs => nats_peer::open(address, source, &user)?,
+        };
         stream.set_nonblocking(true)?;
         per_thread[user_index % args.threads].push(Conn {
             stream: TcpStream::from_std(stream),
             user_index,
             input: rest,
             output: Vec::new(),
+            nats: Vec::new(),
         });
         std::thread::sleep(connect_interval);
     }
@@ -154,6 +281,7 @@ pub fn run(args: &OneToOneArgs) -> anyhow::Result<()> {
     let end_ns = measure_from_ns + args.duration_s * 1_000_000_000;
     let total_sends = (args.rate * (args.warmup_s + args.duration_s) as f64) as u64;
     let shared = Arc::new(Shared {
+        peer,
         users: args.users,
         start_ns,
         measure_from_ns,
@@ -183,9 +311,9 @@ pub fn run(args: &OneToOneArgs) -> anyhow::Result<()> {
         }
     };
     sleep_until(measure_from_ns);
-    let gateway_cpu_start = gateway.cpu_seconds();
+    let server_cpu_start = server_cpu();
     sleep_until(end_ns);
-    let gateway_cpu_end = gateway.cpu_seconds();
+    let server_cpu_end = server_cpu();
 
     let mut delivery = report::new_histogram();
     let mut ack = report::new_histogram();
@@ -208,11 +336,12 @@ pub fn run(args: &OneToOneArgs) -> anyhow::Result<()> {
             .ok()
             .map(|after| after - before)
     });
-    let gateway_cpu_s = gateway_cpu_start
-        .zip(gateway_cpu_end)
+    let server_cpu_s = server_cpu_start
+        .zip(server_cpu_end)
         .map(|(start, end)| end - start);
     let measured_deliveries = delivery.len();
     let report = OneToOneReport {
+        peer,
         users: args.users,
         connections_held,
         rate_per_s: args.rate,
@@ -224,8 +353,8 @@ pub fn run(args: &OneToOneArgs) -> anyhow::Result<()> {
         delivery: report::percentiles(&delivery),
         ack: report::percentiles(&ack),
         delivered_per_s_measured: measured_deliveries as f64 / args.duration_s as f64,
-        gateway_cpu_s,
-        delivered_per_gateway_cpu_s: gateway_cpu_s
+        server_cpu_s,
+        delivered_per_server_cpu_s: server_cpu_s
             .filter(|cpu| *cpu > 0.0)
             .map(|cpu| measured_deliveries as f64 / cpu),
         bench_cpu_s,
@@ -233,25 +362,7 @@ pub fn run(args: &OneToOneArgs) -> anyhow::Result<()> {
         closes: result.closes,
         environment: report::environment(),
     };
-    print_table(&report);
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
-    }
-    if let Some(prefix) = &args.hgrm_prefix {
-        std::fs::write(format!("{prefix}-delivery.hgrm"), report::hgrm(&delivery))?;
-        std::fs::write(format!("{prefix}-ack.hgrm"), report::hgrm(&ack))?;
-    }
-    if let Some(path) = &args.svg {
-        let title = format!(
-            "one-to-one: {} users, {} msgs/s, {} B bodies",
-            args.users, args.rate, args.body_bytes
-        );
-        std::fs::write(
-            path,
-            report::svg(&title, &[("delivery", &delivery), ("ack (sent)", &ack)]),
-        )?;
-    }
-    Ok(())
+    Ok((report, delivery, ack))
 }
 
 fn print_table(report: &OneToOneReport) {
@@ -290,8 +401,8 @@ fn print_table(report: &OneToOneReport) {
         "  delivered/s (measured) {:.0}",
         report.delivered_per_s_measured
     );
-    if let (Some(cpu), Some(per_cpu)) = (report.gateway_cpu_s, report.delivered_per_gateway_cpu_s) {
-        println!("  gateway CPU {cpu:.2} s in the window: {per_cpu:.0} delivered msgs per gateway CPU-second");
+    if let (Some(cpu), Some(per_cpu)) = (report.server_cpu_s, report.delivered_per_server_cpu_s) {
+        println!("  server CPU {cpu:.2} s in the window: {per_cpu:.0} delivered msgs per server CPU-second");
     }
     if let Some(cpu) = report.bench_cpu_s {
         println!("  load generator CPU {cpu:.2} s over the whole run");
@@ -359,17 +470,30 @@ fn worker(
             if recipient == conns[sender].user_index {
                 recipient = (recipient + 1) % shared.users;
             }
-            let json = format!(
-                r#"{{"type":"send","id":"{sequence}-{intended}","to":"{}{recipient}","body":"t{intended}:{padding}"}}"#,
-                args.user_prefix
-            );
-            sequence += 1;
             frame.clear();
-            wsclient::encode_text(json.as_bytes(), &mut frame);
+            match shared.peer {
+                Peer::Gateway => {
+                    let json = format!(
+                        r#"{{"type":"send","id":"{sequence}-{intended}","to":"{}{recipient}","body":"t{intended}:{padding}"}}"#,
+                        args.user_prefix
+                    );
+                    wsclient::encode_text(json.as_bytes(), &mut frame);
+                }
+                Peer::NatsWs => {
+                    let subject = format!("{}{recipient}", args.user_prefix);
+                    nats_peer::encode_publish(
+                        &subject,
+                        format!("t{intended}:{padding}").as_bytes(),
+                        &mut frame,
+                    );
+                }
+            }
+            sequence += 1;
             queue_write(&mut conns[sender], &frame, &poll, sender)?;
             result.sent += 1;
         }
-        while pings.due(now).is_some() {
+        // nats-server pings its clients itself (answered on receipt).
+        while shared.peer == Peer::Gateway && pings.due(now).is_some() {
             let index = next_pinged % conns.len();
             next_pinged += 1;
             frame.clear();
@@ -378,13 +502,18 @@ fn worker(
         }
         let all_sent = schedule.next_due_ns().is_none();
         if all_sent {
-            let settled = shared.delivered.load(Relaxed) >= shared.total_sends
-                && shared.acked.load(Relaxed) >= shared.total_sends;
+            // NATS core has no acknowledgement to wait for.
+            let acked =
+                shared.peer == Peer::NatsWs || shared.acked.load(Relaxed) >= shared.total_sends;
+            let settled = shared.delivered.load(Relaxed) >= shared.total_sends && acked;
             if settled || now > shared.end_ns + DRAIN_GRACE_NS {
                 return Ok(result);
             }
         }
-        let next_wake = [schedule.next_due_ns(), pings.next_due_ns()]
+        let ping_due = (shared.peer == Peer::Gateway)
+            .then(|| pings.next_due_ns())
+            .flatten();
+        let next_wake = [schedule.next_due_ns(), ping_due]
             .into_iter()
             .flatten()
             .min();
@@ -404,7 +533,7 @@ fn worker(
                 flush(conn, &poll, index)?;
             }
             if event.is_readable() {
-                read_and_record(conn, &mut scratch, shared, &mut result)?;
+                read_and_record(conn, &mut scratch, shared, &mut result, &poll, index)?;
             }
         }
     }
@@ -469,6 +598,8 @@ fn read_and_record(
     scratch: &mut [u8],
     shared: &Shared,
     result: &mut WorkerResult,
+    poll: &Poll,
+    index: usize,
 ) -> anyhow::Result<()> {
     loop {
         match conn.stream.read(scratch) {
@@ -487,6 +618,9 @@ fn read_and_record(
     while let Some((frame, length)) = wsclient::decode(&conn.input[used..]) {
         used += length;
         match frame {
+            wsclient::ServerFrame::Text(bytes) if shared.peer == Peer::NatsWs => {
+                conn.nats.extend_from_slice(bytes)
+            }
             wsclient::ServerFrame::Text(text) => {
                 let Ok(incoming) = serde_json::from_slice::<Incoming<'_>>(text) else {
                     continue;
@@ -521,10 +655,44 @@ fn read_and_record(
                     _ => {}
                 }
             }
+            wsclient::ServerFrame::Binary(bytes) => conn.nats.extend_from_slice(bytes),
             wsclient::ServerFrame::Close(_) => result.closes += 1,
             wsclient::ServerFrame::Other => {}
         }
     }
     conn.input.drain(..used);
+    if !conn.nats.is_empty() {
+        let mut answer_ping = false;
+        let mut nats = std::mem::take(&mut conn.nats);
+        nats_peer::parse(&mut nats, |event| match event {
+            NatsEvent::Message(payload) => {
+                // The payload starts `t<intended ns>:`.
+                let text = std::str::from_utf8(payload).unwrap_or("");
+                let intended = text
+                    .strip_prefix('t')
+                    .and_then(|rest| rest.split(':').next());
+                record_latency(
+                    intended,
+                    now,
+                    shared,
+                    &shared.delivered,
+                    result.delivery.as_mut().expect("set"),
+                );
+            }
+            NatsEvent::Ping => answer_ping = true,
+            NatsEvent::Error(line) => {
+                *result
+                    .errors
+                    .entry(String::from_utf8_lossy(line).into_owned())
+                    .or_default() += 1;
+            }
+        })?;
+        conn.nats = nats;
+        if answer_ping {
+            let mut pong = Vec::new();
+            wsclient::encode_binary(b"PONG\r\n", &mut pong);
+            queue_write(conn, &pong, poll, index)?;
+        }
+    }
     Ok(())
 }

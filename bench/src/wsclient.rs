@@ -12,12 +12,13 @@ use std::time::Duration;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
-/// Opens a WebSocket from `source` and reads through the gateway's `hello`.
-/// Returns the socket and any bytes that followed `hello`.
-pub fn open(
+/// Upgrades a connection from `source` to `target` at `path` (with a bearer
+/// token if given). Returns the socket and any bytes after the 101 response.
+pub fn upgrade(
     target: SocketAddr,
     source: IpAddr,
-    token: &str,
+    path: &str,
+    bearer: Option<&str>,
 ) -> anyhow::Result<(TcpStream, Vec<u8>)> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     socket.bind(&SocketAddr::new(source, 0).into())?;
@@ -25,9 +26,12 @@ pub fn open(
     let mut stream: TcpStream = socket.into();
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let authorization = bearer
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
     write!(
         stream,
-        "GET /ws HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {token}\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{authorization}\r\n"
     )?;
     let mut buffer = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -45,27 +49,52 @@ pub fn open(
             "refused: {}",
             head.lines().next().unwrap_or("")
         );
-        let frames = &buffer[end + 4..];
-        if let Some((ServerFrame::Text(text), used)) = decode(frames) {
+        return Ok((stream, buffer[end + 4..].to_vec()));
+    }
+}
+
+/// Opens a WebSocket to the gateway and reads through its `hello`.
+/// Returns the socket and any bytes that followed `hello`.
+pub fn open(
+    target: SocketAddr,
+    source: IpAddr,
+    token: &str,
+) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let (mut stream, mut buffer) = upgrade(target, source, "/ws", Some(token))?;
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some((ServerFrame::Text(text), used)) = decode(&buffer) {
             anyhow::ensure!(
                 text.starts_with(br#"{"type":"hello""#),
                 "first frame is not hello"
             );
-            let rest = frames[used..].to_vec();
-            return Ok((stream, rest));
+            return Ok((stream, buffer[used..].to_vec()));
         }
+        let read = stream.read(&mut chunk)?;
+        anyhow::ensure!(read > 0, "closed before hello");
+        buffer.extend_from_slice(&chunk[..read]);
+        anyhow::ensure!(buffer.len() < 64 * 1024, "no hello in the first 64 KiB");
     }
 }
 
 /// Appends a masked text frame (clients must mask, RFC 6455 §5.3).
 pub fn encode_text(payload: &[u8], out: &mut Vec<u8>) {
+    encode(OpCode::Data(Data::Text), payload, out);
+}
+
+/// Appends a masked binary frame (the NATS WebSocket protocol uses these).
+pub fn encode_binary(payload: &[u8], out: &mut Vec<u8>) {
+    encode(OpCode::Data(Data::Binary), payload, out);
+}
+
+fn encode(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
     let mask = fastrand::u32(..).to_ne_bytes();
     let header = FrameHeader {
         is_final: true,
         rsv1: false,
         rsv2: false,
         rsv3: false,
-        opcode: OpCode::Data(Data::Text),
+        opcode,
         mask: Some(mask),
     };
     header
@@ -82,6 +111,7 @@ pub fn encode_text(payload: &[u8], out: &mut Vec<u8>) {
 #[derive(Debug, PartialEq, Eq)]
 pub enum ServerFrame<'a> {
     Text(&'a [u8]),
+    Binary(&'a [u8]),
     Close(Option<u16>),
     Other,
 }
@@ -98,6 +128,7 @@ pub fn decode(input: &[u8]) -> Option<(ServerFrame<'_>, usize)> {
     let payload = &input[start..end];
     let frame = match header.opcode {
         OpCode::Data(Data::Text) => ServerFrame::Text(payload),
+        OpCode::Data(Data::Binary) => ServerFrame::Binary(payload),
         OpCode::Control(Control::Close) => ServerFrame::Close(
             (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]])),
         ),

@@ -156,7 +156,7 @@ fn one_to_one_counts_add_up_and_files_are_written() {
         );
     }
     assert!(report["errors"].as_object().unwrap().is_empty(), "{report}");
-    assert!(report["gateway_cpu_s"].as_f64().unwrap() >= 0.0);
+    assert!(report["server_cpu_s"].as_f64().unwrap() >= 0.0);
     assert!(report["environment"]["kernel"]
         .as_str()
         .is_some_and(|k| !k.is_empty()));
@@ -164,4 +164,52 @@ fn one_to_one_counts_add_up_and_files_are_written() {
     assert!(hgrm.contains("Total count"), "{hgrm}");
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert_eq!(plot.matches("<polyline").count(), 2);
+}
+
+#[test]
+fn compare_runs_the_gateway_and_nats_server_with_the_same_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("compare.json");
+    let table = bench(&[
+        "one-to-one",
+        "--compare",
+        "--users",
+        "20",
+        "--rate",
+        "100",
+        "--duration-s",
+        "2",
+        "--warmup-s",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        table.contains("compare (gateway relative to nats-server"),
+        "{table}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(
+        (runs[0]["peer"].as_str(), runs[1]["peer"].as_str()),
+        (Some("gateway"), Some("nats-ws"))
+    );
+    for run in runs {
+        assert_eq!(run["sent"], 300, "{run}");
+        assert_eq!(
+            run["delivered_total"], 300,
+            "every message reached its subscriber: {run}"
+        );
+    }
+    assert_eq!(runs[0]["acked_total"], 300);
+    assert_eq!(
+        runs[1]["acked_total"], 0,
+        "NATS core has no acknowledgement"
+    );
+    assert!(
+        report["ratios"]["delivered_per_server_cpu_s_gateway_over_nats"].is_number()
+            || report["ratios"]["delivered_per_server_cpu_s_gateway_over_nats"].is_null()
+    );
+    assert!(report["ratios"]["p50_nats_over_gateway"].as_f64().unwrap() > 0.0);
 }
