@@ -10,6 +10,7 @@ mod gateway_process;
 mod nats_peer;
 mod one_to_one;
 mod procfs;
+mod reconnect_storm;
 mod report;
 mod schedule;
 mod timer;
@@ -32,11 +33,15 @@ enum Scenario {
     /// N users sending 1:1 messages between random pairs at a fixed open-loop
     /// rate; delivery and acknowledgement latency from each send's intended time.
     OneToOne(one_to_one::OneToOneArgs),
+    /// N connected clients drop and reconnect at once; time, rate, errors and
+    /// drop-to-hello latency until every client is back.
+    ReconnectStorm(reconnect_storm::ReconnectStormArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Connect(args) => connect::run(&args),
         Scenario::OneToOne(args) => one_to_one::run(&args),
+        Scenario::ReconnectStorm(args) => reconnect_storm::run(&args),
     }
 }

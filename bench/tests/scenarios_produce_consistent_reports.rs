@@ -213,3 +213,25 @@ fn compare_runs_the_gateway_and_nats_server_with_the_same_schedule() {
     );
     assert!(report["ratios"]["p50_nats_over_gateway"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn reconnect_storm_brings_every_client_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("storm.json");
+    let table = bench(&[
+        "reconnect-storm",
+        "--connections",
+        "200",
+        "--threads",
+        "4",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(table.contains("200 of 200 clients back"), "{table}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["reconnected"], 200);
+    assert!(report["errors"].as_object().unwrap().is_empty(), "{report}");
+    assert_eq!(report["reconnect_latency"]["count"], 200);
+    assert!(report["reconnects_per_s"].as_f64().unwrap() > 0.0);
+}
