@@ -135,7 +135,8 @@ impl Drop for TempDir {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A free loopback port (bound and released; the server binds it next).
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

@@ -7,12 +7,13 @@
 //! comparable. Every wait is bounded.
 
 use std::io::Read;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::gateway_process::free_port;
 use crate::wsclient::{self, ServerFrame};
 
 /// Longest NATS control line accepted (INFO is the longest, about 1 KiB).
@@ -22,10 +23,6 @@ pub struct NatsServer {
     child: Child,
     pub websocket: SocketAddr,
     directory: std::path::PathBuf,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl NatsServer {

@@ -89,23 +89,7 @@ pub fn encode_binary(payload: &[u8], out: &mut Vec<u8>) {
 
 fn encode(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
     let mask = fastrand::u32(..).to_ne_bytes();
-    let header = FrameHeader {
-        is_final: true,
-        rsv1: false,
-        rsv2: false,
-        rsv3: false,
-        opcode,
-        mask: Some(mask),
-    };
-    header
-        .format(payload.len() as u64, out)
-        .expect("writing to a Vec");
-    out.extend(
-        payload
-            .iter()
-            .enumerate()
-            .map(|(index, byte)| byte ^ mask[index & 3]),
-    );
+    chat_protocol::ws::encode_masked_frame(opcode, payload, mask, out);
 }
 
 #[derive(Debug, PartialEq, Eq)]

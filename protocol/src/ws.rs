@@ -189,19 +189,33 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 
 /// Appends one unmasked, final server frame to `output`.
 pub fn encode_frame(opcode: OpCode, payload: &[u8], output: &mut Vec<u8>) {
+    encode(opcode, payload, None, output);
+}
+
+/// Appends one final frame masked with `mask`, as a client must send it
+/// (RFC 6455 §5.3): for clients, tests and the load generator.
+pub fn encode_masked_frame(opcode: OpCode, payload: &[u8], mask: [u8; 4], output: &mut Vec<u8>) {
+    encode(opcode, payload, Some(mask), output);
+}
+
+fn encode(opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>, output: &mut Vec<u8>) {
     let header = FrameHeader {
         is_final: true,
         rsv1: false,
         rsv2: false,
         rsv3: false,
         opcode,
-        mask: None,
+        mask,
     };
     output.reserve(header.len(payload.len() as u64) + payload.len());
     header
         .format(payload.len() as u64, output)
         .expect("writing to a Vec cannot fail");
+    let start = output.len();
     output.extend_from_slice(payload);
+    if let Some(mask) = mask {
+        unmask(&mut output[start..], mask);
+    }
 }
 
 /// A complete text frame around `payload`.
@@ -381,6 +395,31 @@ mod tests {
         assert_eq!(frame[0], 0x88);
         assert_eq!(u16::from_be_bytes([frame[2], frame[3]]), 1012);
         assert_eq!(&frame[4..], CloseCode::ServiceRestart.reason().as_bytes());
+    }
+
+    #[test]
+    fn a_masked_frame_decodes_back_to_its_payload() {
+        let mut frame = Vec::new();
+        encode_masked_frame(OpCode::Data(Data::Text), b"hello", [9, 8, 7, 6], &mut frame);
+        assert_eq!(frame, client_frame_with_mask(b"hello", [9, 8, 7, 6]));
+        let (result, events) = decode_all(&mut WsDecoder::default(), &mut frame);
+        assert!(result.is_ok());
+        assert_eq!(events, vec!["text:hello"]);
+    }
+
+    fn client_frame_with_mask(payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let header = FrameHeader {
+            is_final: true,
+            rsv1: false,
+            rsv2: false,
+            rsv3: false,
+            opcode: OpCode::Data(Data::Text),
+            mask: Some(mask),
+        };
+        let mut frame = Vec::new();
+        header.format(payload.len() as u64, &mut frame).unwrap();
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        frame
     }
 
     #[test]
