@@ -250,6 +250,12 @@ impl Config {
         if self.send_queue_bytes_max < self.message_bytes_max {
             bail!("send_queue_bytes_max must hold at least one message_bytes_max message");
         }
+        if !(1..=32_768).contains(&self.io_uring_entries) {
+            bail!(
+                "io_uring_entries must be 1-32768 (the kernel's limit), got {}",
+                self.io_uring_entries
+            );
+        }
         if self.send_queue_bytes_max > u32::MAX as usize {
             bail!("send_queue_bytes_max must be below 4 GiB");
         }

@@ -79,24 +79,37 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             driver = node.io_driver.get().copied().unwrap_or("?"), connections_max, "gateway ready");
     }
 
-    let mut failed = None;
-    for (id, thread) in threads.into_iter().enumerate() {
+    supervise(threads, &node)
+}
+
+/// How often the main thread checks on the shard threads.
+const SUPERVISE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Waits for the shards. A shard that ends while the node is not draining
+/// (an error or a panic) ends the process with an error at once: a node with a
+/// dead shard would refuse that shard's users forever, so it is better
+/// restarted whole by its supervisor. After a drain, waits for every shard.
+fn supervise(
+    threads: Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
+    node: &NodeState,
+) -> anyhow::Result<()> {
+    let mut running: Vec<(usize, std::thread::JoinHandle<anyhow::Result<()>>)> =
+        threads.into_iter().enumerate().collect();
+    while !running.is_empty() {
+        let Some(position) = running.iter().position(|(_, thread)| thread.is_finished()) else {
+            std::thread::sleep(SUPERVISE_INTERVAL);
+            continue;
+        };
+        let (id, thread) = running.swap_remove(position);
         match thread.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => failed = Some(error.context(format!("shard {id} failed"))),
-            Err(_) => failed = Some(anyhow::anyhow!("shard {id} panicked")),
-        }
-        if failed.is_some() {
-            break;
+            Ok(Ok(())) if node.draining.load(Relaxed) => {}
+            Ok(Ok(())) => anyhow::bail!("shard {id} stopped although the node was not draining"),
+            Ok(Err(error)) => return Err(error.context(format!("shard {id} failed"))),
+            Err(_) => anyhow::bail!("shard {id} panicked"),
         }
     }
-    match failed {
-        Some(error) => Err(error),
-        None => {
-            tracing::info!("all shards drained; exiting");
-            Ok(())
-        }
-    }
+    tracing::info!("all shards drained; exiting");
+    Ok(())
 }
 
 /// Raises RLIMIT_NOFILE's soft limit to the hard one and says how many
