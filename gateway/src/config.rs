@@ -335,5 +335,25 @@ mod tests {
             ..Config::default()
         };
         assert!(heartbeat.validate().is_err());
+        let ring = Config {
+            shards: 1,
+            io_uring_entries: 65_536,
+            ..Config::default()
+        };
+        assert!(ring
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("io_uring_entries"));
+        let rate = Config {
+            shards: 1,
+            sends_per_s: 0.0,
+            ..Config::default()
+        };
+        assert!(rate
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("sends_per_s"));
     }
 }
