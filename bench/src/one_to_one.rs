@@ -12,6 +12,8 @@
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
+
+use anyhow::Context;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +75,18 @@ pub struct OneToOneArgs {
     /// The nats-server binary (Debian's `nats-server` package).
     #[arg(long, default_value = "nats-server")]
     pub nats_server: String,
+    /// Load-generator processes (each drives users/N clients; one process may
+    /// hold at most RLIMIT_NOFILE sockets). Histograms are merged exactly.
+    #[arg(long, default_value_t = 1)]
+    pub processes: usize,
+    /// Internal: run as a worker process of `--processes` for users
+    /// `--user-offset` .. `--user-offset + --user-count` (of `--users` in all).
+    #[arg(long, hide = true)]
+    pub worker: bool,
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub user_offset: usize,
+    #[arg(long, hide = true)]
+    pub user_count: Option<usize>,
 }
 
 /// The server under test.
@@ -115,6 +129,10 @@ struct WorkerResult {
 
 struct Shared {
     peer: Peer,
+    /// True when this process sees every delivery of the run, so it may stop
+    /// as soon as all arrived; a worker process (which sees only its users')
+    /// always waits out the drain grace.
+    complete_view: bool,
     users: usize,
     start_ns: u64,
     measure_from_ns: u64,
@@ -147,6 +165,9 @@ pub struct OneToOneReport {
 }
 
 pub fn run(args: &OneToOneArgs) -> anyhow::Result<()> {
+    if args.worker {
+        return run_worker(args);
+    }
     anyhow::ensure!(
         args.users >= 2 && args.threads >= 1 && args.rate > 0.0,
         "need 2+ users, 1+ threads, a positive rate"
@@ -254,91 +275,36 @@ fn run_one(
             .sum()
     };
 
-    // Connect everyone (paced), before any message is scheduled.
-    let mut per_thread: Vec<Vec<Conn>> = (0..args.threads).map(|_| Vec::new()).collect();
-    let connect_interval = Duration::from_secs_f64(1.0 / args.connect_rate.max(1) as f64);
-    for user_index in 0..args.users {
-        let user = format!("{}{user_index}", args.user_prefix);
-        let source = args.gateway.source(user_index);
-        let (stream, rest) = match peer {
-            Peer::Gateway => wsclient::open(address, source, &args.gateway.token(&user)?)?,
-            Peer::NatsWs => nats_peer::open(address, source, &user)?,
-        };
-        stream.set_nonblocking(true)?;
-        per_thread[user_index % args.threads].push(Conn {
-            stream: TcpStream::from_std(stream),
-            user_index,
-            input: rest,
-            output: Vec::new(),
-            nats: Vec::new(),
-        });
-        std::thread::sleep(connect_interval);
-    }
-    let connections_held = per_thread.iter().map(Vec::len).sum();
-
-    let start_ns = monotonic_ns() + 200_000_000;
-    let measure_from_ns = start_ns + args.warmup_s * 1_000_000_000;
-    let end_ns = measure_from_ns + args.duration_s * 1_000_000_000;
-    let total_sends = (args.rate * (args.warmup_s + args.duration_s) as f64) as u64;
-    let shared = Arc::new(Shared {
-        peer,
-        users: args.users,
-        start_ns,
-        measure_from_ns,
-        end_ns,
-        total_sends,
-        delivered: AtomicU64::new(0),
-        acked: AtomicU64::new(0),
-    });
-    let bench_cpu_before = procfs::process_cpu_seconds(std::process::id()).ok();
-    let workers: Vec<_> = per_thread
-        .into_iter()
-        .enumerate()
-        .map(|(index, conns)| {
-            let shared = shared.clone();
-            let args = args.clone();
-            let share = total_sends / args.threads as u64
-                + u64::from((index as u64) < total_sends % args.threads as u64);
-            std::thread::spawn(move || worker(conns, &shared, &args, share))
-        })
-        .collect();
-
-    // Server CPU over the measured window only.
-    let sleep_until = |target_ns: u64| {
-        let now = monotonic_ns();
-        if target_ns > now {
-            std::thread::sleep(Duration::from_nanos(target_ns - now));
-        }
+    let (totals, server_cpu_s) = if args.processes > 1 {
+        run_in_processes(args, peer, address, &server_cpu)?
+    } else {
+        let per_thread = connect_users(args, peer, address, 0..args.users)?;
+        let phase = Phase::starting_soon(args);
+        let running = spawn_threads(args, peer, per_thread, &phase)?;
+        let server_cpu_s = sample_server_cpu(&phase, &server_cpu);
+        (running.join()?, server_cpu_s)
     };
-    sleep_until(measure_from_ns);
-    let server_cpu_start = server_cpu();
-    sleep_until(end_ns);
-    let server_cpu_end = server_cpu();
-
-    let mut delivery = report::new_histogram();
-    let mut ack = report::new_histogram();
-    let mut result = WorkerResult::default();
-    for worker in workers {
-        let part = worker
-            .join()
-            .map_err(|_| anyhow::anyhow!("worker panicked"))??;
-        delivery.add(part.delivery.as_ref().expect("set"))?;
-        ack.add(part.ack.as_ref().expect("set"))?;
-        result.sent += part.sent;
-        result.late_sends += part.late_sends;
-        result.closes += part.closes;
-        for (code, count) in part.errors {
-            *result.errors.entry(code).or_default() += count;
-        }
-    }
-    let bench_cpu_s = bench_cpu_before.and_then(|before| {
-        procfs::process_cpu_seconds(std::process::id())
-            .ok()
-            .map(|after| after - before)
-    });
-    let server_cpu_s = server_cpu_start
-        .zip(server_cpu_end)
-        .map(|(start, end)| end - start);
+    let Totals {
+        delivery,
+        ack,
+        sent,
+        late_sends,
+        delivered,
+        acked,
+        closes,
+        errors,
+        connections_held,
+        bench_cpu_s,
+    } = totals;
+    let delivery = histogram_from(&delivery)?;
+    let ack = histogram_from(&ack)?;
+    let result = WorkerResult {
+        sent,
+        late_sends,
+        errors,
+        closes,
+        ..WorkerResult::default()
+    };
     let measured_deliveries = delivery.len();
     let report = OneToOneReport {
         peer,
@@ -348,8 +314,8 @@ fn run_one(
         measured_s: args.duration_s,
         sent: result.sent,
         late_sends: result.late_sends,
-        delivered_total: shared.delivered.load(Relaxed),
-        acked_total: shared.acked.load(Relaxed),
+        delivered_total: delivered,
+        acked_total: acked,
         delivery: report::percentiles(&delivery),
         ack: report::percentiles(&ack),
         delivered_per_s_measured: measured_deliveries as f64 / args.duration_s as f64,
@@ -363,6 +329,337 @@ fn run_one(
         environment: report::environment(),
     };
     Ok((report, delivery, ack))
+}
+
+/// When a run's sends are scheduled (CLOCK_MONOTONIC, shared by every process).
+struct Phase {
+    start_ns: u64,
+    measure_from_ns: u64,
+    end_ns: u64,
+}
+
+impl Phase {
+    fn starting_at(args: &OneToOneArgs, start_ns: u64) -> Self {
+        let measure_from_ns = start_ns + args.warmup_s * 1_000_000_000;
+        Phase {
+            start_ns,
+            measure_from_ns,
+            end_ns: measure_from_ns + args.duration_s * 1_000_000_000,
+        }
+    }
+
+    fn starting_soon(args: &OneToOneArgs) -> Self {
+        Self::starting_at(args, monotonic_ns() + 300_000_000)
+    }
+}
+
+/// What one process measured; histograms as exact (value, count) pairs so
+/// worker processes can hand them to the parent.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Totals {
+    delivery: Vec<(u64, u64)>,
+    ack: Vec<(u64, u64)>,
+    sent: u64,
+    late_sends: u64,
+    delivered: u64,
+    acked: u64,
+    closes: u64,
+    errors: BTreeMap<String, u64>,
+    connections_held: usize,
+    bench_cpu_s: Option<f64>,
+}
+
+impl Totals {
+    fn add(&mut self, other: Totals) {
+        self.delivery.extend(other.delivery);
+        self.ack.extend(other.ack);
+        self.sent += other.sent;
+        self.late_sends += other.late_sends;
+        self.delivered += other.delivered;
+        self.acked += other.acked;
+        self.closes += other.closes;
+        for (code, count) in other.errors {
+            *self.errors.entry(code).or_default() += count;
+        }
+        self.connections_held += other.connections_held;
+        self.bench_cpu_s = match (self.bench_cpu_s, other.bench_cpu_s) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+fn pairs_of(histogram: &Histogram<u64>) -> Vec<(u64, u64)> {
+    histogram
+        .iter_recorded()
+        .map(|step| (step.value_iterated_to(), step.count_at_value()))
+        .collect()
+}
+
+fn histogram_from(pairs: &[(u64, u64)]) -> anyhow::Result<Histogram<u64>> {
+    let mut histogram = report::new_histogram();
+    for &(value, count) in pairs {
+        histogram.record_n(value, count)?;
+    }
+    Ok(histogram)
+}
+
+/// Connects users `range` (global indices), paced, spread over the threads.
+fn connect_users(
+    args: &OneToOneArgs,
+    peer: Peer,
+    address: std::net::SocketAddr,
+    range: std::ops::Range<usize>,
+) -> anyhow::Result<Vec<Vec<Conn>>> {
+    let mut per_thread: Vec<Vec<Conn>> = (0..args.threads).map(|_| Vec::new()).collect();
+    let connect_interval = Duration::from_secs_f64(1.0 / args.connect_rate.max(1) as f64);
+    for (slot, user_index) in range.enumerate() {
+        let user = format!("{}{user_index}", args.user_prefix);
+        let source = args.gateway.source(slot);
+        let (stream, rest) = match peer {
+            Peer::Gateway => wsclient::open(address, source, &args.gateway.token(&user)?)?,
+            Peer::NatsWs => nats_peer::open(address, source, &user)?,
+        };
+        stream.set_nonblocking(true)?;
+        per_thread[slot % args.threads].push(Conn {
+            stream: TcpStream::from_std(stream),
+            user_index,
+            input: rest,
+            output: Vec::new(),
+            nats: Vec::new(),
+        });
+        std::thread::sleep(connect_interval);
+    }
+    Ok(per_thread)
+}
+
+/// This process's worker threads, running.
+struct Running {
+    shared: Arc<Shared>,
+    threads: Vec<std::thread::JoinHandle<anyhow::Result<WorkerResult>>>,
+    connections_held: usize,
+    bench_cpu_before: Option<f64>,
+}
+
+/// Starts one thread per connection group on `phase`'s schedule. This process
+/// sends `args.rate` (its share when it is one of several).
+fn spawn_threads(
+    args: &OneToOneArgs,
+    peer: Peer,
+    per_thread: Vec<Vec<Conn>>,
+    phase: &Phase,
+) -> anyhow::Result<Running> {
+    // A worker process sees only its own users' deliveries.
+    let complete_view = !args.worker;
+    let total_sends = (args.rate * (args.warmup_s + args.duration_s) as f64) as u64;
+    let connections_held = per_thread.iter().map(Vec::len).sum();
+    let shared = Arc::new(Shared {
+        peer,
+        complete_view,
+        users: args.users,
+        start_ns: phase.start_ns,
+        measure_from_ns: phase.measure_from_ns,
+        end_ns: phase.end_ns,
+        total_sends,
+        delivered: AtomicU64::new(0),
+        acked: AtomicU64::new(0),
+    });
+    let bench_cpu_before = procfs::process_cpu_seconds(std::process::id()).ok();
+    let threads = per_thread
+        .into_iter()
+        .enumerate()
+        .map(|(index, conns)| {
+            let shared = shared.clone();
+            let args = args.clone();
+            let share = total_sends / args.threads as u64
+                + u64::from((index as u64) < total_sends % args.threads as u64);
+            std::thread::spawn(move || worker(conns, &shared, &args, share))
+        })
+        .collect();
+    Ok(Running {
+        shared,
+        threads,
+        connections_held,
+        bench_cpu_before,
+    })
+}
+
+impl Running {
+    fn join(self) -> anyhow::Result<Totals> {
+        let mut delivery = report::new_histogram();
+        let mut ack = report::new_histogram();
+        let mut totals = Totals {
+            connections_held: self.connections_held,
+            ..Totals::default()
+        };
+        for thread in self.threads {
+            let part = thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("worker panicked"))??;
+            delivery.add(part.delivery.as_ref().expect("set"))?;
+            ack.add(part.ack.as_ref().expect("set"))?;
+            totals.sent += part.sent;
+            totals.late_sends += part.late_sends;
+            totals.closes += part.closes;
+            for (code, count) in part.errors {
+                *totals.errors.entry(code).or_default() += count;
+            }
+        }
+        totals.delivery = pairs_of(&delivery);
+        totals.ack = pairs_of(&ack);
+        totals.delivered = self.shared.delivered.load(Relaxed);
+        totals.acked = self.shared.acked.load(Relaxed);
+        totals.bench_cpu_s = self.bench_cpu_before.and_then(|before| {
+            procfs::process_cpu_seconds(std::process::id())
+                .ok()
+                .map(|after| after - before)
+        });
+        Ok(totals)
+    }
+}
+
+/// Server CPU seconds over the measured window only.
+fn sample_server_cpu(phase: &Phase, server_cpu: &dyn Fn() -> Option<f64>) -> Option<f64> {
+    let sleep_until = |target_ns: u64| {
+        let now = monotonic_ns();
+        if target_ns > now {
+            std::thread::sleep(Duration::from_nanos(target_ns - now));
+        }
+    };
+    sleep_until(phase.measure_from_ns);
+    let start = server_cpu();
+    sleep_until(phase.end_ns);
+    let end = server_cpu();
+    start.zip(end).map(|(start, end)| end - start)
+}
+
+/// Worker-process mode: connect this worker's users, say so, wait for the
+/// shared start time on stdin, run, and print the totals as one JSON line.
+pub fn run_worker(args: &OneToOneArgs) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let count = args
+        .user_count
+        .context("--user-count is required with --worker")?;
+    let per_thread = connect_users(
+        args,
+        args.peer,
+        args.gateway.target,
+        args.user_offset..args.user_offset + count,
+    )?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let start_ns: u64 = line.trim().parse().context("start time from the parent")?;
+    let running = spawn_threads(
+        args,
+        args.peer,
+        per_thread,
+        &Phase::starting_at(args, start_ns),
+    )?;
+    println!("{}", serde_json::to_string(&running.join()?)?);
+    Ok(())
+}
+
+/// Spreads the users over `args.processes` worker processes (disjoint users
+/// and source addresses), starts them together, and merges what they measured.
+fn run_in_processes(
+    args: &OneToOneArgs,
+    peer: Peer,
+    address: std::net::SocketAddr,
+    server_cpu: &dyn Fn() -> Option<f64>,
+) -> anyhow::Result<(Totals, Option<f64>)> {
+    use std::io::BufRead;
+    let processes = args.processes;
+    let addresses = usize::from(args.gateway.source_addresses);
+    anyhow::ensure!(
+        2 + processes * addresses <= 255,
+        "processes x source_addresses must fit in 127.0.0.2-254"
+    );
+    let mut children = Vec::with_capacity(processes);
+    let mut offset = 0;
+    for index in 0..processes {
+        let count = args.users / processes + usize::from(index < args.users % processes);
+        let peer_name = match peer {
+            Peer::Gateway => "gateway",
+            Peer::NatsWs => "nats-ws",
+        };
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .args([
+                "one-to-one",
+                "--worker",
+                "--peer",
+                peer_name,
+                "--target",
+                &address.to_string(),
+            ])
+            .args([
+                "--users",
+                &args.users.to_string(),
+                "--user-offset",
+                &offset.to_string(),
+                "--user-count",
+                &count.to_string(),
+            ])
+            .args([
+                "--rate",
+                &(args.rate / processes as f64).to_string(),
+                "--duration-s",
+                &args.duration_s.to_string(),
+            ])
+            .args([
+                "--warmup-s",
+                &args.warmup_s.to_string(),
+                "--threads",
+                &args.threads.to_string(),
+            ])
+            .args([
+                "--body-bytes",
+                &args.body_bytes.to_string(),
+                "--user-prefix",
+                &args.user_prefix,
+            ])
+            .args([
+                "--connect-rate",
+                &(args.connect_rate / processes as u64).max(1).to_string(),
+            ])
+            .args([
+                "--source-base",
+                &(2 + index * addresses).to_string(),
+                "--source-addresses",
+                &addresses.to_string(),
+            ])
+            .env("GATEWAY_AUTH_SECRET", &args.gateway.secret)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        children.push(child);
+        offset += count;
+    }
+    let mut outputs = Vec::with_capacity(processes);
+    for child in children.iter_mut() {
+        let mut output = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        output.read_line(&mut line)?;
+        anyhow::ensure!(line.trim() == "ready", "worker did not get ready: {line:?}");
+        outputs.push(output);
+    }
+    let phase = Phase::starting_soon(args);
+    for child in children.iter_mut() {
+        writeln!(child.stdin.as_mut().expect("piped"), "{}", phase.start_ns)?;
+    }
+    let server_cpu_s = sample_server_cpu(&phase, server_cpu);
+    let mut totals = Totals::default();
+    for (child, mut output) in children.iter_mut().zip(outputs) {
+        let mut line = String::new();
+        output.read_line(&mut line)?;
+        totals.add(
+            serde_json::from_str(line.trim())
+                .with_context(|| format!("worker reported {line:?}"))?,
+        );
+        child.wait()?;
+    }
+    Ok((totals, server_cpu_s))
 }
 
 fn print_table(report: &OneToOneReport) {
@@ -505,7 +802,9 @@ fn worker(
             // NATS core has no acknowledgement to wait for.
             let acked =
                 shared.peer == Peer::NatsWs || shared.acked.load(Relaxed) >= shared.total_sends;
-            let settled = shared.delivered.load(Relaxed) >= shared.total_sends && acked;
+            let settled = shared.complete_view
+                && shared.delivered.load(Relaxed) >= shared.total_sends
+                && acked;
             if settled || now > shared.end_ns + DRAIN_GRACE_NS {
                 return Ok(result);
             }

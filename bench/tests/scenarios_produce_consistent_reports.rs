@@ -235,3 +235,41 @@ fn reconnect_storm_brings_every_client_back() {
     assert_eq!(report["reconnect_latency"]["count"], 200);
     assert!(report["reconnects_per_s"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn one_to_one_spread_over_worker_processes_merges_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("o2o-multi.json");
+    bench(&[
+        "one-to-one",
+        "--users",
+        "30",
+        "--rate",
+        "150",
+        "--duration-s",
+        "2",
+        "--warmup-s",
+        "1",
+        "--processes",
+        "3",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(
+        report["connections_held"], 30,
+        "each worker connected its share"
+    );
+    // 3 workers x 50/s x 3 s: every send delivered to its one device and acknowledged once.
+    assert_eq!(report["sent"], 450, "{report}");
+    assert_eq!(report["delivered_total"], 450, "{report}");
+    assert_eq!(report["acked_total"], 450, "{report}");
+    for latency in ["delivery", "ack"] {
+        let count = report[latency]["count"].as_u64().unwrap();
+        assert!(
+            (298..=302).contains(&count),
+            "{latency}: sends intended in the 2 s window, merged: {count}"
+        );
+    }
+}
