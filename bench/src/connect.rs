@@ -106,33 +106,21 @@ fn spawn_workers(
 ) -> anyhow::Result<(Vec<std::process::Child>, Opened)> {
     use std::io::BufRead;
     let processes = args.processes;
-    let addresses = args.gateway.source_addresses;
-    anyhow::ensure!(
-        2 + processes * usize::from(addresses) <= 255,
-        "processes x source_addresses must fit in 127.0.0.2-254"
-    );
     let mut children = Vec::with_capacity(processes);
     for worker in 0..processes {
         let count =
             args.connections / processes + usize::from(worker < args.connections % processes);
-        let child = std::process::Command::new(std::env::current_exe()?)
-            .args(["connect", "--worker", "--target", &target.to_string()])
+        let child = args
+            .gateway
+            .worker_command("connect", worker, processes)?
             .args([
+                "--target",
+                &target.to_string(),
                 "--connections",
                 &count.to_string(),
-                "--rate",
-                &(args.rate / processes as u64).max(1).to_string(),
             ])
+            .args(["--rate", &(args.rate / processes as u64).max(1).to_string()])
             .args(["--user-prefix", &format!("{}{worker}-", args.user_prefix)])
-            .args([
-                "--source-base",
-                &(2 + worker * usize::from(addresses)).to_string(),
-                "--source-addresses",
-                &addresses.to_string(),
-            ])
-            .env("GATEWAY_AUTH_SECRET", &args.gateway.secret)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
             .spawn()?;
         children.push(child);
     }

@@ -110,6 +110,36 @@ impl GatewayTarget {
         ])
     }
 
+    /// A command running this same `bench` as worker `index` of `processes` for
+    /// `scenario`: its own range of source addresses, the secret, piped stdio
+    /// (the parent talks to workers over stdin and stdout). Callers add the
+    /// scenario's own arguments.
+    pub fn worker_command(
+        &self,
+        scenario: &str,
+        index: usize,
+        processes: usize,
+    ) -> anyhow::Result<std::process::Command> {
+        let addresses = usize::from(self.source_addresses);
+        anyhow::ensure!(
+            2 + processes * addresses <= 255,
+            "processes x source_addresses must fit in 127.0.0.2-254"
+        );
+        let mut command = std::process::Command::new(std::env::current_exe()?);
+        command
+            .args([scenario, "--worker"])
+            .args([
+                "--source-base",
+                &(2 + index * addresses).to_string(),
+                "--source-addresses",
+                &addresses.to_string(),
+            ])
+            .env("GATEWAY_AUTH_SECRET", &self.secret)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        Ok(command)
+    }
+
     /// A token for `user`'s device `d0`, valid for an hour.
     pub fn token(&self, user: &str) -> anyhow::Result<String> {
         let expires = std::time::SystemTime::now()

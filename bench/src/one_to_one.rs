@@ -571,11 +571,6 @@ fn run_in_processes(
 ) -> anyhow::Result<(Totals, Option<f64>)> {
     use std::io::BufRead;
     let processes = args.processes;
-    let addresses = usize::from(args.gateway.source_addresses);
-    anyhow::ensure!(
-        2 + processes * addresses <= 255,
-        "processes x source_addresses must fit in 127.0.0.2-254"
-    );
     let mut children = Vec::with_capacity(processes);
     let mut offset = 0;
     for index in 0..processes {
@@ -584,15 +579,10 @@ fn run_in_processes(
             Peer::Gateway => "gateway",
             Peer::NatsWs => "nats-ws",
         };
-        let child = std::process::Command::new(std::env::current_exe()?)
-            .args([
-                "one-to-one",
-                "--worker",
-                "--peer",
-                peer_name,
-                "--target",
-                &address.to_string(),
-            ])
+        let child = args
+            .gateway
+            .worker_command("one-to-one", index, processes)?
+            .args(["--peer", peer_name, "--target", &address.to_string()])
             .args([
                 "--users",
                 &args.users.to_string(),
@@ -623,15 +613,6 @@ fn run_in_processes(
                 "--connect-rate",
                 &(args.connect_rate / processes as u64).max(1).to_string(),
             ])
-            .args([
-                "--source-base",
-                &(2 + index * addresses).to_string(),
-                "--source-addresses",
-                &addresses.to_string(),
-            ])
-            .env("GATEWAY_AUTH_SECRET", &args.gateway.secret)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
             .spawn()?;
         children.push(child);
         offset += count;
