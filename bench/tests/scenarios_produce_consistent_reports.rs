@@ -44,6 +44,11 @@ fn bench(args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// The JSON report a scenario wrote to `path`.
+fn report_at(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 #[test]
 fn connect_holds_every_connection_and_reports_memory() {
     let dir = tempfile::tempdir().unwrap();
@@ -63,8 +68,7 @@ fn connect_holds_every_connection_and_reports_memory() {
         table.contains("60 of 60 connections held, 0 errors"),
         "{table}"
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = report_at(&json);
     assert_eq!(report["connections_held"], 60);
     assert_eq!(report["errors"], 0);
     assert!(report["gateway_after"]["rss_bytes"].as_u64().unwrap() > 0);
@@ -90,8 +94,7 @@ fn connect_spreads_over_worker_and_gateway_processes_and_sums_them() {
         "--json",
         json.to_str().unwrap(),
     ]);
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = report_at(&json);
     assert_eq!(
         report["connections_held"], 301,
         "the workers' shares add up: {report}"
@@ -129,8 +132,7 @@ fn one_to_one_counts_add_up_and_files_are_written() {
         table.contains("delivery") && table.contains("p99"),
         "{table}"
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = report_at(&json);
     let number = |path: &[&str]| {
         path.iter()
             .fold(&report, |value, key| &value[*key])
@@ -188,8 +190,7 @@ fn compare_runs_the_gateway_and_nats_server_with_the_same_schedule() {
         table.contains("compare (gateway relative to nats-server"),
         "{table}"
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = report_at(&json);
     let runs = report["runs"].as_array().unwrap();
     assert_eq!(
         (runs[0]["peer"].as_str(), runs[1]["peer"].as_str()),
@@ -228,8 +229,7 @@ fn reconnect_storm_brings_every_client_back() {
         json.to_str().unwrap(),
     ]);
     assert!(table.contains("200 of 200 clients back"), "{table}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = report_at(&json);
     assert_eq!(report["reconnected"], 200);
     assert!(report["errors"].as_object().unwrap().is_empty(), "{report}");
     assert_eq!(report["reconnect_latency"]["count"], 200);
@@ -255,8 +255,7 @@ fn one_to_one_spread_over_worker_processes_merges_exactly() {
         "--json",
         json.to_str().unwrap(),
     ]);
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let report = report_at(&json);
     assert_eq!(
         report["connections_held"], 30,
         "each worker connected its share"
