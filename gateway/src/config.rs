@@ -37,6 +37,17 @@ pub enum IoUringTaskRun {
     Defer,
 }
 
+/// Who runs the storage-writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum WriterMode {
+    /// The gateway starts it as a child, restarts it if it dies, and stops it
+    /// after draining: one command runs a whole node.
+    Spawn,
+    /// Someone else runs it (systemd's storage-writer unit, or a test).
+    External,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -96,6 +107,25 @@ pub struct Config {
     pub drain_window_ms: u64,
     /// How long to wait for a client's close reply before dropping the socket.
     pub close_grace_ms: u64,
+    /// Where the shards' ring files and the writer's socket live; empty means
+    /// `<data_dir>/rings`. Both processes must reach it (tmpfs is best).
+    pub ring_dir: PathBuf,
+    /// Bytes of each shard's ring: a power of two from 64 KiB to 1 GiB.
+    pub ring_bytes: u64,
+    pub storage_writer: WriterMode,
+    /// The storage-writer binary to spawn; empty means the one next to this binary.
+    pub storage_writer_path: PathBuf,
+    /// Extra arguments for a spawned storage-writer (its backend, for example).
+    pub storage_writer_args: Vec<String>,
+    /// How long a read from storage may take before the client gets `unavailable`.
+    pub storage_timeout_ms: u64,
+    /// Messages per sync page read from storage.
+    pub sync_page_messages: u16,
+    /// Most messages one sync sends; past it, `synced` says `more`.
+    pub sync_messages_max: u32,
+    /// A device's recent sends loaded when it connects, so a retry after a
+    /// gateway restart gets its first message id.
+    pub idempotency_warm_max: u16,
 }
 
 impl Default for Config {
@@ -130,6 +160,15 @@ impl Default for Config {
             sends_burst: 100.0,
             drain_window_ms: 60_000,
             close_grace_ms: 1_000,
+            ring_dir: PathBuf::new(),
+            ring_bytes: 64 * 1024 * 1024,
+            storage_writer: WriterMode::Spawn,
+            storage_writer_path: PathBuf::new(),
+            storage_writer_args: Vec::new(),
+            storage_timeout_ms: 5_000,
+            sync_page_messages: 200,
+            sync_messages_max: 10_000,
+            idempotency_warm_max: 256,
         }
     }
 }
@@ -182,6 +221,15 @@ overrides! {
     sends_burst: f32,
     drain_window_ms: u64,
     close_grace_ms: u64,
+    ring_dir: PathBuf,
+    ring_bytes: u64,
+    #[arg(value_enum)]
+    storage_writer: WriterMode,
+    storage_writer_path: PathBuf,
+    storage_timeout_ms: u64,
+    sync_page_messages: u16,
+    sync_messages_max: u32,
+    idempotency_warm_max: u16,
 }
 
 /// The `--config` file and the flags over it.
@@ -193,6 +241,10 @@ pub struct ConfigArgs {
     /// HS256 token secret (at least 32 bytes).
     #[arg(long, env = "GATEWAY_AUTH_SECRET", hide_env_values = true)]
     pub auth_secret: Option<String>,
+    /// An argument for a spawned storage-writer (repeat for several); added
+    /// after the file's `storage_writer_args`.
+    #[arg(long = "storage-writer-arg", allow_hyphen_values = true)]
+    pub storage_writer_args: Vec<String>,
     #[command(flatten)]
     pub overrides: Overrides,
 }
@@ -207,6 +259,12 @@ impl ConfigArgs {
         self.overrides.apply(&mut config);
         if let Some(secret) = &self.auth_secret {
             config.auth_secret = Some(secret.clone());
+        }
+        config
+            .storage_writer_args
+            .extend(self.storage_writer_args.iter().cloned());
+        if config.ring_dir.as_os_str().is_empty() {
+            config.ring_dir = config.data_dir.join("rings");
         }
         if config.shards == 0 {
             config.shards = std::thread::available_parallelism()
@@ -274,6 +332,19 @@ impl Config {
         }
         if self.handshake_bytes_max < 512 {
             bail!("handshake_bytes_max must be at least 512");
+        }
+        if !self.ring_bytes.is_power_of_two()
+            || !(chat_ring::CAPACITY_BYTES_MIN..=chat_ring::CAPACITY_BYTES_MAX)
+                .contains(&self.ring_bytes)
+        {
+            bail!("ring_bytes must be a power of two from 64 KiB to 1 GiB");
+        }
+        // A ring must hold a few of the largest records (a body plus its ids).
+        if self.ring_bytes < 4 * (self.body_bytes_max as u64 + 2048) {
+            bail!("ring_bytes must hold at least four messages of body_bytes_max");
+        }
+        if self.sync_page_messages == 0 || self.sync_messages_max == 0 {
+            bail!("sync_page_messages and sync_messages_max must be at least 1");
         }
         if let Some(secret) = &self.auth_secret {
             if secret.len() < 32 {

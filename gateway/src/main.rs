@@ -15,6 +15,7 @@ mod secret;
 mod shard;
 mod sock;
 mod supervisor;
+mod writer_process;
 
 use std::time::Duration;
 

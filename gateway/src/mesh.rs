@@ -51,6 +51,8 @@ pub struct Handoff {
 #[derive(Debug)]
 pub struct Delivery {
     pub to_user: Box<str>,
+    /// Lets a device that is syncing drop a live copy it already got from storage.
+    pub message_id: u64,
     /// A complete WebSocket text frame, shared by every device it goes to.
     pub frame: Bytes,
 }
@@ -118,6 +120,13 @@ impl Mesh {
         Ok(())
     }
 
+    /// Whether `sender`'s lane to `receiver` can take one more message. Each
+    /// lane has one producer, so for that producer a true answer holds until
+    /// it sends.
+    pub fn has_room(&self, sender: Sender, receiver: usize) -> bool {
+        !self.lane(receiver, sender).is_full()
+    }
+
     /// Waits until `receiver` has something queued.
     pub async fn wait(&self, receiver: usize) {
         poll_fn(|cx| {
@@ -177,6 +186,7 @@ mod tests {
     fn delivery(to: &str) -> ShardMessage {
         ShardMessage::Deliver(Delivery {
             to_user: to.into(),
+            message_id: 1,
             frame: Bytes::new(),
         })
     }

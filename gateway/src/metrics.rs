@@ -60,7 +60,27 @@ pub struct ShardMetrics {
     pub idempotent_replays: AtomicU64,
     pub errors: [AtomicU64; ERROR_CODES.len()],
     pub closes: [AtomicU64; CLOSE_CODES.len()],
+    /// Sends refused because the shard's ring was full (back-pressure).
+    pub ring_full: AtomicU64,
+    /// Device acknowledgements written to the ring.
+    pub acks: AtomicU64,
+    /// Acknowledgements dropped on a full ring (the device may get a redelivery).
+    pub acks_dropped: AtomicU64,
+    pub syncs: AtomicU64,
+    pub synced_messages: AtomicU64,
+    /// `sent` frames waiting for the durable watermark (refreshed each sweep).
+    pub durable_waiting: AtomicU64,
+    /// 1 while the shard is connected to the storage-writer.
+    pub storage_connected: AtomicU64,
+    /// Time from a ring append to the watermark covering it, by upper bound.
+    pub durable_wait_buckets: [AtomicU64; DURABLE_WAIT_BOUNDS_US.len() + 1],
+    pub durable_wait_sum_us: AtomicU64,
 }
+
+/// Upper bounds (µs) of the append-to-durable histogram buckets; the last bucket is +Inf.
+pub const DURABLE_WAIT_BOUNDS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000, 10_000_000,
+];
 
 /// Adds `amount` to a counter that only the calling thread writes: a plain
 /// load and store, cheaper than a locked read-modify-write.
@@ -77,6 +97,15 @@ impl ShardMetrics {
     }
     pub fn closed(&self, code: CloseCode) {
         bump(&self.closes[code.index()], 1);
+    }
+    pub fn durable_wait(&self, wait: std::time::Duration) {
+        let us = wait.as_micros() as u64;
+        let bucket = DURABLE_WAIT_BOUNDS_US
+            .iter()
+            .position(|bound| us <= *bound)
+            .unwrap_or(DURABLE_WAIT_BOUNDS_US.len());
+        bump(&self.durable_wait_buckets[bucket], 1);
+        bump(&self.durable_wait_sum_us, us);
     }
 }
 
@@ -271,6 +300,80 @@ pub fn render(node: &NodeState, mesh: &Mesh) -> String {
         "Repeated send ids answered from the idempotency table.",
         &|m| m.idempotent_replays.load(Relaxed),
     );
+    per_shard(
+        &mut out,
+        "gateway_ring_full_total",
+        "counter",
+        "Sends answered `overloaded` because the shard's ring was full.",
+        &|m| m.ring_full.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_acks_total",
+        "counter",
+        "Device acknowledgements written to the ring.",
+        &|m| m.acks.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_acks_dropped_total",
+        "counter",
+        "Acknowledgements dropped on a full ring (a redelivery, not a loss).",
+        &|m| m.acks_dropped.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_syncs_total",
+        "counter",
+        "Syncs completed.",
+        &|m| m.syncs.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_synced_messages_total",
+        "counter",
+        "Messages sent by syncs.",
+        &|m| m.synced_messages.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_durable_waiting",
+        "gauge",
+        "`sent` frames waiting for the durable watermark.",
+        &|m| m.durable_waiting.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_storage_connected",
+        "gauge",
+        "1 while the shard is connected to the storage-writer.",
+        &|m| m.storage_connected.load(Relaxed),
+    );
+    family(
+        &mut out,
+        "gateway_durable_wait_seconds",
+        "histogram",
+        "Time from a shard's ring append to the durable watermark covering it.",
+    );
+    for (shard, metrics) in node.shards.iter().enumerate() {
+        let mut cumulative = 0;
+        for (index, bucket) in metrics.durable_wait_buckets.iter().enumerate() {
+            cumulative += bucket.load(Relaxed);
+            let le = DURABLE_WAIT_BOUNDS_US
+                .get(index)
+                .map(|us| format!("{}", *us as f64 / 1e6))
+                .unwrap_or_else(|| "+Inf".into());
+            let _ = writeln!(
+                out,
+                "gateway_durable_wait_seconds_bucket{{shard=\"{shard}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let sum = metrics.durable_wait_sum_us.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "gateway_durable_wait_seconds_sum{{shard=\"{shard}\"}} {sum}\ngateway_durable_wait_seconds_count{{shard=\"{shard}\"}} {cumulative}"
+        );
+    }
     family(
         &mut out,
         "gateway_cross_shard_queue_depth",

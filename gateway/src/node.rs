@@ -12,11 +12,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-use crate::config::Config;
+use crate::config::{Config, WriterMode};
 use crate::mesh::{Mesh, Sender, ShardMessage};
 use crate::metrics::NodeState;
 use crate::shard::{self, ShardSetup};
-use crate::{admin, secret, supervisor};
+use crate::{admin, secret, supervisor, writer_process};
 
 /// Descriptors kept back from connections: stdio, log files, the admin
 /// listener, the signal pipe and similar.
@@ -35,6 +35,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(config.admin_listen)
         .with_context(|| format!("binding admin listener {}", config.admin_listen))?;
     let admin_listen = admin_listener.local_addr()?;
+
+    std::fs::create_dir_all(&config.ring_dir)
+        .with_context(|| format!("creating ring_dir {}", config.ring_dir.display()))?;
+    let writer = match config.storage_writer {
+        WriterMode::Spawn => Some(writer_process::spawn(&config)?),
+        WriterMode::External => None,
+    };
 
     let node = Arc::new(NodeState::new(config.shards, connections_max));
     let mesh = Arc::new(Mesh::new(config.shards, config.cross_shard_queue_capacity));
@@ -79,7 +86,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             driver = node.io_driver.get().copied().unwrap_or("?"), connections_max, "gateway ready");
     }
 
-    supervise(threads, &node)
+    let result = supervise(threads, &node);
+    if let Some(writer) = writer {
+        writer.stop();
+    }
+    result
 }
 
 /// How often the main thread checks on the shard threads.

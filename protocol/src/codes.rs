@@ -19,16 +19,22 @@ pub enum ErrorCode {
     /// Over a rate limit (frames per connection, or sends per user across all
     /// of the user's devices). The frame was not processed; retry after `retry_after_ms`.
     RateLimited,
+    /// The user may not do this (e.g. read a conversation they are not in).
+    Forbidden,
+    /// Storage could not answer now (it is restarting or behind). Retry later.
+    Unavailable,
 }
 
 /// Every error code, for metrics.
-pub const ERROR_CODES: [ErrorCode; 6] = [
+pub const ERROR_CODES: [ErrorCode; 8] = [
     ErrorCode::MalformedJson,
     ErrorCode::UnknownType,
     ErrorCode::InvalidField,
     ErrorCode::BodyTooLarge,
     ErrorCode::Overloaded,
     ErrorCode::RateLimited,
+    ErrorCode::Forbidden,
+    ErrorCode::Unavailable,
 ];
 
 impl ErrorCode {
@@ -40,13 +46,15 @@ impl ErrorCode {
             ErrorCode::BodyTooLarge => "body_too_large",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 
     /// True when the client caused it (counts toward the abuse limit); false
     /// when the node did and a retry of the same frame may succeed.
     pub fn is_client_fault(self) -> bool {
-        !matches!(self, ErrorCode::Overloaded)
+        !matches!(self, ErrorCode::Overloaded | ErrorCode::Unavailable)
     }
 
     /// Index into per-code metric arrays.
@@ -77,6 +85,8 @@ pub enum CloseCode {
     InternalError,
     /// 1012: the node is draining; reconnect (to another node) after a short random delay.
     ServiceRestart,
+    /// 1013: storage did not answer while the connection started; reconnect after a delay.
+    TryAgainLater,
     /// 4000: nothing received for `heartbeat_timeout_ms`.
     HeartbeatTimeout,
     /// 4001: the client did not read fast enough and its send queue filled.
@@ -84,7 +94,7 @@ pub enum CloseCode {
 }
 
 /// Every close code, for metrics.
-pub const CLOSE_CODES: [CloseCode; 10] = [
+pub const CLOSE_CODES: [CloseCode; 11] = [
     CloseCode::Normal,
     CloseCode::ProtocolError,
     CloseCode::UnsupportedData,
@@ -93,6 +103,7 @@ pub const CLOSE_CODES: [CloseCode; 10] = [
     CloseCode::MessageTooBig,
     CloseCode::InternalError,
     CloseCode::ServiceRestart,
+    CloseCode::TryAgainLater,
     CloseCode::HeartbeatTimeout,
     CloseCode::SlowConsumer,
 ];
@@ -108,6 +119,7 @@ impl CloseCode {
             CloseCode::MessageTooBig => 1009,
             CloseCode::InternalError => 1011,
             CloseCode::ServiceRestart => 1012,
+            CloseCode::TryAgainLater => 1013,
             CloseCode::HeartbeatTimeout => 4000,
             CloseCode::SlowConsumer => 4001,
         }
@@ -123,6 +135,7 @@ impl CloseCode {
             CloseCode::MessageTooBig => "message too big",
             CloseCode::InternalError => "internal error",
             CloseCode::ServiceRestart => "node draining, reconnect",
+            CloseCode::TryAgainLater => "storage unavailable, reconnect later",
             CloseCode::HeartbeatTimeout => "heartbeat timeout",
             CloseCode::SlowConsumer => "slow consumer",
         }

@@ -16,7 +16,26 @@ use crate::ids::is_valid_id;
 pub enum ClientFrame<'a> {
     Send(SendFrame<'a>),
     Ping,
+    /// `{"type":"sync"}` or `{"type":"sync","after":"<message_id>"}`.
+    Sync {
+        after: Option<u64>,
+    },
+    /// `{"type":"ack","message_id":"<id>"}`: this device has the message.
+    Ack {
+        message_id: u64,
+    },
+    /// `{"type":"history","conversation":...,"before":...,"limit":n}`.
+    History {
+        conversation: Cow<'a, str>,
+        before: Option<u64>,
+        limit: u16,
+    },
 }
+
+/// Most messages one `history` request returns.
+pub const HISTORY_LIMIT_MAX: u16 = 100;
+/// What `history` returns when the client names no `limit`.
+pub const HISTORY_LIMIT_DEFAULT: u16 = 50;
 
 /// `{"type":"send","id":...,"to":...,"body":...}`
 #[derive(Debug, PartialEq, Eq)]
@@ -48,6 +67,24 @@ struct RawFrame<'a> {
     to: Option<Cow<'a, str>>,
     #[serde(default, borrow, deserialize_with = "string_field")]
     body: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "string_field")]
+    after: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "string_field")]
+    message_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "string_field")]
+    conversation: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "string_field")]
+    before: Option<Cow<'a, str>>,
+    #[serde(default)]
+    limit: Option<u64>,
+}
+
+/// A message id as clients write it: a decimal string.
+fn parse_message_id(text: &str) -> Option<u64> {
+    if text.is_empty() || text.len() > 20 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok().filter(|id| *id != 0)
 }
 
 /// A present string field, borrowed from the input unless it has escapes.
@@ -94,6 +131,60 @@ pub fn decode_client_frame(
     };
     match raw.kind.as_deref() {
         Some("ping") => Ok(ClientFrame::Ping),
+        Some("sync") => match raw.after.as_deref() {
+            None => Ok(ClientFrame::Sync { after: None }),
+            Some(after) => parse_message_id(after)
+                .map(|after| ClientFrame::Sync { after: Some(after) })
+                .ok_or_else(|| {
+                    fail(
+                        ErrorCode::InvalidField,
+                        "`after` must be a message id".into(),
+                    )
+                }),
+        },
+        Some("ack") => raw
+            .message_id
+            .as_deref()
+            .and_then(parse_message_id)
+            .map(|message_id| ClientFrame::Ack { message_id })
+            .ok_or_else(|| {
+                fail(
+                    ErrorCode::InvalidField,
+                    "`message_id` must be a message id".into(),
+                )
+            }),
+        Some("history") => {
+            let conversation = raw
+                .conversation
+                .filter(|c| !c.is_empty() && c.len() <= 256)
+                .ok_or_else(|| {
+                    fail(ErrorCode::InvalidField, "`conversation` is required".into())
+                })?;
+            let before = match raw.before.as_deref() {
+                None => None,
+                Some(before) => Some(parse_message_id(before).ok_or_else(|| {
+                    fail(
+                        ErrorCode::InvalidField,
+                        "`before` must be a message id".into(),
+                    )
+                })?),
+            };
+            let limit = match raw.limit {
+                None => HISTORY_LIMIT_DEFAULT,
+                Some(limit) if (1..=u64::from(HISTORY_LIMIT_MAX)).contains(&limit) => limit as u16,
+                Some(_) => {
+                    return Err(fail(
+                        ErrorCode::InvalidField,
+                        format!("`limit` must be 1-{HISTORY_LIMIT_MAX}"),
+                    ))
+                }
+            };
+            Ok(ClientFrame::History {
+                conversation,
+                before,
+                limit,
+            })
+        }
         Some("send") => {
             let id = raw
                 .id
@@ -162,7 +253,24 @@ fn explain_undecodable(text: &[u8]) -> FrameError {
         .get("id")
         .and_then(|id| id.as_str())
         .map(str::to_owned);
-    let wrong = ["type", "id", "to", "body"]
+    let strings = [
+        "type",
+        "id",
+        "to",
+        "body",
+        "after",
+        "message_id",
+        "conversation",
+        "before",
+    ];
+    if object.get("limit").is_some_and(|v| !v.is_u64()) {
+        return FrameError {
+            client_msg_id,
+            code: ErrorCode::InvalidField,
+            message: format!("`limit` must be 1-{HISTORY_LIMIT_MAX}"),
+        };
+    }
+    let wrong = strings
         .into_iter()
         .find(|field| object.get(*field).is_some_and(|v| !v.is_string()))
         .unwrap_or("type");
@@ -280,6 +388,42 @@ pub fn encode_error(
     })
 }
 
+/// `synced`: the device has everything it had not acknowledged, up to `last`.
+#[derive(Serialize)]
+pub struct SyncedFrame {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The last message id sent by this sync; absent when there was nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last: Option<IdText>,
+    /// Messages this sync sent.
+    pub count: u64,
+    /// True when the sync stopped at its bound; sync again with `after: last`.
+    pub more: bool,
+}
+
+/// `history`: a page of a conversation, newest first.
+#[derive(Serialize)]
+pub struct HistoryFrame<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub conversation: &'a str,
+    pub messages: Vec<MessageFrame<'a>>,
+}
+
+pub fn encode_synced(last: Option<u64>, count: u64, more: bool) -> Vec<u8> {
+    to_json(&SyncedFrame {
+        kind: "synced",
+        last: last.map(IdText),
+        count,
+        more,
+    })
+}
+
+pub fn encode_history(frame: &HistoryFrame<'_>) -> Vec<u8> {
+    to_json(frame)
+}
+
 pub const PONG_JSON: &[u8] = br#"{"type":"pong"}"#;
 
 fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
@@ -362,5 +506,64 @@ mod tests {
             error,
             r#"{"type":"error","code":"overloaded","message":"busy","retry_after_ms":100}"#
         );
+    }
+}
+
+#[cfg(test)]
+mod read_path_frame_tests {
+    use super::*;
+
+    #[test]
+    fn sync_ack_and_history_decode_with_their_rules() {
+        assert_eq!(
+            decode_client_frame(br#"{"type":"sync"}"#, 16),
+            Ok(ClientFrame::Sync { after: None })
+        );
+        assert_eq!(
+            decode_client_frame(br#"{"type":"sync","after":"42"}"#, 16),
+            Ok(ClientFrame::Sync { after: Some(42) })
+        );
+        assert_eq!(
+            decode_client_frame(br#"{"type":"ack","message_id":"7"}"#, 16),
+            Ok(ClientFrame::Ack { message_id: 7 })
+        );
+        assert_eq!(
+            decode_client_frame(br#"{"type":"history","conversation":"dm:a:b"}"#, 16),
+            Ok(ClientFrame::History {
+                conversation: "dm:a:b".into(),
+                before: None,
+                limit: HISTORY_LIMIT_DEFAULT
+            })
+        );
+        assert_eq!(
+            decode_client_frame(
+                br#"{"type":"history","conversation":"dm:a:b","before":"9","limit":100}"#,
+                16
+            ),
+            Ok(ClientFrame::History {
+                conversation: "dm:a:b".into(),
+                before: Some(9),
+                limit: 100
+            })
+        );
+        for bad in [
+            &br#"{"type":"sync","after":"x1"}"#[..],
+            br#"{"type":"sync","after":"0"}"#,
+            br#"{"type":"ack"}"#,
+            br#"{"type":"ack","message_id":"99999999999999999999999"}"#,
+            br#"{"type":"history"}"#,
+            br#"{"type":"history","conversation":"dm:a:b","limit":101}"#,
+            br#"{"type":"history","conversation":"dm:a:b","limit":0}"#,
+            br#"{"type":"history","conversation":"dm:a:b","limit":"5"}"#,
+            br#"{"type":"ack","message_id":7}"#,
+        ] {
+            let error = decode_client_frame(bad, 16).expect_err(std::str::from_utf8(bad).unwrap());
+            assert_eq!(
+                error.code,
+                ErrorCode::InvalidField,
+                "{}",
+                std::str::from_utf8(bad).unwrap()
+            );
+        }
     }
 }

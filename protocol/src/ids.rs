@@ -37,6 +37,18 @@ pub fn direct_conversation_id(user_a: &str, user_b: &str) -> String {
 
 /// A stable 64-bit hash of a user id (FNV-1a). Stable across processes, builds and
 /// versions: it decides placement, so changing it moves every user.
+/// Whether `user_id` is one of the two users of direct conversation `conversation`.
+/// (Ids cannot contain `:`, so the split is unambiguous.)
+pub fn is_direct_member(conversation: &str, user_id: &str) -> bool {
+    let Some(pair) = conversation.strip_prefix("dm:") else {
+        return false;
+    };
+    let Some((low, high)) = pair.split_once(':') else {
+        return false;
+    };
+    is_valid_id(low) && is_valid_id(high) && (low == user_id || high == user_id)
+}
+
 pub fn user_hash(user_id: &str) -> u64 {
     let mut hasher = fnv::FnvHasher::default();
     hasher.write(user_id.as_bytes());
@@ -83,5 +95,15 @@ mod tests {
             .map(|i| home_shard(&format!("user{i}"), 4))
             .collect();
         assert_eq!(spread.len(), 4, "100 users should land on all 4 shards");
+    }
+
+    #[test]
+    fn direct_membership_follows_the_conversation_id() {
+        let conversation = direct_conversation_id("bob", "alice");
+        assert!(is_direct_member(&conversation, "alice"));
+        assert!(is_direct_member(&conversation, "bob"));
+        assert!(!is_direct_member(&conversation, "carol"));
+        assert!(!is_direct_member("dm:alice", "alice"));
+        assert!(!is_direct_member("group:alice:bob", "alice"));
     }
 }

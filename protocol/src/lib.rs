@@ -3,16 +3,21 @@
 //! Owns: the id rules, conversation ids and home-shard hashing (`ids`), message
 //! ids (`snowflake`), bearer tokens (`token`), the HTTP upgrade (`handshake`),
 //! WebSocket framing (`ws`), the JSON frames (`frames`) and the stable error and
-//! close codes (`codes`). `docs/protocol.md` is the contract these implement.
+//! close codes (`codes`), the records shards write to the durable ring
+//! (`records`) and the read path to the storage-writer (`store_wire`), both
+//! over one binary field codec (`binary`). `docs/protocol.md` is the contract these implement.
 //!
 //! Must never: perform I/O, read a clock, or depend on an async runtime. Callers
 //! pass the time in, so every function here can be tested and fuzzed byte for byte.
 
+pub mod binary;
 pub mod codes;
 pub mod frames;
 pub mod handshake;
 pub mod ids;
+pub mod records;
 pub mod snowflake;
+pub mod store_wire;
 pub mod token;
 pub mod ws;
 

@@ -43,6 +43,14 @@ pub fn decode(id: u64) -> SnowflakeParts {
     }
 }
 
+/// The smallest id any generator can make at `unix_ms` (for time-bounded scans).
+pub fn first_id_at(unix_ms: u64) -> u64 {
+    unix_ms
+        .saturating_sub(EPOCH_UNIX_MS)
+        .min((1 << TIME_BITS) - 1)
+        << (SEQUENCE_BITS + SHARD_BITS + NODE_BITS)
+}
+
 /// Generates ids for one shard. Owned by that shard's thread; never shared.
 #[derive(Debug)]
 pub struct SnowflakeGenerator {
@@ -117,6 +125,16 @@ mod tests {
             }
         );
         assert!(id < (1 << 63), "bit 63 stays clear");
+    }
+
+    #[test]
+    fn first_id_at_bounds_every_id_of_that_millisecond() {
+        let at = EPOCH_UNIX_MS + 5_000;
+        let mut generator = SnowflakeGenerator::new(NODE_ID_MAX, SHARD_ID_MAX);
+        let id = generator.next_id(at);
+        assert!(first_id_at(at) <= id && id < first_id_at(at + 1));
+        assert_eq!(decode(first_id_at(at)).unix_ms, at);
+        assert_eq!(first_id_at(0), 0, "before the epoch");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::layout::*;
@@ -19,7 +20,7 @@ use crate::RingError;
 const SPIN_POLLS: u32 = 200;
 
 pub struct Consumer {
-    mapping: Mapping,
+    mapping: Arc<Mapping>,
     /// Next position to read (at or after the durable watermark).
     read: u64,
     payload: Vec<u8>,
@@ -38,7 +39,7 @@ impl Consumer {
     pub(crate) fn new(mapping: Mapping, lock: File) -> Self {
         let read = mapping.atomic_u64(OFFSET_DURABLE).load(Ordering::Acquire);
         Self {
-            mapping,
+            mapping: Arc::new(mapping),
             read,
             payload: Vec::new(),
             _lock: lock,
@@ -103,6 +104,19 @@ impl Consumer {
         durable.store(end, Ordering::Release);
     }
 
+    /// A handle another thread can commit through (the writer's commit
+    /// thread, while this consumer's thread keeps reading).
+    pub fn watermark(&self) -> Watermark {
+        Watermark {
+            mapping: self.mapping.clone(),
+        }
+    }
+
+    /// Position just past the last record read.
+    pub fn read_position(&self) -> u64 {
+        self.read
+    }
+
     /// The durable watermark.
     pub fn durable(&self) -> u64 {
         self.mapping
@@ -142,5 +156,33 @@ impl Consumer {
             }
         }
         sleeping.store(0, Ordering::Relaxed);
+    }
+}
+
+/// The ring's head and durable watermark, shareable across threads. Commits
+/// must only cover records this ring's `Consumer` has already read.
+#[derive(Clone)]
+pub struct Watermark {
+    mapping: Arc<Mapping>,
+}
+
+impl Watermark {
+    /// Marks everything before `end` durable; never moves the watermark back.
+    pub fn commit(&self, end: u64) {
+        let durable = self.mapping.atomic_u64(OFFSET_DURABLE);
+        if end > durable.load(Ordering::Relaxed) {
+            durable.store(end, Ordering::Release);
+        }
+    }
+
+    pub fn durable(&self) -> u64 {
+        self.mapping
+            .atomic_u64(OFFSET_DURABLE)
+            .load(Ordering::Acquire)
+    }
+
+    /// Position just past the last published record.
+    pub fn head(&self) -> u64 {
+        self.mapping.atomic_u64(OFFSET_HEAD).load(Ordering::Acquire)
     }
 }

@@ -30,11 +30,11 @@ mod mapping;
 mod open;
 mod producer;
 
-pub use consumer::{Consumer, Record};
+pub use consumer::{Consumer, Record, Watermark};
 pub use layout::{
     record_bytes, CAPACITY_BYTES_MAX, CAPACITY_BYTES_MIN, LAYOUT_VERSION, RECORD_PAYLOAD_BYTES_MAX,
 };
-pub use open::{attach_consumer, attach_producer, RingOptions};
+pub use open::{attach_consumer, attach_existing_consumer, attach_producer, RingOptions};
 pub use producer::Producer;
 
 /// Why a ring could not be opened or read. The message names the file and

@@ -51,6 +51,47 @@ pub fn attach_consumer(path: &Path, options: RingOptions) -> Result<Consumer, Ri
     Ok(Consumer::new(mapping, lock))
 }
 
+/// Attaches as the consumer of an existing ring, taking its capacity and
+/// shard id from the header (the writer does not know the gateway's settings).
+/// The header is validated exactly as in `attach_consumer`.
+pub fn attach_existing_consumer(path: &Path) -> Result<Consumer, RingError> {
+    let mut header = [0u8; HEADER_BYTES as usize];
+    let mut file = File::open(path).map_err(io_error(path))?;
+    let read = std::io::Read::read(&mut file, &mut header).map_err(io_error(path))?;
+    if (read as u64) < HEADER_BYTES {
+        return Err(RingError::Truncated {
+            path: path.display().to_string(),
+            found: read as u64,
+            expected: HEADER_BYTES,
+        });
+    }
+    let field = |offset: usize, len: usize| {
+        let mut bytes = [0u8; 8];
+        bytes[..len].copy_from_slice(&header[offset..offset + len]);
+        u64::from_le_bytes(bytes)
+    };
+    let magic = field(OFFSET_MAGIC, 8);
+    if magic != MAGIC {
+        return Err(RingError::BadMagic {
+            path: path.display().to_string(),
+            found: magic,
+        });
+    }
+    let options = RingOptions {
+        capacity_bytes: field(OFFSET_CAPACITY, 8),
+        shard_id: field(OFFSET_SHARD, 4) as u32,
+    };
+    if options.validate().is_err() {
+        return Err(RingError::Mismatch {
+            path: path.display().to_string(),
+            what: "capacity (not a power of two from 64 KiB to 1 GiB)",
+            found: options.capacity_bytes,
+            expected: CAPACITY_BYTES_MIN,
+        });
+    }
+    attach_consumer(path, options)
+}
+
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> RingError + '_ {
     move |source| RingError::Io {
         path: path.display().to_string(),

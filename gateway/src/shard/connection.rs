@@ -8,7 +8,7 @@
 //! and never blocks: every read and write is non-blocking.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::future::{poll_fn, Future};
 use std::io::{self, ErrorKind, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
@@ -23,7 +23,7 @@ use chat_protocol::ws::{self, Flow, WsDecoder, WsEvent};
 use monoio::net::TcpStream;
 
 use super::limits::TokenBucket;
-use super::{router, Shard};
+use super::{router, sync, Shard};
 use crate::metrics::bump;
 use crate::sock;
 
@@ -55,7 +55,22 @@ pub struct Conn {
     errors_in_window: Cell<(u32, u32)>,
     /// Text frames this connection may still send (rate limit).
     pub frames: Cell<TokenBucket>,
+    /// While a sync runs: live messages held back until it ends (boxed, so
+    /// an idle connection pays one pointer).
+    sync: Cell<Option<Box<SyncHold>>>,
 }
+
+/// What a connection holds while its sync runs.
+#[derive(Default)]
+struct SyncHold {
+    /// Live messages that arrived during the sync, in order.
+    held: Vec<(u64, Bytes)>,
+    held_bytes: usize,
+    /// Message ids the sync sent, so a held live copy is not sent twice.
+    synced: HashSet<u64, FnvBuildHasher>,
+}
+
+type FnvBuildHasher = std::hash::BuildHasherDefault<fnv::FnvHasher>;
 
 impl Conn {
     pub fn new(
@@ -80,7 +95,59 @@ impl Conn {
             last_seen_ms: Cell::new(now_ms),
             errors_in_window: Cell::new((now_ms as u32, 0)),
             frames: Cell::new(frames),
+            sync: Cell::new(None),
         }
+    }
+
+    /// Queues a live message; while a sync runs it is held until the sync ends.
+    pub fn deliver(&self, message_id: u64, frame: Bytes) -> bool {
+        let Some(mut hold) = self.sync.take() else {
+            return self.enqueue(frame);
+        };
+        let fits = hold.held_bytes + frame.len() <= self.outbox_bytes_max as usize;
+        if fits {
+            hold.held_bytes += frame.len();
+            hold.held.push((message_id, frame));
+        }
+        self.sync.set(Some(hold));
+        if !fits {
+            self.request_close(CloseCode::SlowConsumer);
+        }
+        fits && !self.is_closing()
+    }
+
+    /// Starts holding live messages for a sync. False if one is running.
+    pub fn begin_sync(&self) -> bool {
+        let hold = self.sync.take();
+        let running = hold.is_some();
+        self.sync.set(Some(hold.unwrap_or_default()));
+        !running
+    }
+
+    /// Queues a message the sync read from storage.
+    pub fn enqueue_synced(&self, message_id: u64, frame: Bytes) -> bool {
+        if let Some(mut hold) = self.sync.take() {
+            hold.synced.insert(message_id);
+            self.sync.set(Some(hold));
+        }
+        self.enqueue(frame)
+    }
+
+    /// Ends the sync: queues the held live messages it did not already send.
+    pub fn end_sync(&self) {
+        let Some(hold) = self.sync.take() else {
+            return;
+        };
+        for (message_id, frame) in hold.held {
+            if !hold.synced.contains(&message_id) && !self.enqueue(frame) {
+                return;
+            }
+        }
+    }
+
+    /// Bytes waiting to be written to the socket.
+    pub fn queued_bytes(&self) -> usize {
+        self.outbox_bytes.get() as usize
     }
 
     /// Queues encoded bytes. A full outbox closes the connection as a slow
@@ -179,15 +246,24 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, conn: Rc<Conn>, early_by
         decoder: WsDecoder::default(),
         partial: Vec::new(),
     };
-    if !early_bytes.is_empty() {
+    // Bytes of the outbox's front entry already written.
+    let mut front_written = 0usize;
+    // `hello` goes out now; the device's frames are read only once its recent
+    // sends are loaded, so a retry after a gateway restart is recognised.
+    let _ = flush(stream.as_raw_fd(), &shard, &conn, &mut front_written);
+    if let Err(error) = sync::warm_idempotency(&shard, &conn).await {
+        tracing::debug!(shard = shard.id, %error, "could not load recent sends");
+        conn.request_close(CloseCode::TryAgainLater);
+    } else {
+        monoio::spawn(sync::sync_device(shard.clone(), conn.clone(), None));
+    }
+    if !early_bytes.is_empty() && !conn.is_closing() {
         let mut early_bytes = early_bytes;
         let consumed = process(&shard, &conn, &mut reader.decoder, &mut early_bytes);
         early_bytes.drain(..consumed);
         reader.partial = early_bytes;
     }
 
-    // Bytes of the outbox's front entry already written.
-    let mut front_written = 0usize;
     // Boxed so the long-lived task holds only the small steady-state future;
     // the close path (timers, two readiness waits) is allocated when needed.
     let ending = Box::pin(serve_until_closing(
@@ -218,9 +294,9 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, conn: Rc<Conn>, early_by
 /// The connection's life: write what is queued, read what arrives, until a
 /// close is requested or the peer is gone.
 async fn serve_until_closing(
-    shard: &Shard,
+    shard: &Rc<Shard>,
     stream: &TcpStream,
-    conn: &Conn,
+    conn: &Rc<Conn>,
     reader: &mut Reader,
     front_written: &mut usize,
 ) -> Ending {
@@ -267,7 +343,7 @@ async fn serve_until_closing(
 }
 
 /// Reads what the socket has and processes it. False when the peer is gone.
-fn read_available(shard: &Shard, conn: &Conn, fd: RawFd, reader: &mut Reader) -> bool {
+fn read_available(shard: &Rc<Shard>, conn: &Rc<Conn>, fd: RawFd, reader: &mut Reader) -> bool {
     for _ in 0..READS_PER_WAKE_MAX {
         if conn.is_closing() {
             return true;
@@ -300,8 +376,8 @@ enum ReadResult {
 /// The common case: no partial frame, so read into the shard's shared buffer
 /// and keep only an incomplete tail (if any) for this connection.
 fn read_into_scratch(
-    shard: &Shard,
-    conn: &Conn,
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
     fd: RawFd,
     reader: &mut Reader,
 ) -> io::Result<ReadResult> {
@@ -334,8 +410,8 @@ fn read_into_scratch(
 /// A frame is arriving in pieces: read straight into its own buffer, sized
 /// from its header, so a large frame is copied once.
 fn read_into_partial(
-    shard: &Shard,
-    conn: &Conn,
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
     fd: RawFd,
     reader: &mut Reader,
 ) -> io::Result<ReadResult> {
@@ -374,7 +450,7 @@ fn read_into_partial(
 }
 
 /// Decodes frames from `input` and acts on them. Returns bytes consumed.
-fn process(shard: &Shard, conn: &Conn, decoder: &mut WsDecoder, input: &mut [u8]) -> usize {
+fn process(shard: &Rc<Shard>, conn: &Rc<Conn>, decoder: &mut WsDecoder, input: &mut [u8]) -> usize {
     let metrics = shard.metrics();
     let result = decoder.decode(input, shard.config.message_bytes_max, |event| {
         bump(&metrics.frames_in, 1);

@@ -2,8 +2,9 @@
 //!
 //! Owns the shard-local table and its bounds (time window and entry count;
 //! the oldest entries are forgotten first). All devices of a user live on this
-//! shard, so a local table sees every retry. This is the seam the durable path
-//! replaces: a miss here will consult storage before a new id is made.
+//! shard, so a local table sees every retry. After a restart the table is
+//! empty; a device's recent sends are loaded from storage when it connects
+//! (`sync::warm_idempotency`), before any of its frames are read.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -14,6 +15,8 @@ type FnvBuildHasher = std::hash::BuildHasherDefault<fnv::FnvHasher>;
 pub struct PriorSend {
     pub message_id: u64,
     pub conversation: String,
+    /// Ring position that must be durable before `sent` is repeated (0: stored).
+    pub end: u64,
 }
 
 pub struct IdempotencyTable {
@@ -88,6 +91,7 @@ mod tests {
         PriorSend {
             message_id,
             conversation: "dm:a:b".into(),
+            end: 0,
         }
     }
 

@@ -10,8 +10,11 @@
 mod accept;
 pub mod connection;
 mod dedup;
+mod durable;
 mod limits;
 mod router;
+mod store_client;
+mod sync;
 mod users;
 
 use std::cell::{Cell, RefCell};
@@ -22,6 +25,7 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use bytes::Bytes;
 use chat_protocol::codes::CloseCode;
 use chat_protocol::frames::{self, HelloFrame};
@@ -33,7 +37,9 @@ use slab::Slab;
 
 use self::connection::Conn;
 use self::dedup::IdempotencyTable;
+use self::durable::Durability;
 use self::limits::{Limit, TokenBucket};
+use self::store_client::StoreClient;
 use self::users::UserTable;
 use crate::config::{Config, IoDriver, IoUringTaskRun};
 use crate::mesh::{Handoff, Mesh, ShardMessage};
@@ -43,6 +49,8 @@ use crate::sock;
 /// Bytes of the buffer every connection on a shard reads into. One per shard,
 /// so idle connections hold none. 64 KiB drains a busy socket in few calls.
 const SCRATCH_BYTES: usize = 64 * 1024;
+/// The storage-writer's read-path socket, in the ring directory.
+pub const WRITER_SOCKET: &str = "writer.sock";
 /// Cross-shard messages handled per inbox turn before yielding to connections.
 const INBOX_BUDGET: usize = 1024;
 /// Longest pause between heartbeat sweeps.
@@ -83,6 +91,10 @@ pub struct Shard {
     finished: LocalSignal,
     /// Origin of the shard clock used for liveness.
     started: Instant,
+    /// This shard's ring and the `sent` frames waiting for durability.
+    durability: Durability,
+    /// The read path to the storage-writer.
+    store: StoreClient,
 }
 
 impl Shard {
@@ -162,7 +174,9 @@ impl Shard {
         conn.enqueue(Bytes::from(handshake::switching_protocols(accept_key)));
         conn.enqueue(Bytes::from(ws::text_frame(&hello)));
         // Registered before the client can see `hello`, so anything sent to the
-        // user after the client reads `hello` reaches this device.
+        // user after the client reads `hello` reaches this device: live, or
+        // held while the connect-time sync runs (then de-duplicated against it).
+        conn.begin_sync();
         self.users.borrow_mut().add(conn.clone(), self.now_ms());
         let metrics = self.metrics();
         bump(&metrics.handshakes_accepted, 1);
@@ -182,9 +196,12 @@ impl Shard {
         match message {
             ShardMessage::Deliver(delivery) => {
                 bump(&self.metrics().messages_received_cross_shard, 1);
-                self.users
-                    .borrow()
-                    .deliver(&delivery.to_user, &delivery.frame, None);
+                self.users.borrow().deliver(
+                    &delivery.to_user,
+                    delivery.message_id,
+                    &delivery.frame,
+                    None,
+                );
             }
             ShardMessage::Adopt(handoff) => self.adopt_handoff(*handoff),
             ShardMessage::Drain => {
@@ -194,6 +211,11 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// The storage-writer committed this shard's ring up to `position`.
+    fn on_durable(&self, position: u64) {
+        self.durability.on_durable(position, self.metrics());
     }
 
     fn adopt_handoff(self: &Rc<Self>, handoff: Handoff) {
@@ -295,6 +317,21 @@ pub fn run(setup: ShardSetup) -> anyhow::Result<()> {
 async fn shard_main(setup: ShardSetup, driver: &'static str) -> anyhow::Result<()> {
     let listener = monoio::net::TcpListener::from_std(setup.listener)?;
     let config = setup.config;
+    let ring_path = config.ring_dir.join(format!("shard-{}.ring", setup.id));
+    let producer = chat_ring::attach_producer(
+        &ring_path,
+        chat_ring::RingOptions {
+            capacity_bytes: config.ring_bytes,
+            shard_id: setup.id as u32,
+        },
+    )
+    .with_context(|| format!("shard {}: attaching its ring", setup.id))?;
+    let ring_path = ring_path.canonicalize()?;
+    let store = StoreClient::new(
+        setup.id as u16,
+        ring_path.display().to_string(),
+        config.ring_dir.join(WRITER_SOCKET),
+    );
     let shard = Rc::new(Shard {
         id: setup.id,
         verifier: TokenVerifier::new(&setup.secret),
@@ -314,6 +351,8 @@ async fn shard_main(setup: ShardSetup, driver: &'static str) -> anyhow::Result<(
         drain_started: LocalSignal::default(),
         finished: LocalSignal::default(),
         started: Instant::now(),
+        durability: Durability::new(producer),
+        store,
         config,
         node: setup.node,
         mesh: setup.mesh,
@@ -321,6 +360,7 @@ async fn shard_main(setup: ShardSetup, driver: &'static str) -> anyhow::Result<(
     let _ = shard.node.io_driver.set(driver);
     tracing::info!(shard = shard.id, driver, core = ?setup.core.map(|c| c.id), "shard started");
 
+    monoio::spawn(store_client::run(shard.clone()));
     monoio::spawn(inbox(shard.clone()));
     monoio::spawn(sweep(shard.clone()));
     monoio::spawn(accept::accept_loop(shard.clone(), listener));
@@ -363,6 +403,12 @@ async fn sweep(shard: Rc<Shard>) {
         metrics
             .idempotency_entries
             .store(shard.idempotency.borrow().len() as u64, Relaxed);
+        metrics
+            .durable_waiting
+            .store(shard.durability.waiting() as u64, Relaxed);
+        metrics
+            .storage_connected
+            .store(u64::from(shard.store.is_connected()), Relaxed);
     }
 }
 

@@ -1,18 +1,24 @@
 //! What a shard does with a client's text frame: validate, dedupe, number, route, answer.
 //!
 //! Owns the send path of protocol v1: idempotency look-up, snowflake id,
-//! conversation id, one encoding of the `message` frame shared by every device,
-//! local delivery or a hand-off to the recipient's home shard, then `sent`.
-//! Runs on the sending connection's shard. Never does I/O and never awaits.
+//! conversation id, the record appended to the shard's ring, one encoding of
+//! the `message` frame shared by every device, local delivery or a hand-off to
+//! the recipient's home shard, and `sent` once the record is durable. Also
+//! routes `ack` (a ring record) and starts `sync` and `history` (tasks in
+//! `sync`). Runs on the sending connection's shard. Never does I/O and never
+//! awaits; never delivers a message before its record is in the ring.
+
+use std::rc::Rc;
 
 use bytes::Bytes;
 use chat_protocol::codes::{CloseCode, ErrorCode};
 use chat_protocol::frames::{self, ClientFrame, MessageFrame, SendFrame};
+use chat_protocol::records::{AckRecord, MessageRecord};
 use chat_protocol::{ids, snowflake, ws};
 
 use super::connection::Conn;
 use super::dedup::{self, PriorSend};
-use super::Shard;
+use super::{sync, Shard};
 use crate::mesh::{Delivery, Sender, ShardMessage};
 use crate::metrics::bump;
 
@@ -20,7 +26,7 @@ use crate::metrics::bump;
 const OVERLOADED_RETRY_AFTER_MS: u64 = 100;
 
 /// Handles one complete text message from `conn`.
-pub fn on_text(shard: &Shard, conn: &Conn, text: &[u8]) {
+pub fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &[u8]) {
     if std::str::from_utf8(text).is_err() {
         conn.request_close(CloseCode::InvalidPayload);
         return;
@@ -45,6 +51,35 @@ pub fn on_text(shard: &Shard, conn: &Conn, text: &[u8]) {
             conn.enqueue(shard.pong_frame.clone());
         }
         Ok(ClientFrame::Send(send)) => on_send(shard, conn, send),
+        Ok(ClientFrame::Ack { message_id }) => on_ack(shard, conn, message_id),
+        Ok(ClientFrame::Sync { after }) => {
+            if conn.begin_sync() {
+                monoio::spawn(sync::sync_device(shard.clone(), conn.clone(), after));
+            } else {
+                let message = "a sync is already running on this connection";
+                send_error(
+                    shard,
+                    conn,
+                    None,
+                    ErrorCode::Overloaded,
+                    message,
+                    Some(OVERLOADED_RETRY_AFTER_MS),
+                );
+            }
+        }
+        Ok(ClientFrame::History {
+            conversation,
+            before,
+            limit,
+        }) => {
+            monoio::spawn(sync::history(
+                shard.clone(),
+                conn.clone(),
+                conversation.into_owned(),
+                before,
+                limit,
+            ));
+        }
         Err(error) => {
             send_error(
                 shard,
@@ -63,7 +98,7 @@ pub fn on_text(shard: &Shard, conn: &Conn, text: &[u8]) {
     }
 }
 
-fn on_send(shard: &Shard, conn: &Conn, send: SendFrame<'_>) {
+fn on_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
     if let Err(retry_after_ms) = shard
         .users
         .borrow_mut()
@@ -83,7 +118,7 @@ fn on_send(shard: &Shard, conn: &Conn, send: SendFrame<'_>) {
     let now_unix_ms = crate::clock::unix_ms();
     let key = dedup::key(&conn.user_id, &conn.device_id, &send.client_msg_id);
     if let Some(prior) = shard.idempotency.borrow_mut().get(&key, now_unix_ms) {
-        // A retry: same answer, no second delivery.
+        // A retry: same answer (once durable), no second delivery.
         let ts = snowflake::decode(prior.message_id).unix_ms;
         let sent = frames::encode_sent(
             &send.client_msg_id,
@@ -91,14 +126,47 @@ fn on_send(shard: &Shard, conn: &Conn, send: SendFrame<'_>) {
             &prior.conversation,
             ts,
         );
-        conn.enqueue(Bytes::from(ws::text_frame(&sent)));
+        shard
+            .durability
+            .send_when_durable(prior.end, conn, Bytes::from(ws::text_frame(&sent)));
         bump(&shard.metrics().idempotent_replays, 1);
+        return;
+    }
+
+    let to_self = *send.to == *conn.user_id;
+    let home = ids::home_shard(&send.to, shard.mesh.shard_count());
+    let remote = !to_self && home != shard.id;
+    // Checked before anything is stored: once the record is in the ring the
+    // hand-off must not fail (this shard is its lane's only producer).
+    if remote && !shard.mesh.has_room(Sender::Shard(shard.id), home) {
+        let message = "the recipient's shard queue is full; retry this send";
+        overloaded(shard, conn, &send.client_msg_id, message);
         return;
     }
 
     let message_id = shard.snowflake.borrow_mut().next_id(now_unix_ms);
     let ts = snowflake::decode(message_id).unix_ms;
     let conversation = ids::direct_conversation_id(&conn.user_id, &send.to);
+    let record = MessageRecord {
+        message_id,
+        ts,
+        conversation: &conversation,
+        from: &conn.user_id,
+        from_device: &conn.device_id,
+        to: &send.to,
+        client_msg_id: &send.client_msg_id,
+        body: &send.body,
+    };
+    let end = match shard.durability.append(&record.encode()) {
+        Ok(end) => end,
+        Err(_) => {
+            // Back-pressure: nothing stored, nothing delivered; the retry is a first send.
+            bump(&shard.metrics().ring_full, 1);
+            let message = "storage is behind; retry this send";
+            overloaded(shard, conn, &send.client_msg_id, message);
+            return;
+        }
+    };
     let json = frames::encode_message(&MessageFrame {
         kind: "message",
         message_id: frames::IdText(message_id),
@@ -111,30 +179,14 @@ fn on_send(shard: &Shard, conn: &Conn, send: SendFrame<'_>) {
     });
     let frame = Bytes::from(ws::text_frame(&json));
 
-    let to_self = *send.to == *conn.user_id;
-    let home = ids::home_shard(&send.to, shard.mesh.shard_count());
-    if !to_self && home != shard.id {
+    if remote {
         let delivery = ShardMessage::Deliver(Delivery {
             to_user: send.to.as_ref().into(),
+            message_id,
             frame: frame.clone(),
         });
-        if shard
-            .mesh
-            .send(Sender::Shard(shard.id), home, delivery)
-            .is_err()
-        {
-            // Not queued, not remembered: the client's retry with the same id is a first send.
-            let message = "the recipient's shard queue is full; retry this send";
-            send_error(
-                shard,
-                conn,
-                Some(&send.client_msg_id),
-                ErrorCode::Overloaded,
-                message,
-                Some(OVERLOADED_RETRY_AFTER_MS),
-            );
-            return;
-        }
+        let handed = shard.mesh.send(Sender::Shard(shard.id), home, delivery);
+        debug_assert!(handed.is_ok(), "room was checked above");
         bump(&shard.metrics().messages_routed_cross_shard, 1);
     } else {
         bump(&shard.metrics().messages_routed_local, 1);
@@ -143,10 +195,10 @@ fn on_send(shard: &Shard, conn: &Conn, send: SendFrame<'_>) {
     {
         let users = shard.users.borrow();
         if !to_self && home == shard.id {
-            users.deliver(&send.to, &frame, None);
+            users.deliver(&send.to, message_id, &frame, None);
         }
         // The sender's other devices see what this device sent.
-        users.deliver(&conn.user_id, &frame, Some(conn.slot));
+        users.deliver(&conn.user_id, message_id, &frame, Some(conn.slot));
     }
 
     let sent = frames::encode_sent(&send.client_msg_id, message_id, &conversation, ts);
@@ -155,10 +207,38 @@ fn on_send(shard: &Shard, conn: &Conn, send: SendFrame<'_>) {
         PriorSend {
             message_id,
             conversation,
+            end,
         },
         now_unix_ms,
     );
-    conn.enqueue(Bytes::from(ws::text_frame(&sent)));
+    shard
+        .durability
+        .send_when_durable(end, conn, Bytes::from(ws::text_frame(&sent)));
+}
+
+/// A device has `message_id`: recorded for its cursor. Best effort: a lost
+/// acknowledgement only means the message is offered again on the next sync.
+fn on_ack(shard: &Shard, conn: &Conn, message_id: u64) {
+    let record = AckRecord {
+        user: &conn.user_id,
+        device: &conn.device_id,
+        message_id,
+    };
+    match shard.durability.append(&record.encode()) {
+        Ok(_) => bump(&shard.metrics().acks, 1),
+        Err(_) => bump(&shard.metrics().acks_dropped, 1),
+    }
+}
+
+fn overloaded(shard: &Shard, conn: &Conn, client_msg_id: &str, message: &str) {
+    send_error(
+        shard,
+        conn,
+        Some(client_msg_id),
+        ErrorCode::Overloaded,
+        message,
+        Some(OVERLOADED_RETRY_AFTER_MS),
+    );
 }
 
 /// Answers `rate_limited` and counts it toward the abuse limit.
@@ -188,7 +268,7 @@ fn count_client_error(shard: &Shard, conn: &Conn) {
     }
 }
 
-fn send_error(
+pub fn send_error(
     shard: &Shard,
     conn: &Conn,
     client_msg_id: Option<&str>,

@@ -79,9 +79,16 @@ impl UserTable {
             .map(|(key, _)| key.clone())
     }
 
-    /// Queues `frame` to every device of `user_id` except the connection in
-    /// slot `except`. Returns how many devices it was queued to.
-    pub fn deliver(&self, user_id: &str, frame: &Bytes, except: Option<usize>) -> usize {
+    /// Queues message `message_id` (encoded as `frame`) to every device of
+    /// `user_id` except the connection in slot `except`. Returns how many
+    /// devices it was queued to (or held for, while they sync).
+    pub fn deliver(
+        &self,
+        user_id: &str,
+        message_id: u64,
+        frame: &Bytes,
+        except: Option<usize>,
+    ) -> usize {
         let Some(entry) = self.users.get(user_id) else {
             return 0;
         };
@@ -91,7 +98,7 @@ impl UserTable {
             .iter()
             .filter(|device| Some(device.slot) != except)
         {
-            if device.enqueue(frame.clone()) {
+            if device.deliver(message_id, frame.clone()) {
                 delivered += 1;
             }
         }

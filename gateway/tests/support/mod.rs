@@ -51,6 +51,7 @@ impl Gateway {
     }
 
     pub fn start_with(extra: &[&str], secret: Option<&str>) -> Gateway {
+        ensure_storage_writer_built();
         let data_dir = tempfile::tempdir().unwrap();
         let ws: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -62,12 +63,14 @@ impl Gateway {
                 "--admin-listen",
                 &admin.to_string(),
             ])
-            .args(["--data-dir", data_dir.path().to_str().unwrap()])
             .args(extra)
             .env_remove("GATEWAY_AUTH_SECRET")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        if !extra.contains(&"--data-dir") {
+            command.args(["--data-dir", data_dir.path().to_str().unwrap()]);
+        }
         // Test defaults, unless the test sets them itself.
         for (flag, value) in [
             ("--shards", "2"),
@@ -151,8 +154,23 @@ impl Gateway {
         }
     }
 
-    /// Connects as `user`/`device` and waits for `hello`.
+    /// Connects as `user`/`device`, waits for `hello`, then reads the
+    /// connect-time sync up to `synced` (its messages are in `client.synced`).
     pub fn connect(&self, user: &str, device: &str) -> Client {
+        let mut client = self.connect_unsynced(user, device);
+        loop {
+            let frame = client.recv();
+            match frame["type"].as_str() {
+                Some("synced") => break,
+                Some("message") => client.synced.push(frame),
+                _ => panic!("unexpected frame during the connect-time sync: {frame}"),
+            }
+        }
+        client
+    }
+
+    /// Connects and waits for `hello` only.
+    pub fn connect_unsynced(&self, user: &str, device: &str) -> Client {
         let mut client = self
             .connect_with_token(&token(user, device))
             .expect("upgrade accepted");
@@ -163,6 +181,10 @@ impl Gateway {
             (Some(user), Some(device))
         );
         client
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Attempts an upgrade with `token` in the Authorization header. Err is the HTTP status.
@@ -190,7 +212,10 @@ impl Gateway {
                 .insert("Authorization", format!("Bearer {token}").parse().unwrap());
         }
         match tungstenite::client(request, stream) {
-            Ok((socket, _response)) => Ok(Client { socket }),
+            Ok((socket, _response)) => Ok(Client {
+                socket,
+                synced: Vec::new(),
+            }),
             Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
                 Err(response.status().as_u16())
             }
@@ -238,6 +263,8 @@ impl Drop for Gateway {
 /// A WebSocket client over a blocking socket with a read timeout.
 pub struct Client {
     pub socket: WebSocket<TcpStream>,
+    /// Messages the connect-time sync delivered (see `Gateway::connect`).
+    pub synced: Vec<Value>,
 }
 
 /// What the server said next.
@@ -429,4 +456,28 @@ pub fn run_script(script: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     stdout
+}
+
+/// The storage-writer binary the gateway spawns (next to the gateway binary).
+pub fn storage_writer_binary() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_BIN_EXE_gateway"))
+        .parent()
+        .unwrap()
+        .join("storage-writer")
+}
+
+/// `cargo test -p gateway` alone does not build the other package's binary.
+pub fn ensure_storage_writer_built() {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        if storage_writer_binary().exists() {
+            return;
+        }
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "storage-writer"])
+            .current_dir(repo())
+            .status()
+            .unwrap();
+        assert!(status.success(), "building storage-writer");
+    });
 }

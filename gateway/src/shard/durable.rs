@@ -1,0 +1,92 @@
+//! A shard's half of the durable path: appending records to its ring and
+//! releasing `sent` once the storage-writer says they are durable.
+//!
+//! Owns the ring producer and the queue of `sent` frames waiting for the
+//! durable watermark (in ring order). Never blocks: a full ring is returned
+//! to the caller, who answers the client with a retryable `overloaded`.
+//! Never acknowledges a record before the watermark covers it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::{Rc, Weak};
+use std::time::Instant;
+
+use bytes::Bytes;
+use chat_ring::{Producer, RingFull};
+
+use super::connection::Conn;
+use crate::metrics::ShardMetrics;
+
+struct Waiting {
+    /// Ring position just past the record; `sent` goes out when it is durable.
+    end: u64,
+    conn: Weak<Conn>,
+    sent: Bytes,
+    appended: Instant,
+}
+
+pub struct Durability {
+    producer: RefCell<Producer>,
+    waiting: RefCell<VecDeque<Waiting>>,
+    durable: Cell<u64>,
+}
+
+impl Durability {
+    pub fn new(producer: Producer) -> Self {
+        let durable = producer.durable();
+        Self {
+            producer: RefCell::new(producer),
+            waiting: RefCell::new(VecDeque::new()),
+            durable: Cell::new(durable),
+        }
+    }
+
+    /// Appends one record and wakes the writer if it sleeps. Returns the
+    /// position the watermark must reach for the record to be durable.
+    pub fn append(&self, record: &[u8]) -> Result<u64, RingFull> {
+        let mut producer = self.producer.borrow_mut();
+        let end = producer.try_append(record)?;
+        producer.wake_consumer();
+        Ok(end)
+    }
+
+    pub fn is_durable(&self, end: u64) -> bool {
+        end <= self.durable.get()
+    }
+
+    /// Sends `sent` to `conn` once the record ending at `end` is durable.
+    pub fn send_when_durable(&self, end: u64, conn: &Rc<Conn>, sent: Bytes) {
+        if self.is_durable(end) {
+            conn.enqueue(sent);
+            return;
+        }
+        self.waiting.borrow_mut().push_back(Waiting {
+            end,
+            conn: Rc::downgrade(conn),
+            sent,
+            appended: Instant::now(),
+        });
+    }
+
+    /// The writer committed everything before `position`.
+    pub fn on_durable(&self, position: u64, metrics: &ShardMetrics) {
+        if position <= self.durable.get() {
+            return;
+        }
+        self.durable.set(position);
+        let now = Instant::now();
+        let mut waiting = self.waiting.borrow_mut();
+        while waiting.front().is_some_and(|w| w.end <= position) {
+            let released = waiting.pop_front().expect("front exists");
+            metrics.durable_wait(now.duration_since(released.appended));
+            if let Some(conn) = released.conn.upgrade() {
+                conn.enqueue(released.sent);
+            }
+        }
+    }
+
+    /// `sent` frames waiting for durability (a metric).
+    pub fn waiting(&self) -> usize {
+        self.waiting.borrow().len()
+    }
+}

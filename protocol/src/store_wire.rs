@@ -1,0 +1,446 @@
+//! The read-path protocol between a gateway shard and the storage-writer, over a Unix socket.
+//!
+//! Owns the frames both processes exchange: the shard's `Hello` (which ring
+//! it writes), its read requests (sync pages, history, recent sends for
+//! idempotency), and the writer's answers plus `Durable` notices (the ring
+//! position up to which records are committed, which releases `sent`).
+//! Every frame is `[len u32][kind u8][fields]`, bounded by `FRAME_BYTES_MAX`.
+//! Never carries JSON: the gateway turns stored records into client frames.
+
+use crate::binary::{DecodeError, Decoder, Encoder};
+
+/// Largest frame either side sends or accepts.
+pub const FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Where a sync page starts in a user's inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncFrom {
+    /// After everything this device acknowledged.
+    Cursor,
+    /// After the inbox entry of this message id (the client's `after`).
+    AfterMessage(u64),
+    /// After this inbox sequence number, skipping what the device
+    /// acknowledged (the next page of a `Cursor` sync).
+    AfterSeq(u64),
+    /// After this inbox sequence number, acknowledged or not (the next page
+    /// of an `AfterMessage` sync).
+    AfterSeqAll(u64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Hello {
+        shard: u16,
+        ring: String,
+    },
+    Sync {
+        req: u32,
+        user: String,
+        device: String,
+        from: SyncFrom,
+        limit: u16,
+        bytes_max: u32,
+    },
+    History {
+        req: u32,
+        conversation: String,
+        /// Only messages with a smaller id; `None` for the newest.
+        before: Option<u64>,
+        limit: u16,
+    },
+    /// The device's latest sends since `since_unix_ms`, to warm idempotency.
+    Recent {
+        req: u32,
+        user: String,
+        device: String,
+        since_unix_ms: u64,
+        limit: u16,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncEntry {
+    /// Position in the user's inbox.
+    pub seq: u64,
+    /// The stored `Message` record.
+    pub record: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentSend {
+    pub client_msg_id: String,
+    pub message_id: u64,
+    pub conversation: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// Every record before `position` in the shard's ring is committed.
+    Durable {
+        position: u64,
+    },
+    SyncPage {
+        req: u32,
+        entries: Vec<SyncEntry>,
+        /// The inbox sequence the page ended at (the next page starts after it).
+        last_seq: u64,
+        /// More entries remain after this page.
+        more: bool,
+    },
+    /// Stored `Message` records, newest first.
+    Messages {
+        req: u32,
+        records: Vec<Vec<u8>>,
+    },
+    RecentSends {
+        req: u32,
+        sends: Vec<RecentSend>,
+    },
+    Failed {
+        req: u32,
+        reason: String,
+    },
+}
+
+const HELLO: u8 = 1;
+const SYNC: u8 = 2;
+const HISTORY: u8 = 3;
+const RECENT: u8 = 4;
+const DURABLE: u8 = 10;
+const SYNC_PAGE: u8 = 11;
+const MESSAGES: u8 = 12;
+const RECENT_SENDS: u8 = 13;
+const FAILED: u8 = 14;
+
+/// Starts a frame: room for the length, filled in by `finish`.
+fn start(kind: u8) -> Encoder {
+    let mut encoder = Encoder::with_capacity(64);
+    encoder.u32(0).u8(kind);
+    encoder
+}
+
+fn finish(encoder: Encoder) -> Vec<u8> {
+    let mut bytes = encoder.bytes;
+    let len = u32::try_from(bytes.len() - 4).expect("frames are bounded");
+    bytes[..4].copy_from_slice(&len.to_le_bytes());
+    bytes
+}
+
+/// The length of the frame at the front of `buffer`, once its prefix is in.
+/// Errors when the prefix announces more than `FRAME_BYTES_MAX`.
+pub fn frame_len(buffer: &[u8]) -> Result<Option<usize>, DecodeError> {
+    let Some(prefix) = buffer.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes(prefix.try_into().expect("4")) as usize;
+    if len == 0 || len > FRAME_BYTES_MAX {
+        return Err(DecodeError("frame length out of bounds"));
+    }
+    Ok(Some(4 + len))
+}
+
+impl Request {
+    pub fn encode(&self) -> Vec<u8> {
+        let encoder = match self {
+            Request::Hello { shard, ring } => {
+                let mut e = start(HELLO);
+                e.u16(*shard).long_str(ring);
+                e
+            }
+            Request::Sync {
+                req,
+                user,
+                device,
+                from,
+                limit,
+                bytes_max,
+            } => {
+                let mut e = start(SYNC);
+                e.u32(*req).str(user).str(device);
+                match from {
+                    SyncFrom::Cursor => e.u8(0).u64(0),
+                    SyncFrom::AfterMessage(id) => e.u8(1).u64(*id),
+                    SyncFrom::AfterSeq(seq) => e.u8(2).u64(*seq),
+                    SyncFrom::AfterSeqAll(seq) => e.u8(3).u64(*seq),
+                };
+                e.u16(*limit).u32(*bytes_max);
+                e
+            }
+            Request::History {
+                req,
+                conversation,
+                before,
+                limit,
+            } => {
+                let mut e = start(HISTORY);
+                e.u32(*req)
+                    .str(conversation)
+                    .u64(before.unwrap_or(0))
+                    .u16(*limit);
+                e
+            }
+            Request::Recent {
+                req,
+                user,
+                device,
+                since_unix_ms,
+                limit,
+            } => {
+                let mut e = start(RECENT);
+                e.u32(*req)
+                    .str(user)
+                    .str(device)
+                    .u64(*since_unix_ms)
+                    .u16(*limit);
+                e
+            }
+        };
+        finish(encoder)
+    }
+
+    /// Decodes one frame body (without the length prefix).
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        let mut d = Decoder::new(body);
+        let request = match d.u8()? {
+            HELLO => Request::Hello {
+                shard: d.u16()?,
+                ring: d.long_str()?.to_owned(),
+            },
+            SYNC => Request::Sync {
+                req: d.u32()?,
+                user: d.str()?.to_owned(),
+                device: d.str()?.to_owned(),
+                from: match (d.u8()?, d.u64()?) {
+                    (0, _) => SyncFrom::Cursor,
+                    (1, id) => SyncFrom::AfterMessage(id),
+                    (2, seq) => SyncFrom::AfterSeq(seq),
+                    (3, seq) => SyncFrom::AfterSeqAll(seq),
+                    _ => return Err(DecodeError("unknown sync start")),
+                },
+                limit: d.u16()?,
+                bytes_max: d.u32()?,
+            },
+            HISTORY => Request::History {
+                req: d.u32()?,
+                conversation: d.str()?.to_owned(),
+                before: Some(d.u64()?).filter(|id| *id != 0),
+                limit: d.u16()?,
+            },
+            RECENT => Request::Recent {
+                req: d.u32()?,
+                user: d.str()?.to_owned(),
+                device: d.str()?.to_owned(),
+                since_unix_ms: d.u64()?,
+                limit: d.u16()?,
+            },
+            _ => return Err(DecodeError("unknown request kind")),
+        };
+        d.finish()?;
+        Ok(request)
+    }
+}
+
+impl Response {
+    pub fn encode(&self) -> Vec<u8> {
+        let encoder = match self {
+            Response::Durable { position } => {
+                let mut e = start(DURABLE);
+                e.u64(*position);
+                e
+            }
+            Response::SyncPage {
+                req,
+                entries,
+                last_seq,
+                more,
+            } => {
+                let mut e = start(SYNC_PAGE);
+                e.u32(*req).u32(entries.len() as u32);
+                for entry in entries {
+                    e.u64(entry.seq).bytes(&entry.record);
+                }
+                e.u64(*last_seq).u8(u8::from(*more));
+                e
+            }
+            Response::Messages { req, records } => {
+                let mut e = start(MESSAGES);
+                e.u32(*req).u32(records.len() as u32);
+                for record in records {
+                    e.bytes(record);
+                }
+                e
+            }
+            Response::RecentSends { req, sends } => {
+                let mut e = start(RECENT_SENDS);
+                e.u32(*req).u32(sends.len() as u32);
+                for send in sends {
+                    e.str(&send.client_msg_id)
+                        .u64(send.message_id)
+                        .str(&send.conversation);
+                }
+                e
+            }
+            Response::Failed { req, reason } => {
+                let mut e = start(FAILED);
+                e.u32(*req).long_str(reason);
+                e
+            }
+        };
+        finish(encoder)
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        let mut d = Decoder::new(body);
+        let response = match d.u8()? {
+            DURABLE => Response::Durable { position: d.u64()? },
+            SYNC_PAGE => {
+                let req = d.u32()?;
+                let count = bounded_count(d.u32()?)?;
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    entries.push(SyncEntry {
+                        seq: d.u64()?,
+                        record: d.bytes()?.to_vec(),
+                    });
+                }
+                Response::SyncPage {
+                    req,
+                    entries,
+                    last_seq: d.u64()?,
+                    more: d.u8()? != 0,
+                }
+            }
+            MESSAGES => {
+                let req = d.u32()?;
+                let count = bounded_count(d.u32()?)?;
+                let mut records = Vec::with_capacity(count);
+                for _ in 0..count {
+                    records.push(d.bytes()?.to_vec());
+                }
+                Response::Messages { req, records }
+            }
+            RECENT_SENDS => {
+                let req = d.u32()?;
+                let count = bounded_count(d.u32()?)?;
+                let mut sends = Vec::with_capacity(count);
+                for _ in 0..count {
+                    sends.push(RecentSend {
+                        client_msg_id: d.str()?.to_owned(),
+                        message_id: d.u64()?,
+                        conversation: d.str()?.to_owned(),
+                    });
+                }
+                Response::RecentSends { req, sends }
+            }
+            FAILED => Response::Failed {
+                req: d.u32()?,
+                reason: d.long_str()?.to_owned(),
+            },
+            _ => return Err(DecodeError("unknown response kind")),
+        };
+        d.finish()?;
+        Ok(response)
+    }
+}
+
+/// A count read from the wire, before anything is allocated for it.
+fn bounded_count(count: u32) -> Result<usize, DecodeError> {
+    if count as usize > u16::MAX as usize {
+        return Err(DecodeError("count out of bounds"));
+    }
+    Ok(count as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip_request(request: Request) {
+        let bytes = request.encode();
+        assert_eq!(frame_len(&bytes), Ok(Some(bytes.len())));
+        assert_eq!(Request::decode(&bytes[4..]), Ok(request));
+    }
+
+    fn round_trip_response(response: Response) {
+        let bytes = response.encode();
+        assert_eq!(frame_len(&bytes), Ok(Some(bytes.len())));
+        assert_eq!(Response::decode(&bytes[4..]), Ok(response));
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        round_trip_request(Request::Hello {
+            shard: 3,
+            ring: "/run/chat/shard-3.ring".into(),
+        });
+        for from in [
+            SyncFrom::Cursor,
+            SyncFrom::AfterMessage(5),
+            SyncFrom::AfterSeq(9),
+            SyncFrom::AfterSeqAll(11),
+        ] {
+            round_trip_request(Request::Sync {
+                req: 1,
+                user: "bob".into(),
+                device: "phone".into(),
+                from,
+                limit: 100,
+                bytes_max: 1 << 20,
+            });
+        }
+        round_trip_request(Request::History {
+            req: 2,
+            conversation: "dm:a:b".into(),
+            before: Some(77),
+            limit: 50,
+        });
+        round_trip_request(Request::History {
+            req: 2,
+            conversation: "dm:a:b".into(),
+            before: None,
+            limit: 50,
+        });
+        round_trip_request(Request::Recent {
+            req: 3,
+            user: "a".into(),
+            device: "d".into(),
+            since_unix_ms: 12,
+            limit: 256,
+        });
+        round_trip_response(Response::Durable { position: 4096 });
+        round_trip_response(Response::SyncPage {
+            req: 1,
+            entries: vec![SyncEntry {
+                seq: 4,
+                record: vec![1, 2, 3],
+            }],
+            last_seq: 4,
+            more: true,
+        });
+        round_trip_response(Response::Messages {
+            req: 2,
+            records: vec![vec![9], vec![]],
+        });
+        round_trip_response(Response::RecentSends {
+            req: 3,
+            sends: vec![RecentSend {
+                client_msg_id: "c1".into(),
+                message_id: 8,
+                conversation: "dm:a:b".into(),
+            }],
+        });
+        round_trip_response(Response::Failed {
+            req: 4,
+            reason: "store unavailable".into(),
+        });
+    }
+
+    #[test]
+    fn bad_lengths_and_kinds_are_refused() {
+        assert!(frame_len(&[0, 0, 0, 0]).is_err());
+        assert!(frame_len(&u32::MAX.to_le_bytes()).is_err());
+        assert_eq!(frame_len(&[1, 0]), Ok(None));
+        assert!(Request::decode(&[99]).is_err());
+        assert!(Response::decode(&[DURABLE, 1, 2]).is_err());
+    }
+}

@@ -1,0 +1,47 @@
+-- The storage-writer's PostgreSQL schema (applied at start, idempotently).
+-- Ids are 63-bit snowflakes, so they fit BIGINT.
+
+-- Every message, once, in its conversation.
+CREATE TABLE IF NOT EXISTS messages (
+    conversation TEXT   NOT NULL,
+    message_id   BIGINT NOT NULL,
+    record       BYTEA  NOT NULL,   -- the ring record, unchanged (body is ciphertext)
+    PRIMARY KEY (conversation, message_id)
+);
+
+-- Idempotency: the first message id of each (user, device, client message id).
+CREATE TABLE IF NOT EXISTS sends (
+    user_id       TEXT   NOT NULL,
+    device_id     TEXT   NOT NULL,
+    client_msg_id TEXT   NOT NULL,
+    message_id    BIGINT NOT NULL,
+    conversation  TEXT   NOT NULL,
+    PRIMARY KEY (user_id, device_id, client_msg_id)
+);
+CREATE INDEX IF NOT EXISTS sends_by_time ON sends (user_id, device_id, message_id DESC);
+
+-- Each user's inbox: gap-free sequence per user (see inbox_heads).
+CREATE TABLE IF NOT EXISTS inbox (
+    user_id       TEXT   NOT NULL,
+    seq           BIGINT NOT NULL,
+    message_id    BIGINT NOT NULL,
+    conversation  TEXT   NOT NULL,
+    origin_device TEXT   NOT NULL,  -- the sending device when the user sent it, else ''
+    PRIMARY KEY (user_id, seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS inbox_by_message ON inbox (user_id, message_id);
+
+-- The last inbox sequence per user. Updated in the same transaction as the
+-- inbox row, so its row lock serialises writers on several nodes.
+CREATE TABLE IF NOT EXISTS inbox_heads (
+    user_id TEXT   PRIMARY KEY,
+    seq     BIGINT NOT NULL
+);
+
+-- Each device's acknowledgement state (see store/cursor.rs).
+CREATE TABLE IF NOT EXISTS cursors (
+    user_id   TEXT  NOT NULL,
+    device_id TEXT  NOT NULL,
+    state     BYTEA NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+);

@@ -1,0 +1,122 @@
+//! Choosing and opening a backend, and the two handles every backend gives.
+//!
+//! Owns the seam between the writer's threads and a store: a `BatchWriter`
+//! for the commit thread (one batch, one transaction or one fsync) and
+//! `Tables` readers for the read-path threads. Never holds records: the
+//! caller passes the work for a batch and retries it whole if it fails.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::store::embedded::{Embedded, Fsync};
+use crate::store::Tables;
+
+/// The commit thread's handle: runs one batch's work so that it all becomes
+/// durable together, or fails as a whole (the caller retries it).
+pub trait BatchWriter: Send {
+    fn write_batch(&mut self, work: &mut dyn FnMut(&mut dyn Tables) -> Result<()>) -> Result<()>;
+}
+
+/// A store the writer can open handles on, from any thread.
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn writer(&self) -> Result<Box<dyn BatchWriter>>;
+    fn reader(&self) -> Result<Box<dyn Tables + Send>>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// fjall in `--data-dir`: a single node with nothing else installed.
+    Embedded,
+    /// PostgreSQL at `--postgres-url`: small clusters.
+    Postgres,
+    /// ScyllaDB at `--scylla-uri`: large clusters (build with `--features scylla`).
+    Scylla,
+}
+
+/// Everything a backend needs to open.
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    pub kind: BackendKind,
+    pub data_dir: PathBuf,
+    pub fsync: Fsync,
+    pub cache_bytes: u64,
+    pub postgres_url: Option<String>,
+    pub scylla_uri: Option<String>,
+    pub scylla_keyspace: String,
+    pub scylla_consistency: String,
+}
+
+pub fn open(options: &BackendOptions) -> Result<Box<dyn Backend>> {
+    match options.kind {
+        BackendKind::Embedded => {
+            std::fs::create_dir_all(&options.data_dir)?;
+            let store = Embedded::open(
+                &options.data_dir.join("store"),
+                options.cache_bytes,
+                options.fsync,
+            )?;
+            Ok(Box::new(EmbeddedBackend(store)))
+        }
+        BackendKind::Postgres => open_postgres(options),
+        BackendKind::Scylla => open_scylla(options),
+    }
+}
+
+#[cfg(feature = "postgres")]
+fn open_postgres(options: &BackendOptions) -> Result<Box<dyn Backend>> {
+    let url = options
+        .postgres_url
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("--backend postgres needs --postgres-url"))?;
+    Ok(Box::new(crate::store::postgres::PostgresBackend::connect(
+        url,
+    )?))
+}
+
+#[cfg(not(feature = "postgres"))]
+fn open_postgres(_: &BackendOptions) -> Result<Box<dyn Backend>> {
+    anyhow::bail!("this build has no PostgreSQL backend (build with --features postgres)")
+}
+
+#[cfg(feature = "scylla")]
+fn open_scylla(options: &BackendOptions) -> Result<Box<dyn Backend>> {
+    let uri = options
+        .scylla_uri
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("--backend scylla needs --scylla-uri"))?;
+    Ok(Box::new(crate::store::scylla::ScyllaBackend::connect(
+        uri,
+        &options.scylla_keyspace,
+        &options.scylla_consistency,
+    )?))
+}
+
+#[cfg(not(feature = "scylla"))]
+fn open_scylla(_: &BackendOptions) -> Result<Box<dyn Backend>> {
+    anyhow::bail!("this build has no ScyllaDB backend (build with --features scylla)")
+}
+
+struct EmbeddedBackend(Embedded);
+
+struct EmbeddedBatchWriter(crate::store::embedded::EmbeddedWriter);
+
+impl BatchWriter for EmbeddedBatchWriter {
+    fn write_batch(&mut self, work: &mut dyn FnMut(&mut dyn Tables) -> Result<()>) -> Result<()> {
+        work(&mut self.0)?;
+        self.0.persist()
+    }
+}
+
+impl Backend for EmbeddedBackend {
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+    fn writer(&self) -> Result<Box<dyn BatchWriter>> {
+        Ok(Box::new(EmbeddedBatchWriter(self.0.writer())))
+    }
+    fn reader(&self) -> Result<Box<dyn Tables + Send>> {
+        Ok(Box::new(self.0.clone()))
+    }
+}

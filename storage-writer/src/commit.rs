@@ -1,0 +1,192 @@
+//! The commit thread: turns chunks of ring records into durable batches.
+//!
+//! Owns batching (up to `batch_records_max` records, or whatever arrived
+//! while the last batch was being written: group commit, no added delay),
+//! retrying a failed batch whole with back-off, then advancing each ring's
+//! durable watermark, waking readers and telling shards (`Durable`). Owns the
+//! acknowledgements that arrived before their message (from another ring):
+//! they wait, bounded, until every ring has been read past the point where the
+//! acknowledgement was seen. Never advances a watermark before the store has
+//! made the batch durable.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use chat_protocol::records::Record;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use crate::backend::BatchWriter;
+use crate::rings::{Chunk, Progress};
+use crate::sessions::Sessions;
+use crate::stats::Stats;
+use crate::store::{self};
+
+/// Acknowledgements waiting for their message, at most.
+const PENDING_ACKS_MAX: usize = 65_536;
+/// Longest wait between batches when acknowledgements are pending.
+const PENDING_RETRY: Duration = Duration::from_millis(20);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+struct PendingAck {
+    user: String,
+    device: String,
+    message_id: u64,
+    /// Every ring's head when the acknowledgement was first not found.
+    heads: Vec<u64>,
+}
+
+pub struct CommitLoop {
+    pub chunks: Receiver<Chunk>,
+    pub writer: Box<dyn BatchWriter>,
+    pub progress: Arc<Progress>,
+    pub sessions: Arc<Sessions>,
+    pub stats: Arc<Stats>,
+    pub batch_records_max: usize,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl CommitLoop {
+    pub fn run(mut self) {
+        let mut pending: VecDeque<PendingAck> = VecDeque::new();
+        loop {
+            let timeout = if pending.is_empty() {
+                Duration::from_millis(100)
+            } else {
+                PENDING_RETRY
+            };
+            let mut chunks = Vec::new();
+            match self.chunks.recv_timeout(timeout) {
+                Ok(chunk) => chunks.push(chunk),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let mut records = chunks.iter().map(|c| c.records.len()).sum::<usize>();
+            while records < self.batch_records_max {
+                match self.chunks.try_recv() {
+                    Ok(chunk) => {
+                        records += chunk.records.len();
+                        chunks.push(chunk);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if chunks.is_empty() && pending.is_empty() {
+                if self.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                continue;
+            }
+            let started = Instant::now();
+            let mut backoff = Duration::from_millis(10);
+            let still_pending = loop {
+                match self.commit(&chunks, &pending) {
+                    Ok(still_pending) => break still_pending,
+                    Err(error) => {
+                        tracing::warn!(%error, retry_in = ?backoff, "batch not committed; retrying");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                    }
+                }
+            };
+            self.stats.batch(records, started.elapsed());
+            pending = still_pending;
+            self.publish(&chunks);
+        }
+    }
+
+    /// Writes one batch. Returns the acknowledgements still waiting.
+    fn commit(
+        &mut self,
+        chunks: &[Chunk],
+        pending: &VecDeque<PendingAck>,
+    ) -> Result<VecDeque<PendingAck>> {
+        let mut decoded = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            for raw in &chunk.records {
+                // A record that passed its checksum but does not decode was
+                // written by an incompatible gateway: stop, do not guess.
+                let record = Record::decode(raw).map_err(|error| {
+                    anyhow::anyhow!(
+                        "ring {}: {error}; is the gateway the same version?",
+                        chunk.ring
+                    )
+                })?;
+                decoded.push((raw.as_slice(), record));
+            }
+        }
+        let heads = self.progress.barrier();
+        let committed: Vec<u64> = {
+            let rings = self.progress.rings.lock().expect("progress lock");
+            rings.iter().map(|ring| ring.committed).collect()
+        };
+        let mut still_pending = VecDeque::new();
+        self.writer.write_batch(&mut |tables| {
+            still_pending.clear();
+            let unresolved = store::apply(tables, &decoded)?;
+            for index in unresolved {
+                if let (_, Record::Ack(ack)) = &decoded[index] {
+                    still_pending.push_back(PendingAck {
+                        user: ack.user.to_owned(),
+                        device: ack.device.to_owned(),
+                        message_id: ack.message_id,
+                        heads: heads.clone(),
+                    });
+                }
+            }
+            for ack in pending {
+                if store::apply_ack(tables, &ack.user, &ack.device, ack.message_id)? {
+                    continue;
+                }
+                // Every ring was read past where this ack was seen and its
+                // message never came: the client named an id it was not sent.
+                let read_past = ack
+                    .heads
+                    .iter()
+                    .zip(&committed)
+                    .all(|(head, committed)| committed >= head);
+                if !read_past {
+                    still_pending.push_back(PendingAck {
+                        user: ack.user.clone(),
+                        device: ack.device.clone(),
+                        message_id: ack.message_id,
+                        heads: ack.heads.clone(),
+                    });
+                }
+            }
+            while still_pending.len() > PENDING_ACKS_MAX {
+                // Forgetting an ack only means a redelivery.
+                still_pending.pop_front();
+            }
+            Ok(())
+        })?;
+        Ok(still_pending)
+    }
+
+    /// After a durable batch: advance watermarks, wake readers, tell shards.
+    fn publish(&self, chunks: &[Chunk]) {
+        let mut notices = Vec::new();
+        {
+            let mut rings = self.progress.rings.lock().expect("progress lock");
+            for chunk in chunks {
+                let ring = &mut rings[chunk.ring];
+                ring.watermark.commit(chunk.end);
+                ring.committed = ring.committed.max(chunk.end);
+                notices.push((ring.shard, ring.path.clone(), ring.committed));
+            }
+        }
+        self.progress.committed.notify_all();
+        notices.sort();
+        notices.dedup_by(|a, b| {
+            a.1 == b.1 && {
+                b.2 = b.2.max(a.2);
+                true
+            }
+        });
+        for (_, path, position) in notices {
+            self.sessions.durable(&path, position);
+        }
+    }
+}

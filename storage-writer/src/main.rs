@@ -1,0 +1,187 @@
+//! `storage-writer`: drains every gateway shard's shared-memory ring into
+//! storage in batches, and serves the gateway's reads.
+//!
+//! Owns start-up and shutdown: parse the flags, open the backend, attach the
+//! rings already in the ring directory, start the commit thread and the read
+//! path, tell systemd it is ready, and on SIGTERM finish the batch in hand and
+//! exit. Never serves clients directly; the gateway does.
+
+mod backend;
+mod commit;
+mod rings;
+mod serve;
+mod sessions;
+mod stats;
+mod store;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use crate::backend::{BackendKind, BackendOptions};
+use crate::store::embedded::Fsync;
+
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Directory holding the shards' ring files (`shard-N.ring`).
+    #[arg(long, env = "STORAGE_WRITER_RING_DIR", default_value = "data/rings")]
+    ring_dir: PathBuf,
+    /// The read-path socket gateways connect to.
+    #[arg(
+        long,
+        env = "STORAGE_WRITER_SOCKET",
+        default_value = "data/rings/writer.sock"
+    )]
+    socket: PathBuf,
+    #[arg(
+        long,
+        value_enum,
+        env = "STORAGE_WRITER_BACKEND",
+        default_value = "embedded"
+    )]
+    backend: BackendKind,
+    /// Where the embedded store lives (`<data-dir>/store`).
+    #[arg(long, env = "STORAGE_WRITER_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Embedded store: when the journal is fsynced.
+    #[arg(long, value_enum, default_value = "batch")]
+    fsync: Fsync,
+    /// Embedded store: block cache size.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    cache_bytes: u64,
+    /// e.g. `host=127.0.0.1 port=5432 user=chat dbname=chat`.
+    #[arg(long, env = "STORAGE_WRITER_POSTGRES_URL", hide_env_values = true)]
+    postgres_url: Option<String>,
+    /// e.g. `127.0.0.1:9042`.
+    #[arg(long, env = "SCYLLA_URI")]
+    scylla_uri: Option<String>,
+    #[arg(long, default_value = "chat")]
+    scylla_keyspace: String,
+    /// Consistency for ScyllaDB writes and reads (one, quorum, local_quorum, ...).
+    #[arg(long, default_value = "local_quorum")]
+    scylla_consistency: String,
+    /// Most records in one batch (a batch is also cut when the rings are empty).
+    #[arg(long, default_value_t = 4096)]
+    batch_records_max: usize,
+    /// Log batch statistics this often (0: never).
+    #[arg(long, default_value_t = 60)]
+    stats_interval_s: u64,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    if let Err(error) = run(Args::parse()) {
+        tracing::error!("{error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    anyhow::ensure!(
+        (1..=1 << 20).contains(&args.batch_records_max),
+        "--batch-records-max must be 1 to 1048576"
+    );
+    std::fs::create_dir_all(&args.ring_dir)
+        .with_context(|| format!("creating {}", args.ring_dir.display()))?;
+    let backend: Arc<dyn backend::Backend> = Arc::from(backend::open(&BackendOptions {
+        kind: args.backend,
+        data_dir: args.data_dir.clone(),
+        fsync: args.fsync,
+        cache_bytes: args.cache_bytes,
+        postgres_url: args.postgres_url.clone(),
+        scylla_uri: args.scylla_uri.clone(),
+        scylla_keyspace: args.scylla_keyspace.clone(),
+        scylla_consistency: args.scylla_consistency.clone(),
+    })?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(rings::Progress::default());
+    let (chunk_tx, chunk_rx) = crossbeam_channel::bounded(64);
+    let rings = Arc::new(rings::Rings::new(progress.clone(), chunk_tx, stop.clone()));
+    rings.attach_dir(&args.ring_dir)?;
+    let sessions = Arc::new(sessions::Sessions::default());
+    let stats = Arc::new(stats::Stats::default());
+
+    let commit = commit::CommitLoop {
+        chunks: chunk_rx,
+        writer: backend.writer()?,
+        progress: progress.clone(),
+        sessions: sessions.clone(),
+        stats: stats.clone(),
+        batch_records_max: args.batch_records_max,
+        stop: stop.clone(),
+    };
+    let commit_thread = std::thread::Builder::new()
+        .name("commit".into())
+        .spawn(move || commit.run())?;
+
+    let listener = serve::bind(&args.socket)?;
+    let server = Arc::new(serve::Server {
+        backend: backend.clone(),
+        rings,
+        sessions,
+        stop: stop.clone(),
+        ring_dir: args.ring_dir.clone(),
+    });
+    std::thread::Builder::new()
+        .name("accept".into())
+        .spawn(move || server.run(listener))?;
+
+    tracing::info!(
+        backend = backend.name(),
+        socket = %args.socket.display(),
+        ring_dir = %args.ring_dir.display(),
+        "storage-writer ready"
+    );
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    wait_for_signal(&stats, args.stats_interval_s)?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    stop.store(true, Ordering::Relaxed);
+    // The commit thread finishes the batch in hand once the drains stop sending.
+    let _ = commit_thread.join();
+    log_stats(&stats);
+    Ok(())
+}
+
+/// Blocks until SIGTERM or SIGINT, logging statistics and feeding the
+/// systemd watchdog meanwhile.
+fn wait_for_signal(stats: &stats::Stats, interval_s: u64) -> Result<()> {
+    let term = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, term.clone())?;
+    }
+    let tick = Duration::from_millis(100);
+    let mut ticks = 0u64;
+    while !term.load(Ordering::Relaxed) {
+        std::thread::sleep(tick);
+        ticks += 1;
+        if ticks % 50 == 0 {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        }
+        if interval_s > 0 && ticks % (interval_s * 10) == 0 {
+            log_stats(stats);
+        }
+    }
+    tracing::info!("signal received; finishing the batch in hand");
+    Ok(())
+}
+
+fn log_stats(stats: &stats::Stats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    tracing::info!(
+        batches = stats.batches.load(Relaxed),
+        records = stats.records.load(Relaxed),
+        commit_ms = stats.commit_ns.load(Relaxed) / 1_000_000,
+        sizes = %stats.size_histogram(),
+        "writer statistics"
+    );
+}

@@ -1,0 +1,238 @@
+//! The read path: a Unix socket on which gateway shards say hello, read, and
+//! hear about durability.
+//!
+//! Owns the listener and one thread per connected shard (a node has one per
+//! core, so a thread each is cheap and keeps reads off the commit thread).
+//! Every read first waits until the records appended before it arrived are
+//! committed (`Progress::wait_for`): a device syncing right after it
+//! connected sees every message sent before it did. Never writes to the
+//! store, and answers a failed read with `Failed` instead of closing.
+
+use std::io::Read;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chat_protocol::store_wire::{self, Request, Response};
+
+use crate::backend::Backend;
+use crate::rings::Rings;
+use crate::sessions::{self, SessionSocket, Sessions, WRITE_TIMEOUT};
+use crate::store::{self, ReadRefused, Tables};
+
+/// Longest a read waits for the writer to catch up before it fails.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most entries and bytes of one sync page.
+const SYNC_LIMIT_MAX: usize = 1_000;
+const SYNC_BYTES_MAX: usize = 4 * 1024 * 1024;
+const RECENT_LIMIT_MAX: usize = 4_096;
+
+pub struct Server {
+    pub backend: Arc<dyn Backend>,
+    pub rings: Arc<Rings>,
+    pub sessions: Arc<Sessions>,
+    pub stop: Arc<AtomicBool>,
+    /// Rings must live here (a shard cannot make the writer map other files).
+    pub ring_dir: PathBuf,
+}
+
+/// Binds the socket (replacing a stale one) with owner-and-group permissions.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error).context(format!("removing stale {}", path.display())),
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let mode = std::os::unix::fs::PermissionsExt::from_mode(0o660);
+    std::fs::set_permissions(path, mode)?;
+    Ok(listener)
+}
+
+impl Server {
+    pub fn run(self: Arc<Self>, listener: UnixListener) {
+        for stream in listener.incoming() {
+            if self.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match stream {
+                Ok(stream) => {
+                    let server = self.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("session".into())
+                        .spawn(move || server.session(stream));
+                    if let Err(error) = spawned {
+                        tracing::warn!(%error, "could not start a session thread");
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "accept failed"),
+            }
+        }
+    }
+
+    fn session(&self, stream: UnixStream) {
+        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+        let writer: SessionSocket = match stream.try_clone() {
+            Ok(writer) => Arc::new(Mutex::new(writer)),
+            Err(error) => {
+                tracing::warn!(%error, "could not clone a session socket");
+                return;
+            }
+        };
+        let mut ring: Option<PathBuf> = None;
+        let result = self.serve_requests(stream, &writer, &mut ring);
+        if let Some(ring) = &ring {
+            self.sessions.unregister(ring, &writer);
+        }
+        match result {
+            Ok(()) => tracing::debug!("shard session ended"),
+            Err(error) => tracing::info!(%error, "shard session ended"),
+        }
+    }
+
+    fn serve_requests(
+        &self,
+        mut stream: UnixStream,
+        writer: &SessionSocket,
+        ring: &mut Option<PathBuf>,
+    ) -> Result<()> {
+        let mut tables = self.backend.reader()?;
+        let mut buffer = Vec::new();
+        loop {
+            let Some(body) = read_frame(&mut stream, &mut buffer)? else {
+                return Ok(());
+            };
+            let request = Request::decode(body)?;
+            match request {
+                Request::Hello { shard, ring: path } => {
+                    let path = Path::new(&path);
+                    let inside = path
+                        .parent()
+                        .and_then(|p| p.canonicalize().ok())
+                        .is_some_and(|p| Some(p) == self.ring_dir.canonicalize().ok());
+                    anyhow::ensure!(
+                        inside,
+                        "shard {shard} named ring {} outside the ring directory {}",
+                        path.display(),
+                        self.ring_dir.display()
+                    );
+                    let index = self.rings.attach(path, Some(shard))?;
+                    let (path, committed) = {
+                        let rings = self.rings.progress.rings.lock().expect("progress lock");
+                        (rings[index].path.clone(), rings[index].committed)
+                    };
+                    tracing::info!(shard, ring = %path.display(), "shard connected");
+                    self.sessions.register(path.clone(), writer.clone());
+                    *ring = Some(path);
+                    sessions::send(
+                        writer,
+                        &Response::Durable {
+                            position: committed,
+                        }
+                        .encode(),
+                    )?;
+                }
+                request => {
+                    let response = self.answer(&mut *tables, request);
+                    sessions::send(writer, &response.encode())?;
+                }
+            }
+        }
+    }
+
+    fn answer(&self, tables: &mut dyn Tables, request: Request) -> Response {
+        let req = match &request {
+            Request::Sync { req, .. }
+            | Request::History { req, .. }
+            | Request::Recent { req, .. } => *req,
+            Request::Hello { .. } => 0,
+        };
+        let barrier = self.rings.progress.barrier();
+        if !self.rings.progress.wait_for(&barrier, BARRIER_TIMEOUT) {
+            return Response::Failed {
+                req,
+                reason: "storage is behind; try again".into(),
+            };
+        }
+        let result = match request {
+            Request::Sync {
+                req,
+                user,
+                device,
+                from,
+                limit,
+                bytes_max,
+            } => store::sync_page(
+                tables,
+                &user,
+                &device,
+                from,
+                usize::from(limit).min(SYNC_LIMIT_MAX),
+                (bytes_max as usize).min(SYNC_BYTES_MAX),
+            )
+            .map(|page| Response::SyncPage {
+                req,
+                entries: page.entries,
+                last_seq: page.last_seq,
+                more: page.more,
+            }),
+            Request::History {
+                req,
+                conversation,
+                before,
+                limit,
+            } => tables
+                .history(&conversation, before, usize::from(limit))
+                .map(|records| Response::Messages { req, records }),
+            Request::Recent {
+                req,
+                user,
+                device,
+                since_unix_ms,
+                limit,
+            } => store::recent_sends(
+                tables,
+                &user,
+                &device,
+                since_unix_ms,
+                usize::from(limit).min(RECENT_LIMIT_MAX),
+            )
+            .map(|sends| Response::RecentSends { req, sends }),
+            Request::Hello { .. } => unreachable!("handled by the session"),
+        };
+        result.unwrap_or_else(|error| {
+            if let Some(refused) = error.downcast_ref::<ReadRefused>() {
+                return Response::Failed {
+                    req,
+                    reason: refused.0.into(),
+                };
+            }
+            tracing::warn!(%error, "read failed");
+            Response::Failed {
+                req,
+                reason: "storage read failed".into(),
+            }
+        })
+    }
+}
+
+/// Reads one frame body; `None` at a clean end of stream.
+fn read_frame<'a>(stream: &mut UnixStream, buffer: &'a mut Vec<u8>) -> Result<Option<&'a [u8]>> {
+    let mut prefix = [0u8; 4];
+    match stream.read_exact(&mut prefix) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error.into()),
+    }
+    let len = store_wire::frame_len(&prefix)?.expect("4 bytes read") - 4;
+    buffer.resize(len, 0);
+    stream.read_exact(buffer)?;
+    Ok(Some(buffer))
+}

@@ -1,0 +1,67 @@
+//! Connected gateway shards, for `Durable` notices.
+//!
+//! Owns the map from ring path to the socket of the shard writing that ring.
+//! A notice is one small write; a shard that stopped reading (its socket
+//! buffer full) is dropped rather than allowed to stall the commit thread.
+//! Never reads from the sockets (the session threads in `serve` do).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chat_protocol::store_wire::Response;
+
+/// A shard's socket, shared by its session thread (answers) and the commit thread (notices).
+pub type SessionSocket = Arc<Mutex<UnixStream>>;
+
+#[derive(Default)]
+pub struct Sessions {
+    by_ring: Mutex<HashMap<PathBuf, SessionSocket>>,
+}
+
+/// Longest a write to a shard may block before the shard is dropped.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Sessions {
+    pub fn register(&self, ring: PathBuf, socket: SessionSocket) {
+        self.by_ring
+            .lock()
+            .expect("sessions lock")
+            .insert(ring, socket);
+    }
+
+    pub fn unregister(&self, ring: &Path, socket: &SessionSocket) {
+        let mut sessions = self.by_ring.lock().expect("sessions lock");
+        if sessions.get(ring).is_some_and(|s| Arc::ptr_eq(s, socket)) {
+            sessions.remove(ring);
+        }
+    }
+
+    /// Tells the shard writing `ring` that everything before `position` is durable.
+    pub fn durable(&self, ring: &Path, position: u64) {
+        let socket = self
+            .by_ring
+            .lock()
+            .expect("sessions lock")
+            .get(ring)
+            .cloned();
+        if let Some(socket) = socket {
+            let frame = Response::Durable { position }.encode();
+            if let Err(error) = send(&socket, &frame) {
+                tracing::warn!(ring = %ring.display(), %error, "shard not reading; dropping its session");
+                let _ = socket
+                    .lock()
+                    .expect("socket lock")
+                    .shutdown(std::net::Shutdown::Both);
+                self.unregister(ring, &socket);
+            }
+        }
+    }
+}
+
+pub fn send(socket: &SessionSocket, frame: &[u8]) -> std::io::Result<()> {
+    socket.lock().expect("socket lock").write_all(frame)
+}

@@ -1,0 +1,357 @@
+//! The default backend: fjall, an embedded LSM store in the data directory.
+//!
+//! Owns the key layout of each table (ids cannot contain a 0 byte, so `\0`
+//! separates key parts and big-endian integers sort numerically) and the
+//! per-user inbox counters. Writes go straight into the partitions and become
+//! durable when `persist` fsyncs the journal once per batch (group commit).
+//! Never fsyncs per record, and never keeps more than `COUNTERS_MAX` counters
+//! in memory (they are re-read from the inbox's last key).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use chat_protocol::store_wire::RecentSend;
+use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
+
+use super::{Cursor, InboxEntry, Tables};
+
+/// Inbox counters cached in memory before the cache is cleared.
+const COUNTERS_MAX: usize = 1 << 20;
+
+/// How the journal reaches the disk after a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fsync {
+    /// fsync data and metadata after every batch (the default: an
+    /// acknowledged message survives power loss).
+    Batch,
+    /// Write to the OS after every batch, fsync never: survives a process
+    /// crash, not a power loss. For benchmarks that isolate the disk.
+    None,
+}
+
+/// Handles to the store, cheap to clone for reader threads.
+#[derive(Clone)]
+pub struct Embedded {
+    keyspace: Keyspace,
+    messages: PartitionHandle,
+    sends: PartitionHandle,
+    sends_recent: PartitionHandle,
+    inbox: PartitionHandle,
+    inbox_ids: PartitionHandle,
+    cursors: PartitionHandle,
+    fsync: Fsync,
+}
+
+/// The commit thread's view: the store plus the inbox counters it alone advances.
+pub struct EmbeddedWriter {
+    store: Embedded,
+    counters: HashMap<String, u64>,
+}
+
+impl Embedded {
+    pub fn open(path: &Path, cache_bytes: u64, fsync: Fsync) -> Result<Self> {
+        let keyspace = Config::new(path)
+            .manual_journal_persist(true)
+            .cache_size(cache_bytes)
+            .open()
+            .with_context(|| format!("opening the embedded store at {}", path.display()))?;
+        let open = |name: &str| {
+            keyspace
+                .open_partition(name, PartitionCreateOptions::default())
+                .with_context(|| format!("opening partition {name}"))
+        };
+        Ok(Self {
+            messages: open("messages")?,
+            sends: open("sends")?,
+            sends_recent: open("sends_recent")?,
+            inbox: open("inbox")?,
+            inbox_ids: open("inbox_ids")?,
+            cursors: open("cursors")?,
+            keyspace,
+            fsync,
+        })
+    }
+
+    pub fn writer(&self) -> EmbeddedWriter {
+        EmbeddedWriter {
+            store: self.clone(),
+            counters: HashMap::new(),
+        }
+    }
+
+    /// Makes every write so far durable (one journal fsync).
+    pub fn persist(&self) -> Result<()> {
+        let mode = match self.fsync {
+            Fsync::Batch => PersistMode::SyncAll,
+            Fsync::None => PersistMode::Buffer,
+        };
+        self.keyspace
+            .persist(mode)
+            .context("persisting the journal")
+    }
+}
+
+/// `parts` joined with `\0`, then `tail` (a big-endian integer, or nothing).
+fn key(parts: &[&str], tail: Option<u64>) -> Vec<u8> {
+    let mut key = Vec::with_capacity(64);
+    for part in parts {
+        key.extend_from_slice(part.as_bytes());
+        key.push(0);
+    }
+    if let Some(tail) = tail {
+        key.extend_from_slice(&tail.to_be_bytes());
+    }
+    key
+}
+
+fn be_u64(bytes: &[u8]) -> Result<u64> {
+    Ok(u64::from_be_bytes(
+        bytes
+            .get(..8)
+            .context("short integer in store")?
+            .try_into()?,
+    ))
+}
+
+/// The 8 big-endian bytes at the end of a key.
+fn key_tail(key: &[u8]) -> Result<u64> {
+    be_u64(&key[key.len().checked_sub(8).context("short key in store")?..])
+}
+
+fn text(bytes: &[u8]) -> Result<String> {
+    Ok(std::str::from_utf8(bytes)?.to_owned())
+}
+
+impl Tables for Embedded {
+    fn message(&mut self, conversation: &str, message_id: u64) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .messages
+            .get(key(&[conversation], Some(message_id)))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn put_message(&mut self, conversation: &str, message_id: u64, record: &[u8]) -> Result<()> {
+        self.messages
+            .insert(key(&[conversation], Some(message_id)), record)?;
+        Ok(())
+    }
+
+    fn history(
+        &mut self,
+        conversation: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>> {
+        let start = key(&[conversation], Some(0));
+        let end = key(&[conversation], Some(before.unwrap_or(u64::MAX)));
+        let mut records = Vec::with_capacity(limit.min(128));
+        for item in self.messages.range(start..end).rev().take(limit) {
+            records.push(item?.1.to_vec());
+        }
+        Ok(records)
+    }
+
+    fn put_send_if_absent(
+        &mut self,
+        user: &str,
+        device: &str,
+        client_msg_id: &str,
+        message_id: u64,
+        conversation: &str,
+    ) -> Result<()> {
+        let send_key = key(&[user, device, client_msg_id], None);
+        if self.sends.get(&send_key)?.is_some() {
+            return Ok(());
+        }
+        let mut value = message_id.to_be_bytes().to_vec();
+        value.extend_from_slice(conversation.as_bytes());
+        self.sends.insert(send_key, value)?;
+        let mut recent = client_msg_id.as_bytes().to_vec();
+        recent.push(0);
+        recent.extend_from_slice(conversation.as_bytes());
+        self.sends_recent
+            .insert(key(&[user, device], Some(message_id)), recent)?;
+        Ok(())
+    }
+
+    fn recent_sends(
+        &mut self,
+        user: &str,
+        device: &str,
+        since_message_id: u64,
+        limit: usize,
+    ) -> Result<Vec<RecentSend>> {
+        let start = key(&[user, device], Some(since_message_id));
+        let end = key(&[user, device], Some(u64::MAX));
+        let mut sends = Vec::new();
+        for item in self.sends_recent.range(start..=end).rev().take(limit) {
+            let (k, v) = item?;
+            let (client_msg_id, conversation) =
+                v.split_at(v.iter().position(|b| *b == 0).context("bad send entry")?);
+            sends.push(RecentSend {
+                client_msg_id: text(client_msg_id)?,
+                message_id: key_tail(&k)?,
+                conversation: text(&conversation[1..])?,
+            });
+        }
+        Ok(sends)
+    }
+
+    fn append_inbox(
+        &mut self,
+        _user: &str,
+        _message_id: u64,
+        _conversation: &str,
+        _origin_device: &str,
+    ) -> Result<u64> {
+        anyhow::bail!("readers never append; the commit thread uses EmbeddedWriter")
+    }
+
+    fn inbox_entry_of(&mut self, user: &str, message_id: u64) -> Result<Option<(u64, String)>> {
+        let Some(value) = self.inbox_ids.get(key(&[user], Some(message_id)))? else {
+            return Ok(None);
+        };
+        Ok(Some((be_u64(&value)?, text(&value[8..])?)))
+    }
+
+    fn inbox_after(&mut self, user: &str, after: u64, limit: usize) -> Result<Vec<InboxEntry>> {
+        let start = key(&[user], Some(after.saturating_add(1)));
+        let end = key(&[user], Some(u64::MAX));
+        let mut entries = Vec::with_capacity(limit.min(256));
+        for item in self.inbox.range(start..=end).take(limit) {
+            let (k, v) = item?;
+            let origin_len = usize::from(*v.get(8).context("bad inbox entry")?);
+            let origin = v.get(9..9 + origin_len).context("bad inbox entry")?;
+            entries.push(InboxEntry {
+                seq: key_tail(&k)?,
+                message_id: be_u64(&v)?,
+                origin_device: text(origin)?,
+                conversation: text(&v[9 + origin_len..])?,
+            });
+        }
+        Ok(entries)
+    }
+
+    fn cursor(&mut self, user: &str, device: &str) -> Result<Cursor> {
+        match self.cursors.get(key(&[user, device], None))? {
+            Some(value) => Ok(Cursor::decode(&value)?),
+            None => Ok(Cursor::default()),
+        }
+    }
+
+    fn put_cursor(&mut self, user: &str, device: &str, cursor: &Cursor) -> Result<()> {
+        self.cursors
+            .insert(key(&[user, device], None), cursor.encode())?;
+        Ok(())
+    }
+}
+
+impl EmbeddedWriter {
+    pub fn persist(&self) -> Result<()> {
+        self.store.persist()
+    }
+
+    fn index_inbox(&self, user: &str, message_id: u64, seq: u64, conversation: &str) -> Result<()> {
+        let mut value = seq.to_be_bytes().to_vec();
+        value.extend_from_slice(conversation.as_bytes());
+        self.store
+            .inbox_ids
+            .insert(key(&[user], Some(message_id)), value)?;
+        Ok(())
+    }
+
+    /// The user's last inbox entry: (sequence, message id), or zeros.
+    fn last_entry(&self, user: &str) -> Result<(u64, u64)> {
+        match self.store.inbox.prefix(key(&[user], None)).next_back() {
+            Some(item) => {
+                let (k, v) = item?;
+                Ok((key_tail(&k)?, be_u64(&v)?))
+            }
+            None => Ok((0, 0)),
+        }
+    }
+}
+
+/// Every table read and write goes to the store; only `append_inbox` differs.
+impl Tables for EmbeddedWriter {
+    fn message(&mut self, conversation: &str, message_id: u64) -> Result<Option<Vec<u8>>> {
+        self.store.message(conversation, message_id)
+    }
+    fn put_message(&mut self, conversation: &str, message_id: u64, record: &[u8]) -> Result<()> {
+        self.store.put_message(conversation, message_id, record)
+    }
+    fn history(&mut self, c: &str, before: Option<u64>, limit: usize) -> Result<Vec<Vec<u8>>> {
+        self.store.history(c, before, limit)
+    }
+    fn put_send_if_absent(
+        &mut self,
+        user: &str,
+        device: &str,
+        client_msg_id: &str,
+        message_id: u64,
+        conversation: &str,
+    ) -> Result<()> {
+        self.store
+            .put_send_if_absent(user, device, client_msg_id, message_id, conversation)
+    }
+    fn recent_sends(
+        &mut self,
+        user: &str,
+        device: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<RecentSend>> {
+        self.store.recent_sends(user, device, since, limit)
+    }
+    fn append_inbox(
+        &mut self,
+        user: &str,
+        message_id: u64,
+        conversation: &str,
+        origin_device: &str,
+    ) -> Result<u64> {
+        let last = match self.counters.get(user) {
+            Some(seq) => *seq,
+            None => {
+                if self.counters.len() >= COUNTERS_MAX {
+                    self.counters.clear();
+                }
+                let (seq, last_message_id) = self.last_entry(user)?;
+                self.counters.insert(user.to_owned(), seq);
+                if seq > 0 && last_message_id == message_id {
+                    // A crash came between this entry and its index: finish it.
+                    self.index_inbox(user, message_id, seq, conversation)?;
+                    return Ok(seq);
+                }
+                seq
+            }
+        };
+        let seq = last + 1;
+        let origin_len = u8::try_from(origin_device.len()).context("device id too long")?;
+        let mut value = Vec::with_capacity(9 + origin_device.len() + conversation.len());
+        value.extend_from_slice(&message_id.to_be_bytes());
+        value.push(origin_len);
+        value.extend_from_slice(origin_device.as_bytes());
+        value.extend_from_slice(conversation.as_bytes());
+        // The entry, then its index. The journal keeps write order, so a
+        // crash leaves at most the user's last entry without an index, which
+        // the next append for that message repairs (above).
+        self.store.inbox.insert(key(&[user], Some(seq)), value)?;
+        self.index_inbox(user, message_id, seq, conversation)?;
+        self.counters.insert(user.to_owned(), seq);
+        Ok(seq)
+    }
+    fn inbox_entry_of(&mut self, user: &str, message_id: u64) -> Result<Option<(u64, String)>> {
+        self.store.inbox_entry_of(user, message_id)
+    }
+    fn inbox_after(&mut self, user: &str, after: u64, limit: usize) -> Result<Vec<InboxEntry>> {
+        self.store.inbox_after(user, after, limit)
+    }
+    fn cursor(&mut self, user: &str, device: &str) -> Result<Cursor> {
+        self.store.cursor(user, device)
+    }
+    fn put_cursor(&mut self, user: &str, device: &str, cursor: &Cursor) -> Result<()> {
+        self.store.put_cursor(user, device, cursor)
+    }
+}

@@ -1,0 +1,282 @@
+//! What is stored and how it is read back, once, over any backend's tables.
+//!
+//! Owns the storage semantics: a message is kept in its conversation,
+//! indexed in the inbox of its recipient and of its sender's user (so the
+//! sender's other devices sync it), and remembered under its idempotency key;
+//! an acknowledgement advances the device's cursor through every entry of that
+//! conversation up to the message (cumulative per conversation). Backends
+//! (`embedded`, `postgres`, `scylla`) only implement `Tables`, the primitive
+//! reads and writes, so these rules exist in one place.
+//!
+//! Must never: apply a record twice (the writer re-reads uncommitted records
+//! after a restart, so every step is idempotent and the message row is written
+//! last, as the marker that the rest is done), or leave a gap in a user's
+//! inbox sequence (cursors fold contiguous runs).
+
+pub mod cursor;
+pub mod embedded;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "scylla")]
+pub mod scylla;
+
+use anyhow::Result;
+use chat_protocol::records::Record;
+use chat_protocol::snowflake;
+use chat_protocol::store_wire::{RecentSend, SyncEntry, SyncFrom};
+
+pub use self::cursor::Cursor;
+
+/// Inbox entries one acknowledgement scans to find earlier ones of its conversation.
+const ACK_SCAN_MAX: usize = 4096;
+/// Inbox entries read from a backend at once while building a sync page.
+const SCAN_CHUNK: usize = 256;
+
+/// One entry of a user's inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxEntry {
+    pub seq: u64,
+    pub message_id: u64,
+    pub conversation: String,
+    /// The device that sent it, when the user sent it (that device does not sync it).
+    pub origin_device: String,
+}
+
+/// The primitive reads and writes a backend provides. Writes within one
+/// `apply` call are visible to its later reads.
+pub trait Tables {
+    fn message(&mut self, conversation: &str, message_id: u64) -> Result<Option<Vec<u8>>>;
+    fn put_message(&mut self, conversation: &str, message_id: u64, record: &[u8]) -> Result<()>;
+    /// Newest first, ids below `before` (all when `None`).
+    fn history(
+        &mut self,
+        conversation: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>>;
+
+    /// Remembers a send under its idempotency key unless one is there already.
+    fn put_send_if_absent(
+        &mut self,
+        user: &str,
+        device: &str,
+        client_msg_id: &str,
+        message_id: u64,
+        conversation: &str,
+    ) -> Result<()>;
+    /// The device's sends with ids at or above `since_message_id`, newest first.
+    fn recent_sends(
+        &mut self,
+        user: &str,
+        device: &str,
+        since_message_id: u64,
+        limit: usize,
+    ) -> Result<Vec<RecentSend>>;
+
+    /// Appends to `user`'s inbox at the next sequence (gap-free per user).
+    fn append_inbox(
+        &mut self,
+        user: &str,
+        message_id: u64,
+        conversation: &str,
+        origin_device: &str,
+    ) -> Result<u64>;
+    /// The inbox entry of `message_id` in `user`'s inbox: (sequence, conversation).
+    fn inbox_entry_of(&mut self, user: &str, message_id: u64) -> Result<Option<(u64, String)>>;
+    /// Entries with sequence above `after`, ascending, at most `limit`.
+    fn inbox_after(&mut self, user: &str, after: u64, limit: usize) -> Result<Vec<InboxEntry>>;
+
+    fn cursor(&mut self, user: &str, device: &str) -> Result<Cursor>;
+    fn put_cursor(&mut self, user: &str, device: &str, cursor: &Cursor) -> Result<()>;
+}
+
+/// Applies decoded records in ring order. Returns the indices of
+/// acknowledgements whose message is not (yet) in the user's inbox: the
+/// caller retries them once the other rings have been read further.
+pub fn apply(tables: &mut dyn Tables, records: &[(&[u8], Record<'_>)]) -> Result<Vec<usize>> {
+    let mut unresolved = Vec::new();
+    for (index, (raw, record)) in records.iter().enumerate() {
+        match record {
+            Record::Message(message) => {
+                if tables
+                    .message(message.conversation, message.message_id)?
+                    .is_some()
+                {
+                    continue; // applied before a restart
+                }
+                tables.put_send_if_absent(
+                    message.from,
+                    message.from_device,
+                    message.client_msg_id,
+                    message.message_id,
+                    message.conversation,
+                )?;
+                if message.to != message.from {
+                    inbox_once(
+                        tables,
+                        message.to,
+                        message.message_id,
+                        message.conversation,
+                        "",
+                    )?;
+                }
+                let own = inbox_once(
+                    tables,
+                    message.from,
+                    message.message_id,
+                    message.conversation,
+                    message.from_device,
+                )?;
+                // The sending device has its own message.
+                let mut cursor = tables.cursor(message.from, message.from_device)?;
+                cursor.ack(own);
+                tables.put_cursor(message.from, message.from_device, &cursor)?;
+                tables.put_message(message.conversation, message.message_id, raw)?;
+            }
+            Record::Ack(ack) => {
+                if !apply_ack(tables, ack.user, ack.device, ack.message_id)? {
+                    unresolved.push(index);
+                }
+            }
+        }
+    }
+    Ok(unresolved)
+}
+
+fn inbox_once(
+    tables: &mut dyn Tables,
+    user: &str,
+    message_id: u64,
+    conversation: &str,
+    origin_device: &str,
+) -> Result<u64> {
+    match tables.inbox_entry_of(user, message_id)? {
+        Some((seq, _)) => Ok(seq),
+        None => tables.append_inbox(user, message_id, conversation, origin_device),
+    }
+}
+
+/// Acknowledges `message_id` and every earlier entry of its conversation for
+/// this device. False when the message is not in the user's inbox.
+pub fn apply_ack(
+    tables: &mut dyn Tables,
+    user: &str,
+    device: &str,
+    message_id: u64,
+) -> Result<bool> {
+    let Some((seq, conversation)) = tables.inbox_entry_of(user, message_id)? else {
+        return Ok(false);
+    };
+    let mut cursor = tables.cursor(user, device)?;
+    if cursor.is_acked(seq) {
+        return Ok(true);
+    }
+    let mut after = cursor.through;
+    let mut scanned = 0;
+    'scan: while scanned < ACK_SCAN_MAX {
+        let entries = tables.inbox_after(user, after, SCAN_CHUNK)?;
+        if entries.is_empty() {
+            break;
+        }
+        for entry in entries {
+            scanned += 1;
+            if entry.seq >= seq {
+                break 'scan;
+            }
+            if entry.conversation == conversation {
+                cursor.ack(entry.seq);
+            }
+            after = entry.seq;
+        }
+    }
+    cursor.ack(seq);
+    tables.put_cursor(user, device, &cursor)?;
+    Ok(true)
+}
+
+/// One page of a device's sync.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SyncPage {
+    pub entries: Vec<SyncEntry>,
+    pub last_seq: u64,
+    pub more: bool,
+}
+
+/// Why a read was refused (told to the client, not an outage).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ReadRefused(pub &'static str);
+
+/// What the device has not acknowledged (or everything after a message),
+/// in inbox order, skipping what the device itself sent.
+pub fn sync_page(
+    tables: &mut dyn Tables,
+    user: &str,
+    device: &str,
+    from: SyncFrom,
+    limit: usize,
+    bytes_max: usize,
+) -> Result<SyncPage> {
+    let (mut after, cursor) = match from {
+        SyncFrom::Cursor => {
+            let cursor = tables.cursor(user, device)?;
+            (cursor.through, Some(cursor))
+        }
+        SyncFrom::AfterSeq(seq) => (seq, Some(tables.cursor(user, device)?)),
+        SyncFrom::AfterSeqAll(seq) => (seq, None),
+        SyncFrom::AfterMessage(message_id) => match tables.inbox_entry_of(user, message_id)? {
+            Some((seq, _)) => (seq, None),
+            None => return Err(ReadRefused("`after` is not a message in this user's inbox").into()),
+        },
+    };
+    let mut page = SyncPage {
+        last_seq: after,
+        ..SyncPage::default()
+    };
+    let mut bytes = 0usize;
+    let scan_max = limit.saturating_mul(4).max(SCAN_CHUNK);
+    let mut scanned = 0;
+    loop {
+        let entries = tables.inbox_after(user, after, SCAN_CHUNK)?;
+        let exhausted = entries.len() < SCAN_CHUNK;
+        for entry in entries {
+            if page.entries.len() >= limit || bytes >= bytes_max || scanned >= scan_max {
+                page.more = true;
+                return Ok(page);
+            }
+            scanned += 1;
+            after = entry.seq;
+            page.last_seq = entry.seq;
+            if entry.origin_device == device {
+                continue;
+            }
+            if cursor.as_ref().is_some_and(|c| c.is_acked(entry.seq)) {
+                continue;
+            }
+            // Missing only while its batch is half applied; the device was
+            // online for it then (see ARCHITECTURE.md), so skipping is safe.
+            if let Some(record) = tables.message(&entry.conversation, entry.message_id)? {
+                bytes += record.len();
+                page.entries.push(SyncEntry {
+                    seq: entry.seq,
+                    record,
+                });
+            }
+        }
+        if exhausted {
+            return Ok(page);
+        }
+    }
+}
+
+/// The device's sends within the idempotency window, for a gateway to
+/// recognise retries after it restarted.
+pub fn recent_sends(
+    tables: &mut dyn Tables,
+    user: &str,
+    device: &str,
+    since_unix_ms: u64,
+    limit: usize,
+) -> Result<Vec<RecentSend>> {
+    tables.recent_sends(user, device, snowflake::first_id_at(since_unix_ms), limit)
+}

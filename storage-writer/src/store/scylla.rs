@@ -1,0 +1,392 @@
+//! The ScyllaDB backend (feature `scylla`): the reference design's store at scale.
+//!
+//! Owns the CQL schema (`schema/scylla.cql`), prepared statements with the
+//! configured consistency, the per-user inbox counter (a lightweight
+//! transaction: compare-and-set on `inbox_heads`), and grouping a batch's
+//! message rows into one unlogged batch per conversation partition, written
+//! last (the marker that a record is fully applied). A failed batch is
+//! retried whole by the commit thread with back-off; every write is
+//! idempotent. ScyllaDB cannot be installed on our CI machines: this code is
+//! built and linted there, and its live test runs only where `SCYLLA_URI` is set.
+//! Never blocks a shard: it runs on the writer's threads over a small
+//! current-thread runtime per handle.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use chat_protocol::store_wire::RecentSend;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::Consistency;
+
+use super::{Cursor, InboxEntry, Tables};
+use crate::backend::{Backend, BatchWriter};
+
+const SCHEMA: &str = include_str!("../../schema/scylla.cql");
+/// Compare-and-set attempts for one inbox sequence before the batch fails (and is retried).
+const CAS_ATTEMPTS: usize = 16;
+
+struct Statements {
+    message: PreparedStatement,
+    put_message: PreparedStatement,
+    history: PreparedStatement,
+    put_send: PreparedStatement,
+    put_send_by_time: PreparedStatement,
+    recent_sends: PreparedStatement,
+    head: PreparedStatement,
+    head_create: PreparedStatement,
+    head_advance: PreparedStatement,
+    put_inbox: PreparedStatement,
+    put_inbox_by_message: PreparedStatement,
+    inbox_entry_of: PreparedStatement,
+    inbox_after: PreparedStatement,
+    cursor: PreparedStatement,
+    put_cursor: PreparedStatement,
+}
+
+pub struct ScyllaBackend {
+    session: Arc<Session>,
+    statements: Arc<Statements>,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn consistency(name: &str) -> Result<Consistency> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "one" => Consistency::One,
+        "two" => Consistency::Two,
+        "three" => Consistency::Three,
+        "quorum" => Consistency::Quorum,
+        "all" => Consistency::All,
+        "local_quorum" => Consistency::LocalQuorum,
+        "each_quorum" => Consistency::EachQuorum,
+        "local_one" => Consistency::LocalOne,
+        other => anyhow::bail!("unknown consistency {other}"),
+    })
+}
+
+impl ScyllaBackend {
+    pub fn connect(uri: &str, keyspace: &str, consistency_name: &str) -> Result<Self> {
+        let level = consistency(consistency_name)?;
+        let runtime = runtime()?;
+        let (session, statements) = runtime.block_on(async {
+            let session = SessionBuilder::new()
+                .known_node(uri)
+                .build()
+                .await
+                .with_context(|| format!("connecting to ScyllaDB at {uri}"))?;
+            for statement in SCHEMA.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                let statement = statement
+                    .lines()
+                    .filter(|line| !line.trim_start().starts_with("--"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    .replace("chat.", &format!("{keyspace}."))
+                    .replace("EXISTS chat", &format!("EXISTS {keyspace}"));
+                if statement.trim().is_empty() {
+                    continue;
+                }
+                session
+                    .query_unpaged(statement.as_str(), &[])
+                    .await
+                    .with_context(|| format!("applying schema: {statement}"))?;
+            }
+            let prepare = |cql: String| {
+                let session = &session;
+                async move {
+                    let mut prepared = session
+                        .prepare(cql.as_str())
+                        .await
+                        .with_context(|| format!("preparing {cql}"))?;
+                    prepared.set_consistency(level);
+                    anyhow::Ok(prepared)
+                }
+            };
+            let k = keyspace;
+            let statements = Statements {
+                message: prepare(format!("SELECT record FROM {k}.messages WHERE conversation = ? AND message_id = ?")).await?,
+                put_message: prepare(format!("INSERT INTO {k}.messages (conversation, message_id, record) VALUES (?, ?, ?)")).await?,
+                history: prepare(format!("SELECT record FROM {k}.messages WHERE conversation = ? AND message_id < ? LIMIT ?")).await?,
+                put_send: prepare(format!("INSERT INTO {k}.sends (user_id, device_id, client_msg_id, message_id, conversation) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS")).await?,
+                put_send_by_time: prepare(format!("INSERT INTO {k}.sends_by_time (user_id, device_id, message_id, client_msg_id, conversation) VALUES (?, ?, ?, ?, ?)")).await?,
+                recent_sends: prepare(format!("SELECT client_msg_id, message_id, conversation FROM {k}.sends_by_time WHERE user_id = ? AND device_id = ? AND message_id >= ? LIMIT ?")).await?,
+                head: prepare(format!("SELECT seq FROM {k}.inbox_heads WHERE user_id = ?")).await?,
+                head_create: prepare(format!("INSERT INTO {k}.inbox_heads (user_id, seq) VALUES (?, 1) IF NOT EXISTS")).await?,
+                head_advance: prepare(format!("UPDATE {k}.inbox_heads SET seq = ? WHERE user_id = ? IF seq = ?")).await?,
+                put_inbox: prepare(format!("INSERT INTO {k}.inbox (user_id, seq, message_id, conversation, origin_device) VALUES (?, ?, ?, ?, ?)")).await?,
+                put_inbox_by_message: prepare(format!("INSERT INTO {k}.inbox_by_message (user_id, message_id, seq, conversation) VALUES (?, ?, ?, ?)")).await?,
+                inbox_entry_of: prepare(format!("SELECT seq, conversation FROM {k}.inbox_by_message WHERE user_id = ? AND message_id = ?")).await?,
+                inbox_after: prepare(format!("SELECT seq, message_id, conversation, origin_device FROM {k}.inbox WHERE user_id = ? AND seq > ? LIMIT ?")).await?,
+                cursor: prepare(format!("SELECT state FROM {k}.cursors WHERE user_id = ? AND device_id = ?")).await?,
+                put_cursor: prepare(format!("INSERT INTO {k}.cursors (user_id, device_id, state) VALUES (?, ?, ?)")).await?,
+            };
+            anyhow::Ok((session, statements))
+        })?;
+        Ok(Self {
+            session: Arc::new(session),
+            statements: Arc::new(statements),
+        })
+    }
+
+    fn tables(&self) -> Result<Scylla> {
+        Ok(Scylla {
+            session: self.session.clone(),
+            statements: self.statements.clone(),
+            runtime: runtime()?,
+            pending_messages: BTreeMap::new(),
+        })
+    }
+}
+
+impl Backend for ScyllaBackend {
+    fn name(&self) -> &'static str {
+        "scylla"
+    }
+    fn writer(&self) -> Result<Box<dyn BatchWriter>> {
+        Ok(Box::new(self.tables()?))
+    }
+    fn reader(&self) -> Result<Box<dyn Tables + Send>> {
+        Ok(Box::new(self.tables()?))
+    }
+}
+
+struct Scylla {
+    session: Arc<Session>,
+    statements: Arc<Statements>,
+    runtime: tokio::runtime::Runtime,
+    /// Message rows of the batch in hand, by conversation partition.
+    pending_messages: BTreeMap<String, Vec<(i64, Vec<u8>)>>,
+}
+
+fn id(value: u64) -> i64 {
+    value as i64
+}
+
+impl Scylla {
+    fn rows<R>(
+        &self,
+        statement: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> Result<Vec<R>>
+    where
+        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+    {
+        self.runtime.block_on(async {
+            let result = self.session.execute_unpaged(statement, values).await?;
+            let rows = result.into_rows_result()?;
+            let collected = rows.rows::<R>()?.collect::<Result<Vec<R>, _>>()?;
+            anyhow::Ok(collected)
+        })
+    }
+
+    fn execute(
+        &self,
+        statement: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> Result<()> {
+        self.runtime
+            .block_on(self.session.execute_unpaged(statement, values))?;
+        Ok(())
+    }
+
+    /// One conditional write; true when it was applied.
+    fn applied(
+        &self,
+        statement: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> Result<bool> {
+        self.runtime.block_on(async {
+            let result = self.session.execute_unpaged(statement, values).await?;
+            let rows = result.into_rows_result()?;
+            let (applied,) = rows.first_row::<(bool,)>().or_else(|_| {
+                // Some servers return the current row next to [applied].
+                rows.rows::<(bool, Option<i64>)>()?
+                    .next()
+                    .context("LWT returned no row")?
+                    .map(|(applied, _)| (applied,))
+                    .map_err(anyhow::Error::from)
+            })?;
+            anyhow::Ok(applied)
+        })
+    }
+
+    /// Writes the batch's message rows: one unlogged batch per conversation.
+    fn flush_messages(&mut self) -> Result<()> {
+        let pending = std::mem::take(&mut self.pending_messages);
+        for (conversation, rows) in pending {
+            let mut batch = Batch::new(BatchType::Unlogged);
+            let mut values = Vec::with_capacity(rows.len());
+            for (message_id, record) in rows {
+                batch.append_statement(self.statements.put_message.clone());
+                values.push((conversation.clone(), message_id, record));
+            }
+            self.runtime.block_on(self.session.batch(&batch, values))?;
+        }
+        Ok(())
+    }
+}
+
+impl BatchWriter for Scylla {
+    fn write_batch(&mut self, work: &mut dyn FnMut(&mut dyn Tables) -> Result<()>) -> Result<()> {
+        self.pending_messages.clear();
+        work(self)?;
+        self.flush_messages()
+    }
+}
+
+impl Tables for Scylla {
+    fn message(&mut self, conversation: &str, message_id: u64) -> Result<Option<Vec<u8>>> {
+        if let Some(rows) = self.pending_messages.get(conversation) {
+            if let Some((_, record)) = rows.iter().find(|(m, _)| *m == id(message_id)) {
+                return Ok(Some(record.clone()));
+            }
+        }
+        let rows: Vec<(Vec<u8>,)> =
+            self.rows(&self.statements.message, (conversation, id(message_id)))?;
+        Ok(rows.into_iter().next().map(|(record,)| record))
+    }
+
+    fn put_message(&mut self, conversation: &str, message_id: u64, record: &[u8]) -> Result<()> {
+        self.pending_messages
+            .entry(conversation.to_owned())
+            .or_default()
+            .push((id(message_id), record.to_vec()));
+        Ok(())
+    }
+
+    fn history(
+        &mut self,
+        conversation: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>> {
+        let before = id(before.unwrap_or(i64::MAX as u64));
+        let rows: Vec<(Vec<u8>,)> = self.rows(
+            &self.statements.history,
+            (conversation, before, limit as i32),
+        )?;
+        Ok(rows.into_iter().map(|(record,)| record).collect())
+    }
+
+    fn put_send_if_absent(
+        &mut self,
+        user: &str,
+        device: &str,
+        client_msg_id: &str,
+        message_id: u64,
+        conversation: &str,
+    ) -> Result<()> {
+        if self.applied(
+            &self.statements.put_send,
+            (user, device, client_msg_id, id(message_id), conversation),
+        )? {
+            self.execute(
+                &self.statements.put_send_by_time,
+                (user, device, id(message_id), client_msg_id, conversation),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn recent_sends(
+        &mut self,
+        user: &str,
+        device: &str,
+        since_message_id: u64,
+        limit: usize,
+    ) -> Result<Vec<RecentSend>> {
+        let rows: Vec<(String, i64, String)> = self.rows(
+            &self.statements.recent_sends,
+            (user, device, id(since_message_id), limit as i32),
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|(client_msg_id, message_id, conversation)| RecentSend {
+                client_msg_id,
+                message_id: message_id as u64,
+                conversation,
+            })
+            .collect())
+    }
+
+    fn append_inbox(
+        &mut self,
+        user: &str,
+        message_id: u64,
+        conversation: &str,
+        origin_device: &str,
+    ) -> Result<u64> {
+        let mut seq = None;
+        for _ in 0..CAS_ATTEMPTS {
+            let current: Vec<(i64,)> = self.rows(&self.statements.head, (user,))?;
+            let claimed = match current.first() {
+                None => self
+                    .applied(&self.statements.head_create, (user,))?
+                    .then_some(1),
+                Some((last,)) => self
+                    .applied(&self.statements.head_advance, (last + 1, user, *last))?
+                    .then_some(last + 1),
+            };
+            if claimed.is_some() {
+                seq = claimed;
+                break;
+            }
+        }
+        let seq = seq.context("inbox sequence contended; the batch will be retried")?;
+        self.execute(
+            &self.statements.put_inbox,
+            (user, seq, id(message_id), conversation, origin_device),
+        )?;
+        self.execute(
+            &self.statements.put_inbox_by_message,
+            (user, id(message_id), seq, conversation),
+        )?;
+        Ok(seq as u64)
+    }
+
+    fn inbox_entry_of(&mut self, user: &str, message_id: u64) -> Result<Option<(u64, String)>> {
+        let rows: Vec<(i64, String)> =
+            self.rows(&self.statements.inbox_entry_of, (user, id(message_id)))?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .map(|(seq, conversation)| (seq as u64, conversation)))
+    }
+
+    fn inbox_after(&mut self, user: &str, after: u64, limit: usize) -> Result<Vec<InboxEntry>> {
+        let rows: Vec<(i64, i64, String, String)> = self.rows(
+            &self.statements.inbox_after,
+            (user, id(after), limit as i32),
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(seq, message_id, conversation, origin_device)| InboxEntry {
+                    seq: seq as u64,
+                    message_id: message_id as u64,
+                    conversation,
+                    origin_device,
+                },
+            )
+            .collect())
+    }
+
+    fn cursor(&mut self, user: &str, device: &str) -> Result<Cursor> {
+        let rows: Vec<(Vec<u8>,)> = self.rows(&self.statements.cursor, (user, device))?;
+        match rows.into_iter().next() {
+            Some((state,)) => Ok(Cursor::decode(&state)?),
+            None => Ok(Cursor::default()),
+        }
+    }
+
+    fn put_cursor(&mut self, user: &str, device: &str, cursor: &Cursor) -> Result<()> {
+        self.execute(&self.statements.put_cursor, (user, device, cursor.encode()))
+    }
+}
