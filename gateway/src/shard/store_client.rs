@@ -178,6 +178,7 @@ pub async fn run(shard: Rc<Shard>) {
         client.generation.set(client.generation.get() + 1);
         client.outgoing.borrow_mut().clear();
         client.wake_writer();
+        monoio::time::sleep(RECONNECT_BACKOFF_MIN).await;
     }
 }
 
@@ -214,20 +215,20 @@ async fn read_loop(
     shard: &Rc<Shard>,
     mut reader: monoio::io::OwnedReadHalf<UnixStream>,
 ) -> anyhow::Result<()> {
-    let mut buffer: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut buffer: Vec<u8> = Vec::new();
+    // monoio reads into a buffer from its start, so read into a chunk and append.
+    let mut chunk: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     loop {
-        if buffer.capacity() - buffer.len() < READ_CHUNK / 4 {
-            buffer.reserve(READ_CHUNK);
-        }
-        let (result, returned) = reader.read(buffer).await;
-        buffer = returned;
+        chunk.clear();
+        let (result, returned) = reader.read(chunk).await;
+        chunk = returned;
         if result? == 0 {
             anyhow::bail!("the storage-writer closed the connection");
         }
+        buffer.extend_from_slice(&chunk);
         let mut consumed = 0;
         while let Some(len) = store_wire::frame_len(&buffer[consumed..])? {
             if buffer.len() - consumed < len {
-                buffer.reserve(len);
                 break;
             }
             let response = Response::decode(&buffer[consumed + 4..consumed + len])?;

@@ -481,3 +481,82 @@ pub fn ensure_storage_writer_built() {
         assert!(status.success(), "building storage-writer");
     });
 }
+
+impl Gateway {
+    /// `kill -9`: no drain, no goodbye.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A storage-writer run by the test (the gateway started with
+/// `--storage-writer external`), so the test can kill and restart it.
+pub struct Writer {
+    child: Child,
+}
+
+impl Writer {
+    /// Starts the writer on `data_dir` (rings in `data_dir/rings`) and waits
+    /// until its socket accepts connections.
+    pub fn start(data_dir: &std::path::Path, extra: &[&str]) -> Writer {
+        ensure_storage_writer_built();
+        let rings = data_dir.join("rings");
+        let socket = rings.join("writer.sock");
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new(storage_writer_binary())
+            .arg("--ring-dir")
+            .arg(&rings)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("storage-writer starts");
+        let mut writer = Writer { child };
+        let deadline = Instant::now() + WAIT;
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if let Some(status) = writer.child.try_wait().unwrap() {
+                panic!("storage-writer exited during start-up: {status}");
+            }
+            assert!(Instant::now() < deadline, "storage-writer not ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        writer
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+impl Client {
+    /// Sends `body` to `to` with client id `id`.
+    pub fn send_message(&mut self, id: &str, to: &str, body: &str) {
+        self.send(serde_json::json!({"type": "send", "id": id, "to": to, "body": body}));
+    }
+
+    /// Asks for a page of history and returns its messages (newest first).
+    pub fn history(&mut self, conversation: &str, before: Option<&str>, limit: u64) -> Vec<Value> {
+        let mut request =
+            serde_json::json!({"type": "history", "conversation": conversation, "limit": limit});
+        if let Some(before) = before {
+            request["before"] = before.into();
+        }
+        self.send(request);
+        let page = self.recv_type("history");
+        assert_eq!(page["conversation"], conversation);
+        page["messages"].as_array().unwrap().clone()
+    }
+}
