@@ -45,6 +45,7 @@ pub struct BackendOptions {
     pub postgres_url: Option<String>,
     pub scylla_uri: Option<String>,
     pub scylla_keyspace: String,
+    pub scylla_replication_factor: u8,
     pub scylla_consistency: String,
 }
 
@@ -89,6 +90,7 @@ fn open_scylla(options: &BackendOptions) -> Result<Box<dyn Backend>> {
     Ok(Box::new(crate::store::scylla::ScyllaBackend::connect(
         uri,
         &options.scylla_keyspace,
+        options.scylla_replication_factor,
         &options.scylla_consistency,
     )?))
 }

@@ -62,6 +62,9 @@ struct Args {
     scylla_uri: Option<String>,
     #[arg(long, default_value = "chat")]
     scylla_keyspace: String,
+    /// Replication factor of the keyspace the writer creates if it is missing.
+    #[arg(long, default_value_t = 3)]
+    scylla_replication_factor: u8,
     /// Consistency for ScyllaDB writes and reads (one, quorum, local_quorum, ...).
     #[arg(long, default_value = "local_quorum")]
     scylla_consistency: String,
@@ -101,6 +104,7 @@ fn run(args: Args) -> Result<()> {
         postgres_url: args.postgres_url.clone(),
         scylla_uri: args.scylla_uri.clone(),
         scylla_keyspace: args.scylla_keyspace.clone(),
+        scylla_replication_factor: args.scylla_replication_factor,
         scylla_consistency: args.scylla_consistency.clone(),
     })?);
     let stop = Arc::new(AtomicBool::new(false));

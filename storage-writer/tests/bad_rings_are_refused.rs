@@ -87,7 +87,7 @@ fn a_corrupt_record_stops_that_ring_and_says_where() {
         bytes[4096 + 8] ^= 0xFF;
         std::fs::write(&path, bytes).unwrap();
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_storage-writer"))
+    let child = Command::new(env!("CARGO_BIN_EXE_storage-writer"))
         .arg("--ring-dir")
         .arg(dir.path().join("rings"))
         .arg("--socket")

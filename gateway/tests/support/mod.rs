@@ -3,6 +3,8 @@
 //! client (tungstenite) over a real TCP socket. Every wait here is bounded.
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -73,7 +73,12 @@ fn consistency(name: &str) -> Result<Consistency> {
 }
 
 impl ScyllaBackend {
-    pub fn connect(uri: &str, keyspace: &str, consistency_name: &str) -> Result<Self> {
+    pub fn connect(
+        uri: &str,
+        keyspace: &str,
+        replication_factor: u8,
+        consistency_name: &str,
+    ) -> Result<Self> {
         let level = consistency(consistency_name)?;
         let runtime = runtime()?;
         let (session, statements) = runtime.block_on(async {
@@ -89,7 +94,11 @@ impl ScyllaBackend {
                     .collect::<Vec<_>>()
                     .join("\n")
                     .replace("chat.", &format!("{keyspace}."))
-                    .replace("EXISTS chat", &format!("EXISTS {keyspace}"));
+                    .replace("EXISTS chat", &format!("EXISTS {keyspace}"))
+                    .replace(
+                        "'replication_factor': 3",
+                        &format!("'replication_factor': {replication_factor}"),
+                    );
                 if statement.trim().is_empty() {
                     continue;
                 }

@@ -1,0 +1,153 @@
+//! A private PostgreSQL server for a test: its own data directory and a free
+//! loopback port, initialised with `initdb` (as the `postgres` user when the
+//! test runs as root, which initdb requires) and stopped when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{free_port, WAIT};
+
+pub struct Postgres {
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+/// PostgreSQL's binaries (`apt-get install postgresql` puts them off PATH).
+fn bin_dir() -> PathBuf {
+    if let Ok(output) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        if dir.join("postgres").exists() {
+            return dir;
+        }
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed (scripts/test installs it)")
+        .filter_map(|entry| entry.ok().map(|e| e.path().join("bin")))
+        .filter(|dir| dir.join("postgres").exists())
+        .collect();
+    versions.sort();
+    versions.pop().expect("a PostgreSQL server binary")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn id_of(flag: &str) -> u32 {
+    let output = Command::new("id")
+        .args([flag, "postgres"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `program` as the postgres user when we are root (initdb refuses root).
+fn as_postgres(program: &Path) -> Command {
+    let mut command = Command::new(program);
+    if is_root() {
+        std::os::unix::process::CommandExt::uid(&mut command, id_of("-u"));
+        std::os::unix::process::CommandExt::gid(&mut command, id_of("-g"));
+    }
+    command
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let bin = bin_dir();
+        let dir = tempfile::tempdir().unwrap();
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let data = dir.path().join("data");
+        let output = as_postgres(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "chat", "-E", "UTF8", "--no-sync"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let port = free_port();
+        let child = as_postgres(&bin.join("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut server = Postgres {
+            child,
+            _dir: dir,
+            port,
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let ready = Command::new(bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "chat"])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            if ready.success() {
+                return server;
+            }
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!("postgres exited: {status}");
+            }
+            assert!(Instant::now() < deadline, "postgres not ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=chat dbname=postgres",
+            self.port
+        )
+    }
+
+    /// Flags that make a spawned storage-writer use this server.
+    pub fn writer_flags(&self) -> Vec<String> {
+        vec![
+            "--storage-writer-arg=--backend".into(),
+            "--storage-writer-arg=postgres".into(),
+            "--storage-writer-arg=--postgres-url".into(),
+            format!("--storage-writer-arg={}", self.url()),
+        ]
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // Fast shutdown: SIGINT.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
