@@ -82,8 +82,13 @@ impl GatewayTarget {
             Some(binary) => {
                 let address: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
                 let spawned = (0..self.gateway_processes)
-                    .map(|_| {
-                        GatewayProcess::start(binary, &self.secret, &self.gateway_args, address)
+                    .map(|index| {
+                        let mut args = self.gateway_args.clone();
+                        // Separate processes are separate nodes: distinct message ids.
+                        if !args.iter().any(|a| a.starts_with("--node-id")) {
+                            args.extend(["--node-id".into(), index.to_string()]);
+                        }
+                        GatewayProcess::start(binary, &self.secret, &args, address)
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 ResolvedTarget {
@@ -180,10 +185,12 @@ impl GatewayProcess {
         ws: SocketAddr,
     ) -> anyhow::Result<Self> {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        // One directory per process (its rings, store and secret); processes
+        // sharing `ws` differ by their admin port.
         let data_dir = std::env::temp_dir().join(format!(
             "bench-gateway-{}-{}",
             std::process::id(),
-            ws.port()
+            admin.port()
         ));
         std::fs::create_dir_all(&data_dir)?;
         let data_dir = TempDir(data_dir);

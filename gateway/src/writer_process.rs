@@ -58,7 +58,11 @@ pub fn spawn(config: &Config) -> anyhow::Result<WriterChild> {
         .arg(config.ring_dir.join(WRITER_SOCKET))
         .arg("--data-dir")
         .arg(&config.data_dir)
-        .args(&config.storage_writer_args);
+        .args(&config.storage_writer_args)
+        // systemd's notifications are the gateway's, not its child's.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID");
     // SAFETY: the closure runs in the forked child before exec and makes one
     // async-signal-safe system call (prctl); it touches no locks or memory
     // shared with the parent.

@@ -20,6 +20,7 @@ fn mode(path: &Path) -> u32 {
 }
 
 fn install_into(root: &Path) {
+    support::ensure_storage_writer_built();
     run_script(
         "scripts/install",
         &[
@@ -38,6 +39,12 @@ fn install_stages_a_complete_node() {
     let at = |path: &str| root.path().join(path.trim_start_matches('/'));
 
     assert_eq!(mode(&at("/usr/local/bin/chat-gateway")), 0o755);
+    assert_eq!(mode(&at("/usr/local/bin/chat-storage-writer")), 0o755);
+    assert_eq!(
+        mode(&at("/etc/chat-gateway/storage-writer.env")),
+        0o600,
+        "backend credentials are private"
+    );
     assert_eq!(
         mode(&at("/etc/chat-gateway/gateway.env")),
         0o600,
@@ -45,6 +52,7 @@ fn install_stages_a_complete_node() {
     );
     for file in [
         "/etc/systemd/system/chat-gateway.service",
+        "/etc/systemd/system/chat-storage-writer.service",
         "/etc/chat-gateway/gateway.toml",
         "/etc/sysctl.d/60-chat-gateway.conf",
         "/etc/security/limits.d/60-chat-gateway.conf",
@@ -64,6 +72,13 @@ fn install_stages_a_complete_node() {
         !unit.contains("@BINDIR@") && !unit.contains("@DOCDIR@"),
         "every placeholder replaced"
     );
+    assert!(unit.contains("After=network-online.target chat-storage-writer.service"));
+    let writer_unit =
+        std::fs::read_to_string(at("/etc/systemd/system/chat-storage-writer.service")).unwrap();
+    assert!(writer_unit.contains(
+        "ExecStart=/usr/local/bin/chat-storage-writer --ring-dir /run/chat-gateway --socket /run/chat-gateway/writer.sock"
+    ));
+    assert!(writer_unit.contains("RuntimeDirectory=chat-gateway"));
 
     let env = std::fs::read_to_string(at("/etc/chat-gateway/gateway.env")).unwrap();
     let secret = env
