@@ -37,6 +37,8 @@ pub enum BackendKind {
 
 /// Everything a backend needs to open.
 #[derive(Debug, Clone)]
+// The ScyllaDB fields are read only in builds with the `scylla` feature.
+#[cfg_attr(not(feature = "scylla"), allow(dead_code))]
 pub struct BackendOptions {
     pub kind: BackendKind,
     pub data_dir: PathBuf,

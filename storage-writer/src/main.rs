@@ -8,6 +8,7 @@
 
 mod backend;
 mod commit;
+mod lock;
 mod rings;
 mod serve;
 mod sessions;
@@ -24,6 +25,9 @@ use clap::Parser;
 
 use crate::backend::{BackendKind, BackendOptions};
 use crate::store::embedded::Fsync;
+
+/// How long a new writer waits for the previous one to let go of the data directory.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -96,6 +100,10 @@ fn run(args: Args) -> Result<()> {
     );
     std::fs::create_dir_all(&args.ring_dir)
         .with_context(|| format!("creating {}", args.ring_dir.display()))?;
+    // One writer per data directory: the embedded store has no lock of its
+    // own, and a writer restarted while the previous one finishes its batch
+    // must not open the store under it.
+    let _lock = lock::exclusive(&args.data_dir.join("storage-writer.lock"), LOCK_WAIT)?;
     let backend: Arc<dyn backend::Backend> = Arc::from(backend::open(&BackendOptions {
         kind: args.backend,
         data_dir: args.data_dir.clone(),
@@ -132,7 +140,7 @@ fn run(args: Args) -> Result<()> {
     let server = Arc::new(serve::Server {
         backend: backend.clone(),
         rings,
-        sessions,
+        sessions: sessions.clone(),
         stop: stop.clone(),
         ring_dir: args.ring_dir.clone(),
     });
@@ -151,6 +159,11 @@ fn run(args: Args) -> Result<()> {
     wait_for_signal(&stats, args.stats_interval_s)?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     stop.store(true, Ordering::Relaxed);
+    // Shards reconnect to the next writer; nothing new is read here. (The next
+    // writer binds only after it holds the data directory's lock, so this
+    // removes our socket, not its.)
+    let _ = std::fs::remove_file(&args.socket);
+    sessions.close_all();
     // The commit thread finishes the batch in hand once the drains stop sending.
     let _ = commit_thread.join();
     log_stats(&stats);

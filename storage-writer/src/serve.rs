@@ -154,6 +154,12 @@ impl Server {
             | Request::Recent { req, .. } => *req,
             Request::Hello { .. } => 0,
         };
+        if self.stop.load(Ordering::Relaxed) {
+            return Response::Failed {
+                req,
+                reason: "the storage-writer is stopping; try again".into(),
+            };
+        }
         let barrier = self.rings.progress.barrier();
         if !self.rings.progress.wait_for(&barrier, BARRIER_TIMEOUT) {
             return Response::Failed {

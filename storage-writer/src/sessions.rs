@@ -40,6 +40,22 @@ impl Sessions {
         }
     }
 
+    /// Closes every shard's session (on shutdown): they reconnect elsewhere.
+    pub fn close_all(&self) {
+        for socket in self
+            .by_ring
+            .lock()
+            .expect("sessions lock")
+            .drain()
+            .map(|(_, s)| s)
+        {
+            let _ = socket
+                .lock()
+                .expect("socket lock")
+                .shutdown(std::net::Shutdown::Both);
+        }
+    }
+
     /// Tells the shard writing `ring` that everything before `position` is durable.
     pub fn durable(&self, ring: &Path, position: u64) {
         let socket = self
