@@ -8,6 +8,7 @@ mod clock;
 mod connect;
 mod gateway_process;
 mod nats_peer;
+mod offline_sync;
 mod one_to_one;
 mod procfs;
 mod reconnect_storm;
@@ -36,6 +37,9 @@ enum Scenario {
     /// N connected clients drop and reconnect at once; time, rate, errors and
     /// drop-to-hello latency until every client is back.
     ReconnectStorm(reconnect_storm::ReconnectStormArgs),
+    /// Messages pile up for offline users, who then connect and drain them
+    /// through the connect-time sync; drain time, rate and completeness.
+    OfflineSync(offline_sync::OfflineSyncArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +47,6 @@ fn main() -> anyhow::Result<()> {
         Scenario::Connect(args) => connect::run(&args),
         Scenario::OneToOne(args) => one_to_one::run(&args),
         Scenario::ReconnectStorm(args) => reconnect_storm::run(&args),
+        Scenario::OfflineSync(args) => offline_sync::run(&args),
     }
 }

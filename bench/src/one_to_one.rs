@@ -271,7 +271,7 @@ fn run_one(
     let server_cpu = || -> Option<f64> {
         server_pids
             .iter()
-            .map(|pid| procfs::process_cpu_seconds(*pid).ok())
+            .map(|pid| procfs::process_tree_cpu_seconds(*pid).ok())
             .sum()
     };
 

@@ -74,3 +74,31 @@ pub fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Ok(ticks as f64 / ticks_per_second)
 }
+
+/// Child processes of `pid` (for a gateway: its spawned storage-writer).
+/// Children are listed per thread that forked them, so every thread is read.
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut children = Vec::new();
+    for task in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            children.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    children
+}
+
+/// CPU seconds of `pid` and its children: a gateway and the storage-writer it
+/// spawned, the whole node's cost.
+pub fn process_tree_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let mut total = process_cpu_seconds(pid)?;
+    for child in children(pid) {
+        total += process_cpu_seconds(child).unwrap_or(0.0);
+    }
+    Ok(total)
+}

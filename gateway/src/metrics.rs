@@ -149,8 +149,15 @@ impl NodeState {
         self.connections_open.fetch_sub(1, Relaxed);
     }
 
+    /// Every shard is up and reaches the storage-writer, and the node is not
+    /// draining: new connections can be served (`/readyz`).
     pub fn is_ready(&self) -> bool {
-        self.shards_ready.load(Relaxed) == self.shards.len() && !self.draining.load(Relaxed)
+        self.shards_ready.load(Relaxed) == self.shards.len()
+            && !self.draining.load(Relaxed)
+            && self
+                .shards
+                .iter()
+                .all(|shard| shard.storage_connected.load(Relaxed) == 1)
     }
 }
 

@@ -325,6 +325,8 @@ fn kill_9_of_the_storage_writer_pauses_acknowledgements_and_loses_nothing() {
     assert_eq!(streamer.acked.len(), 100);
 
     writer.kill9();
+    // No new clients while storage is away; the ones connected stay.
+    gateway.wait_readyz(503);
     streamer.pump(&mut alice, 100);
     streamer.collect(&mut alice, Duration::from_millis(500));
     assert_eq!(
@@ -344,6 +346,7 @@ fn kill_9_of_the_storage_writer_pauses_acknowledgements_and_loses_nothing() {
     let _writer = Writer::start(data.path(), &[]);
     streamer.collect(&mut alice, Duration::from_millis(2000));
     assert_eq!(streamer.acked.len(), 200, "acknowledgements resume");
+    gateway.wait_readyz(200);
     assert_history_matches(&mut alice, &streamer);
     bob.expect_silence(Duration::from_millis(200));
 }
@@ -352,7 +355,8 @@ fn kill_9_of_the_storage_writer_pauses_acknowledgements_and_loses_nothing() {
 fn a_full_ring_back_pressures_senders_without_loss_or_duplicates() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().to_str().unwrap();
-    // A 64 KiB ring and no writer yet: nothing drains it.
+    // A 64 KiB ring. A writer serves alice's connect, then goes: nothing drains the ring.
+    let early = Writer::start(data.path(), &[]);
     let gateway = Gateway::start(&[
         "--data-dir",
         dir,
@@ -373,9 +377,8 @@ fn a_full_ring_back_pressures_senders_without_loss_or_duplicates() {
         "--storage-timeout-ms",
         "20000",
     ]);
-    let _early = Writer::start(data.path(), &[]);
     let mut alice = gateway.connect("alice", "phone");
-    drop(_early);
+    drop(early);
     std::thread::sleep(Duration::from_millis(200));
     let body = "x".repeat(1000);
     let mut refused = Vec::new();

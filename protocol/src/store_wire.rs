@@ -96,9 +96,12 @@ pub enum Response {
         req: u32,
         sends: Vec<RecentSend>,
     },
+    /// The read was not answered. `retryable`: storage is behind or failing
+    /// (try again later); otherwise the request itself is wrong.
     Failed {
         req: u32,
         reason: String,
+        retryable: bool,
     },
 }
 
@@ -280,9 +283,13 @@ impl Response {
                 }
                 e
             }
-            Response::Failed { req, reason } => {
+            Response::Failed {
+                req,
+                reason,
+                retryable,
+            } => {
                 let mut e = start(FAILED);
-                e.u32(*req).long_str(reason);
+                e.u32(*req).long_str(reason).u8(u8::from(*retryable));
                 e
             }
         };
@@ -335,6 +342,7 @@ impl Response {
             FAILED => Response::Failed {
                 req: d.u32()?,
                 reason: d.long_str()?.to_owned(),
+                retryable: d.u8()? != 0,
             },
             _ => return Err(DecodeError("unknown response kind")),
         };
@@ -432,6 +440,7 @@ mod tests {
         round_trip_response(Response::Failed {
             req: 4,
             reason: "store unavailable".into(),
+            retryable: true,
         });
     }
 

@@ -139,6 +139,9 @@ impl Server {
                         .encode(),
                     )?;
                 }
+                // A stopping writer answers nothing more: the shard reconnects
+                // to the next one and sends its open requests again.
+                _ if self.stop.load(Ordering::Relaxed) => return Ok(()),
                 request => {
                     let response = self.answer(&mut *tables, request);
                     sessions::send(writer, &response.encode())?;
@@ -154,17 +157,12 @@ impl Server {
             | Request::Recent { req, .. } => *req,
             Request::Hello { .. } => 0,
         };
-        if self.stop.load(Ordering::Relaxed) {
-            return Response::Failed {
-                req,
-                reason: "the storage-writer is stopping; try again".into(),
-            };
-        }
         let barrier = self.rings.progress.barrier();
         if !self.rings.progress.wait_for(&barrier, BARRIER_TIMEOUT) {
             return Response::Failed {
                 req,
                 reason: "storage is behind; try again".into(),
+                retryable: true,
             };
         }
         let result = match request {
@@ -218,12 +216,14 @@ impl Server {
                 return Response::Failed {
                     req,
                     reason: refused.0.into(),
+                    retryable: false,
                 };
             }
             tracing::warn!(%error, "read failed");
             Response::Failed {
                 req,
                 reason: "storage read failed".into(),
+                retryable: true,
             }
         })
     }

@@ -406,9 +406,6 @@ async fn sweep(shard: Rc<Shard>) {
         metrics
             .durable_waiting
             .store(shard.durability.waiting() as u64, Relaxed);
-        metrics
-            .storage_connected
-            .store(u64::from(shard.store.is_connected()), Relaxed);
     }
 }
 

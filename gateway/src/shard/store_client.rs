@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::future::poll_fn;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
@@ -26,6 +27,8 @@ const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Bytes read from the socket at once.
 const READ_CHUNK: usize = 64 * 1024;
+/// How long after start an unreachable writer is expected (it starts alongside).
+const STARTUP_GRACE: Duration = Duration::from_secs(3);
 
 type FnvBuildHasher = std::hash::BuildHasherDefault<fnv::FnvHasher>;
 
@@ -74,10 +77,6 @@ impl StoreClient {
         }
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.connected.get()
-    }
-
     /// Sends the request `build(id)` and waits for its answer.
     pub async fn request(
         &self,
@@ -109,6 +108,9 @@ impl StoreClient {
         let result = monoio::time::timeout(timeout, answer).await;
         self.inflight.borrow_mut().remove(&req);
         match result {
+            Ok(Response::Failed {
+                retryable: true, ..
+            }) => Err(StoreError::Unavailable),
             Ok(Response::Failed { reason, .. }) => Err(StoreError::Refused(reason)),
             Ok(response) => Ok(response),
             Err(_) => Err(StoreError::Unavailable),
@@ -137,11 +139,13 @@ pub async fn run(shard: Rc<Shard>) {
     let client = &shard.store;
     let mut backoff = RECONNECT_BACKOFF_MIN;
     let mut warned = false;
+    let started = std::time::Instant::now();
     loop {
         let stream = match UnixStream::connect(&client.socket_path).await {
             Ok(stream) => stream,
             Err(error) => {
-                if !warned {
+                // A writer starting next to the gateway takes a moment: no noise for that.
+                if !warned && started.elapsed() > STARTUP_GRACE {
                     tracing::warn!(shard = shard.id, socket = %client.socket_path.display(), %error, "storage-writer not reachable; acknowledgements wait until it is");
                     warned = true;
                 }
@@ -170,11 +174,13 @@ pub async fn run(shard: Rc<Shard>) {
         }
         client.generation.set(client.generation.get() + 1);
         client.connected.set(true);
+        shard.metrics().storage_connected.store(1, Relaxed);
         monoio::spawn(write_loop(shard.clone(), writer, client.generation.get()));
         if let Err(error) = read_loop(&shard, reader).await {
             tracing::warn!(shard = shard.id, %error, "lost the storage-writer; reconnecting");
         }
         client.connected.set(false);
+        shard.metrics().storage_connected.store(0, Relaxed);
         client.generation.set(client.generation.get() + 1);
         client.outgoing.borrow_mut().clear();
         client.wake_writer();

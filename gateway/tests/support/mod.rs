@@ -129,6 +129,15 @@ impl Gateway {
         Some((status, body))
     }
 
+    /// Waits (bounded) until `/readyz` answers `status`.
+    pub fn wait_readyz(&self, status: u16) {
+        let deadline = Instant::now() + WAIT;
+        while self.admin_get("/readyz").map(|(s, _)| s) != Some(status) {
+            assert!(Instant::now() < deadline, "/readyz never answered {status}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sum of every sample of `name` whose labels contain all of `labels`.
     pub fn metric(&self, name: &str, labels: &[&str]) -> u64 {
         let (_, body) = self.admin_get("/metrics").expect("metrics answer");
@@ -468,15 +477,25 @@ pub fn storage_writer_binary() -> std::path::PathBuf {
         .join("storage-writer")
 }
 
-/// `cargo test -p gateway` alone does not build the other package's binary.
+/// `cargo test -p gateway` alone neither builds nor rebuilds the other
+/// package's binary, and a stale writer would speak an old read-path format:
+/// build it when it is missing or older than its sources (`cargo test
+/// --workspace` has already built it, so then this only compares times).
 pub fn ensure_storage_writer_built() {
     static BUILT: std::sync::Once = std::sync::Once::new();
     BUILT.call_once(|| {
-        if storage_writer_binary().exists() {
-            return;
+        let built = std::fs::metadata(storage_writer_binary()).and_then(|m| m.modified());
+        let sources = ["storage-writer", "protocol", "ring"]
+            .iter()
+            .filter_map(|crate_dir| newest_modification(&repo().join(crate_dir)))
+            .max();
+        if let (Ok(built), Some(sources)) = (built, sources) {
+            if built >= sources {
+                return;
+            }
         }
         let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "storage-writer"])
+            .args(["build", "-q", "-p", "storage-writer"])
             .current_dir(repo())
             .status()
             .unwrap();
@@ -561,4 +580,21 @@ impl Client {
         assert_eq!(page["conversation"], conversation);
         page["messages"].as_array().unwrap().clone()
     }
+}
+
+/// The newest modification time of any file under `dir` (bounded depth).
+fn newest_modification(dir: &std::path::Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut stack = vec![(dir.to_path_buf(), 0)];
+    while let Some((path, depth)) = stack.pop() {
+        for entry in std::fs::read_dir(&path).ok()?.flatten() {
+            let metadata = entry.metadata().ok()?;
+            if metadata.is_dir() && depth < 4 {
+                stack.push((entry.path(), depth + 1));
+            } else if metadata.is_file() {
+                newest = newest.max(metadata.modified().ok());
+            }
+        }
+    }
+    newest
 }
