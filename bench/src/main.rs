@@ -15,6 +15,7 @@ mod reconnect_storm;
 mod report;
 mod schedule;
 mod timer;
+mod writer;
 mod wsclient;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +41,9 @@ enum Scenario {
     /// Messages pile up for offline users, who then connect and drain them
     /// through the connect-time sync; drain time, rate and completeness.
     OfflineSync(offline_sync::OfflineSyncArgs),
+    /// The storage-writer alone, fed by a synthetic shard: records/s, CPU,
+    /// batch sizes, and append-to-durable latency, for any backend.
+    Writer(writer::WriterArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +52,6 @@ fn main() -> anyhow::Result<()> {
         Scenario::OneToOne(args) => one_to_one::run(&args),
         Scenario::ReconnectStorm(args) => reconnect_storm::run(&args),
         Scenario::OfflineSync(args) => offline_sync::run(&args),
+        Scenario::Writer(args) => writer::run(&args),
     }
 }

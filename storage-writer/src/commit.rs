@@ -114,7 +114,11 @@ impl CommitLoop {
                         chunk.ring
                     )
                 })?;
-                decoded.push((raw.as_slice(), record));
+                decoded.push(store::Applied {
+                    raw: raw.as_slice(),
+                    record,
+                    maybe_applied: chunk.maybe_applied,
+                });
             }
         }
         let heads = self.progress.barrier();
@@ -127,7 +131,7 @@ impl CommitLoop {
             still_pending.clear();
             let unresolved = store::apply(tables, &decoded)?;
             for index in unresolved {
-                if let (_, Record::Ack(ack)) = &decoded[index] {
+                if let Record::Ack(ack) = &decoded[index].record {
                     still_pending.push_back(PendingAck {
                         user: ack.user.to_owned(),
                         device: ack.device.to_owned(),

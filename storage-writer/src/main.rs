@@ -24,6 +24,9 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 use crate::backend::{BackendKind, BackendOptions};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use crate::store::embedded::Fsync;
 
 /// How long a new writer waits for the previous one to let go of the data directory.
@@ -83,6 +86,7 @@ struct Args {
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

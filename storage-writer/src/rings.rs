@@ -24,6 +24,9 @@ const PARK: Duration = Duration::from_millis(50);
 /// Records read from one ring, in order.
 pub struct Chunk {
     pub ring: usize,
+    /// A previous writer may have applied these (they were between the
+    /// watermark and the head when this writer attached).
+    pub maybe_applied: bool,
     pub records: Vec<Vec<u8>>,
     /// Position just past the last record: commit it once they are durable.
     pub end: u64,
@@ -168,10 +171,18 @@ fn drain(
     chunks: &Sender<Chunk>,
     stop: &AtomicBool,
 ) -> Result<()> {
+    // Records up to here were appended before this writer attached; the
+    // previous writer may have applied some of them before it stopped.
+    let replay_until = consumer.head();
     while !stop.load(Ordering::Relaxed) {
         let mut records = Vec::new();
         let mut end = 0;
+        let maybe_applied = consumer.read_position() < replay_until;
         while records.len() < CHUNK_RECORDS_MAX {
+            // A chunk never mixes replayed and new records.
+            if maybe_applied && consumer.read_position() >= replay_until {
+                break;
+            }
             match consumer.next_record()? {
                 Some(record) => {
                     records.push(record.payload.to_vec());
@@ -188,6 +199,7 @@ fn drain(
         if chunks
             .send(Chunk {
                 ring: index,
+                maybe_applied,
                 records,
                 end,
             })

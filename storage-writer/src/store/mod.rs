@@ -4,14 +4,15 @@
 //! indexed in the inbox of its recipient and of its sender's user (so the
 //! sender's other devices sync it), and remembered under its idempotency key;
 //! an acknowledgement advances the device's cursor through every entry of that
-//! conversation up to the message (cumulative per conversation). Backends
+//! conversation up to the message (cumulative per conversation), and through
+//! the device's own sends, which it never receives. Backends
 //! (`embedded`, `postgres`, `scylla`) only implement `Tables`, the primitive
 //! reads and writes, so these rules exist in one place.
 //!
 //! Must never: apply a record twice (the writer re-reads uncommitted records
-//! after a restart, so every step is idempotent and the message row is written
-//! last, as the marker that the rest is done), or leave a gap in a user's
-//! inbox sequence (cursors fold contiguous runs).
+//! after a restart, so for those every step checks first and the message row
+//! is written last, as the marker that the rest is done), or leave a gap in a
+//! user's inbox sequence (cursors fold contiguous runs).
 
 pub mod cursor;
 pub mod embedded;
@@ -26,6 +27,9 @@ use chat_protocol::snowflake;
 use chat_protocol::store_wire::{RecentSend, SyncEntry, SyncFrom};
 
 pub use self::cursor::Cursor;
+
+#[cfg(test)]
+mod tests;
 
 /// Inbox entries one acknowledgement scans to find earlier ones of its conversation.
 const ACK_SCAN_MAX: usize = 4096;
@@ -90,19 +94,30 @@ pub trait Tables {
     fn put_cursor(&mut self, user: &str, device: &str, cursor: &Cursor) -> Result<()>;
 }
 
+/// One decoded record and whether a previous writer may already have applied
+/// it (it lies between the ring's durable watermark and its head when this
+/// writer attached). Only those pay for the existence checks.
+pub struct Applied<'a> {
+    pub raw: &'a [u8],
+    pub record: Record<'a>,
+    pub maybe_applied: bool,
+}
+
 /// Applies decoded records in ring order. Returns the indices of
 /// acknowledgements whose message is not (yet) in the user's inbox: the
 /// caller retries them once the other rings have been read further.
-pub fn apply(tables: &mut dyn Tables, records: &[(&[u8], Record<'_>)]) -> Result<Vec<usize>> {
+pub fn apply(tables: &mut dyn Tables, records: &[Applied<'_>]) -> Result<Vec<usize>> {
     let mut unresolved = Vec::new();
-    for (index, (raw, record)) in records.iter().enumerate() {
-        match record {
+    for (index, applied) in records.iter().enumerate() {
+        match &applied.record {
             Record::Message(message) => {
-                if tables
-                    .message(message.conversation, message.message_id)?
-                    .is_some()
+                let replay = applied.maybe_applied;
+                if replay
+                    && tables
+                        .message(message.conversation, message.message_id)?
+                        .is_some()
                 {
-                    continue; // applied before a restart
+                    continue; // fully applied before a restart
                 }
                 tables.put_send_if_absent(
                     message.from,
@@ -114,24 +129,24 @@ pub fn apply(tables: &mut dyn Tables, records: &[(&[u8], Record<'_>)]) -> Result
                 if message.to != message.from {
                     inbox_once(
                         tables,
+                        replay,
                         message.to,
                         message.message_id,
                         message.conversation,
                         "",
                     )?;
                 }
-                let own = inbox_once(
+                // The sending device never syncs this entry (it has the
+                // message); its cursor passes it when the device next acks.
+                inbox_once(
                     tables,
+                    replay,
                     message.from,
                     message.message_id,
                     message.conversation,
                     message.from_device,
                 )?;
-                // The sending device has its own message.
-                let mut cursor = tables.cursor(message.from, message.from_device)?;
-                cursor.ack(own);
-                tables.put_cursor(message.from, message.from_device, &cursor)?;
-                tables.put_message(message.conversation, message.message_id, raw)?;
+                tables.put_message(message.conversation, message.message_id, applied.raw)?;
             }
             Record::Ack(ack) => {
                 if !apply_ack(tables, ack.user, ack.device, ack.message_id)? {
@@ -143,17 +158,21 @@ pub fn apply(tables: &mut dyn Tables, records: &[(&[u8], Record<'_>)]) -> Result
     Ok(unresolved)
 }
 
+/// Adds the inbox entry unless a replayed record already added it.
 fn inbox_once(
     tables: &mut dyn Tables,
+    replay: bool,
     user: &str,
     message_id: u64,
     conversation: &str,
     origin_device: &str,
 ) -> Result<u64> {
-    match tables.inbox_entry_of(user, message_id)? {
-        Some((seq, _)) => Ok(seq),
-        None => tables.append_inbox(user, message_id, conversation, origin_device),
+    if replay {
+        if let Some((seq, _)) = tables.inbox_entry_of(user, message_id)? {
+            return Ok(seq);
+        }
     }
+    tables.append_inbox(user, message_id, conversation, origin_device)
 }
 
 /// Acknowledges `message_id` and every earlier entry of its conversation for
@@ -183,7 +202,9 @@ pub fn apply_ack(
             if entry.seq >= seq {
                 break 'scan;
             }
-            if entry.conversation == conversation {
+            // Earlier entries of the conversation, and the device's own sends
+            // (which it never receives, so never acknowledges itself).
+            if entry.conversation == conversation || entry.origin_device == device {
                 cursor.ack(entry.seq);
             }
             after = entry.seq;

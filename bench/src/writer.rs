@@ -1,0 +1,321 @@
+//! The `writer` scenario: the storage-writer alone, fed by a synthetic shard.
+//!
+//! Owns standing in for one gateway shard: it creates a ring, starts the
+//! storage-writer on it (any backend, via `--writer-arg`), says hello on the
+//! read-path socket, appends message records (open-loop at `--rate`, or as
+//! fast as the ring allows), and times each record from its append to the
+//! `Durable` notice that covers it. Reports records/s committed, the writer's
+//! CPU seconds, its batch-size histogram (from its exit statistics) and the
+//! append-to-durable percentiles. Bounded by count and time.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chat_protocol::records::MessageRecord;
+use chat_protocol::snowflake::SnowflakeGenerator;
+use chat_protocol::store_wire::{self, Request, Response};
+use chat_ring::{attach_producer, RingOptions};
+
+use crate::report::{self, Percentiles};
+
+/// Longest a run may take, all phases together.
+const RUN_LIMIT: Duration = Duration::from_secs(600);
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct WriterArgs {
+    /// The storage-writer binary.
+    #[arg(long, default_value = "target/release/storage-writer")]
+    pub writer: PathBuf,
+    /// Extra flags for the writer, e.g. --writer-arg=--backend --writer-arg=postgres.
+    #[arg(long = "writer-arg", allow_hyphen_values = true)]
+    pub writer_args: Vec<String>,
+    /// Records to append.
+    #[arg(long, default_value_t = 200_000)]
+    pub records: u64,
+    /// Appends per second (open loop); 0 appends as fast as the ring has room.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    #[arg(long, default_value_t = 100)]
+    pub body_bytes: usize,
+    /// Distinct users (each message goes from user i to user i+1).
+    #[arg(long, default_value_t = 1000)]
+    pub users: usize,
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub ring_bytes: u64,
+    /// Directory for the ring and the embedded store (a temporary one if absent).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// JSON summary.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct WriterReport {
+    pub records: u64,
+    pub seconds: f64,
+    pub records_per_s: f64,
+    pub writer_cpu_s: f64,
+    pub records_per_writer_cpu_s: f64,
+    pub ring_full_waits: u64,
+    pub append_to_durable: Percentiles,
+    /// The writer's own count of batches and their sizes (power-of-two buckets).
+    pub writer_statistics: String,
+    pub writer_args: Vec<String>,
+    pub environment: serde_json::Value,
+}
+
+struct Waiting {
+    queue: Mutex<VecDeque<(u64, Instant)>>,
+    durable: AtomicU64,
+}
+
+pub fn run(args: &WriterArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.records >= 1 && args.users >= 2,
+        "need 1+ records and 2+ users"
+    );
+    let temporary = args.dir.is_none();
+    let dir = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("bench-writer-{}", std::process::id())),
+    };
+    let rings = dir.join("rings");
+    std::fs::create_dir_all(&rings)?;
+    let ring_path = rings.join("shard-0.ring");
+    let mut producer = attach_producer(
+        &ring_path,
+        RingOptions {
+            capacity_bytes: args.ring_bytes,
+            shard_id: 0,
+        },
+    )?;
+    let socket_path = rings.join("writer.sock");
+    let mut writer = Command::new(&args.writer)
+        .arg("--ring-dir")
+        .arg(&rings)
+        .arg("--socket")
+        .arg(&socket_path)
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["--stats-interval-s", "0"])
+        .args(&args.writer_args)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", args.writer.display()))?;
+    let stderr = writer.stderr.take().context("writer stderr")?;
+    let log = Arc::new(Mutex::new(String::new()));
+    let log_reader = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::BufReader::new(stderr).read_to_string(&mut text);
+            log.lock().expect("log").push_str(&text);
+        })
+    };
+    let result = drive(args, &mut producer, &ring_path, &socket_path, writer.id());
+    let _ = Command::new("kill")
+        .args(["-TERM", &writer.id().to_string()])
+        .status();
+    let _ = writer.wait();
+    let _ = log_reader.join();
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let (seconds, latency, ring_full_waits, writer_cpu_s) = result?;
+    let text = log.lock().expect("log").clone();
+    let statistics = text
+        .lines()
+        .rfind(|line| line.contains("writer statistics"))
+        .map(|line| {
+            line.split_once("writer statistics")
+                .map_or(line, |(_, rest)| rest)
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default();
+    let report = WriterReport {
+        records: args.records,
+        seconds,
+        records_per_s: args.records as f64 / seconds,
+        writer_cpu_s,
+        records_per_writer_cpu_s: args.records as f64 / writer_cpu_s.max(1e-9),
+        ring_full_waits,
+        append_to_durable: report::percentiles(&latency),
+        writer_statistics: statistics,
+        writer_args: args.writer_args.clone(),
+        environment: report::environment(),
+    };
+    let p = &report.append_to_durable;
+    println!(
+        "writer: {} records in {:.2} s = {:.0} records/s; writer CPU {:.2} s ({:.0} records per CPU-second); ring-full waits {}",
+        report.records,
+        report.seconds,
+        report.records_per_s,
+        report.writer_cpu_s,
+        report.records_per_writer_cpu_s,
+        report.ring_full_waits
+    );
+    println!(
+        "  append to durable: p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
+        p.p50_us as f64 / 1000.0,
+        p.p90_us as f64 / 1000.0,
+        p.p99_us as f64 / 1000.0,
+        p.p999_us as f64 / 1000.0,
+        p.max_us as f64 / 1000.0
+    );
+    println!("  writer: {}", report.writer_statistics);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
+fn connect(socket_path: &Path, ring_path: &Path) -> anyhow::Result<UnixStream> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut stream = loop {
+        match UnixStream::connect(socket_path) {
+            Ok(stream) => break stream,
+            Err(error) => {
+                anyhow::ensure!(Instant::now() < deadline, "writer socket: {error}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let hello = Request::Hello {
+        shard: 0,
+        ring: ring_path.canonicalize()?.display().to_string(),
+    };
+    stream.write_all(&hello.encode())?;
+    Ok(stream)
+}
+
+type Outcome = (f64, hdrhistogram::Histogram<u64>, u64, f64);
+
+fn drive(
+    args: &WriterArgs,
+    producer: &mut chat_ring::Producer,
+    ring_path: &Path,
+    socket_path: &Path,
+    writer_pid: u32,
+) -> anyhow::Result<Outcome> {
+    let stream = connect(socket_path, ring_path)?;
+    let waiting = Arc::new(Waiting {
+        queue: Mutex::new(VecDeque::new()),
+        durable: AtomicU64::new(0),
+    });
+    let notices = {
+        let waiting = waiting.clone();
+        let mut stream = stream.try_clone()?;
+        std::thread::spawn(move || -> anyhow::Result<hdrhistogram::Histogram<u64>> {
+            let mut latency = report::new_histogram();
+            let mut buffer = Vec::new();
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                let read = stream.read(&mut chunk)?;
+                if read == 0 {
+                    return Ok(latency);
+                }
+                buffer.extend_from_slice(&chunk[..read]);
+                let mut used = 0;
+                while let Some(len) = store_wire::frame_len(&buffer[used..])? {
+                    if buffer.len() - used < len {
+                        break;
+                    }
+                    if let Response::Durable { position } =
+                        Response::decode(&buffer[used + 4..used + len])?
+                    {
+                        let now = Instant::now();
+                        let mut queue = waiting.queue.lock().expect("queue");
+                        while queue.front().is_some_and(|(end, _)| *end <= position) {
+                            let (_, appended) = queue.pop_front().expect("front");
+                            let _ = latency
+                                .record((now.duration_since(appended).as_micros() as u64).max(1));
+                        }
+                        waiting.durable.fetch_max(position, Relaxed);
+                    }
+                    used += len;
+                }
+                buffer.drain(..used);
+            }
+        })
+    };
+
+    let cpu_before = crate::procfs::process_cpu_seconds(writer_pid)?;
+    let body = "b".repeat(args.body_bytes);
+    let mut ids = SnowflakeGenerator::new(0, 0);
+    let users: Vec<String> = (0..args.users).map(|i| format!("u{i}")).collect();
+    let started = Instant::now();
+    let interval = (args.rate > 0).then(|| Duration::from_secs_f64(1.0 / args.rate as f64));
+    let mut ring_full_waits = 0;
+    let mut last_end = 0;
+    for index in 0..args.records {
+        anyhow::ensure!(started.elapsed() < RUN_LIMIT, "run exceeded its time bound");
+        if let Some(interval) = interval {
+            let due = started + interval * index as u32;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let from = &users[index as usize % users.len()];
+        let to = &users[(index as usize + 1) % users.len()];
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
+        let message_id = ids.next_id(now_ms);
+        let conversation = chat_protocol::ids::direct_conversation_id(from, to);
+        let client_msg_id = format!("b{index}");
+        let record = MessageRecord {
+            message_id,
+            ts: now_ms,
+            conversation: &conversation,
+            from,
+            from_device: "d0",
+            to,
+            client_msg_id: &client_msg_id,
+            body: &body,
+        }
+        .encode();
+        loop {
+            match producer.try_append(&record) {
+                Ok(end) => {
+                    waiting
+                        .queue
+                        .lock()
+                        .expect("queue")
+                        .push_back((end, Instant::now()));
+                    last_end = end;
+                    break;
+                }
+                Err(_) => {
+                    ring_full_waits += 1;
+                    producer.wake_consumer();
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
+        }
+        producer.wake_consumer();
+    }
+    while waiting.durable.load(Relaxed) < last_end {
+        anyhow::ensure!(
+            started.elapsed() < RUN_LIMIT,
+            "writer did not catch up in time"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let writer_cpu_s = crate::procfs::process_cpu_seconds(writer_pid)? - cpu_before;
+    stream.shutdown(std::net::Shutdown::Both)?;
+    let latency = notices
+        .join()
+        .map_err(|_| anyhow::anyhow!("notice thread panicked"))??;
+    Ok((seconds, latency, ring_full_waits, writer_cpu_s))
+}
