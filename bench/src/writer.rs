@@ -36,7 +36,7 @@ pub struct WriterArgs {
     /// Extra flags for the writer, e.g. --writer-arg=--backend --writer-arg=postgres.
     #[arg(long = "writer-arg", allow_hyphen_values = true)]
     pub writer_args: Vec<String>,
-    /// Records to append.
+    /// Messages to append (with --acks, as many acknowledgements again).
     #[arg(long, default_value_t = 200_000)]
     pub records: u64,
     /// Appends per second (open loop); 0 appends as fast as the ring has room.
@@ -44,11 +44,18 @@ pub struct WriterArgs {
     pub rate: u64,
     #[arg(long, default_value_t = 100)]
     pub body_bytes: usize,
+    /// Also append the recipient's acknowledgement after each message (as a
+    /// device that reads everything would): twice the records.
+    #[arg(long)]
+    pub acks: bool,
     /// Distinct users (each message goes from user i to user i+1).
     #[arg(long, default_value_t = 1000)]
     pub users: usize,
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     pub ring_bytes: u64,
+    /// Pin the writer (all its threads) to this core, for a one-core figure.
+    #[arg(long)]
+    pub writer_core: Option<usize>,
     /// Directory for the ring and the embedded store (a temporary one if absent).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -69,6 +76,7 @@ pub struct WriterReport {
     /// The writer's own count of batches and their sizes (power-of-two buckets).
     pub writer_statistics: String,
     pub writer_args: Vec<String>,
+    pub writer_core: Option<usize>,
     pub environment: serde_json::Value,
 }
 
@@ -98,7 +106,15 @@ pub fn run(args: &WriterArgs) -> anyhow::Result<()> {
         },
     )?;
     let socket_path = rings.join("writer.sock");
-    let mut writer = Command::new(&args.writer)
+    let mut command = match args.writer_core {
+        Some(core) => {
+            let mut command = Command::new("taskset");
+            command.args(["-c", &core.to_string()]).arg(&args.writer);
+            command
+        }
+        None => Command::new(&args.writer),
+    };
+    let mut writer = command
         .arg("--ring-dir")
         .arg(&rings)
         .arg("--socket")
@@ -131,6 +147,8 @@ pub fn run(args: &WriterArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     let (seconds, latency, ring_full_waits, writer_cpu_s) = result?;
+    // Every message, and with --acks its acknowledgement.
+    let appended = args.records * if args.acks { 2 } else { 1 };
     let text = log.lock().expect("log").clone();
     let statistics = text
         .lines()
@@ -143,15 +161,16 @@ pub fn run(args: &WriterArgs) -> anyhow::Result<()> {
         })
         .unwrap_or_default();
     let report = WriterReport {
-        records: args.records,
+        records: appended,
         seconds,
-        records_per_s: args.records as f64 / seconds,
+        records_per_s: appended as f64 / seconds,
         writer_cpu_s,
-        records_per_writer_cpu_s: args.records as f64 / writer_cpu_s.max(1e-9),
+        records_per_writer_cpu_s: appended as f64 / writer_cpu_s.max(1e-9),
         ring_full_waits,
         append_to_durable: report::percentiles(&latency),
         writer_statistics: statistics,
         writer_args: args.writer_args.clone(),
+        writer_core: args.writer_core,
         environment: report::environment(),
     };
     let p = &report.append_to_durable;
@@ -199,6 +218,34 @@ fn connect(socket_path: &Path, ring_path: &Path) -> anyhow::Result<UnixStream> {
 }
 
 type Outcome = (f64, hdrhistogram::Histogram<u64>, u64, f64);
+
+/// Appends one record, waiting (and counting the waits) while the ring is full.
+fn append(
+    producer: &mut chat_ring::Producer,
+    record: &[u8],
+    waiting: &Waiting,
+    last_end: &mut u64,
+    ring_full_waits: &mut u64,
+) {
+    loop {
+        match producer.try_append(record) {
+            Ok(end) => {
+                waiting
+                    .queue
+                    .lock()
+                    .expect("queue")
+                    .push_back((end, Instant::now()));
+                *last_end = end;
+                return;
+            }
+            Err(_) => {
+                *ring_full_waits += 1;
+                producer.wake_consumer();
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+    }
+}
 
 fn drive(
     args: &WriterArgs,
@@ -284,23 +331,22 @@ fn drive(
             body: &body,
         }
         .encode();
-        loop {
-            match producer.try_append(&record) {
-                Ok(end) => {
-                    waiting
-                        .queue
-                        .lock()
-                        .expect("queue")
-                        .push_back((end, Instant::now()));
-                    last_end = end;
-                    break;
-                }
-                Err(_) => {
-                    ring_full_waits += 1;
-                    producer.wake_consumer();
-                    std::thread::sleep(Duration::from_micros(100));
-                }
+        let ack = args.acks.then(|| {
+            chat_protocol::records::AckRecord {
+                user: to,
+                device: "d0",
+                message_id,
             }
+            .encode()
+        });
+        for record in std::iter::once(&record).chain(ack.as_ref()) {
+            append(
+                producer,
+                record,
+                &waiting,
+                &mut last_end,
+                &mut ring_full_waits,
+            );
         }
         producer.wake_consumer();
     }

@@ -102,7 +102,7 @@ fn open_scylla(_: &BackendOptions) -> Result<Box<dyn Backend>> {
     anyhow::bail!("this build has no ScyllaDB backend (build with --features scylla)")
 }
 
-struct EmbeddedBackend(Embedded);
+pub struct EmbeddedBackend(pub Embedded);
 
 struct EmbeddedBatchWriter(crate::store::embedded::EmbeddedWriter);
 

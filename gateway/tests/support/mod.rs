@@ -3,7 +3,8 @@
 //! client (tungstenite) over a real TCP socket. Every wait here is bounded.
 #![allow(dead_code)]
 
-pub mod postgres;
+#[allow(unused_imports)]
+pub use testkit::postgres;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

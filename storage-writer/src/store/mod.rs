@@ -22,7 +22,7 @@ pub mod postgres;
 pub mod scylla;
 
 use anyhow::Result;
-use chat_protocol::records::Record;
+use chat_protocol::records::{AckRecord, MessageRecord, Record};
 use chat_protocol::snowflake;
 use chat_protocol::store_wire::{RecentSend, SyncEntry, SyncFrom};
 
@@ -32,7 +32,7 @@ pub use self::cursor::Cursor;
 mod tests;
 
 /// Inbox entries one acknowledgement scans to find earlier ones of its conversation.
-const ACK_SCAN_MAX: usize = 4096;
+pub const ACK_SCAN_MAX: usize = 4096;
 /// Inbox entries read from a backend at once while building a sync page.
 const SCAN_CHUNK: usize = 256;
 
@@ -92,6 +92,22 @@ pub trait Tables {
 
     fn cursor(&mut self, user: &str, device: &str) -> Result<Cursor>;
     fn put_cursor(&mut self, user: &str, device: &str, cursor: &Cursor) -> Result<()>;
+
+    /// Applies acknowledgements all at once (after `put_new_messages`), as
+    /// `apply_ack` would one by one. Returns the positions in `acks` whose
+    /// message is not in the user's inbox, or `None` when not supported.
+    fn put_acks(&mut self, _acks: &[&AckRecord<'_>]) -> Result<Option<Vec<usize>>> {
+        Ok(None)
+    }
+
+    /// Stores messages no writer has applied before, all at once: idempotency
+    /// keys, inbox entries for recipient and sender, message rows. A backend
+    /// where a round trip per row is the cost (PostgreSQL) implements this
+    /// with a few set-based statements; the default says "not supported" and
+    /// the rows go one by one.
+    fn put_new_messages(&mut self, _messages: &[(&[u8], &MessageRecord<'_>)]) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// One decoded record and whether a previous writer may already have applied
@@ -107,6 +123,11 @@ pub struct Applied<'a> {
 /// acknowledgements whose message is not (yet) in the user's inbox: the
 /// caller retries them once the other rings have been read further.
 pub fn apply(tables: &mut dyn Tables, records: &[Applied<'_>]) -> Result<Vec<usize>> {
+    if records.iter().all(|applied| !applied.maybe_applied) {
+        if let Some(unresolved) = apply_set_based(tables, records)? {
+            return Ok(unresolved);
+        }
+    }
     let mut unresolved = Vec::new();
     for (index, applied) in records.iter().enumerate() {
         match &applied.record {
@@ -158,6 +179,46 @@ pub fn apply(tables: &mut dyn Tables, records: &[Applied<'_>]) -> Result<Vec<usi
     Ok(unresolved)
 }
 
+/// The batch through the backend's set-based statements, when it has them:
+/// messages first, then acknowledgements (an acknowledgement only follows
+/// the delivery of its message, so no order that matters is lost). `None`
+/// when the backend goes row by row.
+fn apply_set_based(tables: &mut dyn Tables, records: &[Applied<'_>]) -> Result<Option<Vec<usize>>> {
+    let mut messages = Vec::new();
+    let mut acks = Vec::new();
+    for (index, applied) in records.iter().enumerate() {
+        match &applied.record {
+            Record::Message(message) => messages.push((applied.raw, message)),
+            Record::Ack(ack) => acks.push((index, ack)),
+        }
+    }
+    if !messages.is_empty() && !tables.put_new_messages(&messages)? {
+        return Ok(None);
+    }
+    if acks.is_empty() {
+        return Ok(Some(Vec::new()));
+    }
+    let ack_records: Vec<&AckRecord<'_>> = acks.iter().map(|(_, ack)| *ack).collect();
+    let unresolved = match tables.put_acks(&ack_records)? {
+        Some(unresolved) => unresolved,
+        None => {
+            let mut unresolved = Vec::new();
+            for (position, ack) in ack_records.iter().enumerate() {
+                if !apply_ack(tables, ack.user, ack.device, ack.message_id)? {
+                    unresolved.push(position);
+                }
+            }
+            unresolved
+        }
+    };
+    Ok(Some(
+        unresolved
+            .into_iter()
+            .map(|position| acks[position].0)
+            .collect(),
+    ))
+}
+
 /// Adds the inbox entry unless a replayed record already added it.
 fn inbox_once(
     tables: &mut dyn Tables,
@@ -190,29 +251,42 @@ pub fn apply_ack(
     if cursor.is_acked(seq) {
         return Ok(true);
     }
+    let mut entries = Vec::new();
     let mut after = cursor.through;
-    let mut scanned = 0;
-    'scan: while scanned < ACK_SCAN_MAX {
-        let entries = tables.inbox_after(user, after, SCAN_CHUNK)?;
-        if entries.is_empty() {
+    while entries.len() < ACK_SCAN_MAX && after + 1 < seq {
+        let chunk = tables.inbox_after(user, after, SCAN_CHUNK)?;
+        let Some(last) = chunk.last() else {
             break;
-        }
-        for entry in entries {
-            scanned += 1;
-            if entry.seq >= seq {
-                break 'scan;
-            }
-            // Earlier entries of the conversation, and the device's own sends
-            // (which it never receives, so never acknowledges itself).
-            if entry.conversation == conversation || entry.origin_device == device {
-                cursor.ack(entry.seq);
-            }
-            after = entry.seq;
+        };
+        after = last.seq;
+        entries.extend(chunk);
+    }
+    advance(&mut cursor, device, seq, &conversation, &entries);
+    tables.put_cursor(user, device, &cursor)?;
+    Ok(true)
+}
+
+/// The acknowledgement of the entry `seq` (of `conversation`) by `device`:
+/// marks it, and every entry of `entries` below it that belongs to the same
+/// conversation or was sent by this device (which never receives, so never
+/// acknowledges, its own sends). `entries` are the user's inbox entries
+/// after the cursor, ascending (as many as the caller read).
+pub fn advance(
+    cursor: &mut Cursor,
+    device: &str,
+    seq: u64,
+    conversation: &str,
+    entries: &[InboxEntry],
+) {
+    if cursor.is_acked(seq) {
+        return;
+    }
+    for entry in entries.iter().take_while(|entry| entry.seq < seq) {
+        if entry.conversation == conversation || entry.origin_device == device {
+            cursor.ack(entry.seq);
         }
     }
     cursor.ack(seq);
-    tables.put_cursor(user, device, &cursor)?;
-    Ok(true)
 }
 
 /// One page of a device's sync.

@@ -8,7 +8,11 @@
 
 use anyhow::{Context, Result};
 use chat_protocol::store_wire::RecentSend;
-use postgres::{Client, GenericClient, NoTls};
+use postgres::{Client, GenericClient, NoTls, Statement};
+
+use std::collections::BTreeMap;
+
+use chat_protocol::records::{AckRecord, MessageRecord};
 
 use super::{Cursor, InboxEntry, Tables};
 use crate::backend::{Backend, BatchWriter};
@@ -42,11 +46,13 @@ impl Backend for PostgresBackend {
         Ok(Box::new(PostgresWriter {
             url: self.url.clone(),
             client: None,
+            statements: Statements::default(),
         }))
     }
     fn reader(&self) -> Result<Box<dyn Tables + Send>> {
         Ok(Box::new(Pg {
             client: Client::connect(&self.url, NoTls)?,
+            statements: Statements::default(),
             for_update: false,
         }))
     }
@@ -56,20 +62,31 @@ impl Backend for PostgresBackend {
 struct PostgresWriter {
     url: String,
     client: Option<Client>,
+    /// Prepared on this connection; dropped with it.
+    statements: Statements,
 }
+
+/// Statements prepared once per connection (a statement prepared inside a
+/// transaction stays prepared for the session).
+#[derive(Default)]
+struct Statements(std::collections::HashMap<&'static str, Statement>);
 
 impl BatchWriter for PostgresWriter {
     fn write_batch(&mut self, work: &mut dyn FnMut(&mut dyn Tables) -> Result<()>) -> Result<()> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.statements = Statements::default();
             self.client = Some(Client::connect(&self.url, NoTls).context("reconnecting")?);
         }
         let client = self.client.as_mut().expect("connected above");
         let transaction = client.transaction()?;
         let mut tables = Pg {
             client: transaction,
+            statements: std::mem::take(&mut self.statements),
             for_update: true,
         };
-        work(&mut tables)?;
+        let result = work(&mut tables);
+        self.statements = std::mem::take(&mut tables.statements);
+        result?;
         tables.client.commit()?;
         Ok(())
     }
@@ -78,6 +95,7 @@ impl BatchWriter for PostgresWriter {
 /// The tables over a client or a transaction.
 struct Pg<C> {
     client: C,
+    statements: Statements,
     /// Lock rows read for update (inside a batch's transaction).
     for_update: bool,
 }
@@ -86,21 +104,35 @@ fn id(value: u64) -> i64 {
     value as i64
 }
 
+impl<C: GenericClient> Pg<C> {
+    /// `sql`, prepared on first use.
+    fn prepared(&mut self, sql: &'static str) -> Result<Statement> {
+        if let Some(statement) = self.statements.0.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.statements.0.insert(sql, statement.clone());
+        Ok(statement)
+    }
+}
+
 impl<C: GenericClient + Send> Tables for Pg<C> {
     fn message(&mut self, conversation: &str, message_id: u64) -> Result<Option<Vec<u8>>> {
-        let row = self.client.query_opt(
-            "SELECT record FROM messages WHERE conversation = $1 AND message_id = $2",
-            &[&conversation, &id(message_id)],
-        )?;
+        let statement = self
+            .prepared("SELECT record FROM messages WHERE conversation = $1 AND message_id = $2")?;
+        let row = self
+            .client
+            .query_opt(&statement, &[&conversation, &id(message_id)])?;
         Ok(row.map(|row| row.get(0)))
     }
 
     fn put_message(&mut self, conversation: &str, message_id: u64, record: &[u8]) -> Result<()> {
-        self.client.execute(
+        let statement = self.prepared(
             "INSERT INTO messages (conversation, message_id, record) VALUES ($1, $2, $3) \
              ON CONFLICT DO NOTHING",
-            &[&conversation, &id(message_id), &record],
         )?;
+        self.client
+            .execute(&statement, &[&conversation, &id(message_id), &record])?;
         Ok(())
     }
 
@@ -110,15 +142,14 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Vec<Vec<u8>>> {
-        let rows = self.client.query(
+        let statement = self.prepared(
             "SELECT record FROM messages WHERE conversation = $1 AND message_id < $2 \
              ORDER BY message_id DESC LIMIT $3",
-            &[
-                &conversation,
-                &id(before.unwrap_or(i64::MAX as u64)),
-                &(limit as i64),
-            ],
         )?;
+        let before = id(before.unwrap_or(i64::MAX as u64));
+        let rows = self
+            .client
+            .query(&statement, &[&conversation, &before, &(limit as i64)])?;
         Ok(rows.into_iter().map(|row| row.get(0)).collect())
     }
 
@@ -130,9 +161,12 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         message_id: u64,
         conversation: &str,
     ) -> Result<()> {
-        self.client.execute(
+        let statement = self.prepared(
             "INSERT INTO sends (user_id, device_id, client_msg_id, message_id, conversation) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )?;
+        self.client.execute(
+            &statement,
             &[
                 &user,
                 &device,
@@ -151,10 +185,13 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         since_message_id: u64,
         limit: usize,
     ) -> Result<Vec<RecentSend>> {
-        let rows = self.client.query(
+        let statement = self.prepared(
             "SELECT client_msg_id, message_id, conversation FROM sends \
              WHERE user_id = $1 AND device_id = $2 AND message_id >= $3 \
              ORDER BY message_id DESC LIMIT $4",
+        )?;
+        let rows = self.client.query(
+            &statement,
             &[&user, &device, &id(since_message_id), &(limit as i64)],
         )?;
         Ok(rows
@@ -174,34 +211,41 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         conversation: &str,
         origin_device: &str,
     ) -> Result<u64> {
+        // One statement: advance the user's counter (its row lock serialises
+        // writers on several nodes until this transaction ends) and insert.
+        let statement = self.prepared(
+            "WITH head AS ( \
+                 INSERT INTO inbox_heads (user_id, seq) VALUES ($1, 1) \
+                 ON CONFLICT (user_id) DO UPDATE SET seq = inbox_heads.seq + 1 \
+                 RETURNING seq) \
+             INSERT INTO inbox (user_id, seq, message_id, conversation, origin_device) \
+             SELECT $1, seq, $2, $3, $4 FROM head RETURNING seq",
+        )?;
         let row = self.client.query_one(
-            "INSERT INTO inbox_heads (user_id, seq) VALUES ($1, 1) \
-             ON CONFLICT (user_id) DO UPDATE SET seq = inbox_heads.seq + 1 RETURNING seq",
-            &[&user],
+            &statement,
+            &[&user, &id(message_id), &conversation, &origin_device],
         )?;
-        let seq: i64 = row.get(0);
-        self.client.execute(
-            "INSERT INTO inbox (user_id, seq, message_id, conversation, origin_device) \
-             VALUES ($1, $2, $3, $4, $5)",
-            &[&user, &seq, &id(message_id), &conversation, &origin_device],
-        )?;
-        Ok(seq as u64)
+        Ok(row.get::<_, i64>(0) as u64)
     }
 
     fn inbox_entry_of(&mut self, user: &str, message_id: u64) -> Result<Option<(u64, String)>> {
-        let row = self.client.query_opt(
+        let statement = self.prepared(
             "SELECT seq, conversation FROM inbox WHERE user_id = $1 AND message_id = $2",
-            &[&user, &id(message_id)],
         )?;
+        let row = self
+            .client
+            .query_opt(&statement, &[&user, &id(message_id)])?;
         Ok(row.map(|row| (row.get::<_, i64>(0) as u64, row.get(1))))
     }
 
     fn inbox_after(&mut self, user: &str, after: u64, limit: usize) -> Result<Vec<InboxEntry>> {
-        let rows = self.client.query(
+        let statement = self.prepared(
             "SELECT seq, message_id, conversation, origin_device FROM inbox \
              WHERE user_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-            &[&user, &id(after), &(limit as i64)],
         )?;
+        let rows = self
+            .client
+            .query(&statement, &[&user, &id(after), &(limit as i64)])?;
         Ok(rows
             .into_iter()
             .map(|row| InboxEntry {
@@ -214,23 +258,214 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
     }
 
     fn cursor(&mut self, user: &str, device: &str) -> Result<Cursor> {
-        let sql = if self.for_update {
-            "SELECT state FROM cursors WHERE user_id = $1 AND device_id = $2 FOR UPDATE"
+        let statement = if self.for_update {
+            self.prepared(
+                "SELECT state FROM cursors WHERE user_id = $1 AND device_id = $2 FOR UPDATE",
+            )?
         } else {
-            "SELECT state FROM cursors WHERE user_id = $1 AND device_id = $2"
+            self.prepared("SELECT state FROM cursors WHERE user_id = $1 AND device_id = $2")?
         };
-        match self.client.query_opt(sql, &[&user, &device])? {
+        match self.client.query_opt(&statement, &[&user, &device])? {
             Some(row) => Ok(Cursor::decode(row.get::<_, &[u8]>(0))?),
             None => Ok(Cursor::default()),
         }
     }
 
     fn put_cursor(&mut self, user: &str, device: &str, cursor: &Cursor) -> Result<()> {
-        self.client.execute(
+        let statement = self.prepared(
             "INSERT INTO cursors (user_id, device_id, state) VALUES ($1, $2, $3) \
              ON CONFLICT (user_id, device_id) DO UPDATE SET state = EXCLUDED.state",
-            &[&user, &device, &cursor.encode()],
         )?;
+        self.client
+            .execute(&statement, &[&user, &device, &cursor.encode()])?;
         Ok(())
+    }
+
+    /// Four statements per batch instead of four per acknowledgement.
+    fn put_acks(&mut self, acks: &[&AckRecord<'_>]) -> Result<Option<Vec<usize>>> {
+        // Each acknowledged message's inbox entry.
+        let statement = self.prepared(
+            "SELECT r.position, i.seq, i.conversation \
+             FROM UNNEST($1::text[], $2::bigint[]) WITH ORDINALITY AS r(user_id, message_id, position) \
+             JOIN inbox i ON i.user_id = r.user_id AND i.message_id = r.message_id",
+        )?;
+        let users: Vec<&str> = acks.iter().map(|a| a.user).collect();
+        let message_ids: Vec<i64> = acks.iter().map(|a| id(a.message_id)).collect();
+        let mut found: Vec<Option<(u64, String)>> = vec![None; acks.len()];
+        for row in self.client.query(&statement, &[&users, &message_ids])? {
+            let position = row.get::<_, i64>(0) as usize - 1;
+            found[position] = Some((row.get::<_, i64>(1) as u64, row.get(2)));
+        }
+        let unresolved: Vec<usize> = (0..acks.len()).filter(|p| found[*p].is_none()).collect();
+
+        // The devices' cursors, locked in a fixed order (no deadlock between nodes).
+        let mut devices: BTreeMap<(&str, &str), (Cursor, u64)> = BTreeMap::new();
+        for (ack, entry) in acks.iter().zip(&found) {
+            if let Some((seq, _)) = entry {
+                let slot = devices.entry((ack.user, ack.device)).or_default();
+                slot.1 = slot.1.max(*seq);
+            }
+        }
+        if devices.is_empty() {
+            return Ok(Some(unresolved));
+        }
+        let statement = self.prepared(
+            "SELECT c.user_id, c.device_id, c.state FROM cursors c \
+             JOIN UNNEST($1::text[], $2::text[]) AS r(user_id, device_id) USING (user_id, device_id) \
+             ORDER BY c.user_id, c.device_id FOR UPDATE OF c",
+        )?;
+        let keys: Vec<(&str, &str)> = devices.keys().copied().collect();
+        let key_users: Vec<&str> = keys.iter().map(|k| k.0).collect();
+        let key_devices: Vec<&str> = keys.iter().map(|k| k.1).collect();
+        for row in self.client.query(&statement, &[&key_users, &key_devices])? {
+            let user: &str = row.get(0);
+            let device: &str = row.get(1);
+            if let Ok(k) = keys.binary_search(&(user, device)) {
+                let slot = devices.get_mut(&keys[k]).expect("every key has a slot");
+                slot.0 = Cursor::decode(row.get::<_, &[u8]>(2))?;
+            }
+        }
+
+        // The inbox entries each device's acknowledgements may pass over.
+        let statement = self.prepared(
+            "SELECT r.k, e.seq, e.message_id, e.conversation, e.origin_device \
+             FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) WITH ORDINALITY AS r(user_id, after, upto, k) \
+             JOIN LATERAL (SELECT seq, message_id, conversation, origin_device FROM inbox \
+                 WHERE user_id = r.user_id AND seq > r.after AND seq < r.upto \
+                 ORDER BY seq LIMIT $4) e ON true \
+             ORDER BY r.k, e.seq",
+        )?;
+        let afters: Vec<i64> = devices.values().map(|(c, _)| id(c.through)).collect();
+        let uptos: Vec<i64> = devices.values().map(|(_, max)| id(*max)).collect();
+        let mut entries: Vec<Vec<InboxEntry>> = vec![Vec::new(); keys.len()];
+        let limit = super::ACK_SCAN_MAX as i64;
+        for row in self
+            .client
+            .query(&statement, &[&key_users, &afters, &uptos, &limit])?
+        {
+            let k = row.get::<_, i64>(0) as usize - 1;
+            entries[k].push(InboxEntry {
+                seq: row.get::<_, i64>(1) as u64,
+                message_id: row.get::<_, i64>(2) as u64,
+                conversation: row.get(3),
+                origin_device: row.get(4),
+            });
+        }
+
+        // Advance each cursor in ring order, then write them back at once.
+        for (ack, entry) in acks.iter().zip(&found) {
+            let Some((seq, conversation)) = entry else {
+                continue;
+            };
+            let k = keys
+                .binary_search(&(ack.user, ack.device))
+                .expect("every resolved ack has a cursor slot");
+            let cursor = &mut devices.get_mut(&keys[k]).expect("slot").0;
+            super::advance(cursor, ack.device, *seq, conversation, &entries[k]);
+        }
+        let states: Vec<Vec<u8>> = devices.values().map(|(c, _)| c.encode()).collect();
+        let statement = self.prepared(
+            "INSERT INTO cursors (user_id, device_id, state) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[]) \
+             ON CONFLICT (user_id, device_id) DO UPDATE SET state = EXCLUDED.state",
+        )?;
+        self.client
+            .execute(&statement, &[&key_users, &key_devices, &states])?;
+        Ok(Some(unresolved))
+    }
+
+    /// Four statements per batch instead of four per message.
+    fn put_new_messages(&mut self, messages: &[(&[u8], &MessageRecord<'_>)]) -> Result<bool> {
+        // Idempotency keys (first send wins).
+        let statement = self.prepared(
+            "INSERT INTO sends (user_id, device_id, client_msg_id, message_id, conversation) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[]) \
+             ON CONFLICT DO NOTHING",
+        )?;
+        fn column<'m>(
+            messages: &[(&[u8], &MessageRecord<'m>)],
+            field: fn(&MessageRecord<'m>) -> &'m str,
+        ) -> Vec<&'m str> {
+            messages.iter().map(|(_, m)| field(m)).collect()
+        }
+        let ids: Vec<i64> = messages.iter().map(|(_, m)| id(m.message_id)).collect();
+        self.client.execute(
+            &statement,
+            &[
+                &column(messages, |m| m.from),
+                &column(messages, |m| m.from_device),
+                &column(messages, |m| m.client_msg_id),
+                &ids,
+                &column(messages, |m| m.conversation),
+            ],
+        )?;
+
+        // Inbox entries in ring order: the recipient's, then the sender's.
+        let mut entries: Vec<(&str, i64, &str, &str)> = Vec::with_capacity(messages.len() * 2);
+        for (_, message) in messages {
+            let message_id = id(message.message_id);
+            if message.to != message.from {
+                entries.push((message.to, message_id, message.conversation, ""));
+            }
+            entries.push((
+                message.from,
+                message_id,
+                message.conversation,
+                message.from_device,
+            ));
+        }
+        // Reserve each user's sequences with one upsert; users in sorted
+        // order, so writers on several nodes lock rows in the same order.
+        let mut counts: BTreeMap<&str, i64> = Default::default();
+        for (user, ..) in &entries {
+            *counts.entry(user).or_default() += 1;
+        }
+        let statement = self.prepared(
+            "INSERT INTO inbox_heads AS h (user_id, seq) \
+             SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
+             ON CONFLICT (user_id) DO UPDATE SET seq = h.seq + EXCLUDED.seq \
+             RETURNING user_id, seq",
+        )?;
+        let users: Vec<&str> = counts.keys().copied().collect();
+        let amounts: Vec<i64> = counts.values().copied().collect();
+        let mut next: std::collections::HashMap<String, i64> = Default::default();
+        for row in self.client.query(&statement, &[&users, &amounts])? {
+            let user: String = row.get(0);
+            let head: i64 = row.get(1);
+            let first = head - counts[user.as_str()] + 1;
+            next.insert(user, first);
+        }
+        let mut seqs = Vec::with_capacity(entries.len());
+        for (user, ..) in &entries {
+            let seq = next
+                .get_mut(*user)
+                .context("a user without a reserved sequence")?;
+            seqs.push(*seq);
+            *seq += 1;
+        }
+        let statement = self.prepared(
+            "INSERT INTO inbox (user_id, seq, message_id, conversation, origin_device) \
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[])",
+        )?;
+        let users: Vec<&str> = entries.iter().map(|e| e.0).collect();
+        let message_ids: Vec<i64> = entries.iter().map(|e| e.1).collect();
+        let conversations: Vec<&str> = entries.iter().map(|e| e.2).collect();
+        let origins: Vec<&str> = entries.iter().map(|e| e.3).collect();
+        self.client.execute(
+            &statement,
+            &[&users, &seqs, &message_ids, &conversations, &origins],
+        )?;
+
+        // The message rows last.
+        let statement = self.prepared(
+            "INSERT INTO messages (conversation, message_id, record) \
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bytea[]) ON CONFLICT DO NOTHING",
+        )?;
+        let records: Vec<&[u8]> = messages.iter().map(|(raw, _)| *raw).collect();
+        self.client.execute(
+            &statement,
+            &[&column(messages, |m| m.conversation), &ids, &records],
+        )?;
+        Ok(true)
     }
 }

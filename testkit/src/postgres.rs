@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{free_port, WAIT};
+use crate::free_port;
+
+/// Longest the server may take to start.
+const WAIT: Duration = Duration::from_secs(30);
 
 pub struct Postgres {
     child: Child,
