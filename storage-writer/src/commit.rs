@@ -45,6 +45,8 @@ pub struct CommitLoop {
     pub sessions: Arc<Sessions>,
     pub stats: Arc<Stats>,
     pub batch_records_max: usize,
+    /// How long a batch waits for more records after its first (0: none).
+    pub batch_linger: Duration,
     pub stop: Arc<AtomicBool>,
 }
 
@@ -64,13 +66,22 @@ impl CommitLoop {
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             let mut records = chunks.iter().map(|c| c.records.len()).sum::<usize>();
+            // Group commit: take what is already queued, and with a linger,
+            // what arrives within it (fewer fsyncs per record under load).
+            let linger_until = Instant::now() + self.batch_linger;
             while records < self.batch_records_max {
-                match self.chunks.try_recv() {
-                    Ok(chunk) => {
+                let next = match linger_until.checked_duration_since(Instant::now()) {
+                    Some(left) if !chunks.is_empty() && !left.is_zero() => {
+                        self.chunks.recv_timeout(left).ok()
+                    }
+                    _ => self.chunks.try_recv().ok(),
+                };
+                match next {
+                    Some(chunk) => {
                         records += chunk.records.len();
                         chunks.push(chunk);
                     }
-                    Err(_) => break,
+                    None => break,
                 }
             }
             if chunks.is_empty() && pending.is_empty() {

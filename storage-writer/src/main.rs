@@ -78,6 +78,11 @@ struct Args {
     /// Most records in one batch (a batch is also cut when the rings are empty).
     #[arg(long, default_value_t = 4096)]
     batch_records_max: usize,
+    /// How long a batch waits for more records after its first, in µs. 0 (the
+    /// default) commits as soon as the rings are drained: lowest latency; a
+    /// linger trades up to that much latency for fewer, larger batches.
+    #[arg(long, default_value_t = 0)]
+    batch_linger_us: u64,
     /// Log batch statistics this often (0: never).
     #[arg(long, default_value_t = 60)]
     stats_interval_s: u64,
@@ -134,6 +139,7 @@ fn run(args: Args) -> Result<()> {
         sessions: sessions.clone(),
         stats: stats.clone(),
         batch_records_max: args.batch_records_max,
+        batch_linger: Duration::from_micros(args.batch_linger_us),
         stop: stop.clone(),
     };
     let commit_thread = std::thread::Builder::new()

@@ -251,7 +251,9 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, conn: Rc<Conn>, early_by
     // `hello` goes out now; the device's frames are read only once its recent
     // sends are loaded, so a retry after a gateway restart is recognised.
     let _ = flush(stream.as_raw_fd(), &shard, &conn, &mut front_written);
-    if let Err(error) = sync::warm_idempotency(&shard, &conn).await {
+    // Boxed: the request's future is large and short-lived; inline, it would
+    // size the connection's task for as long as the connection lives.
+    if let Err(error) = Box::pin(sync::warm_idempotency(&shard, &conn)).await {
         tracing::debug!(shard = shard.id, %error, "could not load recent sends");
         conn.request_close(CloseCode::TryAgainLater);
     } else {
