@@ -8,6 +8,8 @@
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
+
+use chat_backplane::Backplane;
 use std::time::Duration;
 
 use crate::mesh::Mesh;
@@ -18,13 +20,18 @@ const REQUEST_BYTES_MAX: usize = 4096;
 /// Read and write timeout per admin request.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub fn spawn(listener: TcpListener, node: Arc<NodeState>, mesh: Arc<Mesh>) -> std::io::Result<()> {
+pub fn spawn(
+    listener: TcpListener,
+    node: Arc<NodeState>,
+    mesh: Arc<Mesh>,
+    backplane: Option<Arc<Backplane>>,
+) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
             for stream in listener.incoming() {
                 match stream {
-                    Ok(stream) => serve(stream, &node, &mesh),
+                    Ok(stream) => serve(stream, &node, &mesh, backplane.as_deref()),
                     Err(error) => {
                         tracing::debug!(%error, "admin accept failed");
                         std::thread::sleep(Duration::from_millis(50));
@@ -35,7 +42,12 @@ pub fn spawn(listener: TcpListener, node: Arc<NodeState>, mesh: Arc<Mesh>) -> st
     Ok(())
 }
 
-fn serve(mut stream: std::net::TcpStream, node: &NodeState, mesh: &Mesh) {
+fn serve(
+    mut stream: std::net::TcpStream,
+    node: &NodeState,
+    mesh: &Mesh,
+    backplane: Option<&Backplane>,
+) {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let mut buffer = [0u8; REQUEST_BYTES_MAX];
@@ -76,7 +88,7 @@ fn serve(mut stream: std::net::TcpStream, node: &NodeState, mesh: &Mesh) {
             200,
             "OK",
             "text/plain; version=0.0.4",
-            &render(node, mesh),
+            &render(node, mesh, backplane),
         ),
         _ => respond(&mut stream, 404, "Not Found", "text/plain", "not found\n"),
     }

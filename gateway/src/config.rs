@@ -126,6 +126,15 @@ pub struct Config {
     /// A device's recent sends loaded when it connects, so a retry after a
     /// gateway restart gets its first message id.
     pub idempotency_warm_max: u16,
+    /// NATS server of the backplane (e.g. `nats://127.0.0.1:4222`); empty
+    /// means a single node with no cross-node delivery.
+    pub nats_url: String,
+    /// Subject prefix on NATS (fleets sharing one NATS use different ones).
+    pub nats_subject_prefix: String,
+    /// Slots in each shard's queue to the backplane thread.
+    pub backplane_queue_capacity: usize,
+    /// When the backplane comes back, devices resync at random moments within this window.
+    pub resync_window_ms: u64,
 }
 
 impl Default for Config {
@@ -169,6 +178,10 @@ impl Default for Config {
             sync_page_messages: 200,
             sync_messages_max: 10_000,
             idempotency_warm_max: 256,
+            nats_url: String::new(),
+            nats_subject_prefix: "chat".into(),
+            backplane_queue_capacity: 64 * 1024,
+            resync_window_ms: 2_000,
         }
     }
 }
@@ -230,6 +243,10 @@ overrides! {
     sync_page_messages: u16,
     sync_messages_max: u32,
     idempotency_warm_max: u16,
+    nats_url: String,
+    nats_subject_prefix: String,
+    backplane_queue_capacity: usize,
+    resync_window_ms: u64,
 }
 
 /// The `--config` file and the flags over it.
@@ -342,6 +359,17 @@ impl Config {
         // A ring must hold a few of the largest records (a body plus its ids).
         if self.ring_bytes < 4 * (self.body_bytes_max as u64 + 2048) {
             bail!("ring_bytes must hold at least four messages of body_bytes_max");
+        }
+        if self.backplane_queue_capacity < 16 {
+            bail!("backplane_queue_capacity must be at least 16");
+        }
+        if !self.nats_subject_prefix.is_empty()
+            && !self
+                .nats_subject_prefix
+                .split('.')
+                .all(chat_protocol::ids::is_valid_id)
+        {
+            bail!("nats_subject_prefix must be dot-separated ids");
         }
         if self.sync_page_messages == 0 || self.sync_messages_max == 0 {
             bail!("sync_page_messages and sync_messages_max must be at least 1");

@@ -5,6 +5,7 @@
 //! only the command line, logging set-up and the global allocator.
 
 mod admin;
+mod backplane_link;
 mod clock;
 mod config;
 mod doctor;

@@ -34,6 +34,12 @@ pub enum ShardMessage {
     Deliver(Delivery),
     /// Stop accepting and close every connection over the drain window.
     Drain,
+    /// The backplane subscription for this user is in place: its devices'
+    /// connect-time syncs may start (they would otherwise race a message
+    /// published just before the subscription).
+    InterestActive(Box<str>),
+    /// The backplane was away and is back: sync every device, spread out.
+    Resync,
 }
 
 /// An authenticated connection in transit to its user's home shard. The 101

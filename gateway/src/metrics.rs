@@ -7,6 +7,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
+use chat_backplane::Backplane;
 use chat_protocol::codes::{CloseCode, ErrorCode, CLOSE_CODES, ERROR_CODES};
 use crossbeam_utils::CachePadded;
 
@@ -60,6 +61,8 @@ pub struct ShardMetrics {
     pub idempotent_replays: AtomicU64,
     pub errors: [AtomicU64; ERROR_CODES.len()],
     pub closes: [AtomicU64; CLOSE_CODES.len()],
+    /// Publishes not queued to the backplane (its queue was full).
+    pub backplane_queue_full: AtomicU64,
     /// Sends refused because the shard's ring was full (back-pressure).
     pub ring_full: AtomicU64,
     /// Device acknowledgements written to the ring.
@@ -162,7 +165,7 @@ impl NodeState {
 }
 
 /// Renders Prometheus text exposition format 0.0.4.
-pub fn render(node: &NodeState, mesh: &Mesh) -> String {
+pub fn render(node: &NodeState, mesh: &Mesh, backplane: Option<&Backplane>) -> String {
     let mut out = String::with_capacity(8 * 1024);
     let family = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -426,5 +429,79 @@ pub fn render(node: &NodeState, mesh: &Mesh) -> String {
             );
         }
     }
+    if let Some(backplane) = backplane {
+        render_backplane(&mut out, backplane, node.shards.len());
+    }
     out
+}
+
+fn render_backplane(out: &mut String, backplane: &Backplane, shards: usize) {
+    let stats = &backplane.stats;
+    let gauges = [
+        (
+            "gateway_backplane_connected",
+            "gauge",
+            "1 while the node is connected to NATS.",
+            u64::from(stats.connected.load(Relaxed)),
+        ),
+        (
+            "gateway_backplane_subscriptions",
+            "gauge",
+            "Users with a device here, subscribed on the backplane.",
+            stats.subscriptions.load(Relaxed),
+        ),
+        (
+            "gateway_backplane_published_total",
+            "counter",
+            "Envelopes published (one per user per message).",
+            stats.published.load(Relaxed),
+        ),
+        (
+            "gateway_backplane_received_total",
+            "counter",
+            "Envelopes received for devices on this node.",
+            stats.received.load(Relaxed),
+        ),
+        (
+            "gateway_backplane_publish_dropped_total",
+            "counter",
+            "Publishes not sent because NATS was unreachable (recipients sync instead).",
+            stats.publish_dropped.load(Relaxed),
+        ),
+        (
+            "gateway_backplane_inbound_dropped_total",
+            "counter",
+            "Received messages dropped on a full shard queue (recipients sync instead).",
+            stats.inbound_dropped.load(Relaxed),
+        ),
+        (
+            "gateway_backplane_reconnects_total",
+            "counter",
+            "Reconnections to NATS (each triggers a resync of every device).",
+            stats.reconnects.load(Relaxed),
+        ),
+        (
+            "gateway_backplane_bad_envelopes_total",
+            "counter",
+            "Received envelopes that did not decode.",
+            stats.bad_envelopes.load(Relaxed),
+        ),
+    ];
+    for (name, kind, help, value) in gauges {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP gateway_backplane_queue_depth Items waiting in a shard's queue to the backplane.\n# TYPE gateway_backplane_queue_depth gauge"
+    );
+    for shard in 0..shards {
+        let _ = writeln!(
+            out,
+            "gateway_backplane_queue_depth{{shard=\"{shard}\"}} {}",
+            backplane.depth(shard)
+        );
+    }
 }

@@ -16,7 +16,7 @@ use crate::config::{Config, WriterMode};
 use crate::mesh::{Mesh, Sender, ShardMessage};
 use crate::metrics::NodeState;
 use crate::shard::{self, ShardSetup};
-use crate::{admin, secret, supervisor, writer_process};
+use crate::{admin, backplane_link, secret, supervisor, writer_process};
 
 /// Descriptors kept back from connections: stdio, log files, the admin
 /// listener, the signal pipe and similar.
@@ -45,6 +45,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     let node = Arc::new(NodeState::new(config.shards, connections_max));
     let mesh = Arc::new(Mesh::new(config.shards, config.cross_shard_queue_capacity));
+    let backplane = backplane_link::start(&config, &mesh)?;
     let config = Arc::new(config);
     let cores = if config.pin_shards {
         core_affinity::get_core_ids().unwrap_or_default()
@@ -62,13 +63,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             secret: secret.clone(),
             listener,
             core: cores.get(id % cores.len().max(1)).copied(),
+            backplane: backplane.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("shard-{id}"))
             .spawn(move || shard::run(setup))?;
         threads.push(thread);
     }
-    admin::spawn(admin_listener, node.clone(), mesh.clone())?;
+    admin::spawn(admin_listener, node.clone(), mesh.clone(), backplane)?;
     spawn_signal_handler(node.clone(), mesh.clone())?;
 
     while node.shards_ready.load(Relaxed) < config.shards

@@ -1,8 +1,9 @@
 //! Helpers only tests use, shared by every crate's tests so none is written twice.
 //!
-//! Owns starting real servers the tests need on loopback (PostgreSQL) and
-//! picking free ports. Never used by a shipped binary.
+//! Owns starting real servers the tests need on loopback (PostgreSQL,
+//! nats-server) and picking free ports. Never used by a shipped binary.
 
+pub mod nats;
 pub mod postgres;
 
 use std::net::TcpListener;

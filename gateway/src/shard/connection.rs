@@ -257,6 +257,9 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, conn: Rc<Conn>, early_by
         tracing::debug!(shard = shard.id, %error, "could not load recent sends");
         conn.request_close(CloseCode::TryAgainLater);
     } else {
+        // With a backplane, the sync starts once this node hears the user's
+        // subject, so nothing published before it can slip past both.
+        Box::pin(shard.interest_ready(&conn.user_id)).await;
         monoio::spawn(sync::sync_device(shard.clone(), conn.clone(), None));
     }
     if !early_bytes.is_empty() && !conn.is_closing() {

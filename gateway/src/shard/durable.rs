@@ -1,8 +1,8 @@
 //! A shard's half of the durable path: appending records to its ring and
 //! releasing `sent` once the storage-writer says they are durable.
 //!
-//! Owns the ring producer and the queue of `sent` frames waiting for the
-//! durable watermark (in ring order). Never blocks: a full ring is returned
+//! Owns the ring producer and the queue of `sent` frames (and backplane
+//! publishes) waiting for the durable watermark (in ring order). Never blocks: a full ring is returned
 //! to the caller, who answers the client with a retryable `overloaded`.
 //! Never acknowledges a record before the watermark covers it.
 
@@ -12,6 +12,7 @@ use std::rc::{Rc, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
+use chat_backplane::Outbound;
 use chat_ring::{Producer, RingFull};
 
 use super::connection::Conn;
@@ -23,6 +24,8 @@ struct Waiting {
     conn: Weak<Conn>,
     sent: Bytes,
     appended: Instant,
+    /// For other nodes' devices, published once durable (see `chat_backplane`).
+    publish: Option<Box<Outbound>>,
 }
 
 pub struct Durability {
@@ -54,10 +57,21 @@ impl Durability {
         end <= self.durable.get()
     }
 
-    /// Sends `sent` to `conn` once the record ending at `end` is durable.
-    pub fn send_when_durable(&self, end: u64, conn: &Rc<Conn>, sent: Bytes) {
+    /// Sends `sent` to `conn` (and hands `publish` to `published`) once the
+    /// record ending at `end` is durable.
+    pub fn send_when_durable(
+        &self,
+        end: u64,
+        conn: &Rc<Conn>,
+        sent: Bytes,
+        publish: Option<Box<Outbound>>,
+        published: impl FnOnce(Box<Outbound>),
+    ) {
         if self.is_durable(end) {
             conn.enqueue(sent);
+            if let Some(publish) = publish {
+                published(publish);
+            }
             return;
         }
         self.waiting.borrow_mut().push_back(Waiting {
@@ -65,11 +79,18 @@ impl Durability {
             conn: Rc::downgrade(conn),
             sent,
             appended: Instant::now(),
+            publish,
         });
     }
 
-    /// The writer committed everything before `position`.
-    pub fn on_durable(&self, position: u64, metrics: &ShardMetrics) {
+    /// The writer committed everything before `position`: release `sent`
+    /// frames and hand what other nodes should see to `published`.
+    pub fn on_durable(
+        &self,
+        position: u64,
+        metrics: &ShardMetrics,
+        mut published: impl FnMut(Box<Outbound>),
+    ) {
         if position <= self.durable.get() {
             return;
         }
@@ -81,6 +102,9 @@ impl Durability {
             metrics.durable_wait(now.duration_since(released.appended));
             if let Some(conn) = released.conn.upgrade() {
                 conn.enqueue(released.sent);
+            }
+            if let Some(publish) = released.publish {
+                published(publish);
             }
         }
     }

@@ -25,8 +25,11 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
 use anyhow::Context;
 use bytes::Bytes;
+use chat_backplane::{Backplane, Outbound};
 use chat_protocol::codes::CloseCode;
 use chat_protocol::frames::{self, HelloFrame};
 use chat_protocol::snowflake::SnowflakeGenerator;
@@ -65,6 +68,8 @@ pub struct ShardSetup {
     pub secret: Arc<Vec<u8>>,
     pub listener: std::net::TcpListener,
     pub core: Option<core_affinity::CoreId>,
+    /// The NATS bridge, when this node is part of a fleet.
+    pub backplane: Option<Arc<Backplane>>,
 }
 
 /// The shard's state, shared by its tasks on its one thread.
@@ -95,6 +100,10 @@ pub struct Shard {
     durability: Durability,
     /// The read path to the storage-writer.
     store: StoreClient,
+    pub(super) backplane: Option<Arc<Backplane>>,
+    /// Users whose backplane subscription is being set up, with the
+    /// connections waiting for it before their connect-time sync.
+    interest_pending: RefCell<HashMap<Rc<str>, Rc<Waiters>>>,
 }
 
 impl Shard {
@@ -177,7 +186,10 @@ impl Shard {
         // user after the client reads `hello` reaches this device: live, or
         // held while the connect-time sync runs (then de-duplicated against it).
         conn.begin_sync();
-        self.users.borrow_mut().add(conn.clone(), self.now_ms());
+        let first_here = self.users.borrow_mut().add(conn.clone(), self.now_ms());
+        if first_here {
+            self.interest(&conn.user_id, true);
+        }
         let metrics = self.metrics();
         bump(&metrics.handshakes_accepted, 1);
         bump(&metrics.connections, 1);
@@ -186,7 +198,10 @@ impl Shard {
 
     /// Removes a connection from every table; nothing is delivered to it after.
     fn unregister(&self, conn: &Conn) {
-        self.users.borrow_mut().remove(conn);
+        let last_here = self.users.borrow_mut().remove(conn);
+        if last_here {
+            self.interest(&conn.user_id, false);
+        }
         self.conns.borrow_mut().try_remove(conn.slot);
         let connections = &self.metrics().connections;
         connections.store(connections.load(Relaxed).saturating_sub(1), Relaxed);
@@ -204,6 +219,15 @@ impl Shard {
                 );
             }
             ShardMessage::Adopt(handoff) => self.adopt_handoff(*handoff),
+            ShardMessage::InterestActive(user) => {
+                let waiters = self.interest_pending.borrow_mut().remove(&*user);
+                if let Some(waiters) = waiters {
+                    waiters.fire();
+                }
+            }
+            ShardMessage::Resync => {
+                monoio::spawn(resync(self.clone()));
+            }
             ShardMessage::Drain => {
                 if !self.draining.replace(true) {
                     self.drain_started.fire();
@@ -215,7 +239,53 @@ impl Shard {
 
     /// The storage-writer committed this shard's ring up to `position`.
     fn on_durable(&self, position: u64) {
-        self.durability.on_durable(position, self.metrics());
+        self.durability
+            .on_durable(position, self.metrics(), |publish| self.publish(*publish));
+    }
+
+    /// Hands a durable message to the backplane for other nodes.
+    pub(super) fn publish(&self, publish: Outbound) {
+        if let Some(backplane) = &self.backplane {
+            if backplane.send(self.id, publish).is_err() {
+                // Durable anyway: remote devices get it on their next sync.
+                bump(&self.metrics().backplane_queue_full, 1);
+            }
+        }
+    }
+
+    /// Subscribes or unsubscribes this node for `user` on the backplane.
+    fn interest(&self, user: &Rc<str>, active: bool) {
+        let Some(backplane) = &self.backplane else {
+            return;
+        };
+        let pending = self.interest_pending.borrow_mut().remove(user);
+        if let Some(waiters) = pending {
+            waiters.fire();
+        }
+        let outbound = Outbound::Interest {
+            user: user.as_ref().into(),
+            active,
+        };
+        if backplane.send(self.id, outbound).is_err() {
+            bump(&self.metrics().backplane_queue_full, 1);
+            return;
+        }
+        if active {
+            self.interest_pending
+                .borrow_mut()
+                .insert(user.clone(), Rc::new(Waiters::default()));
+        }
+    }
+
+    /// Waits (bounded) until this node's backplane subscription for `user` is
+    /// in place, so a sync that starts after it cannot miss a message that
+    /// was published before it.
+    pub(super) async fn interest_ready(&self, user: &str) {
+        let waiters = self.interest_pending.borrow().get(user).cloned();
+        if let Some(waiters) = waiters {
+            let timeout = Duration::from_millis(self.config.storage_timeout_ms);
+            let _ = monoio::time::timeout(timeout, waiters.wait()).await;
+        }
     }
 
     fn adopt_handoff(self: &Rc<Self>, handoff: Handoff) {
@@ -353,6 +423,8 @@ async fn shard_main(setup: ShardSetup, driver: &'static str) -> anyhow::Result<(
         started: Instant::now(),
         durability: Durability::new(producer),
         store,
+        backplane: setup.backplane,
+        interest_pending: RefCell::new(HashMap::new()),
         config,
         node: setup.node,
         mesh: setup.mesh,
@@ -413,30 +485,16 @@ async fn sweep(shard: Rc<Shard>) {
 /// window (so a fleet drain is no reconnect storm), then lets the shard exit.
 async fn drain(shard: Rc<Shard>) {
     let window_ms = shard.config.drain_window_ms.max(1);
-    let start = Instant::now();
-    let mut schedule: Vec<(u64, Weak<Conn>)> = shard
-        .conns
-        .borrow()
-        .iter()
-        .map(|(_, conn)| (fastrand::u64(0..window_ms), Rc::downgrade(conn)))
-        .collect();
-    schedule.sort_unstable_by_key(|(at_ms, _)| *at_ms);
     tracing::info!(
         shard = shard.id,
-        connections = schedule.len(),
+        connections = shard.conns.borrow().len(),
         window_ms,
         "draining"
     );
-    for (at_ms, conn) in schedule {
-        let due = start + Duration::from_millis(at_ms);
-        let wait = due.saturating_duration_since(Instant::now());
-        if !wait.is_zero() {
-            monoio::time::sleep(wait).await;
-        }
-        if let Some(conn) = conn.upgrade() {
-            conn.request_close(CloseCode::ServiceRestart);
-        }
-    }
+    over_window(&shard, window_ms, |conn| {
+        conn.request_close(CloseCode::ServiceRestart)
+    })
+    .await;
     // Anything adopted while the schedule ran.
     for (_, conn) in shard.conns.borrow().iter() {
         conn.request_close(CloseCode::ServiceRestart);
@@ -446,6 +504,48 @@ async fn drain(shard: Rc<Shard>) {
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
     shard.finished.fire();
+}
+
+/// After the backplane was away: every device syncs (it may have missed
+/// messages from other nodes), at random moments within `resync_window_ms`
+/// so storage is not hit by all of them at once.
+async fn resync(shard: Rc<Shard>) {
+    let window_ms = shard.config.resync_window_ms.max(1);
+    tracing::info!(
+        shard = shard.id,
+        window_ms,
+        "backplane back: resyncing devices"
+    );
+    let syncing = shard.clone();
+    over_window(&shard, window_ms, move |conn| {
+        if !conn.is_closing() && conn.begin_sync() {
+            monoio::spawn(sync::sync_device(syncing.clone(), conn, None));
+        }
+    })
+    .await;
+}
+
+/// Calls `each` for every connection registered now, each at a random moment
+/// within `window_ms` (skipping connections that closed meanwhile).
+async fn over_window(shard: &Shard, window_ms: u64, mut each: impl FnMut(Rc<Conn>)) {
+    let start = Instant::now();
+    let mut schedule: Vec<(u64, Weak<Conn>)> = shard
+        .conns
+        .borrow()
+        .iter()
+        .map(|(_, conn)| (fastrand::u64(0..window_ms), Rc::downgrade(conn)))
+        .collect();
+    schedule.sort_unstable_by_key(|(at_ms, _)| *at_ms);
+    for (at_ms, conn) in schedule {
+        let due = start + Duration::from_millis(at_ms);
+        let wait = due.saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            monoio::time::sleep(wait).await;
+        }
+        if let Some(conn) = conn.upgrade() {
+            each(conn);
+        }
+    }
 }
 
 /// Lets other tasks run once.
@@ -483,6 +583,33 @@ impl LocalSignal {
                 return Poll::Ready(());
             }
             self.waiter.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// A one-shot, single-thread event with any number of waiters.
+#[derive(Default)]
+struct Waiters {
+    fired: Cell<bool>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl Waiters {
+    fn fire(&self) {
+        self.fired.set(true);
+        for waker in self.wakers.take() {
+            waker.wake();
+        }
+    }
+
+    async fn wait(&self) {
+        poll_fn(|cx| {
+            if self.fired.get() {
+                return Poll::Ready(());
+            }
+            self.wakers.borrow_mut().push(cx.waker().clone());
             Poll::Pending
         })
         .await

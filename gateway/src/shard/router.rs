@@ -11,6 +11,7 @@
 use std::rc::Rc;
 
 use bytes::Bytes;
+use chat_backplane::Outbound;
 use chat_protocol::codes::{CloseCode, ErrorCode};
 use chat_protocol::frames::{self, ClientFrame, MessageFrame, SendFrame};
 use chat_protocol::records::{AckRecord, MessageRecord};
@@ -126,9 +127,14 @@ fn on_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
             &prior.conversation,
             ts,
         );
-        shard
-            .durability
-            .send_when_durable(prior.end, conn, Bytes::from(ws::text_frame(&sent)));
+        // A retry is not published again: the first send was.
+        shard.durability.send_when_durable(
+            prior.end,
+            conn,
+            Bytes::from(ws::text_frame(&sent)),
+            None,
+            |_| {},
+        );
         bump(&shard.metrics().idempotent_replays, 1);
         return;
     }
@@ -178,6 +184,18 @@ fn on_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
         ts,
     });
     let frame = Bytes::from(ws::text_frame(&json));
+    // Other nodes' devices of both users get it once it is durable.
+    let publish = shard.backplane.is_some().then(|| {
+        let mut users: Vec<Box<str>> = vec![send.to.as_ref().into()];
+        if !to_self {
+            users.push(conn.user_id.as_ref().into());
+        }
+        Box::new(Outbound::Publish {
+            users,
+            message_id,
+            json: Bytes::from(json),
+        })
+    });
 
     if remote {
         let delivery = ShardMessage::Deliver(Delivery {
@@ -211,9 +229,13 @@ fn on_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
         },
         now_unix_ms,
     );
-    shard
-        .durability
-        .send_when_durable(end, conn, Bytes::from(ws::text_frame(&sent)));
+    shard.durability.send_when_durable(
+        end,
+        conn,
+        Bytes::from(ws::text_frame(&sent)),
+        publish,
+        |publish| shard.publish(*publish),
+    );
 }
 
 /// A device has `message_id`: recorded for its cursor. Best effort: a lost

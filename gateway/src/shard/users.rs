@@ -41,7 +41,8 @@ impl UserTable {
         }
     }
 
-    pub fn add(&mut self, conn: Rc<Conn>, now_ms: u64) {
+    /// Adds a device. True when it is the user's first device here.
+    pub fn add(&mut self, conn: Rc<Conn>, now_ms: u64) -> bool {
         let sends = TokenBucket::full(self.sends_limit, now_ms);
         let entry = self
             .users
@@ -51,15 +52,19 @@ impl UserTable {
                 sends,
             });
         entry.devices.push(conn);
+        entry.devices.len() == 1
     }
 
-    pub fn remove(&mut self, conn: &Conn) {
+    /// Removes a device. True when it was the user's last device here.
+    pub fn remove(&mut self, conn: &Conn) -> bool {
         if let Some(entry) = self.users.get_mut(&*conn.user_id) {
             entry.devices.retain(|device| device.slot != conn.slot);
             if entry.devices.is_empty() {
                 self.users.remove(&*conn.user_id);
+                return true;
             }
         }
+        false
     }
 
     /// Takes one send from `user_id`'s allowance, or says in how many ms the next is due.

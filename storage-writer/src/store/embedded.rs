@@ -175,6 +175,13 @@ impl Tables for Embedded {
         Ok(())
     }
 
+    fn send_of(&mut self, user: &str, device: &str, client_msg_id: &str) -> Result<Option<u64>> {
+        match self.sends.get(key(&[user, device, client_msg_id], None))? {
+            Some(value) => Ok(Some(be_u64(&value)?)),
+            None => Ok(None),
+        }
+    }
+
     fn recent_sends(
         &mut self,
         user: &str,
@@ -294,6 +301,9 @@ impl Tables for EmbeddedWriter {
     ) -> Result<()> {
         self.store
             .put_send_if_absent(user, device, client_msg_id, message_id, conversation)
+    }
+    fn send_of(&mut self, user: &str, device: &str, client_msg_id: &str) -> Result<Option<u64>> {
+        self.store.send_of(user, device, client_msg_id)
     }
     fn recent_sends(
         &mut self,

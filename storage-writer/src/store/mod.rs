@@ -68,6 +68,8 @@ pub trait Tables {
         message_id: u64,
         conversation: &str,
     ) -> Result<()>;
+    /// The message id first stored under this idempotency key.
+    fn send_of(&mut self, user: &str, device: &str, client_msg_id: &str) -> Result<Option<u64>>;
     /// The device's sends with ids at or above `since_message_id`, newest first.
     fn recent_sends(
         &mut self,
@@ -133,12 +135,21 @@ pub fn apply(tables: &mut dyn Tables, records: &[Applied<'_>]) -> Result<Vec<usi
         match &applied.record {
             Record::Message(message) => {
                 let replay = applied.maybe_applied;
-                if replay
-                    && tables
+                if replay {
+                    if tables
                         .message(message.conversation, message.message_id)?
                         .is_some()
-                {
-                    continue; // fully applied before a restart
+                    {
+                        continue; // fully applied before a restart
+                    }
+                    // Never made durable before its node died, and the client
+                    // has since retried it elsewhere and got another id:
+                    // storing this one too would show the message twice.
+                    let first =
+                        tables.send_of(message.from, message.from_device, message.client_msg_id)?;
+                    if first.is_some_and(|first| first != message.message_id) {
+                        continue;
+                    }
                 }
                 tables.put_send_if_absent(
                     message.from,

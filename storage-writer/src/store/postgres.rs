@@ -178,6 +178,16 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         Ok(())
     }
 
+    fn send_of(&mut self, user: &str, device: &str, client_msg_id: &str) -> Result<Option<u64>> {
+        let statement = self.prepared(
+            "SELECT message_id FROM sends WHERE user_id = $1 AND device_id = $2 AND client_msg_id = $3",
+        )?;
+        let row = self
+            .client
+            .query_opt(&statement, &[&user, &device, &client_msg_id])?;
+        Ok(row.map(|row| row.get::<_, i64>(0) as u64))
+    }
+
     fn recent_sends(
         &mut self,
         user: &str,

@@ -34,6 +34,7 @@ struct Statements {
     put_message: PreparedStatement,
     history: PreparedStatement,
     put_send: PreparedStatement,
+    send_of: PreparedStatement,
     put_send_by_time: PreparedStatement,
     recent_sends: PreparedStatement,
     head: PreparedStatement,
@@ -124,6 +125,7 @@ impl ScyllaBackend {
                 put_message: prepare(format!("INSERT INTO {k}.messages (conversation, message_id, record) VALUES (?, ?, ?)")).await?,
                 history: prepare(format!("SELECT record FROM {k}.messages WHERE conversation = ? AND message_id < ? LIMIT ?")).await?,
                 put_send: prepare(format!("INSERT INTO {k}.sends (user_id, device_id, client_msg_id, message_id, conversation) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS")).await?,
+                send_of: prepare(format!("SELECT message_id FROM {k}.sends WHERE user_id = ? AND device_id = ? AND client_msg_id = ?")).await?,
                 put_send_by_time: prepare(format!("INSERT INTO {k}.sends_by_time (user_id, device_id, message_id, client_msg_id, conversation) VALUES (?, ?, ?, ?, ?)")).await?,
                 recent_sends: prepare(format!("SELECT client_msg_id, message_id, conversation FROM {k}.sends_by_time WHERE user_id = ? AND device_id = ? AND message_id >= ? LIMIT ?")).await?,
                 head: prepare(format!("SELECT seq FROM {k}.inbox_heads WHERE user_id = ?")).await?,
@@ -302,6 +304,12 @@ impl Tables for Scylla {
             )?;
         }
         Ok(())
+    }
+
+    fn send_of(&mut self, user: &str, device: &str, client_msg_id: &str) -> Result<Option<u64>> {
+        let rows: Vec<(i64,)> =
+            self.rows(&self.statements.send_of, (user, device, client_msg_id))?;
+        Ok(rows.into_iter().next().map(|(id,)| id as u64))
     }
 
     fn recent_sends(

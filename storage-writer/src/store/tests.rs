@@ -52,9 +52,14 @@ on_every_backend!(
     an_ack_is_cumulative_per_conversation_and_passes_own_sends,
     an_ack_for_an_unknown_message_is_reported_unresolved,
     acks_in_one_batch_with_their_messages_apply_in_order,
+    a_replay_superseded_by_a_retry_elsewhere_is_not_stored,
 );
 
 fn message(id: u64, from: &str, device: &str, to: &str) -> Vec<u8> {
+    message_with_client_id(id, from, device, to, &format!("c{id}"))
+}
+
+fn message_with_client_id(id: u64, from: &str, device: &str, to: &str, client: &str) -> Vec<u8> {
     let conversation = chat_protocol::ids::direct_conversation_id(from, to);
     MessageRecord {
         message_id: id,
@@ -63,7 +68,7 @@ fn message(id: u64, from: &str, device: &str, to: &str) -> Vec<u8> {
         from,
         from_device: device,
         to,
-        client_msg_id: &format!("c{id}"),
+        client_msg_id: client,
         body: "x",
     }
     .encode()
@@ -181,4 +186,21 @@ fn acks_in_one_batch_with_their_messages_apply_in_order(fixture: &Fixture) {
     assert_eq!(unresolved, [5], "only the unknown id, by its record index");
     // 10 and 12 acknowledged; 11 (same conversation as 10 but after it) not.
     assert_eq!(synced_ids(fixture, "bob", "phone"), [11]);
+}
+
+fn a_replay_superseded_by_a_retry_elsewhere_is_not_stored(fixture: &Fixture) {
+    // Node A appended id 10 for client id "k" but died before it was durable;
+    // the client retried on node B and got id 20. A's writer, restarted
+    // later, replays 10: it must not be stored next to 20.
+    run(
+        fixture,
+        &[message_with_client_id(20, "alice", "phone", "bob", "k")],
+        false,
+    );
+    run(
+        fixture,
+        &[message_with_client_id(10, "alice", "phone", "bob", "k")],
+        true,
+    );
+    assert_eq!(synced_ids(fixture, "bob", "phone"), [20]);
 }

@@ -1,0 +1,18 @@
+//! The backplane bridge: carries messages between gateway nodes over NATS.
+//!
+//! Owns one NATS connection per node (async-nats, on its own thread with a
+//! small tokio runtime, because the shards are monoio and must never await
+//! NATS), per-user subjects (`<prefix>.u.<user>`, subscribed while the user
+//! has a device on this node), the binary envelope (`envelope`), and the
+//! bounded queues to and from the shards. Publishes happen once a message is
+//! durable, so a node that subscribes and then syncs misses nothing.
+//!
+//! Must never: block a shard (a full queue is handed back to the caller), grow
+//! without bound (every queue has a capacity; what does not fit is counted and
+//! dropped, and the recipient gets it on its next sync, since it is durable),
+//! or publish while disconnected (the reconnect triggers a resync instead).
+
+mod bridge;
+pub mod envelope;
+
+pub use bridge::{subject, Backplane, BackplaneConfig, BackplaneStats, Inbound, Outbound, Sink};

@@ -1,0 +1,273 @@
+//! Cross-node delivery with the real processes: three gateway nodes (each with
+//! its own storage-writer) sharing one PostgreSQL, and one nats-server, all on
+//! loopback. Users and devices are spread over the nodes on purpose.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::postgres::Postgres;
+use support::{Client, Gateway, Next, WAIT};
+use testkit::nats::NatsServer;
+
+struct Fleet {
+    nodes: Vec<Gateway>,
+    _database: Postgres,
+    nats: NatsServer,
+}
+
+fn node_flags(database: &Postgres, nats: &NatsServer, node_id: u16) -> Vec<String> {
+    let mut flags = database.writer_flags();
+    flags.extend([
+        "--node-id".into(),
+        node_id.to_string(),
+        "--nats-url".into(),
+        nats.url(),
+        "--resync-window-ms".into(),
+        "200".into(),
+    ]);
+    flags
+}
+
+fn start_node(database: &Postgres, nats: &NatsServer, node_id: u16) -> Gateway {
+    let flags = node_flags(database, nats, node_id);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let gateway = Gateway::start(&flags);
+    gateway.wait_metric("gateway_backplane_connected", &[], 1);
+    gateway
+}
+
+fn fleet() -> Fleet {
+    let database = Postgres::start();
+    let nats = NatsServer::start();
+    let nodes = (1..=3).map(|id| start_node(&database, &nats, id)).collect();
+    Fleet {
+        nodes,
+        _database: database,
+        nats,
+    }
+}
+
+/// Reads until `count` distinct messages arrived (acknowledging each) or the
+/// wait ends. Returns (message id → body) in arrival order of first receipt,
+/// and how many arrived twice.
+fn receive(client: &mut Client, count: usize, seen: &mut Vec<(String, String)>) -> usize {
+    let mut duplicates = 0;
+    let deadline = Instant::now() + WAIT;
+    client.set_timeout(Duration::from_millis(200));
+    while seen.len() < count && Instant::now() < deadline {
+        match client.next() {
+            Next::Json(frame) if frame["type"] == "message" => {
+                let id = frame["message_id"].as_str().unwrap().to_owned();
+                let body = frame["body"].as_str().unwrap().to_owned();
+                if seen.iter().any(|(seen_id, _)| *seen_id == id) {
+                    duplicates += 1;
+                } else {
+                    seen.push((id.clone(), body));
+                }
+                client.send(json!({"type": "ack", "message_id": id}));
+            }
+            Next::Json(_) | Next::Silent => {}
+            other => panic!("connection ended: {other:?}"),
+        }
+    }
+    client.set_timeout(WAIT);
+    duplicates
+}
+
+fn bodies(seen: &[(String, String)]) -> Vec<&str> {
+    seen.iter().map(|(_, body)| body.as_str()).collect()
+}
+
+/// Waits for `count` `sent` frames; messages that arrive meanwhile are
+/// acknowledged and kept in `seen` (a sender is often a recipient too).
+fn await_sent(
+    client: &mut Client,
+    count: usize,
+    seen: &mut Vec<(String, String)>,
+) -> BTreeMap<String, String> {
+    let mut sent = BTreeMap::new();
+    while sent.len() < count {
+        let frame = client.recv();
+        match frame["type"].as_str() {
+            Some("sent") => {
+                sent.insert(
+                    frame["id"].as_str().unwrap().to_owned(),
+                    frame["message_id"].as_str().unwrap().to_owned(),
+                );
+            }
+            Some("message") => {
+                let id = frame["message_id"].as_str().unwrap().to_owned();
+                client.send(json!({"type": "ack", "message_id": id}));
+                seen.push((id, frame["body"].as_str().unwrap().to_owned()));
+            }
+            _ => {}
+        }
+    }
+    sent
+}
+
+#[test]
+fn every_device_on_every_node_gets_each_message_once_and_in_order() {
+    let fleet = fleet();
+    let [a, b, c] = [&fleet.nodes[0], &fleet.nodes[1], &fleet.nodes[2]];
+    let mut alice_phone = a.connect("alice", "phone");
+    let mut alice_laptop = c.connect("alice", "laptop");
+    let mut bob_phone = b.connect("bob", "phone");
+    let mut bob_tablet = a.connect("bob", "tablet");
+
+    for index in 0..20 {
+        alice_phone.send_message(&format!("a{index}"), "bob", &format!("a{index}"));
+        bob_phone.send_message(&format!("b{index}"), "alice", &format!("b{index}"));
+    }
+    let mut alice_phone_seen = Vec::new();
+    let mut bob_phone_seen = Vec::new();
+    await_sent(&mut alice_phone, 20, &mut alice_phone_seen);
+    await_sent(&mut bob_phone, 20, &mut bob_phone_seen);
+    let from_alice: Vec<String> = (0..20).map(|i| format!("a{i}")).collect();
+    let from_bob: Vec<String> = (0..20).map(|i| format!("b{i}")).collect();
+
+    for (name, client, expect_a, expect_b) in [
+        (
+            "bob's tablet (node A, with the sender)",
+            &mut bob_tablet,
+            true,
+            true,
+        ),
+        ("alice's laptop (node C)", &mut alice_laptop, true, true),
+    ] {
+        let mut seen = Vec::new();
+        let duplicates = receive(client, 40, &mut seen);
+        assert_eq!(duplicates, 0, "{name}: duplicates");
+        let got = bodies(&seen);
+        let mine_a: Vec<&str> = got.iter().copied().filter(|b| b.starts_with('a')).collect();
+        let mine_b: Vec<&str> = got.iter().copied().filter(|b| b.starts_with('b')).collect();
+        assert_eq!(
+            expect_a,
+            mine_a == from_alice,
+            "{name}: alice's messages in order: {got:?}"
+        );
+        assert_eq!(
+            expect_b,
+            mine_b == from_bob,
+            "{name}: bob's messages in order: {got:?}"
+        );
+    }
+    // Each phone gets only the other user's messages (never its own).
+    assert_eq!(receive(&mut bob_phone, 20, &mut bob_phone_seen), 0);
+    assert_eq!(bodies(&bob_phone_seen), from_alice);
+    assert_eq!(receive(&mut alice_phone, 20, &mut alice_phone_seen), 0);
+    assert_eq!(bodies(&alice_phone_seen), from_bob);
+    bob_phone.expect_silence(Duration::from_millis(300));
+    assert!(a.metric("gateway_backplane_published_total", &[]) >= 40);
+}
+
+#[test]
+fn a_nats_outage_loses_nothing_acknowledged() {
+    let mut fleet = fleet();
+    let mut alice = fleet.nodes[0].connect("alice", "phone");
+    let mut bob = fleet.nodes[1].connect("bob", "phone");
+    let mut seen = Vec::new();
+
+    for index in 0..10 {
+        alice.send_message(&format!("m{index}"), "bob", &format!("m{index}"));
+    }
+    await_sent(&mut alice, 10, &mut Vec::new());
+    receive(&mut bob, 10, &mut seen);
+    assert_eq!(seen.len(), 10, "live before the outage");
+
+    fleet.nats.stop();
+    fleet.nodes[1].wait_metric("gateway_backplane_connected", &[], 0);
+    for index in 10..20 {
+        alice.send_message(&format!("m{index}"), "bob", &format!("m{index}"));
+    }
+    // Storage is up: every send is acknowledged during the outage.
+    await_sent(&mut alice, 10, &mut Vec::new());
+
+    fleet.nats.restart();
+    // The reconnect makes bob's node resync him: the ten he missed arrive.
+    receive(&mut bob, 20, &mut seen);
+    let mut expected: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    let mut got: Vec<String> = bodies(&seen).into_iter().map(str::to_owned).collect();
+    expected.sort();
+    got.sort();
+    assert_eq!(got, expected, "nothing acknowledged is lost");
+    assert!(fleet.nodes[1].metric("gateway_backplane_reconnects_total", &[]) >= 1);
+}
+
+#[test]
+fn users_of_a_killed_node_reconnect_elsewhere_and_lose_nothing() {
+    let mut fleet = fleet();
+    let mut alice = fleet.nodes[0].connect("alice", "phone");
+    let mut bob = fleet.nodes[1].connect("bob", "phone");
+    let mut seen = Vec::new();
+    let mut sent: HashMap<String, String> = HashMap::new();
+
+    for index in 0..10 {
+        alice.send_message(&format!("m{index}"), "bob", &format!("m{index}"));
+    }
+    sent.extend(await_sent(&mut alice, 10, &mut Vec::new()));
+    receive(&mut bob, 10, &mut seen);
+
+    // Bob's node dies; alice keeps sending; bob comes back on node C.
+    fleet.nodes[1].kill9();
+    for index in 10..20 {
+        alice.send_message(&format!("m{index}"), "bob", &format!("m{index}"));
+    }
+    sent.extend(await_sent(&mut alice, 10, &mut Vec::new()));
+    let mut bob = fleet.nodes[2].connect("bob", "phone");
+    for message in &bob.synced {
+        let id = message["message_id"].as_str().unwrap().to_owned();
+        if !seen.iter().any(|(s, _)| *s == id) {
+            seen.push((id, message["body"].as_str().unwrap().to_owned()));
+        }
+    }
+    receive(&mut bob, 20, &mut seen);
+
+    // Alice's node dies mid-stream: she retries what has no `sent` on node C.
+    for index in 20..30 {
+        alice.send_message(&format!("m{index}"), "bob", &format!("m{index}"));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    fleet.nodes[0].kill9();
+    alice.set_timeout(Duration::from_millis(300));
+    while let Next::Json(frame) = alice.next() {
+        if frame["type"] == "sent" {
+            sent.insert(
+                frame["id"].as_str().unwrap().to_owned(),
+                frame["message_id"].as_str().unwrap().to_owned(),
+            );
+        }
+    }
+    let mut alice = fleet.nodes[2].connect("alice", "phone");
+    let missing: Vec<String> = (20..30)
+        .map(|i| format!("m{i}"))
+        .filter(|id| !sent.contains_key(id))
+        .collect();
+    for id in &missing {
+        alice.send_message(id, "bob", id);
+    }
+    sent.extend(await_sent(&mut alice, missing.len(), &mut Vec::new()));
+    assert_eq!(
+        sent.len(),
+        30,
+        "every send acknowledged, some after a retry"
+    );
+    receive(&mut bob, 30, &mut seen);
+    let mut got: Vec<String> = bodies(&seen).into_iter().map(str::to_owned).collect();
+    got.sort();
+    got.dedup();
+    let mut expected: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
+    expected.sort();
+    assert_eq!(got, expected, "bob has every acknowledged message");
+    // Acknowledged ids are the ones bob got.
+    for (id, body) in &seen {
+        let _: Value = json!(body);
+        assert!(
+            sent.values().any(|m| m == id),
+            "{body} arrived with an id alice never saw"
+        );
+    }
+}
