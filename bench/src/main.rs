@@ -6,6 +6,7 @@
 
 mod clock;
 mod connect;
+mod cross_node;
 mod gateway_process;
 mod nats_peer;
 mod offline_sync;
@@ -44,6 +45,9 @@ enum Scenario {
     /// The storage-writer alone, fed by a synthetic shard: records/s, CPU,
     /// batch sizes, and append-to-durable latency, for any backend.
     Writer(writer::WriterArgs),
+    /// Two gateway nodes and nats-server: delivery latency across nodes next
+    /// to within one node, in the same run.
+    CrossNode(cross_node::CrossNodeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,5 +57,6 @@ fn main() -> anyhow::Result<()> {
         Scenario::ReconnectStorm(args) => reconnect_storm::run(&args),
         Scenario::OfflineSync(args) => offline_sync::run(&args),
         Scenario::Writer(args) => writer::run(&args),
+        Scenario::CrossNode(args) => cross_node::run(&args),
     }
 }

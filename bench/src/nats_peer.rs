@@ -22,6 +22,8 @@ const CONTROL_LINE_BYTES_MAX: usize = 8 * 1024;
 pub struct NatsServer {
     child: Child,
     pub websocket: SocketAddr,
+    /// The NATS protocol listener (for gateways' backplanes).
+    pub client: SocketAddr,
     directory: std::path::PathBuf,
 }
 
@@ -50,6 +52,7 @@ impl NatsServer {
         let mut server = NatsServer {
             child,
             websocket,
+            client: format!("127.0.0.1:{client_port}").parse()?,
             directory,
         };
         let deadline = Instant::now() + Duration::from_secs(15);

@@ -38,6 +38,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(&config.ring_dir)
         .with_context(|| format!("creating ring_dir {}", config.ring_dir.display()))?;
+    if !config.nats_url.is_empty()
+        && config.storage_writer == WriterMode::Spawn
+        && !config
+            .storage_writer_args
+            .iter()
+            .any(|arg| arg.starts_with("--backend"))
+    {
+        tracing::warn!("this node joins a backplane but stores messages in its own embedded store: a device syncs only what this node stored; give the fleet a shared PostgreSQL or ScyllaDB");
+    }
     let writer = match config.storage_writer {
         WriterMode::Spawn => Some(writer_process::spawn(&config)?),
         WriterMode::External => None,

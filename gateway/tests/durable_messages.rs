@@ -274,7 +274,9 @@ fn kill_9_of_the_gateway_mid_stream_loses_nothing_acknowledged() {
         acked: HashMap::new(),
         next: 0,
     };
-    streamer.pump(&mut alice, 300);
+    // At most `idempotency_warm_max` (256) unacknowledged sends in flight:
+    // that is how far back a restarted node recognises a retry (protocol.md).
+    streamer.pump(&mut alice, 200);
     std::thread::sleep(Duration::from_millis(5));
     gateway.kill9();
     streamer.collect(&mut alice, Duration::from_millis(200));
