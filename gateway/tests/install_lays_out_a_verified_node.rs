@@ -73,6 +73,18 @@ fn install_stages_a_complete_node() {
         "every placeholder replaced"
     );
     assert!(unit.contains("After=network-online.target chat-storage-writer.service"));
+    assert!(at("/etc/systemd/system/chat-nats.service").exists());
+    let nats_check = Command::new("nats-server")
+        .arg("-c")
+        .arg(at("/etc/chat-gateway/nats.conf"))
+        .arg("-t")
+        .output()
+        .expect("nats-server is installed (scripts/test installs it)");
+    assert!(
+        nats_check.status.success(),
+        "the installed nats.conf is valid: {}",
+        String::from_utf8_lossy(&nats_check.stderr)
+    );
     let writer_unit =
         std::fs::read_to_string(at("/etc/systemd/system/chat-storage-writer.service")).unwrap();
     assert!(writer_unit.contains(
