@@ -2,13 +2,13 @@
 //! cannot be installed on our CI machines, so this test runs only where
 //! `SCYLLA_URI` names a live node (e.g. `SCYLLA_URI=127.0.0.1:9042`); it then
 //! builds the writer with the `scylla` feature and checks what the
-//! PostgreSQL test checks. Without `SCYLLA_URI` it reports that it was skipped.
+//! PostgreSQL test checks (`support::messages_survive_a_node_replacement`). Without `SCYLLA_URI` it reports that it was skipped.
 
 mod support;
 
 use std::process::Command;
 
-use support::{repo, Gateway};
+use support::repo;
 
 #[test]
 fn messages_live_in_scylla_across_a_gateway_kill() {
@@ -44,26 +44,5 @@ fn messages_live_in_scylla_across_a_gateway_kill() {
         "--storage-writer-arg=--scylla-consistency=one".into(),
     ];
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-
-    let mut gateway = Gateway::start(&flags);
-    let mut alice = gateway.connect("alice", "phone");
-    let mut ids = Vec::new();
-    for index in 0..3 {
-        alice.send_message(&format!("c{index}"), "bob", &format!("m{index}"));
-        ids.push(alice.recv_type("sent")["message_id"].clone());
-    }
-    gateway.kill9();
-
-    let gateway = Gateway::start(&flags);
-    let mut alice = gateway.connect("alice", "phone");
-    alice.send_message("c1", "bob", "m1");
-    assert_eq!(alice.recv_type("sent")["message_id"], ids[1]);
-    let mut bob = gateway.connect("bob", "phone");
-    let bodies: Vec<&str> = bob
-        .synced
-        .iter()
-        .map(|m| m["body"].as_str().unwrap())
-        .collect();
-    assert_eq!(bodies, ["m0", "m1", "m2"]);
-    assert_eq!(bob.history("dm:alice:bob", None, 10).len(), 3);
+    support::messages_survive_a_node_replacement(&flags);
 }

@@ -7,7 +7,7 @@
 pub use testkit::postgres;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,14 +19,7 @@ pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
 /// Longest any single wait in a test may take.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A free loopback port (bound and released; the gateway binds it next).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use testkit::free_port;
 
 pub fn unix_s() -> u64 {
     std::time::SystemTime::now()
@@ -598,4 +591,50 @@ fn newest_modification(dir: &std::path::Path) -> Option<std::time::SystemTime> {
         }
     }
     newest
+}
+
+/// What every shared-database backend must keep across a gateway `kill -9`
+/// onto a fresh data directory (a new node on the same database): the
+/// backlog syncs in order, history answers, a retry keeps its first id, and
+/// an acknowledgement is remembered. `flags` select the backend.
+pub fn messages_survive_a_node_replacement(flags: &[&str]) {
+    let mut gateway = Gateway::start(flags);
+    let mut alice = gateway.connect("alice", "phone");
+    let mut ids = Vec::new();
+    for index in 0..3 {
+        alice.send_message(&format!("c{index}"), "bob", &format!("m{index}"));
+        ids.push(alice.recv_type("sent")["message_id"].clone());
+    }
+    gateway.kill9();
+
+    let gateway = Gateway::start(flags);
+    let mut alice = gateway.connect("alice", "phone");
+    alice.send_message("c1", "bob", "m1");
+    assert_eq!(
+        alice.recv_type("sent")["message_id"],
+        ids[1],
+        "retry keeps its id"
+    );
+    let mut bob = gateway.connect("bob", "phone");
+    let bodies: Vec<&str> = bob
+        .synced
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["m0", "m1", "m2"]);
+    let history = bob.history("dm:alice:bob", None, 10);
+    assert_eq!(history.len(), 3);
+    assert_eq!(history[0]["message_id"], ids[2]);
+
+    bob.send(serde_json::json!({"type": "ack", "message_id": ids[2]}));
+    gateway.wait_metric("gateway_acks_total", &[], 1);
+    bob.ping();
+    bob.close();
+    std::thread::sleep(Duration::from_millis(300));
+    let bob = gateway.connect("bob", "phone");
+    assert!(
+        bob.synced.is_empty(),
+        "acknowledged in the database: {:?}",
+        bob.synced
+    );
 }
