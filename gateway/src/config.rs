@@ -103,6 +103,12 @@ pub struct Config {
     pub sends_per_s: f32,
     /// Sends a user may make at once before `sends_per_s` applies.
     pub sends_burst: f32,
+    /// `typing` frames per second per user, across devices (token bucket rate).
+    pub typing_per_s: f32,
+    /// `typing` frames a user may send at once.
+    pub typing_burst: f32,
+    /// How long a recipient shows a typing indicator without a new `typing`.
+    pub typing_expires_ms: u64,
     /// Window over which a draining node spreads its 1012 closes.
     pub drain_window_ms: u64,
     /// How long to wait for a client's close reply before dropping the socket.
@@ -167,6 +173,9 @@ impl Default for Config {
             frames_burst: 300.0,
             sends_per_s: 20.0,
             sends_burst: 100.0,
+            typing_per_s: 1.0,
+            typing_burst: 5.0,
+            typing_expires_ms: 5_000,
             drain_window_ms: 60_000,
             close_grace_ms: 1_000,
             ring_dir: PathBuf::new(),
@@ -232,6 +241,9 @@ overrides! {
     frames_burst: f32,
     sends_per_s: f32,
     sends_burst: f32,
+    typing_per_s: f32,
+    typing_burst: f32,
+    typing_expires_ms: u64,
     drain_window_ms: u64,
     close_grace_ms: u64,
     ring_dir: PathBuf,
@@ -339,6 +351,8 @@ impl Config {
             ("frames_burst", self.frames_burst),
             ("sends_per_s", self.sends_per_s),
             ("sends_burst", self.sends_burst),
+            ("typing_per_s", self.typing_per_s),
+            ("typing_burst", self.typing_burst),
         ] {
             if !(value.is_finite() && value >= 1.0) {
                 bail!("{name} must be at least 1");

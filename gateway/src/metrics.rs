@@ -67,6 +67,8 @@ pub struct ShardMetrics {
     pub ring_full: AtomicU64,
     /// Device acknowledgements written to the ring.
     pub acks: AtomicU64,
+    /// `typing` frames passed on.
+    pub typing: AtomicU64,
     /// Acknowledgements dropped on a full ring (the device may get a redelivery).
     pub acks_dropped: AtomicU64,
     pub syncs: AtomicU64,
@@ -323,6 +325,13 @@ pub fn render(node: &NodeState, mesh: &Mesh, backplane: Option<&Backplane>) -> S
         "counter",
         "Device acknowledgements written to the ring.",
         &|m| m.acks.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_typing_total",
+        "counter",
+        "Typing indications passed on (never stored).",
+        &|m| m.typing.load(Relaxed),
     );
     per_shard(
         &mut out,

@@ -162,6 +162,11 @@ fn every_device_on_every_node_gets_each_message_once_and_in_order() {
     assert_eq!(bodies(&alice_phone_seen), from_bob);
     bob_phone.expect_silence(Duration::from_millis(300));
     assert!(a.metric("gateway_backplane_published_total", &[]) >= 40);
+
+    // Typing crosses nodes too (at once, not after a durable write).
+    alice_phone.send(json!({"type": "typing", "to": "bob"}));
+    let typing = bob_phone.recv_type("typing");
+    assert_eq!(typing["from"], "alice");
 }
 
 #[test]

@@ -16,6 +16,10 @@ use crate::ids::is_valid_id;
 pub enum ClientFrame<'a> {
     Send(SendFrame<'a>),
     Ping,
+    /// `{"type":"typing","to":"<user>"}`: ephemeral, never stored.
+    Typing {
+        to: Cow<'a, str>,
+    },
     /// `{"type":"sync"}` or `{"type":"sync","after":"<message_id>"}`.
     Sync {
         after: Option<u64>,
@@ -131,6 +135,13 @@ pub fn decode_client_frame(
     };
     match raw.kind.as_deref() {
         Some("ping") => Ok(ClientFrame::Ping),
+        Some("typing") => match raw.to {
+            Some(to) if is_valid_id(&to) => Ok(ClientFrame::Typing { to }),
+            _ => Err(fail(
+                ErrorCode::InvalidField,
+                "`to` must be a user id".into(),
+            )),
+        },
         Some("sync") => match raw.after.as_deref() {
             None => Ok(ClientFrame::Sync { after: None }),
             Some(after) => parse_message_id(after)
@@ -388,6 +399,22 @@ pub fn encode_error(
     })
 }
 
+/// `typing`: someone in a conversation of this user is typing (never stored).
+#[derive(Serialize)]
+pub struct TypingFrame<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub conversation: &'a str,
+    pub from: &'a str,
+    pub from_device: &'a str,
+    /// Show the indicator for at most this long unless another `typing` comes.
+    pub expires_ms: u64,
+}
+
+pub fn encode_typing(frame: &TypingFrame<'_>) -> Vec<u8> {
+    to_json(frame)
+}
+
 /// `synced`: the device has everything it had not acknowledged, up to `last`.
 #[derive(Serialize)]
 pub struct SyncedFrame {
@@ -524,6 +551,10 @@ mod read_path_frame_tests {
             Ok(ClientFrame::Sync { after: Some(42) })
         );
         assert_eq!(
+            decode_client_frame(br#"{"type":"typing","to":"bob"}"#, 16),
+            Ok(ClientFrame::Typing { to: "bob".into() })
+        );
+        assert_eq!(
             decode_client_frame(br#"{"type":"ack","message_id":"7"}"#, 16),
             Ok(ClientFrame::Ack { message_id: 7 })
         );
@@ -556,6 +587,8 @@ mod read_path_frame_tests {
             br#"{"type":"history","conversation":"dm:a:b","limit":0}"#,
             br#"{"type":"history","conversation":"dm:a:b","limit":"5"}"#,
             br#"{"type":"ack","message_id":7}"#,
+            br#"{"type":"typing"}"#,
+            br#"{"type":"typing","to":"not a user"}"#,
         ] {
             let error = decode_client_frame(bad, 16).expect_err(std::str::from_utf8(bad).unwrap());
             assert_eq!(

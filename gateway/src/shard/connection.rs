@@ -72,6 +72,9 @@ struct SyncHold {
 
 type FnvBuildHasher = std::hash::BuildHasherDefault<fnv::FnvHasher>;
 
+/// The message id of frames that are never stored (typing).
+pub const EPHEMERAL: u64 = 0;
+
 impl Conn {
     pub fn new(
         slot: usize,
@@ -99,11 +102,17 @@ impl Conn {
         }
     }
 
-    /// Queues a live message; while a sync runs it is held until the sync ends.
+    /// Queues a live message; while a sync runs it is held until the sync
+    /// ends. An ephemeral frame (`message_id` 0: typing) is dropped instead:
+    /// it would be stale by then.
     pub fn deliver(&self, message_id: u64, frame: Bytes) -> bool {
         let Some(mut hold) = self.sync.take() else {
             return self.enqueue(frame);
         };
+        if message_id == EPHEMERAL {
+            self.sync.set(Some(hold));
+            return false;
+        }
         let fits = hold.held_bytes + frame.len() <= self.outbox_bytes_max as usize;
         if fits {
             hold.held_bytes += frame.len();

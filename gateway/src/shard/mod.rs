@@ -405,10 +405,16 @@ async fn shard_main(setup: ShardSetup, driver: &'static str) -> anyhow::Result<(
     let shard = Rc::new(Shard {
         id: setup.id,
         verifier: TokenVerifier::new(&setup.secret),
-        users: RefCell::new(UserTable::new(Limit {
-            per_s: config.sends_per_s,
-            burst: config.sends_burst,
-        })),
+        users: RefCell::new(UserTable::new(
+            Limit {
+                per_s: config.sends_per_s,
+                burst: config.sends_burst,
+            },
+            Limit {
+                per_s: config.typing_per_s,
+                burst: config.typing_burst,
+            },
+        )),
         conns: RefCell::new(Slab::new()),
         snowflake: RefCell::new(SnowflakeGenerator::new(config.node_id, setup.id as u16)),
         idempotency: RefCell::new(IdempotencyTable::new(

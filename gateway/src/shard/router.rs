@@ -13,11 +13,11 @@ use std::rc::Rc;
 use bytes::Bytes;
 use chat_backplane::Outbound;
 use chat_protocol::codes::{CloseCode, ErrorCode};
-use chat_protocol::frames::{self, ClientFrame, MessageFrame, SendFrame};
+use chat_protocol::frames::{self, ClientFrame, MessageFrame, SendFrame, TypingFrame};
 use chat_protocol::records::{AckRecord, MessageRecord};
 use chat_protocol::{ids, snowflake, ws};
 
-use super::connection::Conn;
+use super::connection::{Conn, EPHEMERAL};
 use super::dedup::{self, PriorSend};
 use super::{sync, Shard};
 use crate::mesh::{Delivery, Sender, ShardMessage};
@@ -53,6 +53,7 @@ pub fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &[u8]) {
         }
         Ok(ClientFrame::Send(send)) => on_send(shard, conn, send),
         Ok(ClientFrame::Ack { message_id }) => on_ack(shard, conn, message_id),
+        Ok(ClientFrame::Typing { to }) => on_typing(shard, conn, &to),
         Ok(ClientFrame::Sync { after }) => {
             if conn.begin_sync() {
                 monoio::spawn(sync::sync_device(shard.clone(), conn.clone(), after));
@@ -236,6 +237,61 @@ fn on_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
         publish,
         |publish| shard.publish(*publish),
     );
+}
+
+/// Tells the other user's devices, on every node, that this user is typing.
+/// Ephemeral: never stored, never held for a syncing device, dropped rather
+/// than queued when any queue on the way is full.
+fn on_typing(shard: &Shard, conn: &Rc<Conn>, to: &str) {
+    if *to == *conn.user_id {
+        let message = "`to` must be another user";
+        send_error(shard, conn, None, ErrorCode::InvalidField, message, None);
+        return;
+    }
+    if let Err(retry_after_ms) = shard
+        .users
+        .borrow_mut()
+        .take_typing(&conn.user_id, shard.now_ms())
+    {
+        let message = "too many typing frames by this user";
+        send_error(
+            shard,
+            conn,
+            None,
+            ErrorCode::RateLimited,
+            message,
+            Some(retry_after_ms),
+        );
+        return;
+    }
+    let conversation = ids::direct_conversation_id(&conn.user_id, to);
+    let json = frames::encode_typing(&TypingFrame {
+        kind: "typing",
+        conversation: &conversation,
+        from: &conn.user_id,
+        from_device: &conn.device_id,
+        expires_ms: shard.config.typing_expires_ms,
+    });
+    let frame = Bytes::from(ws::text_frame(&json));
+    let home = ids::home_shard(to, shard.mesh.shard_count());
+    if home == shard.id {
+        shard.users.borrow().deliver(to, EPHEMERAL, &frame, None);
+    } else {
+        let delivery = ShardMessage::Deliver(Delivery {
+            to_user: to.into(),
+            message_id: EPHEMERAL,
+            frame,
+        });
+        let _ = shard.mesh.send(Sender::Shard(shard.id), home, delivery);
+    }
+    if shard.backplane.is_some() {
+        shard.publish(Outbound::Publish {
+            users: vec![to.into()],
+            message_id: EPHEMERAL,
+            json: Bytes::from(json),
+        });
+    }
+    bump(&shard.metrics().typing, 1);
 }
 
 /// A device has `message_id`: recorded for its cursor. Best effort: a lost

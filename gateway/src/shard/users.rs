@@ -25,31 +25,37 @@ struct UserEntry {
     devices: Devices,
     /// Sends across all of the user's devices (they are all on this shard).
     sends: TokenBucket,
+    /// `typing` frames across all of the user's devices.
+    typing: TokenBucket,
 }
 
 /// Users homed on this shard with at least one connection.
 pub struct UserTable {
     users: HashMap<Rc<str>, UserEntry, FnvBuildHasher>,
     sends_limit: Limit,
+    typing_limit: Limit,
 }
 
 impl UserTable {
-    pub fn new(sends_limit: Limit) -> Self {
+    pub fn new(sends_limit: Limit, typing_limit: Limit) -> Self {
         Self {
             users: HashMap::default(),
             sends_limit,
+            typing_limit,
         }
     }
 
     /// Adds a device. True when it is the user's first device here.
     pub fn add(&mut self, conn: Rc<Conn>, now_ms: u64) -> bool {
         let sends = TokenBucket::full(self.sends_limit, now_ms);
+        let typing = TokenBucket::full(self.typing_limit, now_ms);
         let entry = self
             .users
             .entry(conn.user_id.clone())
             .or_insert_with(|| UserEntry {
                 devices: Devices::new(),
                 sends,
+                typing,
             });
         entry.devices.push(conn);
         entry.devices.len() == 1
@@ -72,6 +78,15 @@ impl UserTable {
         let limit = self.sends_limit;
         match self.users.get_mut(user_id) {
             Some(entry) => entry.sends.try_take(limit, now_ms),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes one `typing` from `user_id`'s allowance, or says in how many ms the next is due.
+    pub fn take_typing(&mut self, user_id: &str, now_ms: u64) -> Result<(), u64> {
+        let limit = self.typing_limit;
+        match self.users.get_mut(user_id) {
+            Some(entry) => entry.typing.try_take(limit, now_ms),
             None => Ok(()),
         }
     }
