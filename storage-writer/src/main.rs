@@ -153,6 +153,7 @@ fn run(args: Args) -> Result<()> {
         sessions: sessions.clone(),
         stop: stop.clone(),
         ring_dir: args.ring_dir.clone(),
+        sessions_open: Default::default(),
     });
     std::thread::Builder::new()
         .name("accept".into())

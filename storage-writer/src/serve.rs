@@ -29,6 +29,9 @@ const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
 const SYNC_LIMIT_MAX: usize = 1_000;
 const SYNC_BYTES_MAX: usize = 4 * 1024 * 1024;
 const RECENT_LIMIT_MAX: usize = 4_096;
+/// Sessions (threads) at once: a node has one per shard, at most 64, and a
+/// few more during a gateway restart. Past this a connection is closed.
+const SESSIONS_MAX: usize = 256;
 
 pub struct Server {
     pub backend: Arc<dyn Backend>,
@@ -37,6 +40,7 @@ pub struct Server {
     pub stop: Arc<AtomicBool>,
     /// Rings must live here (a shard cannot make the writer map other files).
     pub ring_dir: PathBuf,
+    pub sessions_open: std::sync::atomic::AtomicUsize,
 }
 
 /// Binds the socket (replacing a stale one) with owner-and-group permissions.
@@ -64,11 +68,21 @@ impl Server {
             }
             match stream {
                 Ok(stream) => {
+                    if self.sessions_open.fetch_add(1, Ordering::Relaxed) >= SESSIONS_MAX {
+                        self.sessions_open.fetch_sub(1, Ordering::Relaxed);
+                        tracing::warn!("too many read-path sessions; closing a new one");
+                        continue;
+                    }
                     let server = self.clone();
-                    let spawned = std::thread::Builder::new()
-                        .name("session".into())
-                        .spawn(move || server.session(stream));
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("session".into())
+                            .spawn(move || {
+                                server.session(stream);
+                                server.sessions_open.fetch_sub(1, Ordering::Relaxed);
+                            });
                     if let Err(error) = spawned {
+                        self.sessions_open.fetch_sub(1, Ordering::Relaxed);
                         tracing::warn!(%error, "could not start a session thread");
                     }
                 }
