@@ -260,17 +260,10 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, conn: Rc<Conn>, early_by
     // `hello` goes out now; the device's frames are read only once its recent
     // sends are loaded, so a retry after a gateway restart is recognised.
     let _ = flush(stream.as_raw_fd(), &shard, &conn, &mut front_written);
-    // Boxed: the request's future is large and short-lived; inline, it would
-    // size the connection's task for as long as the connection lives.
-    if let Err(error) = Box::pin(sync::warm_idempotency(&shard, &conn)).await {
-        tracing::debug!(shard = shard.id, %error, "could not load recent sends");
-        conn.request_close(CloseCode::TryAgainLater);
-    } else {
-        // With a backplane, the sync starts once this node hears the user's
-        // subject, so nothing published before it can slip past both.
-        Box::pin(shard.interest_ready(&conn.user_id)).await;
-        monoio::spawn(sync::sync_device(shard.clone(), conn.clone(), None));
-    }
+    // One boxed future for the whole start: the storage request's future is
+    // large and short-lived; inline, it would size the connection's task for
+    // as long as the connection lives.
+    Box::pin(start(&shard, &conn)).await;
     if !early_bytes.is_empty() && !conn.is_closing() {
         let mut early_bytes = early_bytes;
         let consumed = process(&shard, &conn, &mut reader.decoder, &mut early_bytes);
@@ -303,6 +296,20 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, conn: Rc<Conn>, early_by
     }
     drop(stream);
     shard.node.release_connection();
+}
+
+/// Before the device's frames are read: load its recent sends (idempotency
+/// after a restart), wait for this node's backplane subscription to its user
+/// (so the sync cannot miss a message published just before it), then start
+/// its sync. Storage not answering closes with 1013.
+async fn start(shard: &Rc<Shard>, conn: &Rc<Conn>) {
+    if let Err(error) = sync::warm_idempotency(shard, conn).await {
+        tracing::debug!(shard = shard.id, %error, "could not load recent sends");
+        conn.request_close(CloseCode::TryAgainLater);
+        return;
+    }
+    shard.interest_ready(&conn.user_id).await;
+    monoio::spawn(sync::sync_device(shard.clone(), conn.clone(), None));
 }
 
 /// The connection's life: write what is queued, read what arrives, until a
