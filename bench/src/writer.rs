@@ -329,6 +329,7 @@ fn drive(
             to,
             client_msg_id: &client_msg_id,
             body: &body,
+            media: None,
         }
         .encode();
         let ack = args.acks.then(|| {

@@ -444,3 +444,29 @@ fn a_gateway_refuses_to_start_on_a_ring_it_cannot_trust() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_media_reference_travels_live_through_sync_and_into_history() {
+    let gateway = Gateway::start(&[]);
+    let mut alice = gateway.connect("alice", "phone");
+    let mut bob_phone = gateway.connect("bob", "phone");
+    let media = json!({"url": "https://cdn.example/f/1", "size": 1234, "sha256": "ab".repeat(32)});
+    alice.send(json!({"type": "send", "id": "m1", "to": "bob", "body": "key", "media": media}));
+    assert_eq!(alice.recv_type("sent")["id"], "m1");
+    assert_eq!(bob_phone.recv()["media"], media, "live");
+    let bob_laptop = gateway.connect("bob", "laptop");
+    assert_eq!(bob_laptop.synced[0]["media"], media, "sync");
+    assert_eq!(
+        alice.history("dm:alice:bob", None, 1)[0]["media"],
+        media,
+        "history"
+    );
+
+    let bad = json!({"url": "ftp://x", "size": 1, "sha256": "ab".repeat(32)});
+    alice.send(json!({"type": "send", "id": "m2", "to": "bob", "body": "k", "media": bad}));
+    let error = alice.recv();
+    assert_eq!(
+        (error["code"].as_str(), error["id"].as_str()),
+        (Some("invalid_field"), Some("m2"))
+    );
+}

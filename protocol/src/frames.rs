@@ -50,6 +50,51 @@ pub struct SendFrame<'a> {
     pub to: Cow<'a, str>,
     /// Opaque to the server (clients put ciphertext here).
     pub body: Cow<'a, str>,
+    /// An attachment stored elsewhere, by reference (its key is in the body).
+    pub media: Option<Media<'a>>,
+}
+
+/// Largest attachment a `media` reference may announce: 2 GiB.
+pub const MEDIA_BYTES_MAX: u64 = 2 * 1024 * 1024 * 1024;
+/// Longest `media.url`.
+pub const MEDIA_URL_BYTES_MAX: usize = 2048;
+
+/// `"media":{"url":"https://...","size":123,"sha256":"<64 hex>"}`: a file
+/// the client uploaded elsewhere. The server checks its shape and limits
+/// only; it never fetches it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Media<'a> {
+    #[serde(borrow)]
+    pub url: Cow<'a, str>,
+    pub size: u64,
+    #[serde(borrow)]
+    pub sha256: Cow<'a, str>,
+}
+
+impl Media<'_> {
+    /// Why this reference is refused, if it is.
+    pub fn problem(&self) -> Option<String> {
+        if !self.url.starts_with("https://") || self.url.len() > MEDIA_URL_BYTES_MAX {
+            return Some(format!(
+                "`media.url` must be an https:// URL of at most {MEDIA_URL_BYTES_MAX} bytes"
+            ));
+        }
+        if self
+            .url
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Some("`media.url` must not contain spaces or control characters".into());
+        }
+        if self.size == 0 || self.size > MEDIA_BYTES_MAX {
+            return Some(format!("`media.size` must be 1-{MEDIA_BYTES_MAX} bytes"));
+        }
+        if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Some("`media.sha256` must be 64 hex digits".into());
+        }
+        None
+    }
 }
 
 /// Why a client frame was refused; becomes an `error` frame.
@@ -81,6 +126,8 @@ struct RawFrame<'a> {
     before: Option<Cow<'a, str>>,
     #[serde(default)]
     limit: Option<u64>,
+    #[serde(default, borrow)]
+    media: Option<Media<'a>>,
 }
 
 /// A message id as clients write it: a decimal string.
@@ -227,10 +274,14 @@ pub fn decode_client_frame(
                     ),
                 ));
             }
+            if let Some(problem) = raw.media.as_ref().and_then(Media::problem) {
+                return Err(fail(ErrorCode::InvalidField, problem));
+            }
             Ok(ClientFrame::Send(SendFrame {
                 client_msg_id: id,
                 to,
                 body,
+                media: raw.media,
             }))
         }
         Some(other) => Err(fail(
@@ -274,6 +325,14 @@ fn explain_undecodable(text: &[u8]) -> FrameError {
         "conversation",
         "before",
     ];
+    if object.get("media").is_some() {
+        return FrameError {
+            client_msg_id,
+            code: ErrorCode::InvalidField,
+            message: "`media` must be {\"url\": string, \"size\": number, \"sha256\": string}"
+                .into(),
+        };
+    }
     if object.get("limit").is_some_and(|v| !v.is_u64()) {
         return FrameError {
             client_msg_id,
@@ -338,6 +397,8 @@ pub struct MessageFrame<'a> {
     pub to: &'a str,
     pub body: &'a str,
     pub ts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub media: Option<Media<'a>>,
 }
 
 /// `hello`: first frame on every connection, once it is registered for delivery.
@@ -597,6 +658,31 @@ mod read_path_frame_tests {
                 "{}",
                 std::str::from_utf8(bad).unwrap()
             );
+        }
+    }
+
+    #[test]
+    fn media_references_are_checked_for_shape_and_limits_only() {
+        let sha = "0f".repeat(32);
+        let good = format!(
+            r#"{{"type":"send","id":"c1","to":"bob","body":"k","media":{{"url":"https://cdn.example/x","size":42,"sha256":"{sha}"}}}}"#
+        );
+        let ClientFrame::Send(send) = decode_client_frame(good.as_bytes(), 16).unwrap() else {
+            panic!("a send");
+        };
+        assert_eq!(send.media.unwrap().size, 42);
+        for bad in [
+            format!(r#"{{"type":"send","id":"c1","to":"bob","body":"k","media":{{"url":"http://x","size":1,"sha256":"{sha}"}}}}"#),
+            format!(r#"{{"type":"send","id":"c1","to":"bob","body":"k","media":{{"url":"https://x","size":0,"sha256":"{sha}"}}}}"#),
+            format!(r#"{{"type":"send","id":"c1","to":"bob","body":"k","media":{{"url":"https://x","size":3000000000,"sha256":"{sha}"}}}}"#),
+            r#"{"type":"send","id":"c1","to":"bob","body":"k","media":{"url":"https://x","size":1,"sha256":"zz"}}"#.to_owned(),
+            r#"{"type":"send","id":"c1","to":"bob","body":"k","media":{"url":"https://x","size":"1"}}"#.to_owned(),
+            r#"{"type":"send","id":"c1","to":"bob","body":"k","media":"https://x"}"#.to_owned(),
+        ] {
+            let error = decode_client_frame(bad.as_bytes(), 16).expect_err(&bad);
+            assert_eq!(error.code, ErrorCode::InvalidField, "{bad}");
+            assert!(error.message.contains("media"), "{bad}: {}", error.message);
+            assert_eq!(error.client_msg_id.as_deref(), Some("c1"));
         }
     }
 }

@@ -6,10 +6,17 @@
 //! so reading history needs no second format. Never interprets bodies: they
 //! are opaque ciphertext to the server.
 
-use crate::binary::{DecodeError, Decoder, Encoder};
+use std::borrow::Cow;
 
-/// Version of every record kind's field list; a reader refuses others.
-pub const RECORD_VERSION: u8 = 1;
+use crate::binary::{DecodeError, Decoder, Encoder};
+use crate::frames::Media;
+
+/// Version of the record field lists this build writes. Version 2 added an
+/// optional media reference to messages; version 1 records (no media) are
+/// still read, so a ring written by the previous build drains. Others are refused.
+pub const RECORD_VERSION: u8 = 2;
+/// The oldest version this build reads.
+pub const RECORD_VERSION_MIN: u8 = 1;
 
 const KIND_MESSAGE: u8 = 1;
 const KIND_ACK: u8 = 2;
@@ -28,6 +35,7 @@ pub struct MessageRecord<'a> {
     pub to: &'a str,
     pub client_msg_id: &'a str,
     pub body: &'a str,
+    pub media: Option<Media<'a>>,
 }
 
 /// A device acknowledged a message it received.
@@ -65,6 +73,18 @@ impl MessageRecord<'_> {
             .str(self.to)
             .str(self.client_msg_id)
             .long_str(self.body);
+        match &self.media {
+            None => {
+                encoder.u8(0);
+            }
+            Some(media) => {
+                encoder
+                    .u8(1)
+                    .long_str(&media.url)
+                    .u64(media.size)
+                    .str(&media.sha256);
+            }
+        }
         encoder.bytes
     }
 }
@@ -87,7 +107,8 @@ impl<'a> Record<'a> {
     pub fn decode(bytes: &'a [u8]) -> Result<Self, DecodeError> {
         let mut decoder = Decoder::new(bytes);
         let kind = decoder.u8()?;
-        if decoder.u8()? != RECORD_VERSION {
+        let version = decoder.u8()?;
+        if !(RECORD_VERSION_MIN..=RECORD_VERSION).contains(&version) {
             return Err(DecodeError("unknown record version"));
         }
         let record = match kind {
@@ -100,6 +121,18 @@ impl<'a> Record<'a> {
                 to: decoder.str()?,
                 client_msg_id: decoder.str()?,
                 body: decoder.long_str()?,
+                media: match version {
+                    1 => None,
+                    _ => match decoder.u8()? {
+                        0 => None,
+                        1 => Some(Media {
+                            url: Cow::Borrowed(decoder.long_str()?),
+                            size: decoder.u64()?,
+                            sha256: Cow::Borrowed(decoder.str()?),
+                        }),
+                        _ => return Err(DecodeError("bad media flag")),
+                    },
+                },
             }),
             KIND_ACK => Record::Ack(AckRecord {
                 user: decoder.str()?,
@@ -135,6 +168,7 @@ mod tests {
             to: "bob",
             client_msg_id: "c-1",
             body: "ciphertext ✓",
+            media: None,
         }
     }
 
@@ -148,6 +182,25 @@ mod tests {
             message_id: 99,
         };
         assert_eq!(Record::decode(&ack.encode()), Ok(Record::Ack(ack)));
+    }
+
+    #[test]
+    fn media_round_trips_and_version_1_records_still_decode() {
+        let with_media = MessageRecord {
+            media: Some(Media {
+                url: "https://cdn.example/a".into(),
+                size: 10,
+                sha256: "ab".repeat(32).into(),
+            }),
+            ..message()
+        };
+        let bytes = with_media.encode();
+        assert_eq!(Record::decode(&bytes), Ok(Record::Message(with_media)));
+        // A version 1 record: the same fields, without the media flag.
+        let mut v1 = message().encode();
+        v1.pop();
+        v1[1] = 1;
+        assert_eq!(Record::decode(&v1), Ok(Record::Message(message())));
     }
 
     #[test]

@@ -163,6 +163,7 @@ fn on_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
         to: &send.to,
         client_msg_id: &send.client_msg_id,
         body: &send.body,
+        media: send.media.clone(),
     };
     let end = match shard.durability.append(&record.encode()) {
         Ok(end) => end,
@@ -183,6 +184,7 @@ fn on_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
         to: &send.to,
         body: &send.body,
         ts,
+        media: send.media.clone(),
     });
     let frame = Bytes::from(ws::text_frame(&json));
     // Other nodes' devices of both users get it once it is durable.

@@ -40,6 +40,7 @@ pub fn message_frame<'a>(message: &MessageRecord<'a>) -> MessageFrame<'a> {
         to: message.to,
         body: message.body,
         ts: message.ts,
+        media: message.media.clone(),
     }
 }
 

@@ -70,6 +70,7 @@ fn message_with_client_id(id: u64, from: &str, device: &str, to: &str, client: &
         to,
         client_msg_id: client,
         body: "x",
+        media: None,
     }
     .encode()
 }
