@@ -26,6 +26,13 @@ pub struct GatewayTarget {
     /// (SO_REUSEPORT); one process may hold at most RLIMIT_NOFILE sockets.
     #[arg(long, default_value_t = 1)]
     pub gateway_processes: usize,
+    /// With several --gateway-processes: start a nats-server and join them
+    /// through the backplane, so users on different processes reach each other.
+    #[arg(long)]
+    pub backplane: bool,
+    /// The nats-server binary for --backplane.
+    #[arg(long, default_value = "nats-server")]
+    pub backplane_nats_server: String,
     /// Process ids of gateways started elsewhere, to read their memory and CPU
     /// from /proc (repeat for several).
     #[arg(long = "gateway-pid")]
@@ -48,6 +55,8 @@ pub struct ResolvedTarget {
     /// Every gateway process behind `address` (empty when unknown).
     pub pids: Vec<u32>,
     _spawned: Vec<GatewayProcess>,
+    /// Declared after the gateways so it stops after them.
+    _nats: Option<crate::nats_peer::NatsServer>,
 }
 
 impl ResolvedTarget {
@@ -81,9 +90,19 @@ impl GatewayTarget {
         Ok(match &self.spawn_gateway {
             Some(binary) => {
                 let address: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+                let nats = if self.backplane {
+                    Some(crate::nats_peer::NatsServer::start(
+                        &self.backplane_nats_server,
+                    )?)
+                } else {
+                    None
+                };
                 let spawned = (0..self.gateway_processes)
                     .map(|index| {
                         let mut args = self.gateway_args.clone();
+                        if let Some(nats) = &nats {
+                            args.extend(["--nats-url".into(), format!("nats://{}", nats.client)]);
+                        }
                         // Separate processes are separate nodes: distinct message ids.
                         if !args.iter().any(|a| a.starts_with("--node-id")) {
                             args.extend(["--node-id".into(), index.to_string()]);
@@ -95,12 +114,14 @@ impl GatewayTarget {
                     address,
                     pids: spawned.iter().map(GatewayProcess::pid).collect(),
                     _spawned: spawned,
+                    _nats: nats,
                 }
             }
             None => ResolvedTarget {
                 address: self.target,
                 pids: self.gateway_pids.clone(),
                 _spawned: Vec::new(),
+                _nats: None,
             },
         })
     }
