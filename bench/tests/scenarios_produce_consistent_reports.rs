@@ -272,3 +272,66 @@ fn one_to_one_spread_over_worker_processes_merges_exactly() {
         );
     }
 }
+
+#[test]
+fn one_to_one_across_gateway_processes_joined_by_the_backplane_delivers_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("o2o-backplane.json");
+    bench(&[
+        "one-to-one",
+        "--gateway-processes",
+        "2",
+        "--backplane",
+        "--users",
+        "40",
+        "--rate",
+        "200",
+        "--duration-s",
+        "2",
+        "--warmup-s",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let report = report_at(&json);
+    // The kernel spreads the 40 users over both processes, so about half the
+    // pairs cross them: every message still arrives, once, and is acknowledged.
+    assert_eq!(report["sent"], 600);
+    assert_eq!(report["delivered_total"], 600, "{report}");
+    assert_eq!(report["acked_total"], 600);
+    assert!(report["errors"].as_object().unwrap().is_empty(), "{report}");
+}
+
+#[test]
+fn writer_commits_every_record_and_reports_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("writer.json");
+    let writer = gateway_binary().parent().unwrap().join("storage-writer");
+    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args([
+            "writer",
+            "--records",
+            "2000",
+            "--acks",
+            "--rate",
+            "2000",
+            "--writer",
+        ])
+        .arg(&writer)
+        .arg("--dir")
+        .arg(dir.path().join("w"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "bench writer failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = report_at(&json);
+    assert_eq!(report["records"], 4000, "messages and their acks");
+    assert_eq!(report["append_to_durable"]["count"], 4000);
+    let statistics = report["writer_statistics"].as_str().unwrap();
+    assert!(statistics.contains("records=4000"), "{statistics}");
+}
