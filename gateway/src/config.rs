@@ -109,6 +109,12 @@ pub struct Config {
     pub typing_burst: f32,
     /// How long a recipient shows a typing indicator without a new `typing`.
     pub typing_expires_ms: u64,
+    /// `keys_fetch` frames per second per user, across devices (token bucket rate).
+    pub prekey_fetches_per_s: f32,
+    /// `keys_fetch` frames a user may send at once.
+    pub prekey_fetches_burst: f32,
+    /// A device is told (`keys_low`) when a fetch leaves it fewer one-time prekeys than this.
+    pub prekeys_low_threshold: u32,
     /// Window over which a draining node spreads its 1012 closes.
     pub drain_window_ms: u64,
     /// How long to wait for a client's close reply before dropping the socket.
@@ -176,6 +182,9 @@ impl Default for Config {
             typing_per_s: 1.0,
             typing_burst: 5.0,
             typing_expires_ms: 5_000,
+            prekey_fetches_per_s: 2.0,
+            prekey_fetches_burst: 10.0,
+            prekeys_low_threshold: 10,
             drain_window_ms: 60_000,
             close_grace_ms: 1_000,
             ring_dir: PathBuf::new(),
@@ -244,6 +253,9 @@ overrides! {
     typing_per_s: f32,
     typing_burst: f32,
     typing_expires_ms: u64,
+    prekey_fetches_per_s: f32,
+    prekey_fetches_burst: f32,
+    prekeys_low_threshold: u32,
     drain_window_ms: u64,
     close_grace_ms: u64,
     ring_dir: PathBuf,
@@ -353,6 +365,8 @@ impl Config {
             ("sends_burst", self.sends_burst),
             ("typing_per_s", self.typing_per_s),
             ("typing_burst", self.typing_burst),
+            ("prekey_fetches_per_s", self.prekey_fetches_per_s),
+            ("prekey_fetches_burst", self.prekey_fetches_burst),
         ] {
             if !(value.is_finite() && value >= 1.0) {
                 bail!("{name} must be at least 1");

@@ -10,12 +10,19 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::codes::ErrorCode;
 use crate::ids::is_valid_id;
+use crate::keys::KeysUpload;
 
 /// A frame a client sent, validated.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ClientFrame<'a> {
     Send(SendFrame<'a>),
     Ping,
+    /// `{"type":"keys_upload",...}`: this device's public keys.
+    KeysUpload(KeysUpload<'a>),
+    /// `{"type":"keys_fetch","user":"<user>"}`: a bundle per device of `user`.
+    KeysFetch {
+        user: Cow<'a, str>,
+    },
     /// `{"type":"typing","to":"<user>"}`: ephemeral, never stored.
     Typing {
         to: Cow<'a, str>,
@@ -128,6 +135,16 @@ struct RawFrame<'a> {
     limit: Option<u64>,
     #[serde(default, borrow)]
     media: Option<Media<'a>>,
+    #[serde(default, borrow, deserialize_with = "string_field")]
+    user: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "string_field")]
+    identity_key: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "string_field")]
+    signed_prekey: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "string_field")]
+    signed_prekey_signature: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    one_time_prekeys: Option<Vec<Cow<'a, str>>>,
 }
 
 /// A message id as clients write it: a decimal string.
@@ -182,6 +199,32 @@ pub fn decode_client_frame(
     };
     match raw.kind.as_deref() {
         Some("ping") => Ok(ClientFrame::Ping),
+        Some("keys_upload") => {
+            let missing = || {
+                fail(
+                    ErrorCode::InvalidField,
+                    "`identity_key`, `signed_prekey` and `signed_prekey_signature` are required"
+                        .into(),
+                )
+            };
+            let upload = KeysUpload {
+                identity_key: raw.identity_key.ok_or_else(missing)?,
+                signed_prekey: raw.signed_prekey.ok_or_else(missing)?,
+                signed_prekey_signature: raw.signed_prekey_signature.ok_or_else(missing)?,
+                one_time_prekeys: raw.one_time_prekeys.unwrap_or_default(),
+            };
+            match upload.problem() {
+                Some(problem) => Err(fail(ErrorCode::InvalidField, problem)),
+                None => Ok(ClientFrame::KeysUpload(upload)),
+            }
+        }
+        Some("keys_fetch") => match raw.user {
+            Some(user) if is_valid_id(&user) => Ok(ClientFrame::KeysFetch { user }),
+            _ => Err(fail(
+                ErrorCode::InvalidField,
+                "`user` must be a user id".into(),
+            )),
+        },
         Some("typing") => match raw.to {
             Some(to) if is_valid_id(&to) => Ok(ClientFrame::Typing { to }),
             _ => Err(fail(
@@ -315,7 +358,21 @@ fn explain_undecodable(text: &[u8]) -> FrameError {
         .get("id")
         .and_then(|id| id.as_str())
         .map(str::to_owned);
+    if object.get("one_time_prekeys").is_some_and(|v| {
+        !v.as_array()
+            .is_some_and(|a| a.iter().all(|k| k.is_string()))
+    }) {
+        return FrameError {
+            client_msg_id,
+            code: ErrorCode::InvalidField,
+            message: "`one_time_prekeys` must be an array of strings".into(),
+        };
+    }
     let strings = [
+        "user",
+        "identity_key",
+        "signed_prekey",
+        "signed_prekey_signature",
         "type",
         "id",
         "to",

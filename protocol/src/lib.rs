@@ -15,6 +15,7 @@ pub mod codes;
 pub mod frames;
 pub mod handshake;
 pub mod ids;
+pub mod keys;
 pub mod records;
 pub mod snowflake;
 pub mod store_wire;

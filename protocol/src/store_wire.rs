@@ -8,6 +8,7 @@
 //! Never carries JSON: the gateway turns stored records into client frames.
 
 use crate::binary::{DecodeError, Decoder, Encoder};
+use crate::keys::Bundle;
 
 /// Largest frame either side sends or accepts.
 pub const FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
@@ -47,6 +48,22 @@ pub enum Request {
         /// Only messages with a smaller id; `None` for the newest.
         before: Option<u64>,
         limit: u16,
+    },
+    /// Store a device's public keys (replacing its identity and signed
+    /// prekey, adding one-time prekeys).
+    KeysUpload {
+        req: u32,
+        user: String,
+        device: String,
+        identity_key: String,
+        signed_prekey: String,
+        signed_prekey_signature: String,
+        one_time_prekeys: Vec<String>,
+    },
+    /// A bundle per device of `user`, each consuming one one-time prekey.
+    KeysFetch {
+        req: u32,
+        user: String,
     },
     /// The device's latest sends since `since_unix_ms`, to warm idempotency.
     Recent {
@@ -96,6 +113,16 @@ pub enum Response {
         req: u32,
         sends: Vec<RecentSend>,
     },
+    /// One-time prekeys the device now has stored.
+    KeysUploaded {
+        req: u32,
+        stored: u32,
+    },
+    /// Bundles, and how many one-time prekeys each device has left.
+    Keys {
+        req: u32,
+        bundles: Vec<(Bundle, u32)>,
+    },
     /// The read was not answered. `retryable`: storage is behind or failing
     /// (try again later); otherwise the request itself is wrong.
     Failed {
@@ -109,11 +136,15 @@ const HELLO: u8 = 1;
 const SYNC: u8 = 2;
 const HISTORY: u8 = 3;
 const RECENT: u8 = 4;
+const KEYS_UPLOAD: u8 = 5;
+const KEYS_FETCH: u8 = 6;
 const DURABLE: u8 = 10;
 const SYNC_PAGE: u8 = 11;
 const MESSAGES: u8 = 12;
 const RECENT_SENDS: u8 = 13;
 const FAILED: u8 = 14;
+const KEYS_UPLOADED: u8 = 15;
+const KEYS: u8 = 16;
 
 /// Starts a frame: room for the length, filled in by `finish`.
 fn start(kind: u8) -> Encoder {
@@ -182,6 +213,33 @@ impl Request {
                     .u16(*limit);
                 e
             }
+            Request::KeysUpload {
+                req,
+                user,
+                device,
+                identity_key,
+                signed_prekey,
+                signed_prekey_signature,
+                one_time_prekeys,
+            } => {
+                let mut e = start(KEYS_UPLOAD);
+                e.u32(*req)
+                    .str(user)
+                    .str(device)
+                    .str(identity_key)
+                    .str(signed_prekey)
+                    .str(signed_prekey_signature)
+                    .u16(one_time_prekeys.len() as u16);
+                for key in one_time_prekeys {
+                    e.str(key);
+                }
+                e
+            }
+            Request::KeysFetch { req, user } => {
+                let mut e = start(KEYS_FETCH);
+                e.u32(*req).str(user);
+                e
+            }
             Request::Recent {
                 req,
                 user,
@@ -228,6 +286,26 @@ impl Request {
                 conversation: d.str()?.to_owned(),
                 before: Some(d.u64()?).filter(|id| *id != 0),
                 limit: d.u16()?,
+            },
+            KEYS_UPLOAD => Request::KeysUpload {
+                req: d.u32()?,
+                user: d.str()?.to_owned(),
+                device: d.str()?.to_owned(),
+                identity_key: d.str()?.to_owned(),
+                signed_prekey: d.str()?.to_owned(),
+                signed_prekey_signature: d.str()?.to_owned(),
+                one_time_prekeys: {
+                    let count = usize::from(d.u16()?);
+                    let mut keys = Vec::with_capacity(count.min(1024));
+                    for _ in 0..count {
+                        keys.push(d.str()?.to_owned());
+                    }
+                    keys
+                },
+            },
+            KEYS_FETCH => Request::KeysFetch {
+                req: d.u32()?,
+                user: d.str()?.to_owned(),
             },
             RECENT => Request::Recent {
                 req: d.u32()?,
@@ -280,6 +358,27 @@ impl Response {
                     e.str(&send.client_msg_id)
                         .u64(send.message_id)
                         .str(&send.conversation);
+                }
+                e
+            }
+            Response::KeysUploaded { req, stored } => {
+                let mut e = start(KEYS_UPLOADED);
+                e.u32(*req).u32(*stored);
+                e
+            }
+            Response::Keys { req, bundles } => {
+                let mut e = start(KEYS);
+                e.u32(*req).u32(bundles.len() as u32);
+                for (bundle, remaining) in bundles {
+                    e.str(&bundle.device)
+                        .str(&bundle.identity_key)
+                        .str(&bundle.signed_prekey)
+                        .str(&bundle.signed_prekey_signature);
+                    match &bundle.one_time_prekey {
+                        Some(key) => e.u8(1).str(key),
+                        None => e.u8(0),
+                    };
+                    e.u32(*remaining);
                 }
                 e
             }
@@ -338,6 +437,29 @@ impl Response {
                     });
                 }
                 Response::RecentSends { req, sends }
+            }
+            KEYS_UPLOADED => Response::KeysUploaded {
+                req: d.u32()?,
+                stored: d.u32()?,
+            },
+            KEYS => {
+                let req = d.u32()?;
+                let count = bounded_count(d.u32()?)?;
+                let mut bundles = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let bundle = Bundle {
+                        device: d.str()?.to_owned(),
+                        identity_key: d.str()?.to_owned(),
+                        signed_prekey: d.str()?.to_owned(),
+                        signed_prekey_signature: d.str()?.to_owned(),
+                        one_time_prekey: match d.u8()? {
+                            0 => None,
+                            _ => Some(d.str()?.to_owned()),
+                        },
+                    };
+                    bundles.push((bundle, d.u32()?));
+                }
+                Response::Keys { req, bundles }
             }
             FAILED => Response::Failed {
                 req: d.u32()?,
@@ -414,6 +536,33 @@ mod tests {
             device: "d".into(),
             since_unix_ms: 12,
             limit: 256,
+        });
+        round_trip_request(Request::KeysUpload {
+            req: 5,
+            user: "bob".into(),
+            device: "phone".into(),
+            identity_key: "aWs=".into(),
+            signed_prekey: "c3Br".into(),
+            signed_prekey_signature: "c2ln".into(),
+            one_time_prekeys: vec!["b3Rw".into(), "b3Rx".into()],
+        });
+        round_trip_request(Request::KeysFetch {
+            req: 6,
+            user: "bob".into(),
+        });
+        round_trip_response(Response::KeysUploaded { req: 5, stored: 12 });
+        round_trip_response(Response::Keys {
+            req: 6,
+            bundles: vec![(
+                Bundle {
+                    device: "phone".into(),
+                    identity_key: "aWs=".into(),
+                    signed_prekey: "c3Br".into(),
+                    signed_prekey_signature: "c2ln".into(),
+                    one_time_prekey: None,
+                },
+                0,
+            )],
         });
         round_trip_response(Response::Durable { position: 4096 });
         round_trip_response(Response::SyncPage {

@@ -45,3 +45,22 @@ CREATE TABLE IF NOT EXISTS cursors (
     state     BYTEA NOT NULL,
     PRIMARY KEY (user_id, device_id)
 );
+
+-- The end-to-end key directory: each device's public keys (opaque base64),
+-- and its one-time prekeys, each handed out once (DELETE ... RETURNING with
+-- FOR UPDATE SKIP LOCKED, so concurrent fetches on any node never share one).
+CREATE TABLE IF NOT EXISTS device_keys (
+    user_id                 TEXT NOT NULL,
+    device_id               TEXT NOT NULL,
+    identity_key            TEXT NOT NULL,
+    signed_prekey           TEXT NOT NULL,
+    signed_prekey_signature TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS prekeys (
+    user_id   TEXT      NOT NULL,
+    device_id TEXT      NOT NULL,
+    key_id    BIGSERIAL NOT NULL,
+    prekey    TEXT      NOT NULL,
+    PRIMARY KEY (user_id, device_id, key_id)
+);

@@ -21,7 +21,7 @@ use chat_protocol::store_wire::{self, Request, Response};
 use crate::backend::Backend;
 use crate::rings::Rings;
 use crate::sessions::{self, SessionSocket, Sessions, WRITE_TIMEOUT};
-use crate::store::{self, ReadRefused, Tables};
+use crate::store::{self, DeviceKeys, ReadRefused, Tables};
 
 /// Longest a read waits for the writer to catch up before it fails.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -168,8 +168,41 @@ impl Server {
         let req = match &request {
             Request::Sync { req, .. }
             | Request::History { req, .. }
-            | Request::Recent { req, .. } => *req,
+            | Request::Recent { req, .. }
+            | Request::KeysUpload { req, .. }
+            | Request::KeysFetch { req, .. } => *req,
             Request::Hello { .. } => 0,
+        };
+        // The key directory is not fed by the rings: no barrier to wait for.
+        let request = match request {
+            Request::KeysUpload {
+                req,
+                user,
+                device,
+                identity_key,
+                signed_prekey,
+                signed_prekey_signature,
+                one_time_prekeys,
+            } => {
+                let upload = DeviceKeys {
+                    user: &user,
+                    device: &device,
+                    identity_key: &identity_key,
+                    signed_prekey: &signed_prekey,
+                    signed_prekey_signature: &signed_prekey_signature,
+                    one_time_prekeys: &one_time_prekeys,
+                };
+                return refused_or(req, tables.put_device_keys(&upload), |stored| {
+                    Response::KeysUploaded { req, stored }
+                });
+            }
+            Request::KeysFetch { req, user } => {
+                return refused_or(req, tables.take_bundles(&user), |bundles| Response::Keys {
+                    req,
+                    bundles,
+                });
+            }
+            other => other,
         };
         let barrier = self.rings.progress.barrier();
         if !self.rings.progress.wait_for(&barrier, BARRIER_TIMEOUT) {
@@ -223,23 +256,11 @@ impl Server {
                 usize::from(limit).min(RECENT_LIMIT_MAX),
             )
             .map(|sends| Response::RecentSends { req, sends }),
-            Request::Hello { .. } => unreachable!("handled by the session"),
+            Request::Hello { .. } | Request::KeysUpload { .. } | Request::KeysFetch { .. } => {
+                unreachable!("answered above")
+            }
         };
-        result.unwrap_or_else(|error| {
-            if let Some(refused) = error.downcast_ref::<ReadRefused>() {
-                return Response::Failed {
-                    req,
-                    reason: refused.0.into(),
-                    retryable: false,
-                };
-            }
-            tracing::warn!(%error, "read failed");
-            Response::Failed {
-                req,
-                reason: "storage read failed".into(),
-                retryable: true,
-            }
-        })
+        refused_or(req, result, |response| response)
     }
 }
 
@@ -255,4 +276,27 @@ fn read_frame<'a>(stream: &mut UnixStream, buffer: &'a mut Vec<u8>) -> Result<Op
     buffer.resize(len, 0);
     stream.read_exact(buffer)?;
     Ok(Some(buffer))
+}
+
+/// `Failed` for an error (not retryable when the request itself was wrong),
+/// or `answer(value)`.
+fn refused_or<T>(req: u32, result: Result<T>, answer: impl FnOnce(T) -> Response) -> Response {
+    match result {
+        Ok(value) => answer(value),
+        Err(error) => {
+            if let Some(refused) = error.downcast_ref::<ReadRefused>() {
+                return Response::Failed {
+                    req,
+                    reason: refused.0.into(),
+                    retryable: false,
+                };
+            }
+            tracing::warn!(%error, "storage request failed");
+            Response::Failed {
+                req,
+                reason: "storage request failed".into(),
+                retryable: true,
+            }
+        }
+    }
 }

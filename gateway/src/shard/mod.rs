@@ -11,6 +11,7 @@ mod accept;
 pub mod connection;
 mod dedup;
 mod durable;
+mod keys;
 mod limits;
 mod router;
 mod store_client;
@@ -43,7 +44,7 @@ use self::dedup::IdempotencyTable;
 use self::durable::Durability;
 use self::limits::{Limit, TokenBucket};
 use self::store_client::StoreClient;
-use self::users::UserTable;
+use self::users::{UserLimits, UserTable};
 use crate::config::{Config, IoDriver, IoUringTaskRun};
 use crate::mesh::{Handoff, Mesh, ShardMessage};
 use crate::metrics::{bump, NodeState, Refusal, ShardMetrics};
@@ -405,16 +406,20 @@ async fn shard_main(setup: ShardSetup, driver: &'static str) -> anyhow::Result<(
     let shard = Rc::new(Shard {
         id: setup.id,
         verifier: TokenVerifier::new(&setup.secret),
-        users: RefCell::new(UserTable::new(
-            Limit {
+        users: RefCell::new(UserTable::new(UserLimits {
+            sends: Limit {
                 per_s: config.sends_per_s,
                 burst: config.sends_burst,
             },
-            Limit {
+            typing: Limit {
                 per_s: config.typing_per_s,
                 burst: config.typing_burst,
             },
-        )),
+            fetches: Limit {
+                per_s: config.prekey_fetches_per_s,
+                burst: config.prekey_fetches_burst,
+            },
+        })),
         conns: RefCell::new(Slab::new()),
         snowflake: RefCell::new(SnowflakeGenerator::new(config.node_id, setup.id as u16)),
         idempotency: RefCell::new(IdempotencyTable::new(

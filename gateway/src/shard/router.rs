@@ -19,7 +19,8 @@ use chat_protocol::{ids, snowflake, ws};
 
 use super::connection::{Conn, EPHEMERAL};
 use super::dedup::{self, PriorSend};
-use super::{sync, Shard};
+use super::users::Allowance;
+use super::{keys, sync, Shard};
 use crate::mesh::{Delivery, Sender, ShardMessage};
 use crate::metrics::bump;
 
@@ -54,6 +55,35 @@ pub fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &[u8]) {
         Ok(ClientFrame::Send(send)) => on_send(shard, conn, send),
         Ok(ClientFrame::Ack { message_id }) => on_ack(shard, conn, message_id),
         Ok(ClientFrame::Typing { to }) => on_typing(shard, conn, &to),
+        Ok(ClientFrame::KeysUpload(upload)) => {
+            monoio::spawn(keys::upload(
+                shard.clone(),
+                conn.clone(),
+                keys::owned(upload),
+            ));
+        }
+        Ok(ClientFrame::KeysFetch { user }) => {
+            match shard
+                .users
+                .borrow_mut()
+                .take(&conn.user_id, Allowance::KeyFetch, shard.now_ms())
+            {
+                Ok(()) => {
+                    monoio::spawn(keys::fetch(shard.clone(), conn.clone(), user.into_owned()));
+                }
+                Err(retry_after_ms) => {
+                    let message = "too many key fetches by this user";
+                    send_error(
+                        shard,
+                        conn,
+                        None,
+                        ErrorCode::RateLimited,
+                        message,
+                        Some(retry_after_ms),
+                    );
+                }
+            }
+        }
         Ok(ClientFrame::Sync { after }) => {
             if conn.begin_sync() {
                 monoio::spawn(sync::sync_device(shard.clone(), conn.clone(), after));
@@ -101,10 +131,11 @@ pub fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &[u8]) {
 }
 
 fn on_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
-    if let Err(retry_after_ms) = shard
-        .users
-        .borrow_mut()
-        .take_send(&conn.user_id, shard.now_ms())
+    if let Err(retry_after_ms) =
+        shard
+            .users
+            .borrow_mut()
+            .take(&conn.user_id, Allowance::Send, shard.now_ms())
     {
         let message = "too many sends by this user (all devices count)";
         refuse(
@@ -250,10 +281,11 @@ fn on_typing(shard: &Shard, conn: &Rc<Conn>, to: &str) {
         send_error(shard, conn, None, ErrorCode::InvalidField, message, None);
         return;
     }
-    if let Err(retry_after_ms) = shard
-        .users
-        .borrow_mut()
-        .take_typing(&conn.user_id, shard.now_ms())
+    if let Err(retry_after_ms) =
+        shard
+            .users
+            .borrow_mut()
+            .take(&conn.user_id, Allowance::Typing, shard.now_ms())
     {
         let message = "too many typing frames by this user";
         send_error(
@@ -274,13 +306,21 @@ fn on_typing(shard: &Shard, conn: &Rc<Conn>, to: &str) {
         from_device: &conn.device_id,
         expires_ms: shard.config.typing_expires_ms,
     });
+    deliver_ephemeral(shard, to, json);
+    bump(&shard.metrics().typing, 1);
+}
+
+/// Queues an ephemeral frame (never stored, never held for a syncing device)
+/// to every device of `user`: on its home shard here, and on other nodes
+/// through the backplane at once. Dropped where a queue is full.
+pub fn deliver_ephemeral(shard: &Shard, user: &str, json: Vec<u8>) {
     let frame = Bytes::from(ws::text_frame(&json));
-    let home = ids::home_shard(to, shard.mesh.shard_count());
+    let home = ids::home_shard(user, shard.mesh.shard_count());
     if home == shard.id {
-        shard.users.borrow().deliver(to, EPHEMERAL, &frame, None);
+        shard.users.borrow().deliver(user, EPHEMERAL, &frame, None);
     } else {
         let delivery = ShardMessage::Deliver(Delivery {
-            to_user: to.into(),
+            to_user: user.into(),
             message_id: EPHEMERAL,
             frame,
         });
@@ -288,12 +328,11 @@ fn on_typing(shard: &Shard, conn: &Rc<Conn>, to: &str) {
     }
     if shard.backplane.is_some() {
         shard.publish(Outbound::Publish {
-            users: vec![to.into()],
+            users: vec![user.into()],
             message_id: EPHEMERAL,
             json: Bytes::from(json),
         });
     }
-    bump(&shard.metrics().typing, 1);
 }
 
 /// A device has `message_id`: recorded for its cursor. Best effort: a lost

@@ -244,6 +244,8 @@ async fn read_loop(
                 Response::SyncPage { req, .. }
                 | Response::Messages { req, .. }
                 | Response::RecentSends { req, .. }
+                | Response::KeysUploaded { req, .. }
+                | Response::Keys { req, .. }
                 | Response::Failed { req, .. } => shard.store.complete(req, response),
             }
         }

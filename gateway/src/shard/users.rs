@@ -27,35 +27,51 @@ struct UserEntry {
     sends: TokenBucket,
     /// `typing` frames across all of the user's devices.
     typing: TokenBucket,
+    /// Key-bundle fetches across all of the user's devices.
+    fetches: TokenBucket,
+}
+
+/// A user's allowances (token-bucket limits), shared by all of their devices.
+#[derive(Debug, Clone, Copy)]
+pub struct UserLimits {
+    pub sends: Limit,
+    pub typing: Limit,
+    pub fetches: Limit,
+}
+
+/// Which allowance to take from.
+#[derive(Debug, Clone, Copy)]
+pub enum Allowance {
+    Send,
+    Typing,
+    KeyFetch,
 }
 
 /// Users homed on this shard with at least one connection.
 pub struct UserTable {
     users: HashMap<Rc<str>, UserEntry, FnvBuildHasher>,
-    sends_limit: Limit,
-    typing_limit: Limit,
+    limits: UserLimits,
 }
 
 impl UserTable {
-    pub fn new(sends_limit: Limit, typing_limit: Limit) -> Self {
+    pub fn new(limits: UserLimits) -> Self {
         Self {
             users: HashMap::default(),
-            sends_limit,
-            typing_limit,
+            limits,
         }
     }
 
     /// Adds a device. True when it is the user's first device here.
     pub fn add(&mut self, conn: Rc<Conn>, now_ms: u64) -> bool {
-        let sends = TokenBucket::full(self.sends_limit, now_ms);
-        let typing = TokenBucket::full(self.typing_limit, now_ms);
+        let limits = self.limits;
         let entry = self
             .users
             .entry(conn.user_id.clone())
             .or_insert_with(|| UserEntry {
                 devices: Devices::new(),
-                sends,
-                typing,
+                sends: TokenBucket::full(limits.sends, now_ms),
+                typing: TokenBucket::full(limits.typing, now_ms),
+                fetches: TokenBucket::full(limits.fetches, now_ms),
             });
         entry.devices.push(conn);
         entry.devices.len() == 1
@@ -73,22 +89,17 @@ impl UserTable {
         false
     }
 
-    /// Takes one send from `user_id`'s allowance, or says in how many ms the next is due.
-    pub fn take_send(&mut self, user_id: &str, now_ms: u64) -> Result<(), u64> {
-        let limit = self.sends_limit;
-        match self.users.get_mut(user_id) {
-            Some(entry) => entry.sends.try_take(limit, now_ms),
-            None => Ok(()),
-        }
-    }
-
-    /// Takes one `typing` from `user_id`'s allowance, or says in how many ms the next is due.
-    pub fn take_typing(&mut self, user_id: &str, now_ms: u64) -> Result<(), u64> {
-        let limit = self.typing_limit;
-        match self.users.get_mut(user_id) {
-            Some(entry) => entry.typing.try_take(limit, now_ms),
-            None => Ok(()),
-        }
+    /// Takes one from `user_id`'s `allowance`, or says in how many ms the next is due.
+    pub fn take(&mut self, user_id: &str, allowance: Allowance, now_ms: u64) -> Result<(), u64> {
+        let Some(entry) = self.users.get_mut(user_id) else {
+            return Ok(());
+        };
+        let (bucket, limit) = match allowance {
+            Allowance::Send => (&mut entry.sends, self.limits.sends),
+            Allowance::Typing => (&mut entry.typing, self.limits.typing),
+            Allowance::KeyFetch => (&mut entry.fetches, self.limits.fetches),
+        };
+        bucket.try_take(limit, now_ms)
     }
 
     /// The shared user id for `user_id` if the user has a connection here

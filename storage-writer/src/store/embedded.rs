@@ -14,7 +14,10 @@ use anyhow::{Context, Result};
 use chat_protocol::store_wire::RecentSend;
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 
-use super::{Cursor, InboxEntry, Tables};
+use chat_protocol::binary::{Decoder, Encoder};
+use chat_protocol::keys::{Bundle, STORED_PREKEYS_MAX};
+
+use super::{Cursor, DeviceKeys, InboxEntry, ReadRefused, Tables};
 
 /// Inbox counters cached in memory before the cache is cleared.
 const COUNTERS_MAX: usize = 1 << 20;
@@ -40,6 +43,11 @@ pub struct Embedded {
     inbox: PartitionHandle,
     inbox_ids: PartitionHandle,
     cursors: PartitionHandle,
+    device_keys: PartitionHandle,
+    prekeys: PartitionHandle,
+    /// Serialises taking one-time prekeys (the store has no transactions;
+    /// every reader of this node shares it, so no prekey is taken twice).
+    keys_lock: std::sync::Arc<std::sync::Mutex<()>>,
     fsync: Fsync,
 }
 
@@ -68,6 +76,9 @@ impl Embedded {
             inbox: open("inbox")?,
             inbox_ids: open("inbox_ids")?,
             cursors: open("cursors")?,
+            device_keys: open("device_keys")?,
+            prekeys: open("prekeys")?,
+            keys_lock: Default::default(),
             keyspace,
             fsync,
         })
@@ -251,6 +262,61 @@ impl Tables for Embedded {
         self.cursors
             .insert(key(&[user, device], None), cursor.encode())?;
         Ok(())
+    }
+
+    fn put_device_keys(&mut self, upload: &DeviceKeys<'_>) -> Result<u32> {
+        let _serial = self.keys_lock.lock().expect("keys lock");
+        let prefix = key(&[upload.user, upload.device], None);
+        let stored = self.prekeys.prefix(&prefix).count() as u32;
+        anyhow::ensure!(
+            stored + upload.one_time_prekeys.len() as u32 <= STORED_PREKEYS_MAX,
+            ReadRefused("the device would hold more one-time prekeys than allowed")
+        );
+        let first = match self.prekeys.prefix(&prefix).next_back() {
+            Some(item) => key_tail(&item?.0)? + 1,
+            None => 1,
+        };
+        let mut value = Encoder::default();
+        value
+            .str(upload.identity_key)
+            .str(upload.signed_prekey)
+            .str(upload.signed_prekey_signature);
+        self.device_keys.insert(prefix.clone(), value.bytes)?;
+        for (id, prekey) in (first..).zip(upload.one_time_prekeys) {
+            self.prekeys.insert(
+                key(&[upload.user, upload.device], Some(id)),
+                prekey.as_bytes(),
+            )?;
+        }
+        self.persist()?;
+        Ok(stored + upload.one_time_prekeys.len() as u32)
+    }
+
+    fn take_bundles(&mut self, user: &str) -> Result<Vec<(Bundle, u32)>> {
+        let _serial = self.keys_lock.lock().expect("keys lock");
+        let mut bundles = Vec::new();
+        for item in self.device_keys.prefix(key(&[user], None)) {
+            let (k, v) = item?;
+            let device = text(&k[user.len() + 1..k.len() - 1])?;
+            let mut decoder = Decoder::new(&v);
+            let mut bundle = Bundle {
+                device: device.clone(),
+                identity_key: decoder.str()?.to_owned(),
+                signed_prekey: decoder.str()?.to_owned(),
+                signed_prekey_signature: decoder.str()?.to_owned(),
+                one_time_prekey: None,
+            };
+            let prefix = key(&[user, &device], None);
+            if let Some(item) = self.prekeys.prefix(&prefix).next() {
+                let (prekey_key, prekey) = item?;
+                bundle.one_time_prekey = Some(text(&prekey)?);
+                self.prekeys.remove(prekey_key)?;
+            }
+            let left = self.prekeys.prefix(&prefix).count() as u32;
+            bundles.push((bundle, left));
+        }
+        self.persist()?;
+        Ok(bundles)
     }
 }
 

@@ -22,6 +22,7 @@ pub mod postgres;
 pub mod scylla;
 
 use anyhow::Result;
+use chat_protocol::keys::Bundle;
 use chat_protocol::records::{AckRecord, MessageRecord, Record};
 use chat_protocol::snowflake;
 use chat_protocol::store_wire::{RecentSend, SyncEntry, SyncFrom};
@@ -35,6 +36,16 @@ mod tests;
 pub const ACK_SCAN_MAX: usize = 4096;
 /// Inbox entries read from a backend at once while building a sync page.
 const SCAN_CHUNK: usize = 256;
+
+/// A device's public keys, as uploaded.
+pub struct DeviceKeys<'a> {
+    pub user: &'a str,
+    pub device: &'a str,
+    pub identity_key: &'a str,
+    pub signed_prekey: &'a str,
+    pub signed_prekey_signature: &'a str,
+    pub one_time_prekeys: &'a [String],
+}
 
 /// One entry of a user's inbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +105,21 @@ pub trait Tables {
 
     fn cursor(&mut self, user: &str, device: &str) -> Result<Cursor>;
     fn put_cursor(&mut self, user: &str, device: &str, cursor: &Cursor) -> Result<()>;
+
+    /// Stores a device's public keys: its identity key and signed prekey are
+    /// replaced, its one-time prekeys added (refused past
+    /// `STORED_PREKEYS_MAX`). Durable before it returns. Returns how many
+    /// one-time prekeys the device now has.
+    fn put_device_keys(&mut self, _upload: &DeviceKeys<'_>) -> Result<u32> {
+        anyhow::bail!("this handle does not serve the key directory")
+    }
+
+    /// One bundle per device of `user` that uploaded keys, each taking one
+    /// one-time prekey **atomically** (never handed out twice, also under
+    /// concurrent fetches from several nodes), with the count left.
+    fn take_bundles(&mut self, _user: &str) -> Result<Vec<(Bundle, u32)>> {
+        anyhow::bail!("this handle does not serve the key directory")
+    }
 
     /// Applies acknowledgements all at once (after `put_new_messages`), as
     /// `apply_ack` would one by one. Returns the positions in `acks` whose

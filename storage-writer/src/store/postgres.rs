@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 
 use chat_protocol::records::{AckRecord, MessageRecord};
 
-use super::{Cursor, InboxEntry, Tables};
+use chat_protocol::keys::{Bundle, STORED_PREKEYS_MAX};
+
+use super::{Cursor, DeviceKeys, InboxEntry, ReadRefused, Tables};
 use crate::backend::{Backend, BatchWriter};
 
 const SCHEMA: &str = include_str!("../../schema/postgres.sql");
@@ -289,6 +291,82 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         self.client
             .execute(&statement, &[&user, &device, &cursor.encode()])?;
         Ok(())
+    }
+
+    fn put_device_keys(&mut self, upload: &DeviceKeys<'_>) -> Result<u32> {
+        let lock = self.prepared(
+            "INSERT INTO device_keys (user_id, device_id, identity_key, signed_prekey, signed_prekey_signature) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, device_id) DO UPDATE SET \
+             identity_key = EXCLUDED.identity_key, signed_prekey = EXCLUDED.signed_prekey, \
+             signed_prekey_signature = EXCLUDED.signed_prekey_signature",
+        )?;
+        let count =
+            self.prepared("SELECT count(*) FROM prekeys WHERE user_id = $1 AND device_id = $2")?;
+        let insert = self.prepared(
+            "INSERT INTO prekeys (user_id, device_id, prekey) \
+             SELECT $1, $2, k FROM UNNEST($3::text[]) WITH ORDINALITY AS t(k, n) ORDER BY n",
+        )?;
+        let mut transaction = self.client.transaction()?;
+        // The upsert locks the device's row: concurrent uploads of one device queue.
+        transaction.execute(
+            &lock,
+            &[
+                &upload.user,
+                &upload.device,
+                &upload.identity_key,
+                &upload.signed_prekey,
+                &upload.signed_prekey_signature,
+            ],
+        )?;
+        let stored: i64 = transaction
+            .query_one(&count, &[&upload.user, &upload.device])?
+            .get(0);
+        let total = stored as u32 + upload.one_time_prekeys.len() as u32;
+        anyhow::ensure!(
+            total <= STORED_PREKEYS_MAX,
+            ReadRefused("the device would hold more one-time prekeys than allowed")
+        );
+        transaction.execute(
+            &insert,
+            &[&upload.user, &upload.device, &upload.one_time_prekeys],
+        )?;
+        transaction.commit()?;
+        Ok(total)
+    }
+
+    fn take_bundles(&mut self, user: &str) -> Result<Vec<(Bundle, u32)>> {
+        let devices = self.prepared(
+            "SELECT device_id, identity_key, signed_prekey, signed_prekey_signature \
+             FROM device_keys WHERE user_id = $1 ORDER BY device_id",
+        )?;
+        let take = self.prepared(
+            "DELETE FROM prekeys WHERE (user_id, device_id, key_id) IN ( \
+                 SELECT user_id, device_id, key_id FROM prekeys \
+                 WHERE user_id = $1 AND device_id = $2 ORDER BY key_id LIMIT 1 \
+                 FOR UPDATE SKIP LOCKED) \
+             RETURNING prekey",
+        )?;
+        let count =
+            self.prepared("SELECT count(*) FROM prekeys WHERE user_id = $1 AND device_id = $2")?;
+        let mut transaction = self.client.transaction()?;
+        let mut bundles = Vec::new();
+        for row in transaction.query(&devices, &[&user])? {
+            let device: String = row.get(0);
+            let taken = transaction.query_opt(&take, &[&user, &device])?;
+            let left: i64 = transaction.query_one(&count, &[&user, &device])?.get(0);
+            bundles.push((
+                Bundle {
+                    device,
+                    identity_key: row.get(1),
+                    signed_prekey: row.get(2),
+                    signed_prekey_signature: row.get(3),
+                    one_time_prekey: taken.map(|row| row.get(0)),
+                },
+                left as u32,
+            ));
+        }
+        transaction.commit()?;
+        Ok(bundles)
     }
 
     /// Four statements per batch instead of four per acknowledgement.

@@ -22,7 +22,9 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Consistency;
 
-use super::{Cursor, InboxEntry, Tables};
+use chat_protocol::keys::{Bundle, STORED_PREKEYS_MAX};
+
+use super::{Cursor, DeviceKeys, InboxEntry, ReadRefused, Tables};
 use crate::backend::{Backend, BatchWriter};
 
 const SCHEMA: &str = include_str!("../../schema/scylla.cql");
@@ -46,6 +48,13 @@ struct Statements {
     inbox_after: PreparedStatement,
     cursor: PreparedStatement,
     put_cursor: PreparedStatement,
+    put_device_keys: PreparedStatement,
+    device_keys: PreparedStatement,
+    put_prekey: PreparedStatement,
+    first_prekey: PreparedStatement,
+    last_prekey: PreparedStatement,
+    take_prekey: PreparedStatement,
+    count_prekeys: PreparedStatement,
 }
 
 pub struct ScyllaBackend {
@@ -137,6 +146,13 @@ impl ScyllaBackend {
                 inbox_after: prepare(format!("SELECT seq, message_id, conversation, origin_device FROM {k}.inbox WHERE user_id = ? AND seq > ? LIMIT ?")).await?,
                 cursor: prepare(format!("SELECT state FROM {k}.cursors WHERE user_id = ? AND device_id = ?")).await?,
                 put_cursor: prepare(format!("INSERT INTO {k}.cursors (user_id, device_id, state) VALUES (?, ?, ?)")).await?,
+                put_device_keys: prepare(format!("INSERT INTO {k}.device_keys (user_id, device_id, identity_key, signed_prekey, signed_prekey_signature) VALUES (?, ?, ?, ?, ?)")).await?,
+                device_keys: prepare(format!("SELECT device_id, identity_key, signed_prekey, signed_prekey_signature FROM {k}.device_keys WHERE user_id = ?")).await?,
+                put_prekey: prepare(format!("INSERT INTO {k}.prekeys (user_id, device_id, key_id, prekey) VALUES (?, ?, ?, ?)")).await?,
+                first_prekey: prepare(format!("SELECT key_id, prekey FROM {k}.prekeys WHERE user_id = ? AND device_id = ? LIMIT 1")).await?,
+                last_prekey: prepare(format!("SELECT key_id FROM {k}.prekeys WHERE user_id = ? AND device_id = ? ORDER BY key_id DESC LIMIT 1")).await?,
+                take_prekey: prepare(format!("DELETE FROM {k}.prekeys WHERE user_id = ? AND device_id = ? AND key_id = ? IF EXISTS")).await?,
+                count_prekeys: prepare(format!("SELECT count(*) FROM {k}.prekeys WHERE user_id = ? AND device_id = ?")).await?,
             };
             anyhow::Ok((session, statements))
         })?;
@@ -405,5 +421,77 @@ impl Tables for Scylla {
 
     fn put_cursor(&mut self, user: &str, device: &str, cursor: &Cursor) -> Result<()> {
         self.execute(&self.statements.put_cursor, (user, device, cursor.encode()))
+    }
+
+    fn put_device_keys(&mut self, upload: &DeviceKeys<'_>) -> Result<u32> {
+        let (user, device) = (upload.user, upload.device);
+        let stored = self.prekey_count(user, device)?;
+        let total = stored + upload.one_time_prekeys.len() as u32;
+        anyhow::ensure!(
+            total <= STORED_PREKEYS_MAX,
+            ReadRefused("the device would hold more one-time prekeys than allowed")
+        );
+        self.execute(
+            &self.statements.put_device_keys,
+            (
+                user,
+                device,
+                upload.identity_key,
+                upload.signed_prekey,
+                upload.signed_prekey_signature,
+            ),
+        )?;
+        let last: Vec<(i64,)> = self.rows(&self.statements.last_prekey, (user, device))?;
+        let first = last.first().map_or(1, |(id,)| id + 1);
+        for (id, prekey) in (first..).zip(upload.one_time_prekeys) {
+            self.execute(
+                &self.statements.put_prekey,
+                (user, device, id, prekey.as_str()),
+            )?;
+        }
+        Ok(total)
+    }
+
+    fn take_bundles(&mut self, user: &str) -> Result<Vec<(Bundle, u32)>> {
+        let devices: Vec<(String, String, String, String)> =
+            self.rows(&self.statements.device_keys, (user,))?;
+        let mut bundles = Vec::new();
+        for (device, identity_key, signed_prekey, signed_prekey_signature) in devices {
+            let mut taken = None;
+            for _ in 0..CAS_ATTEMPTS {
+                let first: Vec<(i64, String)> =
+                    self.rows(&self.statements.first_prekey, (user, device.as_str()))?;
+                let Some((key_id, prekey)) = first.into_iter().next() else {
+                    break;
+                };
+                // Only the fetch whose conditional delete applies gets it.
+                if self.applied(
+                    &self.statements.take_prekey,
+                    (user, device.as_str(), key_id),
+                )? {
+                    taken = Some(prekey);
+                    break;
+                }
+            }
+            let left = self.prekey_count(user, &device)?;
+            bundles.push((
+                Bundle {
+                    device,
+                    identity_key,
+                    signed_prekey,
+                    signed_prekey_signature,
+                    one_time_prekey: taken,
+                },
+                left,
+            ));
+        }
+        Ok(bundles)
+    }
+}
+
+impl Scylla {
+    fn prekey_count(&self, user: &str, device: &str) -> Result<u32> {
+        let rows: Vec<(i64,)> = self.rows(&self.statements.count_prekeys, (user, device))?;
+        Ok(rows.first().map_or(0, |(count,)| *count as u32))
     }
 }
