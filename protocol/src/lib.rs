@@ -2,10 +2,11 @@
 //!
 //! Owns: the id rules, conversation ids and home-shard hashing (`ids`), message
 //! ids (`snowflake`), bearer tokens (`token`), the HTTP upgrade (`handshake`),
-//! WebSocket framing (`ws`), the JSON frames (`frames`) and the stable error and
-//! close codes (`codes`), the records shards write to the durable ring
-//! (`records`) and the read path to the storage-writer (`store_wire`), both
-//! over one binary field codec (`binary`). `docs/protocol.md` is the contract these implement.
+//! WebSocket framing (`ws`), the JSON frames (`frames`, and the key
+//! directory's in `keys`), the stable error and close codes (`codes`), the
+//! records shards write to the durable ring (`records`) and the read path to
+//! the storage-writer (`store_wire`), both over one binary field codec
+//! (`binary`). `docs/protocol.md` is the contract these implement.
 //!
 //! Must never: perform I/O, read a clock, or depend on an async runtime. Callers
 //! pass the time in, so every function here can be tested and fuzzed byte for byte.
