@@ -470,3 +470,37 @@ fn a_media_reference_travels_live_through_sync_and_into_history() {
         (Some("invalid_field"), Some("m2"))
     );
 }
+
+#[test]
+fn a_retry_older_than_the_warm_up_is_looked_up_and_keeps_its_first_id() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    // The warm-up loads only the 4 most recent sends: older retries need a look-up.
+    let flags = ["--data-dir", dir, "--idempotency-warm-max", "4"];
+    let mut gateway = Gateway::start(&flags);
+    let mut alice = gateway.connect("alice", "phone");
+    let mut first_ids = Vec::new();
+    for index in 0..12 {
+        alice.send_message(&format!("c{index}"), "bob", &format!("m{index}"));
+        first_ids.push(alice.recv_type("sent")["message_id"].clone());
+    }
+    gateway.kill9();
+
+    let gateway = Gateway::start(&flags);
+    let mut alice = gateway.connect("alice", "phone");
+    for index in 0..12 {
+        alice.send_message(&format!("c{index}"), "bob", &format!("m{index}"));
+    }
+    alice.send_message("c12", "bob", "m12");
+    alice.send(json!({"type": "ping"}));
+    // Answers keep the frames' order: every `sent`, then the new one, then `pong`.
+    for (index, first) in first_ids.iter().enumerate() {
+        let sent = alice.recv();
+        assert_eq!(sent["id"], format!("c{index}"));
+        assert_eq!(&sent["message_id"], first, "c{index} keeps its first id");
+    }
+    assert_eq!(alice.recv()["id"], "c12");
+    assert_eq!(alice.recv()["type"], "pong");
+    let history = alice.history("dm:alice:bob", None, 100);
+    assert_eq!(history.len(), 13, "nothing stored twice");
+}

@@ -65,6 +65,13 @@ pub enum Request {
         req: u32,
         user: String,
     },
+    /// The message id first stored under this idempotency key, if any.
+    SendOf {
+        req: u32,
+        user: String,
+        device: String,
+        client_msg_id: String,
+    },
     /// The device's latest sends since `since_unix_ms`, to warm idempotency.
     Recent {
         req: u32,
@@ -118,6 +125,11 @@ pub enum Response {
         req: u32,
         stored: u32,
     },
+    /// The answer to `SendOf`.
+    SendOf {
+        req: u32,
+        message_id: Option<u64>,
+    },
     /// Bundles, and how many one-time prekeys each device has left.
     Keys {
         req: u32,
@@ -138,6 +150,7 @@ const HISTORY: u8 = 3;
 const RECENT: u8 = 4;
 const KEYS_UPLOAD: u8 = 5;
 const KEYS_FETCH: u8 = 6;
+const SEND_OF: u8 = 7;
 const DURABLE: u8 = 10;
 const SYNC_PAGE: u8 = 11;
 const MESSAGES: u8 = 12;
@@ -145,6 +158,7 @@ const RECENT_SENDS: u8 = 13;
 const FAILED: u8 = 14;
 const KEYS_UPLOADED: u8 = 15;
 const KEYS: u8 = 16;
+const SEND_OF_ANSWER: u8 = 17;
 
 /// Starts a frame: room for the length, filled in by `finish`.
 fn start(kind: u8) -> Encoder {
@@ -240,6 +254,16 @@ impl Request {
                 e.u32(*req).str(user);
                 e
             }
+            Request::SendOf {
+                req,
+                user,
+                device,
+                client_msg_id,
+            } => {
+                let mut e = start(SEND_OF);
+                e.u32(*req).str(user).str(device).str(client_msg_id);
+                e
+            }
             Request::Recent {
                 req,
                 user,
@@ -307,6 +331,12 @@ impl Request {
                 req: d.u32()?,
                 user: d.str()?.to_owned(),
             },
+            SEND_OF => Request::SendOf {
+                req: d.u32()?,
+                user: d.str()?.to_owned(),
+                device: d.str()?.to_owned(),
+                client_msg_id: d.str()?.to_owned(),
+            },
             RECENT => Request::Recent {
                 req: d.u32()?,
                 user: d.str()?.to_owned(),
@@ -364,6 +394,11 @@ impl Response {
             Response::KeysUploaded { req, stored } => {
                 let mut e = start(KEYS_UPLOADED);
                 e.u32(*req).u32(*stored);
+                e
+            }
+            Response::SendOf { req, message_id } => {
+                let mut e = start(SEND_OF_ANSWER);
+                e.u32(*req).u64(message_id.unwrap_or(0));
                 e
             }
             Response::Keys { req, bundles } => {
@@ -441,6 +476,10 @@ impl Response {
             KEYS_UPLOADED => Response::KeysUploaded {
                 req: d.u32()?,
                 stored: d.u32()?,
+            },
+            SEND_OF_ANSWER => Response::SendOf {
+                req: d.u32()?,
+                message_id: Some(d.u64()?).filter(|id| *id != 0),
             },
             KEYS => {
                 let req = d.u32()?;
@@ -551,6 +590,20 @@ mod tests {
             user: "bob".into(),
         });
         round_trip_response(Response::KeysUploaded { req: 5, stored: 12 });
+        round_trip_request(Request::SendOf {
+            req: 7,
+            user: "a".into(),
+            device: "d".into(),
+            client_msg_id: "c1".into(),
+        });
+        round_trip_response(Response::SendOf {
+            req: 7,
+            message_id: Some(9),
+        });
+        round_trip_response(Response::SendOf {
+            req: 7,
+            message_id: None,
+        });
         round_trip_response(Response::Keys {
             req: 6,
             bundles: vec![(

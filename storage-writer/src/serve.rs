@@ -170,7 +170,8 @@ impl Server {
             | Request::History { req, .. }
             | Request::Recent { req, .. }
             | Request::KeysUpload { req, .. }
-            | Request::KeysFetch { req, .. } => *req,
+            | Request::KeysFetch { req, .. }
+            | Request::SendOf { req, .. } => *req,
             Request::Hello { .. } => 0,
         };
         // The key directory is not fed by the rings: no barrier to wait for.
@@ -256,6 +257,14 @@ impl Server {
                 usize::from(limit).min(RECENT_LIMIT_MAX),
             )
             .map(|sends| Response::RecentSends { req, sends }),
+            Request::SendOf {
+                req,
+                user,
+                device,
+                client_msg_id,
+            } => tables
+                .send_of(&user, &device, &client_msg_id)
+                .map(|message_id| Response::SendOf { req, message_id }),
             Request::Hello { .. } | Request::KeysUpload { .. } | Request::KeysFetch { .. } => {
                 unreachable!("answered above")
             }

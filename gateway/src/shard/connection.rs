@@ -58,6 +58,12 @@ pub struct Conn {
     /// While a sync runs: live messages held back until it ends (boxed, so
     /// an idle connection pays one pointer).
     sync: Cell<Option<Box<SyncHold>>>,
+    /// True while a frame of this connection waits for storage; its later
+    /// frames are not read until then (their order is kept).
+    paused: Cell<bool>,
+    /// The connect-time warm-up hit its bound: an unknown send id may still
+    /// be an older send, so storage is asked before a new id is made.
+    warm_truncated: Cell<bool>,
 }
 
 /// What a connection holds while its sync runs.
@@ -99,7 +105,32 @@ impl Conn {
             errors_in_window: Cell::new((now_ms as u32, 0)),
             frames: Cell::new(frames),
             sync: Cell::new(None),
+            paused: Cell::new(false),
+            warm_truncated: Cell::new(false),
         }
+    }
+
+    /// Stops processing this connection's frames until `resume`.
+    pub fn pause(&self) {
+        self.paused.set(true);
+    }
+
+    /// Processes this connection's frames again, from where they stopped.
+    pub fn resume(&self) {
+        self.paused.set(false);
+        self.wake();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.get()
+    }
+
+    pub fn set_warm_truncated(&self, truncated: bool) {
+        self.warm_truncated.set(truncated);
+    }
+
+    pub fn warm_truncated(&self) -> bool {
+        self.warm_truncated.get()
     }
 
     /// Queues a live message; while a sync runs it is held until the sync
@@ -245,8 +276,11 @@ enum Ending {
 /// Bytes of a frame that arrived in pieces, plus the framing state.
 struct Reader {
     decoder: WsDecoder,
-    /// An incomplete frame; empty (no allocation) almost always.
+    /// An incomplete frame, or frames not yet processed because the
+    /// connection paused; empty (no allocation) almost always.
     partial: Vec<u8>,
+    /// `partial` holds frames that stopped at a pause and wait for `resume`.
+    stalled: bool,
 }
 
 /// Serves one registered connection until it closes, then unregisters it.
@@ -254,6 +288,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, conn: Rc<Conn>, early_by
     let mut reader = Reader {
         decoder: WsDecoder::default(),
         partial: Vec::new(),
+        stalled: false,
     };
     // Bytes of the outbox's front entry already written.
     let mut front_written = 0usize;
@@ -269,6 +304,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, conn: Rc<Conn>, early_by
         let consumed = process(&shard, &conn, &mut reader.decoder, &mut early_bytes);
         early_bytes.drain(..consumed);
         reader.partial = early_bytes;
+        reader.stalled = conn.is_paused();
     }
 
     // Boxed so the long-lived task holds only the small steady-state future;
@@ -326,6 +362,9 @@ async fn serve_until_closing(
     let mut write_ready: Option<Pin<Box<dyn Future<Output = io::Result<()>> + '_>>> = None;
 
     loop {
+        if reader.stalled && !conn.is_paused() {
+            process_stalled(shard, conn, reader);
+        }
         if write_ready.is_none() && conn.has_outbound() {
             match flush(fd, shard, conn, front_written) {
                 Ok(true) => {}
@@ -346,6 +385,10 @@ async fn serve_until_closing(
                     return Poll::Ready(Event::Writable(result));
                 }
             }
+            // Paused: the socket's later frames wait (back-pressure on the client).
+            if conn.is_paused() || reader.stalled {
+                return Poll::Pending;
+            }
             read_ready.as_mut().poll(cx).map(Event::Readable)
         })
         .await;
@@ -357,16 +400,29 @@ async fn serve_until_closing(
                 if !read_available(shard, conn, fd, reader) {
                     break Ending::Lost;
                 }
+                // Frames after a pausing one wait in `partial` for the resume.
+                reader.stalled = conn.is_paused() && !reader.partial.is_empty();
             }
             Event::Readable(Err(_)) | Event::Writable(Err(_)) => break Ending::Lost,
         }
     }
 }
 
+/// Processes frames that waited for a pause to end (no read first: they
+/// are already here).
+fn process_stalled(shard: &Rc<Shard>, conn: &Rc<Conn>, reader: &mut Reader) {
+    let consumed = process(shard, conn, &mut reader.decoder, &mut reader.partial);
+    reader.partial.drain(..consumed);
+    if reader.partial.is_empty() {
+        reader.partial = Vec::new();
+    }
+    reader.stalled = conn.is_paused() && !reader.partial.is_empty();
+}
+
 /// Reads what the socket has and processes it. False when the peer is gone.
 fn read_available(shard: &Rc<Shard>, conn: &Rc<Conn>, fd: RawFd, reader: &mut Reader) -> bool {
     for _ in 0..READS_PER_WAKE_MAX {
-        if conn.is_closing() {
+        if conn.is_closing() || conn.is_paused() {
             return true;
         }
         let result = if reader.partial.is_empty() {
@@ -483,7 +539,7 @@ fn process(shard: &Rc<Shard>, conn: &Rc<Conn>, decoder: &mut WsDecoder, input: &
             WsEvent::Pong => {}
             WsEvent::Close(_) => conn.request_close(CloseCode::Normal),
         }
-        if conn.is_closing() {
+        if conn.is_closing() || conn.is_paused() {
             Flow::Stop
         } else {
             Flow::Continue

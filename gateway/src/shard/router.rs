@@ -15,6 +15,7 @@ use chat_backplane::Outbound;
 use chat_protocol::codes::{CloseCode, ErrorCode};
 use chat_protocol::frames::{self, ClientFrame, MessageFrame, SendFrame, TypingFrame};
 use chat_protocol::records::{AckRecord, MessageRecord};
+use chat_protocol::store_wire::{Request, Response};
 use chat_protocol::{ids, snowflake, ws};
 
 use super::connection::{Conn, EPHEMERAL};
@@ -130,7 +131,7 @@ pub fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &[u8]) {
     }
 }
 
-fn on_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
+fn on_send(shard: &Rc<Shard>, conn: &Rc<Conn>, send: SendFrame<'_>) {
     if let Err(retry_after_ms) =
         shard
             .users
@@ -148,6 +149,110 @@ fn on_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
         );
         return;
     }
+    let known = {
+        let key = dedup::key(&conn.user_id, &conn.device_id, &send.client_msg_id);
+        shard
+            .idempotency
+            .borrow_mut()
+            .get(&key, crate::clock::unix_ms())
+            .is_some()
+    };
+    if !known && conn.warm_truncated() {
+        // This device sent more than the warm-up loaded: the id may be an
+        // older send. Ask storage first; this connection's later frames wait.
+        conn.pause();
+        monoio::spawn(look_up_then_accept(
+            shard.clone(),
+            conn.clone(),
+            OwnedSend::from(send),
+        ));
+        return;
+    }
+    accept_send(shard, conn, send);
+}
+
+/// A send that may wait for storage before it is accepted.
+struct OwnedSend {
+    client_msg_id: String,
+    to: String,
+    body: String,
+    media: Option<frames::Media<'static>>,
+}
+
+impl From<SendFrame<'_>> for OwnedSend {
+    fn from(send: SendFrame<'_>) -> Self {
+        Self {
+            client_msg_id: send.client_msg_id.into_owned(),
+            to: send.to.into_owned(),
+            body: send.body.into_owned(),
+            media: send.media.map(|m| frames::Media {
+                url: m.url.into_owned().into(),
+                size: m.size,
+                sha256: m.sha256.into_owned().into(),
+            }),
+        }
+    }
+}
+
+/// Looks the send's id up in storage (behind the read barrier, so a first
+/// attempt still in the ring is found), remembers what it finds, then
+/// accepts the send as usual (a replay if found) and resumes the connection.
+async fn look_up_then_accept(shard: Rc<Shard>, conn: Rc<Conn>, send: OwnedSend) {
+    let response = shard
+        .store
+        .request(
+            |req| Request::SendOf {
+                req,
+                user: conn.user_id.to_string(),
+                device: conn.device_id.to_string(),
+                client_msg_id: send.client_msg_id.clone(),
+            },
+            std::time::Duration::from_millis(shard.config.storage_timeout_ms),
+        )
+        .await;
+    match response {
+        Ok(Response::SendOf { message_id, .. }) => {
+            if let Some(message_id) = message_id {
+                let key = dedup::key(&conn.user_id, &conn.device_id, &send.client_msg_id);
+                let prior = PriorSend {
+                    message_id,
+                    conversation: ids::direct_conversation_id(&conn.user_id, &send.to),
+                    end: 0,
+                };
+                shard
+                    .idempotency
+                    .borrow_mut()
+                    .insert(key, prior, crate::clock::unix_ms());
+            }
+            accept_send(
+                &shard,
+                &conn,
+                SendFrame {
+                    client_msg_id: send.client_msg_id.as_str().into(),
+                    to: send.to.as_str().into(),
+                    body: send.body.as_str().into(),
+                    media: send.media,
+                },
+            );
+        }
+        _ => {
+            // Not accepted (a new id could duplicate an older send): retry later.
+            let message = "storage did not answer; retry this send";
+            send_error(
+                &shard,
+                &conn,
+                Some(&send.client_msg_id),
+                ErrorCode::Unavailable,
+                message,
+                Some(1_000),
+            );
+        }
+    }
+    conn.resume();
+}
+
+/// Accepts a send whose id is either known (a replay) or certainly new.
+fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
     let now_unix_ms = crate::clock::unix_ms();
     let key = dedup::key(&conn.user_id, &conn.device_id, &send.client_msg_id);
     if let Some(prior) = shard.idempotency.borrow_mut().get(&key, now_unix_ms) {

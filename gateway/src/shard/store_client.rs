@@ -245,6 +245,7 @@ async fn read_loop(
                 | Response::Messages { req, .. }
                 | Response::RecentSends { req, .. }
                 | Response::KeysUploaded { req, .. }
+                | Response::SendOf { req, .. }
                 | Response::Keys { req, .. }
                 | Response::Failed { req, .. } => shard.store.complete(req, response),
             }

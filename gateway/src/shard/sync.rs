@@ -69,6 +69,9 @@ pub async fn warm_idempotency(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Result<(), 
     let Response::RecentSends { sends, .. } = response else {
         return Err(StoreError::Unavailable);
     };
+    // Fewer than the bound: every send in the window is known now. At the
+    // bound, an unknown id is looked up before it becomes a new message.
+    conn.set_warm_truncated(sends.len() >= usize::from(shard.config.idempotency_warm_max));
     let mut table = shard.idempotency.borrow_mut();
     for send in sends {
         let key = dedup::key(&conn.user_id, &conn.device_id, &send.client_msg_id);

@@ -16,6 +16,8 @@ use tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tungstenite::{Message, WebSocket};
 
 pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+/// Tries at starting a gateway before a test fails.
+const START_ATTEMPTS: usize = 3;
 /// Longest any single wait in a test may take.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -48,6 +50,17 @@ impl Gateway {
 
     pub fn start_with(extra: &[&str], secret: Option<&str>) -> Gateway {
         ensure_storage_writer_built();
+        // A free port can be taken by a parallel test between our check and
+        // the gateway's bind: a start that fails is retried on fresh ports.
+        for _ in 0..START_ATTEMPTS - 1 {
+            if let Some(gateway) = Self::try_start(extra, secret) {
+                return gateway;
+            }
+        }
+        Self::try_start(extra, secret).expect("gateway exited during start-up")
+    }
+
+    fn try_start(extra: &[&str], secret: Option<&str>) -> Option<Gateway> {
         let data_dir = tempfile::tempdir().unwrap();
         let ws: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -87,18 +100,19 @@ impl Gateway {
             admin,
             data_dir,
         };
-        gateway.wait_ready();
-        gateway
+        gateway.wait_ready().then_some(gateway)
     }
 
-    fn wait_ready(&mut self) {
+    /// False when the process exited before it was ready.
+    fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + WAIT;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("gateway exited during start-up: {status}");
+                eprintln!("gateway exited during start-up: {status}");
+                return false;
             }
             if self.admin_get("/readyz").map(|(status, _)| status) == Some(200) {
-                return;
+                return true;
             }
             assert!(
                 Instant::now() < deadline,
