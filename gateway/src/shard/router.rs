@@ -64,25 +64,9 @@ pub fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &[u8]) {
             ));
         }
         Ok(ClientFrame::KeysFetch { user }) => {
-            match shard
-                .users
-                .borrow_mut()
-                .take(&conn.user_id, Allowance::KeyFetch, shard.now_ms())
-            {
-                Ok(()) => {
-                    monoio::spawn(keys::fetch(shard.clone(), conn.clone(), user.into_owned()));
-                }
-                Err(retry_after_ms) => {
-                    let message = "too many key fetches by this user";
-                    send_error(
-                        shard,
-                        conn,
-                        None,
-                        ErrorCode::RateLimited,
-                        message,
-                        Some(retry_after_ms),
-                    );
-                }
+            let message = "too many key fetches by this user";
+            if take_allowance(shard, conn, Allowance::KeyFetch, None, message, false) {
+                monoio::spawn(keys::fetch(shard.clone(), conn.clone(), user.into_owned()));
             }
         }
         Ok(ClientFrame::Sync { after }) => {
@@ -132,24 +116,20 @@ pub fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &[u8]) {
 }
 
 fn on_send(shard: &Rc<Shard>, conn: &Rc<Conn>, send: SendFrame<'_>) {
-    if let Err(retry_after_ms) =
-        shard
-            .users
-            .borrow_mut()
-            .take(&conn.user_id, Allowance::Send, shard.now_ms())
-    {
-        let message = "too many sends by this user (all devices count)";
-        refuse(
-            shard,
-            conn,
-            Some(&send.client_msg_id),
-            ErrorCode::RateLimited,
-            message,
-            retry_after_ms,
-        );
+    let message = "too many sends by this user (all devices count)";
+    // Send floods count toward the abuse limit (a client's loop gone wrong).
+    if !take_allowance(
+        shard,
+        conn,
+        Allowance::Send,
+        Some(&send.client_msg_id),
+        message,
+        true,
+    ) {
         return;
     }
-    let known = {
+    // Only devices past the warm-up bound pay for this extra look-up.
+    let known = || {
         let key = dedup::key(&conn.user_id, &conn.device_id, &send.client_msg_id);
         shard
             .idempotency
@@ -157,7 +137,7 @@ fn on_send(shard: &Rc<Shard>, conn: &Rc<Conn>, send: SendFrame<'_>) {
             .get(&key, crate::clock::unix_ms())
             .is_some()
     };
-    if !known && conn.warm_truncated() {
+    if conn.warm_truncated() && !known() {
         // This device sent more than the warm-up loaded: the id may be an
         // older send. Ask storage first; this connection's later frames wait.
         conn.pause();
@@ -386,21 +366,8 @@ fn on_typing(shard: &Shard, conn: &Rc<Conn>, to: &str) {
         send_error(shard, conn, None, ErrorCode::InvalidField, message, None);
         return;
     }
-    if let Err(retry_after_ms) =
-        shard
-            .users
-            .borrow_mut()
-            .take(&conn.user_id, Allowance::Typing, shard.now_ms())
-    {
-        let message = "too many typing frames by this user";
-        send_error(
-            shard,
-            conn,
-            None,
-            ErrorCode::RateLimited,
-            message,
-            Some(retry_after_ms),
-        );
+    let message = "too many typing frames by this user";
+    if !take_allowance(shard, conn, Allowance::Typing, None, message, false) {
         return;
     }
     let conversation = ids::direct_conversation_id(&conn.user_id, to);
@@ -463,6 +430,40 @@ fn overloaded(shard: &Shard, conn: &Conn, client_msg_id: &str, message: &str) {
         message,
         Some(OVERLOADED_RETRY_AFTER_MS),
     );
+}
+
+/// Takes one from the user's `allowance`; when it is spent, answers
+/// `rate_limited` with `retry_after_ms` (counted toward the abuse limit if
+/// `abusive`) and returns false.
+fn take_allowance(
+    shard: &Shard,
+    conn: &Conn,
+    allowance: Allowance,
+    client_msg_id: Option<&str>,
+    message: &str,
+    abusive: bool,
+) -> bool {
+    let taken = shard
+        .users
+        .borrow_mut()
+        .take(&conn.user_id, allowance, shard.now_ms());
+    let Err(retry_after_ms) = taken else {
+        return true;
+    };
+    let code = ErrorCode::RateLimited;
+    if abusive {
+        refuse(shard, conn, client_msg_id, code, message, retry_after_ms);
+    } else {
+        send_error(
+            shard,
+            conn,
+            client_msg_id,
+            code,
+            message,
+            Some(retry_after_ms),
+        );
+    }
+    false
 }
 
 /// Answers `rate_limited` and counts it toward the abuse limit.
