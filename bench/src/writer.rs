@@ -330,6 +330,8 @@ fn drive(
             client_msg_id: &client_msg_id,
             body: &body,
             media: None,
+            event: None,
+            recipients: Vec::new(),
         }
         .encode();
         let ack = args.acks.then(|| {

@@ -9,8 +9,9 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::codes::ErrorCode;
-use crate::ids::is_valid_id;
+use crate::ids::{self, is_valid_id};
 use crate::keys::KeysUpload;
+use crate::records::GroupAction;
 
 /// A frame a client sent, validated.
 #[derive(Debug, PartialEq, Eq)]
@@ -23,17 +24,36 @@ pub enum ClientFrame<'a> {
     KeysFetch {
         user: Cow<'a, str>,
     },
-    /// `{"type":"typing","to":"<user>"}`: ephemeral, never stored.
+    /// `{"type":"typing","to":"<user>"}` or `"group":"<group>"`: ephemeral, never stored.
     Typing {
         to: Cow<'a, str>,
+        group: bool,
+    },
+    /// `group_create`, `group_add`, `group_remove`, `group_leave`: a
+    /// membership change, itself a message in the group.
+    GroupChange(GroupChangeFrame<'a>),
+    /// `{"type":"group_members","group":"<group>"}`.
+    GroupMembers {
+        group: Cow<'a, str>,
+    },
+    /// `{"type":"read","conversation":...,"up_to":"<message_id>"}` (and
+    /// `"from"`, the sender, in a group): tells the sender it was read.
+    Read(ReceiptFrame<'a>),
+    /// `{"type":"presence","users":[...]}`: online or last seen, for users
+    /// the asker shares a conversation with.
+    Presence {
+        users: Vec<Cow<'a, str>>,
     },
     /// `{"type":"sync"}` or `{"type":"sync","after":"<message_id>"}`.
     Sync {
         after: Option<u64>,
     },
     /// `{"type":"ack","message_id":"<id>"}`: this device has the message.
+    /// With `conversation` and `from` (both copied from the message), its
+    /// sender is told it was delivered.
     Ack {
         message_id: u64,
+        receipt: Option<ReceiptFrame<'a>>,
     },
     /// `{"type":"history","conversation":...,"before":...,"limit":n}`.
     History {
@@ -42,6 +62,32 @@ pub enum ClientFrame<'a> {
         limit: u16,
     },
 }
+
+/// Whom a receipt is about: the sender `from` of messages of `conversation`
+/// up to `up_to`. In a direct conversation `from` is the other user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptFrame<'a> {
+    pub conversation: Cow<'a, str>,
+    pub up_to: u64,
+    pub from: Option<Cow<'a, str>>,
+}
+
+/// A group membership change asked for by a client.
+#[derive(Debug, PartialEq, Eq)]
+pub struct GroupChangeFrame<'a> {
+    /// The client's id for this change (idempotency key, like a send's).
+    pub client_msg_id: Cow<'a, str>,
+    /// `None` for `group_create` (the server names the group).
+    pub group: Option<Cow<'a, str>>,
+    pub action: GroupAction,
+    /// Who joins or leaves (empty for `group_leave`: the asker leaves).
+    pub members: Vec<Cow<'a, str>>,
+}
+
+/// Most members one membership change may list.
+pub const GROUP_CHANGE_MEMBERS_MAX: usize = 1024;
+/// Most users one `presence` request may ask about.
+pub const PRESENCE_USERS_MAX: usize = 32;
 
 /// Most messages one `history` request returns.
 pub const HISTORY_LIMIT_MAX: u16 = 100;
@@ -53,8 +99,10 @@ pub const HISTORY_LIMIT_DEFAULT: u16 = 50;
 pub struct SendFrame<'a> {
     /// The client's message id (idempotency key), valid id grammar.
     pub client_msg_id: Cow<'a, str>,
-    /// Recipient user id, valid id grammar.
+    /// Recipient user id, or group id when `group`; valid id grammar.
     pub to: Cow<'a, str>,
+    /// `to` names a group (the frame said `"group"` instead of `"to"`).
+    pub group: bool,
     /// Opaque to the server (clients put ciphertext here).
     pub body: Cow<'a, str>,
     /// An attachment stored elsewhere, by reference (its key is in the body).
@@ -145,6 +193,76 @@ struct RawFrame<'a> {
     signed_prekey_signature: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     one_time_prekeys: Option<Vec<Cow<'a, str>>>,
+    #[serde(default, borrow, deserialize_with = "string_field")]
+    group: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    members: Option<Vec<Cow<'a, str>>>,
+    #[serde(default, borrow)]
+    users: Option<Vec<Cow<'a, str>>>,
+    #[serde(default, borrow, deserialize_with = "string_field")]
+    up_to: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "string_field")]
+    from: Option<Cow<'a, str>>,
+}
+
+/// Exactly one of `to` (a user) and `group`: the target and whether it is a group.
+fn target<'a>(
+    to: Option<Cow<'a, str>>,
+    group: Option<Cow<'a, str>>,
+) -> Result<(Cow<'a, str>, bool), String> {
+    match (to, group) {
+        (Some(to), None) if is_valid_id(&to) => Ok((to, false)),
+        (None, Some(group)) if is_valid_id(&group) => Ok((group, true)),
+        (Some(_), Some(_)) => Err("give `to` or `group`, not both".into()),
+        (Some(_), None) => Err("`to` must be a user id".into()),
+        (None, Some(_)) => Err("`group` must be a group id".into()),
+        (None, None) => Err("`to` (a user) or `group` is required".into()),
+    }
+}
+
+/// A list of ids: present, 1..=`max` long (0 allowed when `empty_ok`), each valid.
+fn id_list<'a>(
+    list: Option<Vec<Cow<'a, str>>>,
+    field: &str,
+    max: usize,
+    empty_ok: bool,
+) -> Result<Vec<Cow<'a, str>>, String> {
+    let list = list.unwrap_or_default();
+    let min = usize::from(!empty_ok);
+    if list.len() < min || list.len() > max {
+        return Err(format!("`{field}` must list {min}-{max} ids"));
+    }
+    if let Some(bad) = list.iter().find(|id| !is_valid_id(id)) {
+        return Err(format!("`{field}` has an invalid id `{}`", truncate(bad)));
+    }
+    Ok(list)
+}
+
+/// The receipt fields of `ack` and `read`: a conversation the sender of
+/// `up_to` can be told about (`from` is required in a group).
+fn receipt_fields<'a>(
+    conversation: Cow<'a, str>,
+    up_to: u64,
+    from: Option<Cow<'a, str>>,
+) -> Result<ReceiptFrame<'a>, String> {
+    if let Some(from) = &from {
+        if !is_valid_id(from) {
+            return Err("`from` must be a user id".into());
+        }
+    }
+    let direct = conversation.starts_with("dm:");
+    if ids::group_of_conversation(&conversation).is_some() {
+        if from.is_none() {
+            return Err("`from` (the sender) is required in a group".into());
+        }
+    } else if !direct {
+        return Err("`conversation` must be a direct or group conversation id".into());
+    }
+    Ok(ReceiptFrame {
+        conversation,
+        up_to,
+        from,
+    })
 }
 
 /// A message id as clients write it: a decimal string.
@@ -225,13 +343,72 @@ pub fn decode_client_frame(
                 "`user` must be a user id".into(),
             )),
         },
-        Some("typing") => match raw.to {
-            Some(to) if is_valid_id(&to) => Ok(ClientFrame::Typing { to }),
+        Some("typing") => match target(raw.to, raw.group) {
+            Ok((to, group)) => Ok(ClientFrame::Typing { to, group }),
+            Err(message) => Err(fail(ErrorCode::InvalidField, message)),
+        },
+        Some(kind @ ("group_create" | "group_add" | "group_remove" | "group_leave")) => {
+            let action = match kind {
+                "group_create" => GroupAction::Create,
+                "group_add" => GroupAction::Add,
+                "group_remove" => GroupAction::Remove,
+                _ => GroupAction::Leave,
+            };
+            let invalid = |message: String| fail(ErrorCode::InvalidField, message);
+            let id = raw
+                .id
+                .filter(|id| is_valid_id(id))
+                .ok_or_else(|| invalid("`id` must be 1-64 characters of [A-Za-z0-9_.-]".into()))?;
+            let group = match (action, raw.group) {
+                (GroupAction::Create, None) => None,
+                (GroupAction::Create, Some(_)) => {
+                    return Err(invalid(
+                        "`group_create` names no `group`: the server does".into(),
+                    ))
+                }
+                (_, Some(group)) if is_valid_id(&group) => Some(group),
+                _ => return Err(invalid("`group` must be a group id".into())),
+            };
+            let members = match action {
+                GroupAction::Leave => Ok(Vec::new()),
+                GroupAction::Create => {
+                    id_list(raw.members, "members", GROUP_CHANGE_MEMBERS_MAX, true)
+                }
+                _ => id_list(raw.members, "members", GROUP_CHANGE_MEMBERS_MAX, false),
+            }
+            .map_err(invalid)?;
+            Ok(ClientFrame::GroupChange(GroupChangeFrame {
+                client_msg_id: id,
+                group,
+                action,
+                members,
+            }))
+        }
+        Some("group_members") => match raw.group {
+            Some(group) if is_valid_id(&group) => Ok(ClientFrame::GroupMembers { group }),
             _ => Err(fail(
                 ErrorCode::InvalidField,
-                "`to` must be a user id".into(),
+                "`group` must be a group id".into(),
             )),
         },
+        Some("presence") => id_list(raw.users, "users", PRESENCE_USERS_MAX, false)
+            .map(|users| ClientFrame::Presence { users })
+            .map_err(|message| fail(ErrorCode::InvalidField, message)),
+        Some("read") => {
+            let invalid = |message: String| fail(ErrorCode::InvalidField, message);
+            let conversation = raw
+                .conversation
+                .filter(|c| !c.is_empty() && c.len() <= 256)
+                .ok_or_else(|| invalid("`conversation` is required".into()))?;
+            let up_to = raw
+                .up_to
+                .as_deref()
+                .and_then(parse_message_id)
+                .ok_or_else(|| invalid("`up_to` must be a message id".into()))?;
+            receipt_fields(conversation, up_to, raw.from)
+                .map(ClientFrame::Read)
+                .map_err(invalid)
+        }
         Some("sync") => match raw.after.as_deref() {
             None => Ok(ClientFrame::Sync { after: None }),
             Some(after) => parse_message_id(after)
@@ -243,17 +420,29 @@ pub fn decode_client_frame(
                     )
                 }),
         },
-        Some("ack") => raw
-            .message_id
-            .as_deref()
-            .and_then(parse_message_id)
-            .map(|message_id| ClientFrame::Ack { message_id })
-            .ok_or_else(|| {
-                fail(
-                    ErrorCode::InvalidField,
-                    "`message_id` must be a message id".into(),
-                )
-            }),
+        Some("ack") => {
+            let invalid = |message: String| fail(ErrorCode::InvalidField, message);
+            let message_id = raw
+                .message_id
+                .as_deref()
+                .and_then(parse_message_id)
+                .ok_or_else(|| invalid("`message_id` must be a message id".into()))?;
+            let receipt = match (raw.conversation, raw.from) {
+                (Some(conversation), Some(from)) => {
+                    Some(receipt_fields(conversation, message_id, Some(from)).map_err(invalid)?)
+                }
+                (None, None) => None,
+                _ => {
+                    return Err(invalid(
+                        "a delivery receipt needs both `conversation` and `from`".into(),
+                    ))
+                }
+            };
+            Ok(ClientFrame::Ack {
+                message_id,
+                receipt,
+            })
+        }
         Some("history") => {
             let conversation = raw
                 .conversation
@@ -296,15 +485,8 @@ pub fn decode_client_frame(
                     "`id` must be 1-64 characters of [A-Za-z0-9_.-]".into(),
                 ));
             }
-            let to = raw
-                .to
-                .ok_or_else(|| fail(ErrorCode::InvalidField, "`to` is required".into()))?;
-            if !is_valid_id(&to) {
-                return Err(fail(
-                    ErrorCode::InvalidField,
-                    "`to` must be a user id".into(),
-                ));
-            }
+            let (to, group) =
+                target(raw.to, raw.group).map_err(|m| fail(ErrorCode::InvalidField, m))?;
             let body = raw
                 .body
                 .ok_or_else(|| fail(ErrorCode::InvalidField, "`body` is required".into()))?;
@@ -323,6 +505,7 @@ pub fn decode_client_frame(
             Ok(ClientFrame::Send(SendFrame {
                 client_msg_id: id,
                 to,
+                group,
                 body,
                 media: raw.media,
             }))
@@ -358,15 +541,17 @@ fn explain_undecodable(text: &[u8]) -> FrameError {
         .get("id")
         .and_then(|id| id.as_str())
         .map(str::to_owned);
-    if object.get("one_time_prekeys").is_some_and(|v| {
-        !v.as_array()
-            .is_some_and(|a| a.iter().all(|k| k.is_string()))
-    }) {
-        return FrameError {
-            client_msg_id,
-            code: ErrorCode::InvalidField,
-            message: "`one_time_prekeys` must be an array of strings".into(),
-        };
+    for list in ["one_time_prekeys", "members", "users"] {
+        if object.get(list).is_some_and(|v| {
+            !v.as_array()
+                .is_some_and(|a| a.iter().all(|k| k.is_string()))
+        }) {
+            return FrameError {
+                client_msg_id,
+                code: ErrorCode::InvalidField,
+                message: format!("`{list}` must be an array of strings"),
+            };
+        }
     }
     let strings = [
         "user",
@@ -381,6 +566,9 @@ fn explain_undecodable(text: &[u8]) -> FrameError {
         "message_id",
         "conversation",
         "before",
+        "group",
+        "up_to",
+        "from",
     ];
     if object.get("media").is_some() {
         return FrameError {
@@ -456,6 +644,19 @@ pub struct MessageFrame<'a> {
     pub ts: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub media: Option<Media<'a>>,
+    /// The group, for a message of a group conversation (`to` is it too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<&'a str>,
+    /// A membership change, for a server-made message of a group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<GroupEventJson<'a>>,
+}
+
+/// `"event":{"action":"added","members":[...]}`
+#[derive(Serialize)]
+pub struct GroupEventJson<'a> {
+    pub action: &'static str,
+    pub members: &'a [&'a str],
 }
 
 /// `hello`: first frame on every connection, once it is registered for delivery.
@@ -670,11 +871,17 @@ mod read_path_frame_tests {
         );
         assert_eq!(
             decode_client_frame(br#"{"type":"typing","to":"bob"}"#, 16),
-            Ok(ClientFrame::Typing { to: "bob".into() })
+            Ok(ClientFrame::Typing {
+                to: "bob".into(),
+                group: false
+            })
         );
         assert_eq!(
             decode_client_frame(br#"{"type":"ack","message_id":"7"}"#, 16),
-            Ok(ClientFrame::Ack { message_id: 7 })
+            Ok(ClientFrame::Ack {
+                message_id: 7,
+                receipt: None
+            })
         );
         assert_eq!(
             decode_client_frame(br#"{"type":"history","conversation":"dm:a:b"}"#, 16),
@@ -716,6 +923,83 @@ mod read_path_frame_tests {
                 std::str::from_utf8(bad).unwrap()
             );
         }
+    }
+
+    #[test]
+    fn group_receipt_and_presence_frames_decode_with_their_rules() {
+        let frame = decode_client_frame(
+            br#"{"type":"group_create","id":"c1","members":["bob","carol"]}"#,
+            16,
+        );
+        let Ok(ClientFrame::GroupChange(change)) = frame else {
+            panic!("not a group change: {frame:?}")
+        };
+        assert_eq!(change.action, GroupAction::Create);
+        assert_eq!(change.group, None);
+        assert_eq!(change.members, ["bob", "carol"]);
+        let frame = decode_client_frame(br#"{"type":"group_leave","id":"c2","group":"g9"}"#, 16);
+        assert!(matches!(frame, Ok(ClientFrame::GroupChange(c)) if c.members.is_empty()));
+        let text = br#"{"type":"send","id":"c3","group":"g9","body":"x"}"#;
+        let frame = decode_client_frame(text, 16);
+        assert!(matches!(frame, Ok(ClientFrame::Send(s)) if s.group && s.to == "g9"));
+        let text = br#"{"type":"read","conversation":"dm:a:b","up_to":"12"}"#;
+        let frame = decode_client_frame(text, 16);
+        assert!(matches!(frame, Ok(ClientFrame::Read(r)) if r.up_to == 12 && r.from.is_none()));
+        let text = br#"{"type":"ack","message_id":"12","conversation":"grp:g9","from":"bob"}"#;
+        let frame = decode_client_frame(text, 16);
+        assert!(
+            matches!(frame, Ok(ClientFrame::Ack { receipt: Some(r), .. }) if r.from.as_deref() == Some("bob"))
+        );
+
+        for (text, field) in [
+            (
+                &br#"{"type":"send","id":"c","to":"bob","group":"g1","body":"x"}"#[..],
+                "not both",
+            ),
+            (
+                br#"{"type":"group_create","id":"c","group":"g1","members":[]}"#,
+                "names no",
+            ),
+            (
+                br#"{"type":"group_add","id":"c","group":"g1","members":[]}"#,
+                "members",
+            ),
+            (
+                br#"{"type":"group_add","id":"c","group":"g1","members":["a b"]}"#,
+                "invalid id",
+            ),
+            (
+                br#"{"type":"group_add","id":"c","group":"g1","members":[1]}"#,
+                "array of strings",
+            ),
+            (
+                br#"{"type":"read","conversation":"grp:g1","up_to":"5"}"#,
+                "`from`",
+            ),
+            (
+                br#"{"type":"read","conversation":"rcpt:bob","up_to":"5"}"#,
+                "direct or group",
+            ),
+            (br#"{"type":"ack","message_id":"5","from":"bob"}"#, "both"),
+            (br#"{"type":"presence","users":[]}"#, "users"),
+        ] {
+            let error = decode_client_frame(text, 16).unwrap_err();
+            assert_eq!(error.code, ErrorCode::InvalidField, "{text:?}");
+            assert!(
+                error.message.contains(field),
+                "{}: {}",
+                field,
+                error.message
+            );
+        }
+        let many: Vec<String> = (0..=PRESENCE_USERS_MAX)
+            .map(|i| format!("\"u{i}\""))
+            .collect();
+        let text = format!(r#"{{"type":"presence","users":[{}]}}"#, many.join(","));
+        assert_eq!(
+            decode_client_frame(text.as_bytes(), 16).unwrap_err().code,
+            ErrorCode::InvalidField
+        );
     }
 
     #[test]

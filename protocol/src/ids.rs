@@ -35,8 +35,6 @@ pub fn direct_conversation_id(user_a: &str, user_b: &str) -> String {
     conversation
 }
 
-/// A stable 64-bit hash of a user id (FNV-1a). Stable across processes, builds and
-/// versions: it decides placement, so changing it moves every user.
 /// Whether `user_id` is one of the two users of direct conversation `conversation`.
 /// (Ids cannot contain `:`, so the split is unambiguous.)
 pub fn is_direct_member(conversation: &str, user_id: &str) -> bool {
@@ -49,6 +47,35 @@ pub fn is_direct_member(conversation: &str, user_id: &str) -> bool {
     is_valid_id(low) && is_valid_id(high) && (low == user_id || high == user_id)
 }
 
+/// The conversation id of group `group`: `grp:<group>`.
+pub fn group_conversation_id(group: &str) -> String {
+    let mut conversation = String::with_capacity(4 + group.len());
+    conversation.push_str("grp:");
+    conversation.push_str(group);
+    conversation
+}
+
+/// The group of a group conversation id, if it is one.
+pub fn group_of_conversation(conversation: &str) -> Option<&str> {
+    conversation
+        .strip_prefix("grp:")
+        .filter(|group| is_valid_id(group))
+}
+
+/// The id of a group created by the message `message_id`: `g<id>`. Unique
+/// (a snowflake) and fits the id grammar.
+pub fn new_group_id(message_id: u64) -> String {
+    format!("g{message_id}")
+}
+
+/// The conversation under which receipts for `user` are stored and synced.
+/// Nobody can read it as history (it is neither a direct nor a group id).
+pub fn receipts_conversation_id(user: &str) -> String {
+    format!("rcpt:{user}")
+}
+
+/// A stable 64-bit hash of a user id (FNV-1a). Stable across processes, builds and
+/// versions: it decides placement, so changing it moves every user.
 pub fn user_hash(user_id: &str) -> u64 {
     let mut hasher = fnv::FnvHasher::default();
     hasher.write(user_id.as_bytes());
@@ -105,5 +132,23 @@ mod tests {
         assert!(!is_direct_member(&conversation, "carol"));
         assert!(!is_direct_member("dm:alice", "alice"));
         assert!(!is_direct_member("group:alice:bob", "alice"));
+    }
+
+    #[test]
+    fn group_conversations_name_their_group() {
+        let group = new_group_id(7);
+        assert_eq!(group, "g7");
+        assert!(is_valid_id(&group));
+        assert_eq!(
+            group_of_conversation(&group_conversation_id(&group)),
+            Some("g7")
+        );
+        assert_eq!(group_of_conversation("dm:a:b"), None);
+        assert_eq!(group_of_conversation("grp:bad id"), None);
+        assert_eq!(
+            group_of_conversation(&receipts_conversation_id("bob")),
+            None
+        );
+        assert!(!is_direct_member(&receipts_conversation_id("bob"), "bob"));
     }
 }

@@ -12,14 +12,24 @@ use crate::binary::{DecodeError, Decoder, Encoder};
 use crate::frames::Media;
 
 /// Version of the record field lists this build writes. Version 2 added an
-/// optional media reference to messages; version 1 records (no media) are
-/// still read, so a ring written by the previous build drains. Others are refused.
-pub const RECORD_VERSION: u8 = 2;
+/// optional media reference to messages, version 3 an optional event (a
+/// group membership change or a batch of receipts) and the recipient list of
+/// a group message. Versions 1 and 2 are still read, so a ring written by a
+/// previous build drains. Others are refused.
+pub const RECORD_VERSION: u8 = 3;
 /// The oldest version this build reads.
 pub const RECORD_VERSION_MIN: u8 = 1;
 
 const KIND_MESSAGE: u8 = 1;
 const KIND_ACK: u8 = 2;
+const KIND_PRESENCE: u8 = 3;
+
+/// Most recipients of one message (a group's members): bounds the record.
+pub const RECIPIENTS_MAX: usize = 4096;
+/// Most receipts one stored batch carries.
+pub const RECEIPTS_MAX: usize = 1024;
+/// Most users one presence record reports.
+pub const PRESENCE_USERS_MAX: usize = 1024;
 
 /// One accepted `send`: stored in its conversation, indexed in the inbox of
 /// the recipient and of the sender's user (for the sender's other devices),
@@ -36,6 +46,110 @@ pub struct MessageRecord<'a> {
     pub client_msg_id: &'a str,
     pub body: &'a str,
     pub media: Option<Media<'a>>,
+    /// What this message is when it is not a client's text: a membership
+    /// change of its group, or receipts for `to`.
+    pub event: Option<Event<'a>>,
+    /// Group messages only: every user whose inbox gets it (the members when
+    /// it was sent). Empty for a 1:1 message (`to` and `from` get it). Never
+    /// stored with the message: the writer strips it.
+    pub recipients: Vec<&'a str>,
+}
+
+/// A server-made message: what happened, in order with the conversation's messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// Group membership changed: `members` were created with, added to,
+    /// removed from the group, or left it.
+    Group {
+        action: GroupAction,
+        members: Vec<&'a str>,
+    },
+    /// Receipts for messages of `conversation` sent by `to`, batched.
+    Receipts {
+        conversation: &'a str,
+        receipts: Vec<Receipt<'a>>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupAction {
+    Create = 1,
+    Add = 2,
+    Remove = 3,
+    Leave = 4,
+}
+
+impl GroupAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupAction::Create => "created",
+            GroupAction::Add => "added",
+            GroupAction::Remove => "removed",
+            GroupAction::Leave => "left",
+        }
+    }
+
+    /// Whether the members join (rather than leave) the group.
+    pub fn joins(self) -> bool {
+        matches!(self, GroupAction::Create | GroupAction::Add)
+    }
+
+    fn from_u8(value: u8) -> Result<Self, DecodeError> {
+        Ok(match value {
+            1 => GroupAction::Create,
+            2 => GroupAction::Add,
+            3 => GroupAction::Remove,
+            4 => GroupAction::Leave,
+            _ => return Err(DecodeError("unknown group action")),
+        })
+    }
+}
+
+/// `user`'s `device` received (or `user` read) messages up to `up_to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt<'a> {
+    pub user: &'a str,
+    pub device: &'a str,
+    pub status: ReceiptStatus,
+    pub up_to: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ReceiptStatus {
+    Delivered = 1,
+    Read = 2,
+}
+
+impl ReceiptStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReceiptStatus::Delivered => "delivered",
+            ReceiptStatus::Read => "read",
+        }
+    }
+
+    fn from_u8(value: u8) -> Result<Self, DecodeError> {
+        match value {
+            1 => Ok(ReceiptStatus::Delivered),
+            2 => Ok(ReceiptStatus::Read),
+            _ => Err(DecodeError("unknown receipt status")),
+        }
+    }
+}
+
+/// Users online on a shard now, or gone offline at `last_seen_ms`: written
+/// debounced, so presence costs storage a record per interval, not per connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceRecord<'a> {
+    pub entries: Vec<PresenceEntry<'a>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceEntry<'a> {
+    pub user: &'a str,
+    pub online: bool,
+    /// Unix milliseconds: when it was last seen online (now, when online).
+    pub last_seen_ms: u64,
 }
 
 /// A device acknowledged a message it received.
@@ -50,6 +164,7 @@ pub struct AckRecord<'a> {
 pub enum Record<'a> {
     Message(MessageRecord<'a>),
     Ack(AckRecord<'a>),
+    Presence(PresenceRecord<'a>),
 }
 
 impl MessageRecord<'_> {
@@ -85,8 +200,104 @@ impl MessageRecord<'_> {
                     .str(&media.sha256);
             }
         }
+        match &self.event {
+            None => {
+                encoder.u8(0);
+            }
+            Some(Event::Group { action, members }) => {
+                encoder.u8(1).u8(*action as u8).u32(members.len() as u32);
+                for member in members {
+                    encoder.str(member);
+                }
+            }
+            Some(Event::Receipts {
+                conversation,
+                receipts,
+            }) => {
+                encoder.u8(2).str(conversation).u32(receipts.len() as u32);
+                for receipt in receipts {
+                    encoder
+                        .str(receipt.user)
+                        .str(receipt.device)
+                        .u8(receipt.status as u8)
+                        .u64(receipt.up_to);
+                }
+            }
+        }
+        encoder.u32(self.recipients.len() as u32);
+        for recipient in &self.recipients {
+            encoder.str(recipient);
+        }
         encoder.bytes
     }
+
+    /// The record as stored in its conversation: without the recipient list.
+    pub fn stored(&self) -> Vec<u8> {
+        MessageRecord {
+            recipients: Vec::new(),
+            ..self.clone()
+        }
+        .encode()
+    }
+}
+
+impl PresenceRecord<'_> {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut encoder = Encoder::with_capacity(8 + self.entries.len() * 24);
+        encoder
+            .u8(KIND_PRESENCE)
+            .u8(RECORD_VERSION)
+            .u32(self.entries.len() as u32);
+        for entry in &self.entries {
+            encoder
+                .str(entry.user)
+                .u8(entry.online as u8)
+                .u64(entry.last_seen_ms);
+        }
+        encoder.bytes
+    }
+}
+
+/// A count of list items, refused past `max` (a corrupt length must not allocate).
+fn count(decoder: &mut Decoder<'_>, max: usize) -> Result<usize, DecodeError> {
+    let count = decoder.u32()? as usize;
+    if count > max {
+        return Err(DecodeError("list longer than its bound"));
+    }
+    Ok(count)
+}
+
+fn decode_event<'a>(decoder: &mut Decoder<'a>) -> Result<Option<Event<'a>>, DecodeError> {
+    Ok(match decoder.u8()? {
+        0 => None,
+        1 => {
+            let action = GroupAction::from_u8(decoder.u8()?)?;
+            let n = count(decoder, RECIPIENTS_MAX)?;
+            let mut members = Vec::with_capacity(n);
+            for _ in 0..n {
+                members.push(decoder.str()?);
+            }
+            Some(Event::Group { action, members })
+        }
+        2 => {
+            let conversation = decoder.str()?;
+            let n = count(decoder, RECEIPTS_MAX)?;
+            let mut receipts = Vec::with_capacity(n);
+            for _ in 0..n {
+                receipts.push(Receipt {
+                    user: decoder.str()?,
+                    device: decoder.str()?,
+                    status: ReceiptStatus::from_u8(decoder.u8()?)?,
+                    up_to: decoder.u64()?,
+                });
+            }
+            Some(Event::Receipts {
+                conversation,
+                receipts,
+            })
+        }
+        _ => return Err(DecodeError("bad event flag")),
+    })
 }
 
 impl AckRecord<'_> {
@@ -133,12 +344,39 @@ impl<'a> Record<'a> {
                         _ => return Err(DecodeError("bad media flag")),
                     },
                 },
+                event: match version {
+                    1 | 2 => None,
+                    _ => decode_event(&mut decoder)?,
+                },
+                recipients: match version {
+                    1 | 2 => Vec::new(),
+                    _ => {
+                        let n = count(&mut decoder, RECIPIENTS_MAX)?;
+                        let mut recipients = Vec::with_capacity(n);
+                        for _ in 0..n {
+                            recipients.push(decoder.str()?);
+                        }
+                        recipients
+                    }
+                },
             }),
             KIND_ACK => Record::Ack(AckRecord {
                 user: decoder.str()?,
                 device: decoder.str()?,
                 message_id: decoder.u64()?,
             }),
+            KIND_PRESENCE => {
+                let n = count(&mut decoder, PRESENCE_USERS_MAX)?;
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    entries.push(PresenceEntry {
+                        user: decoder.str()?,
+                        online: decoder.u8()? != 0,
+                        last_seen_ms: decoder.u64()?,
+                    });
+                }
+                Record::Presence(PresenceRecord { entries })
+            }
             _ => return Err(DecodeError("unknown record kind")),
         };
         decoder.finish()?;
@@ -150,7 +388,7 @@ impl<'a> Record<'a> {
 pub fn decode_message(bytes: &[u8]) -> Result<MessageRecord<'_>, DecodeError> {
     match Record::decode(bytes)? {
         Record::Message(message) => Ok(message),
-        Record::Ack(_) => Err(DecodeError("expected a message record")),
+        _ => Err(DecodeError("expected a message record")),
     }
 }
 
@@ -169,6 +407,8 @@ mod tests {
             client_msg_id: "c-1",
             body: "ciphertext ✓",
             media: None,
+            event: None,
+            recipients: Vec::new(),
         }
     }
 
@@ -196,11 +436,72 @@ mod tests {
         };
         let bytes = with_media.encode();
         assert_eq!(Record::decode(&bytes), Ok(Record::Message(with_media)));
-        // A version 1 record: the same fields, without the media flag.
-        let mut v1 = message().encode();
+        // Versions 1 and 2: the same fields, without the later flags
+        // (event flag 1 byte, recipient count 4 bytes; then the media flag).
+        let mut v2 = message().encode();
+        v2.truncate(v2.len() - 5);
+        v2[1] = 2;
+        assert_eq!(Record::decode(&v2), Ok(Record::Message(message())));
+        let mut v1 = v2.clone();
         v1.pop();
         v1[1] = 1;
         assert_eq!(Record::decode(&v1), Ok(Record::Message(message())));
+    }
+
+    #[test]
+    fn events_recipients_and_presence_round_trip() {
+        let change = MessageRecord {
+            conversation: "grp:g1",
+            to: "g1",
+            body: "",
+            event: Some(Event::Group {
+                action: GroupAction::Add,
+                members: vec!["carol", "dave"],
+            }),
+            recipients: vec!["alice", "bob", "carol", "dave"],
+            ..message()
+        };
+        let bytes = change.encode();
+        assert_eq!(Record::decode(&bytes), Ok(Record::Message(change.clone())));
+        // Stored without its recipients, event kept.
+        let stored_bytes = change.stored();
+        let stored = decode_message(&stored_bytes).unwrap();
+        assert!(stored.recipients.is_empty());
+        assert_eq!(stored.event, change.event);
+
+        let receipts = MessageRecord {
+            event: Some(Event::Receipts {
+                conversation: "dm:alice:bob",
+                receipts: vec![Receipt {
+                    user: "bob",
+                    device: "phone",
+                    status: ReceiptStatus::Read,
+                    up_to: 42,
+                }],
+            }),
+            recipients: vec!["alice"],
+            ..message()
+        };
+        let bytes = receipts.encode();
+        assert_eq!(Record::decode(&bytes), Ok(Record::Message(receipts)));
+
+        let presence = PresenceRecord {
+            entries: vec![PresenceEntry {
+                user: "bob",
+                online: false,
+                last_seen_ms: 7,
+            }],
+        };
+        let bytes = presence.encode();
+        assert_eq!(Record::decode(&bytes), Ok(Record::Presence(presence)));
+    }
+
+    #[test]
+    fn a_corrupt_list_length_is_refused_before_it_allocates() {
+        let mut bytes = message().encode();
+        let len = bytes.len();
+        bytes[len - 4..].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Record::decode(&bytes).is_err());
     }
 
     #[test]

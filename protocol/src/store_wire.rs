@@ -80,6 +80,32 @@ pub enum Request {
         since_unix_ms: u64,
         limit: u16,
     },
+    /// The current members of a group.
+    Members {
+        req: u32,
+        group: String,
+    },
+    /// Presence of `users` as `asker` may see it: only users it shares a
+    /// conversation with (a direct message either way, or a group).
+    Presence {
+        req: u32,
+        asker: String,
+        users: Vec<String>,
+    },
+}
+
+/// What storage knows of one user's presence, for one asker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceAnswer {
+    pub user: String,
+    /// The asker shares a conversation with this user; when false the rest is empty.
+    pub shared: bool,
+    /// Marked online by its node's latest presence record.
+    pub online: bool,
+    /// When the latest record about it was written (unix ms).
+    pub updated_ms: u64,
+    /// When it was last seen online (unix ms), if ever.
+    pub last_seen_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +161,15 @@ pub enum Response {
         req: u32,
         bundles: Vec<(Bundle, u32)>,
     },
+    /// A group's members, sorted; empty when there is no such group.
+    Members {
+        req: u32,
+        members: Vec<String>,
+    },
+    Presence {
+        req: u32,
+        users: Vec<PresenceAnswer>,
+    },
     /// The read was not answered. `retryable`: storage is behind or failing
     /// (try again later); otherwise the request itself is wrong.
     Failed {
@@ -151,6 +186,8 @@ const RECENT: u8 = 4;
 const KEYS_UPLOAD: u8 = 5;
 const KEYS_FETCH: u8 = 6;
 const SEND_OF: u8 = 7;
+const MEMBERS: u8 = 8;
+const PRESENCE: u8 = 9;
 const DURABLE: u8 = 10;
 const SYNC_PAGE: u8 = 11;
 const MESSAGES: u8 = 12;
@@ -159,6 +196,8 @@ const FAILED: u8 = 14;
 const KEYS_UPLOADED: u8 = 15;
 const KEYS: u8 = 16;
 const SEND_OF_ANSWER: u8 = 17;
+const MEMBERS_ANSWER: u8 = 18;
+const PRESENCE_ANSWER: u8 = 19;
 
 /// Starts a frame: room for the length, filled in by `finish`.
 fn start(kind: u8) -> Encoder {
@@ -279,6 +318,19 @@ impl Request {
                     .u16(*limit);
                 e
             }
+            Request::Members { req, group } => {
+                let mut e = start(MEMBERS);
+                e.u32(*req).str(group);
+                e
+            }
+            Request::Presence { req, asker, users } => {
+                let mut e = start(PRESENCE);
+                e.u32(*req).str(asker).u32(users.len() as u32);
+                for user in users {
+                    e.str(user);
+                }
+                e
+            }
         };
         finish(encoder)
     }
@@ -344,6 +396,20 @@ impl Request {
                 since_unix_ms: d.u64()?,
                 limit: d.u16()?,
             },
+            MEMBERS => Request::Members {
+                req: d.u32()?,
+                group: d.str()?.to_owned(),
+            },
+            PRESENCE => {
+                let req = d.u32()?;
+                let asker = d.str()?.to_owned();
+                let count = bounded_count(d.u32()?)?;
+                let mut users = Vec::with_capacity(count);
+                for _ in 0..count {
+                    users.push(d.str()?.to_owned());
+                }
+                Request::Presence { req, asker, users }
+            }
             _ => return Err(DecodeError("unknown request kind")),
         };
         d.finish()?;
@@ -414,6 +480,26 @@ impl Response {
                         None => e.u8(0),
                     };
                     e.u32(*remaining);
+                }
+                e
+            }
+            Response::Members { req, members } => {
+                let mut e = start(MEMBERS_ANSWER);
+                e.u32(*req).u32(members.len() as u32);
+                for member in members {
+                    e.str(member);
+                }
+                e
+            }
+            Response::Presence { req, users } => {
+                let mut e = start(PRESENCE_ANSWER);
+                e.u32(*req).u32(users.len() as u32);
+                for user in users {
+                    e.str(&user.user)
+                        .u8(u8::from(user.shared))
+                        .u8(u8::from(user.online))
+                        .u64(user.updated_ms)
+                        .u64(user.last_seen_ms.unwrap_or(0));
                 }
                 e
             }
@@ -499,6 +585,30 @@ impl Response {
                     bundles.push((bundle, d.u32()?));
                 }
                 Response::Keys { req, bundles }
+            }
+            MEMBERS_ANSWER => {
+                let req = d.u32()?;
+                let count = bounded_count(d.u32()?)?;
+                let mut members = Vec::with_capacity(count);
+                for _ in 0..count {
+                    members.push(d.str()?.to_owned());
+                }
+                Response::Members { req, members }
+            }
+            PRESENCE_ANSWER => {
+                let req = d.u32()?;
+                let count = bounded_count(d.u32()?)?;
+                let mut users = Vec::with_capacity(count);
+                for _ in 0..count {
+                    users.push(PresenceAnswer {
+                        user: d.str()?.to_owned(),
+                        shared: d.u8()? != 0,
+                        online: d.u8()? != 0,
+                        updated_ms: d.u64()?,
+                        last_seen_ms: Some(d.u64()?).filter(|ms| *ms != 0),
+                    });
+                }
+                Response::Presence { req, users }
             }
             FAILED => Response::Failed {
                 req: d.u32()?,
@@ -616,6 +726,38 @@ mod tests {
                 },
                 0,
             )],
+        });
+        round_trip_request(Request::Members {
+            req: 11,
+            group: "g1".into(),
+        });
+        round_trip_response(Response::Members {
+            req: 11,
+            members: vec!["alice".into(), "bob".into()],
+        });
+        round_trip_request(Request::Presence {
+            req: 12,
+            asker: "alice".into(),
+            users: vec!["bob".into(), "carol".into()],
+        });
+        round_trip_response(Response::Presence {
+            req: 12,
+            users: vec![
+                PresenceAnswer {
+                    user: "bob".into(),
+                    shared: true,
+                    online: false,
+                    updated_ms: 5,
+                    last_seen_ms: Some(4),
+                },
+                PresenceAnswer {
+                    user: "carol".into(),
+                    shared: false,
+                    online: false,
+                    updated_ms: 0,
+                    last_seen_ms: None,
+                },
+            ],
         });
         round_trip_response(Response::Durable { position: 4096 });
         round_trip_response(Response::SyncPage {

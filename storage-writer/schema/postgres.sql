@@ -64,3 +64,19 @@ CREATE TABLE IF NOT EXISTS prekeys (
     prekey    TEXT      NOT NULL,
     PRIMARY KEY (user_id, device_id, key_id)
 );
+
+-- Group membership (one row per member; changes arrive as records in ring
+-- order, so adding an existing or removing an absent member is a no-op).
+CREATE TABLE IF NOT EXISTS group_members (
+    group_id TEXT NOT NULL,
+    user_id  TEXT NOT NULL,
+    PRIMARY KEY (group_id, user_id)
+);
+CREATE INDEX IF NOT EXISTS groups_by_member ON group_members (user_id, group_id);
+
+-- Each user's latest presence, written debounced by its node.
+CREATE TABLE IF NOT EXISTS presence (
+    user_id      TEXT    PRIMARY KEY,
+    online       BOOLEAN NOT NULL,
+    last_seen_ms BIGINT  NOT NULL
+);

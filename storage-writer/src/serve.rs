@@ -29,6 +29,8 @@ const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
 const SYNC_LIMIT_MAX: usize = 1_000;
 const SYNC_BYTES_MAX: usize = 4 * 1024 * 1024;
 const RECENT_LIMIT_MAX: usize = 4_096;
+/// Most users one presence request asks about (each costs a few reads).
+const PRESENCE_USERS_MAX: usize = 64;
 /// Sessions (threads) at once: a node has one per shard, at most 64, and a
 /// few more during a gateway restart. Past this a connection is closed.
 const SESSIONS_MAX: usize = 256;
@@ -171,7 +173,9 @@ impl Server {
             | Request::Recent { req, .. }
             | Request::KeysUpload { req, .. }
             | Request::KeysFetch { req, .. }
-            | Request::SendOf { req, .. } => *req,
+            | Request::SendOf { req, .. }
+            | Request::Members { req, .. }
+            | Request::Presence { req, .. } => *req,
             Request::Hello { .. } => 0,
         };
         // The key directory is not fed by the rings: no barrier to wait for.
@@ -265,6 +269,17 @@ impl Server {
             } => tables
                 .send_of(&user, &device, &client_msg_id)
                 .map(|message_id| Response::SendOf { req, message_id }),
+            Request::Members { req, group } => tables
+                .members(&group)
+                .map(|members| Response::Members { req, members }),
+            Request::Presence { req, asker, users } => {
+                if users.len() > PRESENCE_USERS_MAX {
+                    Err(ReadRefused("too many users in one presence request").into())
+                } else {
+                    store::presence(tables, &asker, &users)
+                        .map(|users| Response::Presence { req, users })
+                }
+            }
             Request::Hello { .. } | Request::KeysUpload { .. } | Request::KeysFetch { .. } => {
                 unreachable!("answered above")
             }

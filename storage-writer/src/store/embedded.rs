@@ -17,7 +17,10 @@ use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMo
 use chat_protocol::binary::{Decoder, Encoder};
 use chat_protocol::keys::{Bundle, STORED_PREKEYS_MAX};
 
-use super::{Cursor, DeviceKeys, InboxEntry, ReadRefused, Tables};
+use super::{Cursor, DeviceKeys, InboxEntry, Presence, ReadRefused, Tables};
+use chat_protocol::records::PresenceEntry;
+
+mod social;
 
 /// Inbox counters cached in memory before the cache is cleared.
 const COUNTERS_MAX: usize = 1 << 20;
@@ -45,6 +48,9 @@ pub struct Embedded {
     cursors: PartitionHandle,
     device_keys: PartitionHandle,
     prekeys: PartitionHandle,
+    members: PartitionHandle,
+    member_of: PartitionHandle,
+    presence: PartitionHandle,
     /// Serialises taking one-time prekeys (the store has no transactions;
     /// every reader of this node shares it, so no prekey is taken twice).
     keys_lock: std::sync::Arc<std::sync::Mutex<()>>,
@@ -78,6 +84,9 @@ impl Embedded {
             cursors: open("cursors")?,
             device_keys: open("device_keys")?,
             prekeys: open("prekeys")?,
+            members: open("members")?,
+            member_of: open("member_of")?,
+            presence: open("presence")?,
             keys_lock: Default::default(),
             keyspace,
             fsync,
@@ -135,6 +144,24 @@ fn text(bytes: &[u8]) -> Result<String> {
 }
 
 impl Tables for Embedded {
+    fn add_members(&mut self, group: &str, members: &[&str]) -> Result<()> {
+        self.add_members_to(group, members)
+    }
+    fn remove_members(&mut self, group: &str, members: &[&str]) -> Result<()> {
+        self.remove_members_from(group, members)
+    }
+    fn members(&mut self, group: &str) -> Result<Vec<String>> {
+        self.members_of(group)
+    }
+    fn groups_of(&mut self, user: &str) -> Result<Vec<String>> {
+        self.groups_of_user(user)
+    }
+    fn put_presence(&mut self, entries: &[PresenceEntry<'_>]) -> Result<()> {
+        self.put_presence_entries(entries)
+    }
+    fn presence(&mut self, user: &str) -> Result<Option<Presence>> {
+        self.presence_of(user)
+    }
     fn message(&mut self, conversation: &str, message_id: u64) -> Result<Option<Vec<u8>>> {
         Ok(self
             .messages
@@ -429,5 +456,23 @@ impl Tables for EmbeddedWriter {
     }
     fn put_cursor(&mut self, user: &str, device: &str, cursor: &Cursor) -> Result<()> {
         self.store.put_cursor(user, device, cursor)
+    }
+    fn add_members(&mut self, group: &str, members: &[&str]) -> Result<()> {
+        self.store.add_members_to(group, members)
+    }
+    fn remove_members(&mut self, group: &str, members: &[&str]) -> Result<()> {
+        self.store.remove_members_from(group, members)
+    }
+    fn members(&mut self, group: &str) -> Result<Vec<String>> {
+        self.store.members_of(group)
+    }
+    fn groups_of(&mut self, user: &str) -> Result<Vec<String>> {
+        self.store.groups_of_user(user)
+    }
+    fn put_presence(&mut self, entries: &[PresenceEntry<'_>]) -> Result<()> {
+        self.store.put_presence_entries(entries)
+    }
+    fn presence(&mut self, user: &str) -> Result<Option<Presence>> {
+        self.store.presence_of(user)
     }
 }

@@ -2,7 +2,10 @@
 //!
 //! Owns the storage semantics: a message is kept in its conversation,
 //! indexed in the inbox of its recipient and of its sender's user (so the
-//! sender's other devices sync it), and remembered under its idempotency key;
+//! sender's other devices sync it), or of each recipient it lists (a group
+//! message, receipts), and remembered under its idempotency key; a group
+//! membership change also updates the member tables; presence records
+//! overwrite each user's latest state;
 //! an acknowledgement advances the device's cursor through every entry of that
 //! conversation up to the message (cumulative per conversation), and through
 //! the device's own sends, which it never receives. Backends
@@ -23,9 +26,13 @@ pub mod scylla;
 
 use anyhow::Result;
 use chat_protocol::keys::Bundle;
-use chat_protocol::records::{AckRecord, MessageRecord, Record};
+use std::borrow::Cow;
+use std::collections::HashSet;
+
+use chat_protocol::ids;
+use chat_protocol::records::{AckRecord, Event, MessageRecord, PresenceEntry, Record};
 use chat_protocol::snowflake;
-use chat_protocol::store_wire::{RecentSend, SyncEntry, SyncFrom};
+use chat_protocol::store_wire::{PresenceAnswer, RecentSend, SyncEntry, SyncFrom};
 
 pub use self::cursor::Cursor;
 
@@ -36,6 +43,16 @@ mod tests;
 pub const ACK_SCAN_MAX: usize = 4096;
 /// Inbox entries read from a backend at once while building a sync page.
 const SCAN_CHUNK: usize = 256;
+/// Most members read for one group, and groups read for one user: bounds
+/// every membership read (a group's size is bounded far below it).
+pub const MEMBERSHIP_READ_MAX: usize = 8192;
+
+/// A user's latest presence record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Presence {
+    pub online: bool,
+    pub last_seen_ms: u64,
+}
 
 /// A device's public keys, as uploaded.
 pub struct DeviceKeys<'a> {
@@ -121,6 +138,18 @@ pub trait Tables {
         anyhow::bail!("this handle does not serve the key directory")
     }
 
+    /// Makes `members` members of `group` (those already in stay).
+    fn add_members(&mut self, group: &str, members: &[&str]) -> Result<()>;
+    /// Removes `members` from `group` (absent ones are ignored).
+    fn remove_members(&mut self, group: &str, members: &[&str]) -> Result<()>;
+    /// The members of `group`, sorted, at most `MEMBERSHIP_READ_MAX`.
+    fn members(&mut self, group: &str) -> Result<Vec<String>>;
+    /// The groups `user` is a member of, at most `MEMBERSHIP_READ_MAX`.
+    fn groups_of(&mut self, user: &str) -> Result<Vec<String>>;
+    /// Overwrites each user's presence with its entry.
+    fn put_presence(&mut self, entries: &[PresenceEntry<'_>]) -> Result<()>;
+    fn presence(&mut self, user: &str) -> Result<Option<Presence>>;
+
     /// Applies acknowledgements all at once (after `put_new_messages`), as
     /// `apply_ack` would one by one. Returns the positions in `acks` whose
     /// message is not in the user's inbox, or `None` when not supported.
@@ -129,11 +158,16 @@ pub trait Tables {
     }
 
     /// Stores messages no writer has applied before, all at once: idempotency
-    /// keys, inbox entries for recipient and sender, message rows. A backend
+    /// keys, inbox entries (`inbox_targets`), message rows (each message's
+    /// `stored` bytes, paired with it). Membership changes are already
+    /// applied by the caller. A backend
     /// where a round trip per row is the cost (PostgreSQL) implements this
     /// with a few set-based statements; the default says "not supported" and
     /// the rows go one by one.
-    fn put_new_messages(&mut self, _messages: &[(&[u8], &MessageRecord<'_>)]) -> Result<bool> {
+    fn put_new_messages(
+        &mut self,
+        _messages: &[(Cow<'_, [u8]>, &MessageRecord<'_>)],
+    ) -> Result<bool> {
         Ok(false)
     }
 }
@@ -184,36 +218,79 @@ pub fn apply(tables: &mut dyn Tables, records: &[Applied<'_>]) -> Result<Vec<usi
                     message.message_id,
                     message.conversation,
                 )?;
-                if message.to != message.from {
+                apply_membership(tables, message)?;
+                for (user, origin_device) in inbox_targets(message) {
                     inbox_once(
                         tables,
                         replay,
-                        message.to,
+                        user,
                         message.message_id,
                         message.conversation,
-                        "",
+                        origin_device,
                     )?;
                 }
-                // The sending device never syncs this entry (it has the
-                // message); its cursor passes it when the device next acks.
-                inbox_once(
-                    tables,
-                    replay,
-                    message.from,
-                    message.message_id,
-                    message.conversation,
-                    message.from_device,
-                )?;
-                tables.put_message(message.conversation, message.message_id, applied.raw)?;
+                let stored = stored_record(applied.raw, message);
+                tables.put_message(message.conversation, message.message_id, &stored)?;
             }
             Record::Ack(ack) => {
                 if !apply_ack(tables, ack.user, ack.device, ack.message_id)? {
                     unresolved.push(index);
                 }
             }
+            Record::Presence(presence) => tables.put_presence(&presence.entries)?,
         }
     }
     Ok(unresolved)
+}
+
+/// Whose inbox gets `message`, and for each the device that sent it when
+/// that user sent it (the sending device never syncs the entry: it has the
+/// message, and its cursor passes it when it next acknowledges). A 1:1
+/// message goes to its recipient and its sender's user; a message with
+/// recipients (a group's, receipts) to exactly those.
+pub fn inbox_targets<'m>(message: &MessageRecord<'m>) -> Vec<(&'m str, &'m str)> {
+    let origin = |user: &'m str| {
+        if user == message.from {
+            message.from_device
+        } else {
+            ""
+        }
+    };
+    if !message.recipients.is_empty() {
+        return message.recipients.iter().map(|u| (*u, origin(u))).collect();
+    }
+    let mut targets = Vec::with_capacity(2);
+    if message.to != message.from {
+        targets.push((message.to, ""));
+    }
+    targets.push((message.from, message.from_device));
+    targets
+}
+
+/// The bytes kept in the conversation: the ring record itself, or, for a
+/// message with recipients, the record without them.
+pub fn stored_record<'r>(raw: &'r [u8], message: &MessageRecord<'_>) -> Cow<'r, [u8]> {
+    if message.recipients.is_empty() {
+        Cow::Borrowed(raw)
+    } else {
+        Cow::Owned(message.stored())
+    }
+}
+
+/// A group membership change updates the member tables (idempotent, so a
+/// replayed record is harmless).
+pub fn apply_membership(tables: &mut dyn Tables, message: &MessageRecord<'_>) -> Result<()> {
+    let Some(Event::Group { action, members }) = &message.event else {
+        return Ok(());
+    };
+    let Some(group) = ids::group_of_conversation(message.conversation) else {
+        anyhow::bail!("a membership change outside a group conversation");
+    };
+    if action.joins() {
+        tables.add_members(group, members)
+    } else {
+        tables.remove_members(group, members)
+    }
 }
 
 /// The batch through the backend's set-based statements, when it has them:
@@ -223,14 +300,26 @@ pub fn apply(tables: &mut dyn Tables, records: &[Applied<'_>]) -> Result<Vec<usi
 fn apply_set_based(tables: &mut dyn Tables, records: &[Applied<'_>]) -> Result<Option<Vec<usize>>> {
     let mut messages = Vec::new();
     let mut acks = Vec::new();
+    let mut presence = Vec::new();
     for (index, applied) in records.iter().enumerate() {
         match &applied.record {
-            Record::Message(message) => messages.push((applied.raw, message)),
+            Record::Message(message) => {
+                messages.push((stored_record(applied.raw, message), message))
+            }
             Record::Ack(ack) => acks.push((index, ack)),
+            Record::Presence(record) => presence.push(record),
         }
     }
-    if !messages.is_empty() && !tables.put_new_messages(&messages)? {
-        return Ok(None);
+    if !messages.is_empty() {
+        if !tables.put_new_messages(&messages)? {
+            return Ok(None);
+        }
+        for (_, message) in &messages {
+            apply_membership(tables, message)?;
+        }
+    }
+    for record in presence {
+        tables.put_presence(&record.entries)?;
     }
     if acks.is_empty() {
         return Ok(Some(Vec::new()));
@@ -399,6 +488,40 @@ pub fn sync_page(
             return Ok(page);
         }
     }
+}
+
+/// What `asker` may learn of each of `users`' presence: only users it
+/// shares a conversation with (itself, a direct conversation with a message
+/// in it, or a group); for the others `shared` is false and nothing else is said.
+pub fn presence(
+    tables: &mut dyn Tables,
+    asker: &str,
+    users: &[String],
+) -> Result<Vec<PresenceAnswer>> {
+    let mut asker_groups: Option<HashSet<String>> = None;
+    let mut answers = Vec::with_capacity(users.len());
+    for user in users {
+        let mut shared = user == asker
+            || !tables
+                .history(&ids::direct_conversation_id(asker, user), None, 1)?
+                .is_empty();
+        if !shared {
+            if asker_groups.is_none() {
+                asker_groups = Some(tables.groups_of(asker)?.into_iter().collect());
+            }
+            let mine = asker_groups.as_ref().expect("just read");
+            shared = !mine.is_empty() && tables.groups_of(user)?.iter().any(|g| mine.contains(g));
+        }
+        let state = if shared { tables.presence(user)? } else { None };
+        answers.push(PresenceAnswer {
+            user: user.clone(),
+            shared,
+            online: state.is_some_and(|s| s.online),
+            updated_ms: state.map_or(0, |s| s.last_seen_ms),
+            last_seen_ms: state.map(|s| s.last_seen_ms),
+        });
+    }
+    Ok(answers)
 }
 
 /// The device's sends within the idempotency window, for a gateway to

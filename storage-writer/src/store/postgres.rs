@@ -12,11 +12,12 @@ use postgres::{Client, GenericClient, NoTls, Statement};
 
 use std::collections::BTreeMap;
 
-use chat_protocol::records::{AckRecord, MessageRecord};
+use chat_protocol::records::{AckRecord, MessageRecord, PresenceEntry};
+use std::borrow::Cow;
 
 use chat_protocol::keys::{Bundle, STORED_PREKEYS_MAX};
 
-use super::{Cursor, DeviceKeys, InboxEntry, ReadRefused, Tables};
+use super::{Cursor, DeviceKeys, InboxEntry, Presence, ReadRefused, Tables};
 use crate::backend::{Backend, BatchWriter};
 
 const SCHEMA: &str = include_str!("../../schema/postgres.sql");
@@ -293,6 +294,71 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         Ok(())
     }
 
+    fn add_members(&mut self, group: &str, members: &[&str]) -> Result<()> {
+        let statement = self.prepared(
+            "INSERT INTO group_members (group_id, user_id) \
+             SELECT $1, * FROM UNNEST($2::text[]) ON CONFLICT DO NOTHING",
+        )?;
+        self.client.execute(&statement, &[&group, &members])?;
+        Ok(())
+    }
+
+    fn remove_members(&mut self, group: &str, members: &[&str]) -> Result<()> {
+        let statement = self.prepared(
+            "DELETE FROM group_members WHERE group_id = $1 AND user_id = ANY($2::text[])",
+        )?;
+        self.client.execute(&statement, &[&group, &members])?;
+        Ok(())
+    }
+
+    fn members(&mut self, group: &str) -> Result<Vec<String>> {
+        let statement = self.prepared(
+            "SELECT user_id FROM group_members WHERE group_id = $1 ORDER BY user_id LIMIT $2",
+        )?;
+        let limit = super::MEMBERSHIP_READ_MAX as i64;
+        let rows = self.client.query(&statement, &[&group, &limit])?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    fn groups_of(&mut self, user: &str) -> Result<Vec<String>> {
+        let statement = self.prepared(
+            "SELECT group_id FROM group_members WHERE user_id = $1 ORDER BY group_id LIMIT $2",
+        )?;
+        let limit = super::MEMBERSHIP_READ_MAX as i64;
+        let rows = self.client.query(&statement, &[&user, &limit])?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    fn put_presence(&mut self, entries: &[PresenceEntry<'_>]) -> Result<()> {
+        let statement = self.prepared(
+            "INSERT INTO presence (user_id, online, last_seen_ms) \
+             SELECT * FROM UNNEST($1::text[], $2::bool[], $3::bigint[]) \
+             ON CONFLICT (user_id) DO UPDATE \
+             SET online = EXCLUDED.online, last_seen_ms = EXCLUDED.last_seen_ms",
+        )?;
+        // One row per user (a record never names a user twice, but be sure:
+        // ON CONFLICT refuses a statement that touches a row twice).
+        let mut latest: BTreeMap<&str, &PresenceEntry<'_>> = BTreeMap::new();
+        for entry in entries {
+            latest.insert(entry.user, entry);
+        }
+        let users: Vec<&str> = latest.keys().copied().collect();
+        let online: Vec<bool> = latest.values().map(|e| e.online).collect();
+        let seen: Vec<i64> = latest.values().map(|e| id(e.last_seen_ms)).collect();
+        self.client.execute(&statement, &[&users, &online, &seen])?;
+        Ok(())
+    }
+
+    fn presence(&mut self, user: &str) -> Result<Option<Presence>> {
+        let statement =
+            self.prepared("SELECT online, last_seen_ms FROM presence WHERE user_id = $1")?;
+        let row = self.client.query_opt(&statement, &[&user])?;
+        Ok(row.map(|row| Presence {
+            online: row.get(0),
+            last_seen_ms: row.get::<_, i64>(1) as u64,
+        }))
+    }
+
     fn put_device_keys(&mut self, upload: &DeviceKeys<'_>) -> Result<u32> {
         let lock = self.prepared(
             "INSERT INTO device_keys (user_id, device_id, identity_key, signed_prekey, signed_prekey_signature) \
@@ -463,7 +529,10 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
     }
 
     /// Four statements per batch instead of four per message.
-    fn put_new_messages(&mut self, messages: &[(&[u8], &MessageRecord<'_>)]) -> Result<bool> {
+    fn put_new_messages(
+        &mut self,
+        messages: &[(Cow<'_, [u8]>, &MessageRecord<'_>)],
+    ) -> Result<bool> {
         // Idempotency keys (first send wins).
         let statement = self.prepared(
             "INSERT INTO sends (user_id, device_id, client_msg_id, message_id, conversation) \
@@ -471,7 +540,7 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
              ON CONFLICT DO NOTHING",
         )?;
         fn column<'m>(
-            messages: &[(&[u8], &MessageRecord<'m>)],
+            messages: &[(Cow<'_, [u8]>, &MessageRecord<'m>)],
             field: fn(&MessageRecord<'m>) -> &'m str,
         ) -> Vec<&'m str> {
             messages.iter().map(|(_, m)| field(m)).collect()
@@ -488,19 +557,13 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
             ],
         )?;
 
-        // Inbox entries in ring order: the recipient's, then the sender's.
+        // Inbox entries in ring order.
         let mut entries: Vec<(&str, i64, &str, &str)> = Vec::with_capacity(messages.len() * 2);
         for (_, message) in messages {
             let message_id = id(message.message_id);
-            if message.to != message.from {
-                entries.push((message.to, message_id, message.conversation, ""));
+            for (user, origin) in super::inbox_targets(message) {
+                entries.push((user, message_id, message.conversation, origin));
             }
-            entries.push((
-                message.from,
-                message_id,
-                message.conversation,
-                message.from_device,
-            ));
         }
         // Reserve each user's sequences with one upsert; users in sorted
         // order, so writers on several nodes lock rows in the same order.
@@ -549,7 +612,7 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
             "INSERT INTO messages (conversation, message_id, record) \
              SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bytea[]) ON CONFLICT DO NOTHING",
         )?;
-        let records: Vec<&[u8]> = messages.iter().map(|(raw, _)| *raw).collect();
+        let records: Vec<&[u8]> = messages.iter().map(|(raw, _)| raw.as_ref()).collect();
         self.client.execute(
             &statement,
             &[&column(messages, |m| m.conversation), &ids, &records],

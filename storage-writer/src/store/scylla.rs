@@ -24,8 +24,9 @@ use scylla::statement::Consistency;
 
 use chat_protocol::keys::{Bundle, STORED_PREKEYS_MAX};
 
-use super::{Cursor, DeviceKeys, InboxEntry, ReadRefused, Tables};
+use super::{Cursor, DeviceKeys, InboxEntry, Presence, ReadRefused, Tables};
 use crate::backend::{Backend, BatchWriter};
+use chat_protocol::records::PresenceEntry;
 
 const SCHEMA: &str = include_str!("../../schema/scylla.cql");
 /// Compare-and-set attempts for one inbox sequence before the batch fails (and is retried).
@@ -55,6 +56,14 @@ struct Statements {
     last_prekey: PreparedStatement,
     take_prekey: PreparedStatement,
     count_prekeys: PreparedStatement,
+    put_member: PreparedStatement,
+    put_group_of: PreparedStatement,
+    delete_member: PreparedStatement,
+    delete_group_of: PreparedStatement,
+    members: PreparedStatement,
+    groups_of: PreparedStatement,
+    put_presence: PreparedStatement,
+    presence: PreparedStatement,
 }
 
 pub struct ScyllaBackend {
@@ -153,6 +162,14 @@ impl ScyllaBackend {
                 last_prekey: prepare(format!("SELECT key_id FROM {k}.prekeys WHERE user_id = ? AND device_id = ? ORDER BY key_id DESC LIMIT 1")).await?,
                 take_prekey: prepare(format!("DELETE FROM {k}.prekeys WHERE user_id = ? AND device_id = ? AND key_id = ? IF EXISTS")).await?,
                 count_prekeys: prepare(format!("SELECT count(*) FROM {k}.prekeys WHERE user_id = ? AND device_id = ?")).await?,
+                put_member: prepare(format!("INSERT INTO {k}.group_members (group_id, user_id) VALUES (?, ?)")).await?,
+                put_group_of: prepare(format!("INSERT INTO {k}.groups_by_member (user_id, group_id) VALUES (?, ?)")).await?,
+                delete_member: prepare(format!("DELETE FROM {k}.group_members WHERE group_id = ? AND user_id = ?")).await?,
+                delete_group_of: prepare(format!("DELETE FROM {k}.groups_by_member WHERE user_id = ? AND group_id = ?")).await?,
+                members: prepare(format!("SELECT user_id FROM {k}.group_members WHERE group_id = ? LIMIT ?")).await?,
+                groups_of: prepare(format!("SELECT group_id FROM {k}.groups_by_member WHERE user_id = ? LIMIT ?")).await?,
+                put_presence: prepare(format!("INSERT INTO {k}.presence (user_id, online, last_seen_ms) VALUES (?, ?, ?)")).await?,
+                presence: prepare(format!("SELECT online, last_seen_ms FROM {k}.presence WHERE user_id = ?")).await?,
             };
             anyhow::Ok((session, statements))
         })?;
@@ -421,6 +438,52 @@ impl Tables for Scylla {
 
     fn put_cursor(&mut self, user: &str, device: &str, cursor: &Cursor) -> Result<()> {
         self.execute(&self.statements.put_cursor, (user, device, cursor.encode()))
+    }
+
+    fn add_members(&mut self, group: &str, members: &[&str]) -> Result<()> {
+        for member in members {
+            self.execute(&self.statements.put_member, (group, *member))?;
+            self.execute(&self.statements.put_group_of, (*member, group))?;
+        }
+        Ok(())
+    }
+
+    fn remove_members(&mut self, group: &str, members: &[&str]) -> Result<()> {
+        for member in members {
+            self.execute(&self.statements.delete_member, (group, *member))?;
+            self.execute(&self.statements.delete_group_of, (*member, group))?;
+        }
+        Ok(())
+    }
+
+    fn members(&mut self, group: &str) -> Result<Vec<String>> {
+        let limit = super::MEMBERSHIP_READ_MAX as i32;
+        let rows: Vec<(String,)> = self.rows(&self.statements.members, (group, limit))?;
+        Ok(rows.into_iter().map(|(member,)| member).collect())
+    }
+
+    fn groups_of(&mut self, user: &str) -> Result<Vec<String>> {
+        let limit = super::MEMBERSHIP_READ_MAX as i32;
+        let rows: Vec<(String,)> = self.rows(&self.statements.groups_of, (user, limit))?;
+        Ok(rows.into_iter().map(|(group,)| group).collect())
+    }
+
+    fn put_presence(&mut self, entries: &[PresenceEntry<'_>]) -> Result<()> {
+        for entry in entries {
+            self.execute(
+                &self.statements.put_presence,
+                (entry.user, entry.online, id(entry.last_seen_ms)),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn presence(&mut self, user: &str) -> Result<Option<Presence>> {
+        let rows: Vec<(bool, i64)> = self.rows(&self.statements.presence, (user,))?;
+        Ok(rows.into_iter().next().map(|(online, seen)| Presence {
+            online,
+            last_seen_ms: seen as u64,
+        }))
     }
 
     fn put_device_keys(&mut self, upload: &DeviceKeys<'_>) -> Result<u32> {

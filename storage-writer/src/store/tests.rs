@@ -3,7 +3,9 @@
 //! gap-free, acknowledgements are cumulative per conversation and pass the
 //! device's own sends, and sync pages skip what a device has.
 
-use chat_protocol::records::{AckRecord, MessageRecord, Record};
+use chat_protocol::records::{
+    AckRecord, Event, GroupAction, MessageRecord, PresenceEntry, PresenceRecord, Record,
+};
 use chat_protocol::store_wire::SyncFrom;
 
 use super::embedded::{Embedded, Fsync};
@@ -53,7 +55,153 @@ on_every_backend!(
     an_ack_for_an_unknown_message_is_reported_unresolved,
     acks_in_one_batch_with_their_messages_apply_in_order,
     a_replay_superseded_by_a_retry_elsewhere_is_not_stored,
+    a_group_message_reaches_each_listed_inbox_and_is_stored_without_the_list,
+    membership_changes_update_both_directions_in_order,
+    presence_is_told_only_to_users_who_share_a_conversation,
 );
+
+/// A message of group `group` from `from`, to `recipients`, with an optional event.
+fn group_message(
+    id: u64,
+    group: &str,
+    from: &str,
+    recipients: &[&str],
+    event: Option<Event<'_>>,
+) -> Vec<u8> {
+    let conversation = chat_protocol::ids::group_conversation_id(group);
+    MessageRecord {
+        message_id: id,
+        ts: id,
+        conversation: &conversation,
+        from,
+        from_device: "d",
+        to: group,
+        client_msg_id: &format!("c{id}"),
+        body: "x",
+        media: None,
+        event,
+        recipients: recipients.to_vec(),
+    }
+    .encode()
+}
+
+fn a_group_message_reaches_each_listed_inbox_and_is_stored_without_the_list(fixture: &Fixture) {
+    let members = ["alice", "bob", "carol"];
+    run(
+        fixture,
+        &[group_message(10, "g1", "alice", &members, None)],
+        false,
+    );
+    // Replayed: nothing twice.
+    run(
+        fixture,
+        &[group_message(10, "g1", "alice", &members, None)],
+        true,
+    );
+    assert_eq!(synced_ids(fixture, "bob", "phone"), [10]);
+    assert_eq!(synced_ids(fixture, "carol", "phone"), [10]);
+    assert_eq!(
+        synced_ids(fixture, "alice", "laptop"),
+        [10],
+        "sender's other device"
+    );
+    assert!(
+        synced_ids(fixture, "alice", "d").is_empty(),
+        "the sending device"
+    );
+    assert!(
+        synced_ids(fixture, "dave", "phone").is_empty(),
+        "not a recipient"
+    );
+    let mut reader = fixture.backend.reader().unwrap();
+    let stored = reader.history("grp:g1", None, 10).unwrap();
+    assert_eq!(stored.len(), 1);
+    let message = chat_protocol::records::decode_message(&stored[0]).unwrap();
+    assert!(
+        message.recipients.is_empty(),
+        "stored without its recipient list"
+    );
+}
+
+fn membership_changes_update_both_directions_in_order(fixture: &Fixture) {
+    let create = Event::Group {
+        action: GroupAction::Create,
+        members: vec!["alice", "bob", "carol"],
+    };
+    let remove = Event::Group {
+        action: GroupAction::Remove,
+        members: vec!["bob"],
+    };
+    let add = Event::Group {
+        action: GroupAction::Add,
+        members: vec!["dave"],
+    };
+    let all = ["alice", "bob", "carol", "dave"];
+    // In one batch (the set-based path) and again replayed row by row.
+    let batch = [
+        group_message(1, "g2", "alice", &all[..3], Some(create)),
+        group_message(2, "g2", "alice", &all[..3], Some(remove)),
+        group_message(3, "g2", "carol", &["alice", "carol", "dave"], Some(add)),
+    ];
+    run(fixture, &batch, false);
+    run(fixture, &batch, true);
+    let mut reader = fixture.backend.reader().unwrap();
+    assert_eq!(reader.members("g2").unwrap(), ["alice", "carol", "dave"]);
+    assert_eq!(reader.groups_of("dave").unwrap(), ["g2"]);
+    assert!(reader.groups_of("bob").unwrap().is_empty());
+    assert!(reader.members("nope").unwrap().is_empty());
+    // Bob saw the change that removed him, and nothing after it.
+    assert_eq!(synced_ids(fixture, "bob", "phone"), [1, 2]);
+}
+
+fn presence_is_told_only_to_users_who_share_a_conversation(fixture: &Fixture) {
+    let create = Event::Group {
+        action: GroupAction::Create,
+        members: vec!["alice", "bob"],
+    };
+    let presence = PresenceRecord {
+        entries: vec![
+            PresenceEntry {
+                user: "bob",
+                online: true,
+                last_seen_ms: 50,
+            },
+            PresenceEntry {
+                user: "erin",
+                online: false,
+                last_seen_ms: 40,
+            },
+            PresenceEntry {
+                user: "frank",
+                online: true,
+                last_seen_ms: 45,
+            },
+        ],
+    };
+    run(
+        fixture,
+        &[
+            group_message(1, "g3", "alice", &["alice", "bob"], Some(create)),
+            message(2, "alice", "d", "erin"),
+            presence.encode(),
+        ],
+        false,
+    );
+    let mut reader = fixture.backend.reader().unwrap();
+    let users: Vec<String> = ["bob", "erin", "frank"].map(String::from).to_vec();
+    let answers = super::presence(&mut *reader, "alice", &users).unwrap();
+    assert!(answers[0].shared && answers[0].online, "a fellow member");
+    assert!(answers[1].shared && !answers[1].online);
+    assert_eq!(answers[1].last_seen_ms, Some(40), "a direct conversation");
+    assert!(!answers[2].shared, "a stranger");
+    assert!(
+        !answers[2].online && answers[2].last_seen_ms.is_none(),
+        "nothing told"
+    );
+    // Erin shares a conversation with alice, not with bob.
+    let answers = super::presence(&mut *reader, "erin", &["bob".to_string()]).unwrap();
+    assert!(!answers[0].shared);
+}
 
 fn message(id: u64, from: &str, device: &str, to: &str) -> Vec<u8> {
     message_with_client_id(id, from, device, to, &format!("c{id}"))
@@ -71,6 +219,8 @@ fn message_with_client_id(id: u64, from: &str, device: &str, to: &str, client: &
         client_msg_id: client,
         body: "x",
         media: None,
+        event: None,
+        recipients: Vec::new(),
     }
     .encode()
 }

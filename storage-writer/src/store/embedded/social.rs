@@ -1,0 +1,71 @@
+//! The embedded store's group and presence tables.
+//!
+//! Owns their key layout: `members` (`group\0member`), its reverse
+//! `member_of` (`member\0group`), both written together so either side can
+//! be listed by prefix, and `presence` (`user` → online byte, last seen as
+//! big-endian unix ms). Never reads past `MEMBERSHIP_READ_MAX` keys.
+
+use anyhow::Result;
+use chat_protocol::records::PresenceEntry;
+
+use super::{key, text, Embedded};
+use crate::store::{Presence, MEMBERSHIP_READ_MAX};
+
+impl Embedded {
+    pub(super) fn add_members_to(&self, group: &str, members: &[&str]) -> Result<()> {
+        for member in members {
+            self.members.insert(key(&[group, member], None), [])?;
+            self.member_of.insert(key(&[member, group], None), [])?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn remove_members_from(&self, group: &str, members: &[&str]) -> Result<()> {
+        for member in members {
+            self.members.remove(key(&[group, member], None))?;
+            self.member_of.remove(key(&[member, group], None))?;
+        }
+        Ok(())
+    }
+
+    /// The second key part of every key under `prefix\0`, in key order.
+    fn listed(partition: &fjall::PartitionHandle, prefix: &str) -> Result<Vec<String>> {
+        let start = key(&[prefix], None);
+        let mut out = Vec::new();
+        for item in partition.prefix(&start).take(MEMBERSHIP_READ_MAX) {
+            let (k, _) = item?;
+            let rest = &k[start.len()..];
+            out.push(text(rest.strip_suffix(&[0]).unwrap_or(rest))?);
+        }
+        Ok(out)
+    }
+
+    pub(super) fn members_of(&self, group: &str) -> Result<Vec<String>> {
+        Self::listed(&self.members, group)
+    }
+
+    pub(super) fn groups_of_user(&self, user: &str) -> Result<Vec<String>> {
+        Self::listed(&self.member_of, user)
+    }
+
+    pub(super) fn put_presence_entries(&self, entries: &[PresenceEntry<'_>]) -> Result<()> {
+        for entry in entries {
+            let mut value = [0u8; 9];
+            value[0] = u8::from(entry.online);
+            value[1..].copy_from_slice(&entry.last_seen_ms.to_be_bytes());
+            self.presence.insert(entry.user, value)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn presence_of(&self, user: &str) -> Result<Option<Presence>> {
+        let Some(value) = self.presence.get(user)? else {
+            return Ok(None);
+        };
+        anyhow::ensure!(value.len() == 9, "bad presence value in store");
+        Ok(Some(Presence {
+            online: value[0] != 0,
+            last_seen_ms: u64::from_be_bytes(value[1..].try_into()?),
+        }))
+    }
+}
