@@ -51,6 +51,9 @@ pub enum Outbound {
         message_id: u64,
         json: Bytes,
     },
+    /// A group's membership changed (and is durable): every node forgets
+    /// its cached member list.
+    GroupChanged { group: Box<str> },
 }
 
 /// What the bridge hands the gateway.
@@ -66,6 +69,8 @@ pub enum Inbound {
     InterestActive { user: Box<str> },
     /// The backplane was away and is back: devices may have missed messages.
     Reconnected,
+    /// Another node changed this group's membership.
+    GroupChanged { group: Box<str> },
 }
 
 /// Where inbound items go (the gateway routes them to the user's home shard).
@@ -181,6 +186,11 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
         }
     };
     let mut subscriptions: HashMap<Box<str>, tokio::task::JoinHandle<()>> = HashMap::new();
+    tokio::spawn(forward_group_changes(
+        backplane.clone(),
+        client.clone(),
+        sink.clone(),
+    ));
     let mut ever_connected = false;
     loop {
         tokio::select! {
@@ -261,6 +271,19 @@ async fn drain_outbound(
                         }
                     }
                 }
+                Outbound::GroupChanged { group } => {
+                    if !backplane.stats.connected.load(Relaxed) {
+                        // Other nodes' caches expire (`group_cache_ms`).
+                        backplane.stats.publish_dropped.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    let subject = groups_subject(&backplane.config.subject_prefix);
+                    let payload = Bytes::copy_from_slice(group.as_bytes());
+                    match client.publish(subject, payload).await {
+                        Ok(()) => backplane.stats.published.fetch_add(1, Relaxed),
+                        Err(_) => backplane.stats.publish_dropped.fetch_add(1, Relaxed),
+                    };
+                }
                 Outbound::Interest { user, active: true } => {
                     if subscriptions.contains_key(&user) {
                         let _ = sink.deliver(&Inbound::InterestActive { user });
@@ -293,6 +316,39 @@ async fn drain_outbound(
                 }
             }
         }
+    }
+}
+
+/// The fleet-wide subject of membership changes (rare next to messages:
+/// one small publish per change, heard by every node).
+pub fn groups_subject(prefix: &str) -> String {
+    format!("{prefix}.groups")
+}
+
+/// Hands every membership change another node announces to the gateway.
+async fn forward_group_changes(
+    backplane: Arc<Backplane>,
+    client: async_nats::Client,
+    sink: Arc<dyn Sink>,
+) {
+    let subject = groups_subject(&backplane.config.subject_prefix);
+    let mut subscriber = match client.subscribe(subject).await {
+        Ok(subscriber) => subscriber,
+        Err(error) => {
+            tracing::warn!(%error, "backplane: no group-change subscription; caches expire instead");
+            return;
+        }
+    };
+    while let Some(message) = subscriber.next().await {
+        backplane.stats.received.fetch_add(1, Relaxed);
+        let Ok(group) = std::str::from_utf8(&message.payload) else {
+            backplane.stats.bad_envelopes.fetch_add(1, Relaxed);
+            continue;
+        };
+        // Best effort: a shard that misses it trusts its cache until it expires.
+        let _ = sink.deliver(&Inbound::GroupChanged {
+            group: group.into(),
+        });
     }
 }
 

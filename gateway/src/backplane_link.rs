@@ -48,6 +48,13 @@ impl Sink for MeshSink {
                     )
                     .is_ok()
             }
+            Inbound::GroupChanged { group } => {
+                for shard in 0..shards {
+                    let changed = ShardMessage::GroupChanged(group.clone());
+                    let _ = self.mesh.send(Sender::External, shard, changed);
+                }
+                true
+            }
             Inbound::Reconnected => {
                 for shard in 0..shards {
                     // A shard whose queue is full now gets the next resync.

@@ -115,6 +115,20 @@ pub struct Config {
     pub prekey_fetches_burst: f32,
     /// A device is told (`keys_low`) when a fetch leaves it fewer one-time prekeys than this.
     pub prekeys_low_threshold: u32,
+    /// Most members of a group (at most 4096).
+    pub group_members_max: usize,
+    /// How long a shard trusts a group's member list it loaded without hearing
+    /// of a change (changes are also announced to every shard and node).
+    pub group_cache_ms: u64,
+    /// Receipts for one sender and conversation are batched over this window.
+    pub receipt_window_ms: u64,
+    /// Presence is written this often (online users refreshed, departures
+    /// recorded); a node that stops writing shows its users offline after 2.5×.
+    pub presence_interval_ms: u64,
+    /// `presence` requests per second per user, across devices (token bucket rate).
+    pub presence_per_s: f32,
+    /// `presence` requests a user may send at once.
+    pub presence_burst: f32,
     /// Window over which a draining node spreads its 1012 closes.
     pub drain_window_ms: u64,
     /// How long to wait for a client's close reply before dropping the socket.
@@ -185,6 +199,12 @@ impl Default for Config {
             prekey_fetches_per_s: 2.0,
             prekey_fetches_burst: 10.0,
             prekeys_low_threshold: 10,
+            group_members_max: 1024,
+            group_cache_ms: 5_000,
+            receipt_window_ms: 1_000,
+            presence_interval_ms: 30_000,
+            presence_per_s: 2.0,
+            presence_burst: 10.0,
             drain_window_ms: 60_000,
             close_grace_ms: 1_000,
             ring_dir: PathBuf::new(),
@@ -256,6 +276,12 @@ overrides! {
     prekey_fetches_per_s: f32,
     prekey_fetches_burst: f32,
     prekeys_low_threshold: u32,
+    group_members_max: usize,
+    group_cache_ms: u64,
+    receipt_window_ms: u64,
+    presence_interval_ms: u64,
+    presence_per_s: f32,
+    presence_burst: f32,
     drain_window_ms: u64,
     close_grace_ms: u64,
     ring_dir: PathBuf,
@@ -326,6 +352,13 @@ fn read_file(path: &Path) -> anyhow::Result<Config> {
 impl Config {
     /// Refuses combinations that cannot work, at start-up rather than at run time.
     pub fn validate(&self) -> anyhow::Result<()> {
+        let group_limit = chat_protocol::records::RECIPIENTS_MAX;
+        if self.group_members_max < 2 || self.group_members_max > group_limit {
+            bail!("group_members_max must be 2-{group_limit}");
+        }
+        if self.receipt_window_ms == 0 || self.presence_interval_ms < 100 {
+            bail!("receipt_window_ms must be > 0 and presence_interval_ms >= 100");
+        }
         let shard_limit = usize::from(chat_protocol::snowflake::SHARD_ID_MAX) + 1;
         if self.shards == 0 || self.shards > shard_limit {
             bail!(

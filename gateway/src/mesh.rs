@@ -32,6 +32,12 @@ pub enum ShardMessage {
     Adopt(Box<Handoff>),
     /// Deliver an encoded frame to every device of a user homed on the receiver.
     Deliver(Delivery),
+    /// Deliver one encoded frame to every device of several users homed on
+    /// the receiver (a group's members there): one hand-off per shard, not
+    /// one per member.
+    DeliverMany(Box<ManyDelivery>),
+    /// A group's membership changed: forget its cached member list.
+    GroupChanged(Box<str>),
     /// Stop accepting and close every connection over the drain window.
     Drain,
     /// The backplane subscription for this user is in place: its devices'
@@ -60,6 +66,13 @@ pub struct Delivery {
     /// Lets a device that is syncing drop a live copy it already got from storage.
     pub message_id: u64,
     /// A complete WebSocket text frame, shared by every device it goes to.
+    pub frame: Bytes,
+}
+
+#[derive(Debug)]
+pub struct ManyDelivery {
+    pub to_users: Vec<Box<str>>,
+    pub message_id: u64,
     pub frame: Bytes,
 }
 

@@ -69,6 +69,20 @@ pub struct ShardMetrics {
     pub acks: AtomicU64,
     /// `typing` frames passed on.
     pub typing: AtomicU64,
+    /// Messages sent to groups.
+    pub group_messages: AtomicU64,
+    /// Group membership changes.
+    pub group_changes: AtomicU64,
+    /// Delivered and read receipts taken from clients.
+    pub receipts: AtomicU64,
+    /// Receipt batches stored and sent (one per sender and conversation per window).
+    pub receipt_batches: AtomicU64,
+    /// Receipts dropped on a full ring.
+    pub receipts_dropped: AtomicU64,
+    /// Presence entries written (debounced).
+    pub presence_written: AtomicU64,
+    /// Presence requests answered.
+    pub presence_queries: AtomicU64,
     /// Acknowledgements dropped on a full ring (the device may get a redelivery).
     pub acks_dropped: AtomicU64,
     pub syncs: AtomicU64,
@@ -325,6 +339,55 @@ pub fn render(node: &NodeState, mesh: &Mesh, backplane: Option<&Backplane>) -> S
         "counter",
         "Device acknowledgements written to the ring.",
         &|m| m.acks.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_group_messages_total",
+        "counter",
+        "Messages sent to groups.",
+        &|m| m.group_messages.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_group_changes_total",
+        "counter",
+        "Group membership changes.",
+        &|m| m.group_changes.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_receipts_total",
+        "counter",
+        "Delivered and read receipts taken from clients.",
+        &|m| m.receipts.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_receipt_batches_total",
+        "counter",
+        "Receipt batches stored and sent (one per sender and conversation per window).",
+        &|m| m.receipt_batches.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_receipts_dropped_total",
+        "counter",
+        "Receipts dropped on a full ring.",
+        &|m| m.receipts_dropped.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_presence_written_total",
+        "counter",
+        "Presence entries written (debounced).",
+        &|m| m.presence_written.load(Relaxed),
+    );
+    per_shard(
+        &mut out,
+        "gateway_presence_queries_total",
+        "counter",
+        "Presence requests answered.",
+        &|m| m.presence_queries.load(Relaxed),
     );
     per_shard(
         &mut out,

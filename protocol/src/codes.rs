@@ -23,10 +23,12 @@ pub enum ErrorCode {
     Forbidden,
     /// Storage could not answer now (it is restarting or behind). Retry later.
     Unavailable,
+    /// The group would have more members than the node allows.
+    GroupFull,
 }
 
 /// Every error code, for metrics.
-pub const ERROR_CODES: [ErrorCode; 8] = [
+pub const ERROR_CODES: [ErrorCode; 9] = [
     ErrorCode::MalformedJson,
     ErrorCode::UnknownType,
     ErrorCode::InvalidField,
@@ -35,6 +37,7 @@ pub const ERROR_CODES: [ErrorCode; 8] = [
     ErrorCode::RateLimited,
     ErrorCode::Forbidden,
     ErrorCode::Unavailable,
+    ErrorCode::GroupFull,
 ];
 
 impl ErrorCode {
@@ -48,6 +51,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::GroupFull => "group_full",
         }
     }
 

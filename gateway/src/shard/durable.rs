@@ -83,6 +83,27 @@ impl Durability {
         });
     }
 
+    /// Hands `publish` to `published` once the record ending at `end` is
+    /// durable (a record no connection waits for: receipts, a change notice).
+    pub fn publish_when_durable(
+        &self,
+        end: u64,
+        publish: Box<Outbound>,
+        published: impl FnOnce(Box<Outbound>),
+    ) {
+        if self.is_durable(end) {
+            published(publish);
+            return;
+        }
+        self.waiting.borrow_mut().push_back(Waiting {
+            end,
+            conn: Weak::new(),
+            sent: Bytes::new(),
+            appended: Instant::now(),
+            publish: Some(publish),
+        });
+    }
+
     /// The writer committed everything before `position`: release `sent`
     /// frames and hand what other nodes should see to `published`.
     pub fn on_durable(

@@ -10,13 +10,12 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chat_protocol::codes::ErrorCode;
 use chat_protocol::keys::{self, KeysUpload};
 use chat_protocol::store_wire::{Request, Response};
 use chat_protocol::ws;
 
 use super::connection::Conn;
-use super::router::{deliver_ephemeral, send_error};
+use super::router::{deliver_ephemeral, storage_error};
 use super::store_client::StoreError;
 use super::Shard;
 
@@ -43,14 +42,6 @@ pub fn owned(upload: KeysUpload<'_>) -> OwnedUpload {
 
 fn timeout(shard: &Shard) -> Duration {
     Duration::from_millis(shard.config.storage_timeout_ms)
-}
-
-fn storage_error(shard: &Shard, conn: &Conn, what: &str, error: StoreError) {
-    let (code, retry) = match error {
-        StoreError::Unavailable => (ErrorCode::Unavailable, Some(1_000)),
-        StoreError::Refused(_) => (ErrorCode::InvalidField, None),
-    };
-    send_error(shard, conn, None, code, &format!("{what}: {error}"), retry);
 }
 
 /// Stores this device's keys and says how many one-time prekeys it has.

@@ -11,8 +11,11 @@ mod accept;
 pub mod connection;
 mod dedup;
 mod durable;
+mod groups;
 mod keys;
 mod limits;
+mod presence;
+mod receipts;
 mod router;
 mod store_client;
 mod sync;
@@ -105,6 +108,12 @@ pub struct Shard {
     /// Users whose backplane subscription is being set up, with the
     /// connections waiting for it before their connect-time sync.
     interest_pending: RefCell<HashMap<Rc<str>, Rc<Waiters>>>,
+    /// Group member lists loaded from storage.
+    groups: RefCell<groups::GroupCache>,
+    /// Receipts waiting for the end of their batching window.
+    receipts: RefCell<receipts::ReceiptBatcher>,
+    /// What was written about who is online.
+    presence: RefCell<presence::PresenceLog>,
 }
 
 impl Shard {
@@ -190,6 +199,7 @@ impl Shard {
         let first_here = self.users.borrow_mut().add(conn.clone(), self.now_ms());
         if first_here {
             self.interest(&conn.user_id, true);
+            self.presence.borrow_mut().came_online(&conn.user_id);
         }
         let metrics = self.metrics();
         bump(&metrics.handshakes_accepted, 1);
@@ -202,6 +212,8 @@ impl Shard {
         let last_here = self.users.borrow_mut().remove(conn);
         if last_here {
             self.interest(&conn.user_id, false);
+            let now = crate::clock::unix_ms();
+            self.presence.borrow_mut().went_offline(&conn.user_id, now);
         }
         self.conns.borrow_mut().try_remove(conn.slot);
         let connections = &self.metrics().connections;
@@ -219,6 +231,14 @@ impl Shard {
                     None,
                 );
             }
+            ShardMessage::DeliverMany(many) => {
+                bump(&self.metrics().messages_received_cross_shard, 1);
+                let users = self.users.borrow();
+                for user in &many.to_users {
+                    users.deliver(user, many.message_id, &many.frame, None);
+                }
+            }
+            ShardMessage::GroupChanged(group) => self.groups.borrow_mut().forget(&group),
             ShardMessage::Adopt(handoff) => self.adopt_handoff(*handoff),
             ShardMessage::InterestActive(user) => {
                 let waiters = self.interest_pending.borrow_mut().remove(&*user);
@@ -227,6 +247,8 @@ impl Shard {
                 }
             }
             ShardMessage::Resync => {
+                // Group changes may have been missed while away.
+                self.groups.borrow_mut().clear();
                 monoio::spawn(resync(self.clone()));
             }
             ShardMessage::Drain => {
@@ -419,6 +441,10 @@ async fn shard_main(setup: ShardSetup, driver: &'static str) -> anyhow::Result<(
                 per_s: config.prekey_fetches_per_s,
                 burst: config.prekey_fetches_burst,
             },
+            presence: Limit {
+                per_s: config.presence_per_s,
+                burst: config.presence_burst,
+            },
         })),
         conns: RefCell::new(Slab::new()),
         snowflake: RefCell::new(SnowflakeGenerator::new(config.node_id, setup.id as u16)),
@@ -436,6 +462,9 @@ async fn shard_main(setup: ShardSetup, driver: &'static str) -> anyhow::Result<(
         store,
         backplane: setup.backplane,
         interest_pending: RefCell::new(HashMap::new()),
+        groups: RefCell::default(),
+        receipts: RefCell::default(),
+        presence: RefCell::default(),
         config,
         node: setup.node,
         mesh: setup.mesh,
@@ -446,6 +475,8 @@ async fn shard_main(setup: ShardSetup, driver: &'static str) -> anyhow::Result<(
     monoio::spawn(store_client::run(shard.clone()));
     monoio::spawn(inbox(shard.clone()));
     monoio::spawn(sweep(shard.clone()));
+    monoio::spawn(receipts::flush_loop(shard.clone()));
+    monoio::spawn(presence::write_loop(shard.clone()));
     monoio::spawn(accept::accept_loop(shard.clone(), listener));
     shard.node.shards_ready.fetch_add(1, Relaxed);
 

@@ -14,14 +14,15 @@ use bytes::Bytes;
 use chat_backplane::Outbound;
 use chat_protocol::codes::{CloseCode, ErrorCode};
 use chat_protocol::frames::{self, ClientFrame, MessageFrame, SendFrame, TypingFrame};
-use chat_protocol::records::{AckRecord, MessageRecord};
+use chat_protocol::records::{AckRecord, MessageRecord, ReceiptStatus};
 use chat_protocol::store_wire::{Request, Response};
-use chat_protocol::{ids, snowflake, ws};
+use chat_protocol::{ids, snowflake, social_frames, ws};
 
 use super::connection::{Conn, EPHEMERAL};
 use super::dedup::{self, PriorSend};
+use super::store_client::StoreError;
 use super::users::Allowance;
-use super::{keys, sync, Shard};
+use super::{groups, keys, presence, receipts, sync, Shard};
 use crate::mesh::{Delivery, Sender, ShardMessage};
 use crate::metrics::bump;
 
@@ -54,8 +55,44 @@ pub fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &[u8]) {
             conn.enqueue(shard.pong_frame.clone());
         }
         Ok(ClientFrame::Send(send)) => on_send(shard, conn, send),
-        Ok(ClientFrame::Ack { message_id }) => on_ack(shard, conn, message_id),
-        Ok(ClientFrame::Typing { to }) => on_typing(shard, conn, &to),
+        Ok(ClientFrame::Ack {
+            message_id,
+            receipt,
+        }) => {
+            on_ack(shard, conn, message_id);
+            if let Some(receipt) = receipt {
+                receipts::on_receipt(shard, conn, receipt, ReceiptStatus::Delivered);
+            }
+        }
+        Ok(ClientFrame::Read(receipt)) => {
+            receipts::on_receipt(shard, conn, receipt, ReceiptStatus::Read);
+        }
+        Ok(ClientFrame::Typing { to, group: false }) => on_typing(shard, conn, &to),
+        Ok(ClientFrame::Typing { to, group: true }) => {
+            let message = "too many typing frames by this user";
+            if take_allowance(shard, conn, Allowance::Typing, None, message, false) {
+                groups::on_typing(shard, conn, to.into_owned());
+            }
+        }
+        Ok(ClientFrame::GroupChange(change)) => {
+            if take_send_allowance(shard, conn, &change.client_msg_id) {
+                groups::on_change(shard, conn, change.into());
+            }
+        }
+        Ok(ClientFrame::GroupMembers { group }) => {
+            monoio::spawn(groups::list_members(
+                shard.clone(),
+                conn.clone(),
+                group.into_owned(),
+            ));
+        }
+        Ok(ClientFrame::Presence { users }) => {
+            let message = "too many presence requests by this user";
+            if take_allowance(shard, conn, Allowance::Presence, None, message, false) {
+                let users = users.into_iter().map(|u| u.into_owned()).collect();
+                monoio::spawn(presence::query(shard.clone(), conn.clone(), users));
+            }
+        }
         Ok(ClientFrame::KeysUpload(upload)) => {
             monoio::spawn(keys::upload(
                 shard.clone(),
@@ -115,29 +152,30 @@ pub fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &[u8]) {
     }
 }
 
-fn on_send(shard: &Rc<Shard>, conn: &Rc<Conn>, send: SendFrame<'_>) {
+/// Sends and membership changes share the user's send allowance; floods
+/// count toward the abuse limit (a client's loop gone wrong).
+fn take_send_allowance(shard: &Shard, conn: &Conn, client_msg_id: &str) -> bool {
     let message = "too many sends by this user (all devices count)";
-    // Send floods count toward the abuse limit (a client's loop gone wrong).
-    if !take_allowance(
+    take_allowance(
         shard,
         conn,
         Allowance::Send,
-        Some(&send.client_msg_id),
+        Some(client_msg_id),
         message,
         true,
-    ) {
+    )
+}
+
+fn on_send(shard: &Rc<Shard>, conn: &Rc<Conn>, send: SendFrame<'_>) {
+    if !take_send_allowance(shard, conn, &send.client_msg_id) {
+        return;
+    }
+    if send.group {
+        groups::on_send(shard, conn, OwnedSend::from(send));
         return;
     }
     // Only devices past the warm-up bound pay for this extra look-up.
-    let known = || {
-        let key = dedup::key(&conn.user_id, &conn.device_id, &send.client_msg_id);
-        shard
-            .idempotency
-            .borrow_mut()
-            .get(&key, crate::clock::unix_ms())
-            .is_some()
-    };
-    if conn.warm_truncated() && !known() {
+    if conn.warm_truncated() && !known_send(shard, conn, &send.client_msg_id) {
         // This device sent more than the warm-up loaded: the id may be an
         // older send. Ask storage first; this connection's later frames wait.
         conn.pause();
@@ -151,12 +189,23 @@ fn on_send(shard: &Rc<Shard>, conn: &Rc<Conn>, send: SendFrame<'_>) {
     accept_send(shard, conn, send);
 }
 
+/// Whether this device's `client_msg_id` is in the idempotency table.
+pub(super) fn known_send(shard: &Shard, conn: &Conn, client_msg_id: &str) -> bool {
+    let key = dedup::key(&conn.user_id, &conn.device_id, client_msg_id);
+    shard
+        .idempotency
+        .borrow_mut()
+        .get(&key, crate::clock::unix_ms())
+        .is_some()
+}
+
 /// A send that may wait for storage before it is accepted.
-struct OwnedSend {
-    client_msg_id: String,
-    to: String,
-    body: String,
-    media: Option<frames::Media<'static>>,
+pub(super) struct OwnedSend {
+    pub client_msg_id: String,
+    /// The user, or the group.
+    pub to: String,
+    pub body: String,
+    pub media: Option<frames::Media<'static>>,
 }
 
 impl From<SendFrame<'_>> for OwnedSend {
@@ -174,10 +223,15 @@ impl From<SendFrame<'_>> for OwnedSend {
     }
 }
 
-/// Looks the send's id up in storage (behind the read barrier, so a first
-/// attempt still in the ring is found), remembers what it finds, then
-/// accepts the send as usual (a replay if found) and resumes the connection.
-async fn look_up_then_accept(shard: Rc<Shard>, conn: Rc<Conn>, send: OwnedSend) {
+/// Looks a send's id up in storage (behind the read barrier, so a first
+/// attempt still in the ring is found) and remembers what it finds. False
+/// when storage did not answer (the send must not be accepted as new).
+pub(super) async fn look_up_prior(
+    shard: &Shard,
+    conn: &Conn,
+    client_msg_id: &str,
+    conversation: &str,
+) -> bool {
     let response = shard
         .store
         .request(
@@ -185,37 +239,48 @@ async fn look_up_then_accept(shard: Rc<Shard>, conn: Rc<Conn>, send: OwnedSend) 
                 req,
                 user: conn.user_id.to_string(),
                 device: conn.device_id.to_string(),
-                client_msg_id: send.client_msg_id.clone(),
+                client_msg_id: client_msg_id.to_owned(),
             },
             std::time::Duration::from_millis(shard.config.storage_timeout_ms),
         )
         .await;
-    match response {
-        Ok(Response::SendOf { message_id, .. }) => {
-            if let Some(message_id) = message_id {
-                let key = dedup::key(&conn.user_id, &conn.device_id, &send.client_msg_id);
-                let prior = PriorSend {
-                    message_id,
-                    conversation: ids::direct_conversation_id(&conn.user_id, &send.to),
-                    end: 0,
-                };
-                shard
-                    .idempotency
-                    .borrow_mut()
-                    .insert(key, prior, crate::clock::unix_ms());
-            }
+    let Ok(Response::SendOf { message_id, .. }) = response else {
+        return false;
+    };
+    if let Some(message_id) = message_id {
+        let key = dedup::key(&conn.user_id, &conn.device_id, client_msg_id);
+        let prior = PriorSend {
+            message_id,
+            conversation: conversation.to_owned(),
+            end: 0,
+        };
+        shard
+            .idempotency
+            .borrow_mut()
+            .insert(key, prior, crate::clock::unix_ms());
+    }
+    true
+}
+
+/// Looks the send's id up in storage, then accepts the send as usual (a
+/// replay if found) and resumes the connection.
+async fn look_up_then_accept(shard: Rc<Shard>, conn: Rc<Conn>, send: OwnedSend) {
+    let conversation = ids::direct_conversation_id(&conn.user_id, &send.to);
+    match look_up_prior(&shard, &conn, &send.client_msg_id, &conversation).await {
+        true => {
             accept_send(
                 &shard,
                 &conn,
                 SendFrame {
                     client_msg_id: send.client_msg_id.as_str().into(),
                     to: send.to.as_str().into(),
+                    group: false,
                     body: send.body.as_str().into(),
                     media: send.media,
                 },
             );
         }
-        _ => {
+        false => {
             // Not accepted (a new id could duplicate an older send): retry later.
             let message = "storage did not answer; retry this send";
             send_error(
@@ -231,30 +296,59 @@ async fn look_up_then_accept(shard: Rc<Shard>, conn: Rc<Conn>, send: OwnedSend) 
     conn.resume();
 }
 
+/// The `sent` frame; a group conversation's names its group too.
+pub(super) fn sent_frame(
+    client_msg_id: &str,
+    message_id: u64,
+    conversation: &str,
+    ts: u64,
+) -> Vec<u8> {
+    match ids::group_of_conversation(conversation) {
+        Some(group) => {
+            social_frames::encode_group_sent(client_msg_id, message_id, conversation, group, ts)
+        }
+        None => frames::encode_sent(client_msg_id, message_id, conversation, ts),
+    }
+}
+
+/// When this device already sent `client_msg_id`: answers the retry with the
+/// first send's `sent` (once durable; not delivered or published again) and
+/// returns true.
+pub(super) fn replay_if_known(
+    shard: &Shard,
+    conn: &Rc<Conn>,
+    client_msg_id: &str,
+    now_unix_ms: u64,
+) -> bool {
+    let key = dedup::key(&conn.user_id, &conn.device_id, client_msg_id);
+    let Some(prior) = shard
+        .idempotency
+        .borrow_mut()
+        .get(&key, now_unix_ms)
+        .cloned()
+    else {
+        return false;
+    };
+    let ts = snowflake::decode(prior.message_id).unix_ms;
+    let sent = sent_frame(client_msg_id, prior.message_id, &prior.conversation, ts);
+    shard.durability.send_when_durable(
+        prior.end,
+        conn,
+        Bytes::from(ws::text_frame(&sent)),
+        None,
+        |_| {},
+    );
+    bump(&shard.metrics().idempotent_replays, 1);
+    true
+}
+
 /// Accepts a send whose id is either known (a replay) or certainly new.
 fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
     let now_unix_ms = crate::clock::unix_ms();
-    let key = dedup::key(&conn.user_id, &conn.device_id, &send.client_msg_id);
-    if let Some(prior) = shard.idempotency.borrow_mut().get(&key, now_unix_ms) {
-        // A retry: same answer (once durable), no second delivery.
-        let ts = snowflake::decode(prior.message_id).unix_ms;
-        let sent = frames::encode_sent(
-            &send.client_msg_id,
-            prior.message_id,
-            &prior.conversation,
-            ts,
-        );
-        // A retry is not published again: the first send was.
-        shard.durability.send_when_durable(
-            prior.end,
-            conn,
-            Bytes::from(ws::text_frame(&sent)),
-            None,
-            |_| {},
-        );
-        bump(&shard.metrics().idempotent_replays, 1);
+    if replay_if_known(shard, conn, &send.client_msg_id, now_unix_ms) {
         return;
     }
+    let key = dedup::key(&conn.user_id, &conn.device_id, &send.client_msg_id);
 
     let to_self = *send.to == *conn.user_id;
     let home = ids::home_shard(&send.to, shard.mesh.shard_count());
@@ -280,6 +374,8 @@ fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
         client_msg_id: &send.client_msg_id,
         body: &send.body,
         media: send.media.clone(),
+        event: None,
+        recipients: Vec::new(),
     };
     let end = match shard.durability.append(&record.encode()) {
         Ok(end) => end,
@@ -301,6 +397,8 @@ fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
         body: &send.body,
         ts,
         media: send.media.clone(),
+        group: None,
+        event: None,
     });
     let frame = Bytes::from(ws::text_frame(&json));
     // Other nodes' devices of both users get it once it is durable.
@@ -421,7 +519,7 @@ fn on_ack(shard: &Shard, conn: &Conn, message_id: u64) {
     }
 }
 
-fn overloaded(shard: &Shard, conn: &Conn, client_msg_id: &str, message: &str) {
+pub(super) fn overloaded(shard: &Shard, conn: &Conn, client_msg_id: &str, message: &str) {
     send_error(
         shard,
         conn,
@@ -491,6 +589,16 @@ fn count_client_error(shard: &Shard, conn: &Conn) {
     if conn.count_error(shard.now_ms(), shard.config.protocol_errors_max) {
         conn.request_close(CloseCode::PolicyViolation);
     }
+}
+
+/// Tells the client a storage request for `what` failed: retry later, or
+/// (refused) why it was wrong.
+pub(super) fn storage_error(shard: &Shard, conn: &Conn, what: &str, error: StoreError) {
+    let (code, retry) = match error {
+        StoreError::Unavailable => (ErrorCode::Unavailable, Some(1_000)),
+        StoreError::Refused(_) => (ErrorCode::InvalidField, None),
+    };
+    send_error(shard, conn, None, code, &format!("{what}: {error}"), retry);
 }
 
 pub fn send_error(

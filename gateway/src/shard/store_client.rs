@@ -247,6 +247,8 @@ async fn read_loop(
                 | Response::KeysUploaded { req, .. }
                 | Response::SendOf { req, .. }
                 | Response::Keys { req, .. }
+                | Response::Members { req, .. }
+                | Response::Presence { req, .. }
                 | Response::Failed { req, .. } => shard.store.complete(req, response),
             }
         }

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chat_protocol::codes::ErrorCode;
-use chat_protocol::frames::{self, HistoryFrame, IdText, MessageFrame};
-use chat_protocol::records::{decode_message, MessageRecord};
+use chat_protocol::frames::{self, GroupEventJson, HistoryFrame, IdText, MessageFrame};
+use chat_protocol::records::{decode_message, Event, MessageRecord};
 use chat_protocol::store_wire::{Request, Response, SyncFrom};
-use chat_protocol::{ids, ws};
+use chat_protocol::{ids, social_frames, ws};
 
 use super::connection::Conn;
 use super::dedup::{self, PriorSend};
@@ -29,8 +29,10 @@ const SYNC_PAGE_BYTES: u32 = 512 * 1024;
 /// How often a sync checks whether the device's outbox has drained.
 const OUTBOX_POLL: Duration = Duration::from_millis(5);
 
-/// The JSON of a stored message, as live delivery encodes it.
-pub fn message_frame<'a>(message: &MessageRecord<'a>) -> MessageFrame<'a> {
+/// The `message` frame of a stored (or just stored) message, as live
+/// delivery encodes it: a group's names its group, and a membership change its event.
+pub fn message_frame<'a>(message: &'a MessageRecord<'a>) -> MessageFrame<'a> {
+    let group = ids::group_of_conversation(message.conversation);
     MessageFrame {
         kind: "message",
         message_id: IdText(message.message_id),
@@ -41,6 +43,28 @@ pub fn message_frame<'a>(message: &MessageRecord<'a>) -> MessageFrame<'a> {
         body: message.body,
         ts: message.ts,
         media: message.media.clone(),
+        group: group.map(|_| message.to),
+        event: match &message.event {
+            Some(Event::Group { action, members }) => Some(GroupEventJson {
+                action: action.as_str(),
+                members,
+            }),
+            _ => None,
+        },
+    }
+}
+
+/// The frame a device gets for a stored record: `receipts` for a batch of
+/// receipts, `message` for everything else.
+pub fn encode_stored(message: &MessageRecord<'_>) -> Vec<u8> {
+    match &message.event {
+        Some(Event::Receipts {
+            conversation,
+            receipts,
+        }) => {
+            social_frames::encode_receipts(message.message_id, conversation, receipts, message.ts)
+        }
+        _ => frames::encode_message(&message_frame(message)),
     }
 }
 
@@ -169,7 +193,7 @@ async fn sync_pages(
                 );
                 continue;
             };
-            let json = frames::encode_message(&message_frame(&message));
+            let json = encode_stored(&message);
             if !conn.enqueue_synced(message.message_id, Bytes::from(ws::text_frame(&json))) {
                 return Err(SyncError::Closed);
             }
@@ -198,7 +222,14 @@ pub async fn history(
     before: Option<u64>,
     limit: u16,
 ) {
-    if !ids::is_direct_member(&conversation, &conn.user_id) {
+    let member = match ids::group_of_conversation(&conversation) {
+        Some(group) => match super::groups::members(&shard, group, false).await {
+            Ok(members) => super::groups::is_member(&members, &conn.user_id),
+            Err(error) => return super::router::storage_error(&shard, &conn, "history", error),
+        },
+        None => ids::is_direct_member(&conversation, &conn.user_id),
+    };
+    if !member {
         let message = "not a conversation of this user";
         send_error(&shard, &conn, None, ErrorCode::Forbidden, message, None);
         return;

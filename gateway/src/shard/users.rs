@@ -29,6 +29,8 @@ struct UserEntry {
     typing: TokenBucket,
     /// Key-bundle fetches across all of the user's devices.
     fetches: TokenBucket,
+    /// `presence` requests across all of the user's devices.
+    presence: TokenBucket,
 }
 
 /// A user's allowances (token-bucket limits), shared by all of their devices.
@@ -37,6 +39,7 @@ pub struct UserLimits {
     pub sends: Limit,
     pub typing: Limit,
     pub fetches: Limit,
+    pub presence: Limit,
 }
 
 /// Which allowance to take from.
@@ -45,6 +48,7 @@ pub enum Allowance {
     Send,
     Typing,
     KeyFetch,
+    Presence,
 }
 
 /// Users homed on this shard with at least one connection.
@@ -72,6 +76,7 @@ impl UserTable {
                 sends: TokenBucket::full(limits.sends, now_ms),
                 typing: TokenBucket::full(limits.typing, now_ms),
                 fetches: TokenBucket::full(limits.fetches, now_ms),
+                presence: TokenBucket::full(limits.presence, now_ms),
             });
         entry.devices.push(conn);
         entry.devices.len() == 1
@@ -98,6 +103,7 @@ impl UserTable {
             Allowance::Send => (&mut entry.sends, self.limits.sends),
             Allowance::Typing => (&mut entry.typing, self.limits.typing),
             Allowance::KeyFetch => (&mut entry.fetches, self.limits.fetches),
+            Allowance::Presence => (&mut entry.presence, self.limits.presence),
         };
         bucket.try_take(limit, now_ms)
     }
@@ -134,6 +140,16 @@ impl UserTable {
             }
         }
         delivered
+    }
+
+    /// Whether `user_id` has a device here.
+    pub fn is_online(&self, user_id: &str) -> bool {
+        self.users.contains_key(user_id)
+    }
+
+    /// Calls `each` with every user that has a device here.
+    pub fn for_each_user(&self, mut each: impl FnMut(&Rc<str>)) {
+        self.users.keys().for_each(|user| each(user));
     }
 
     pub fn user_count(&self) -> usize {

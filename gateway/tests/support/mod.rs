@@ -181,7 +181,7 @@ impl Gateway {
             let frame = client.recv();
             match frame["type"].as_str() {
                 Some("synced") => break,
-                Some("message") => client.synced.push(frame),
+                Some("message" | "receipts") => client.synced.push(frame),
                 _ => panic!("unexpected frame during the connect-time sync: {frame}"),
             }
         }
@@ -574,6 +574,34 @@ impl Client {
     /// Sends `body` to `to` with client id `id`.
     pub fn send_message(&mut self, id: &str, to: &str, body: &str) {
         self.send(serde_json::json!({"type": "send", "id": id, "to": to, "body": body}));
+    }
+
+    /// Creates a group of this user and `members`; returns the group id.
+    pub fn create_group(&mut self, id: &str, members: &[&str]) -> String {
+        self.send(serde_json::json!({"type": "group_create", "id": id, "members": members}));
+        let sent = self.recv_type("sent");
+        assert_eq!(sent["id"], id, "{sent}");
+        sent["group"]
+            .as_str()
+            .expect("sent names the group")
+            .to_owned()
+    }
+
+    /// Reads frames until a `message` whose body is `body` (skipping others,
+    /// at most 1000); returns every `message` read, that one last.
+    pub fn messages_until(&mut self, body: &str) -> Vec<Value> {
+        let mut seen = Vec::new();
+        for _ in 0..1000 {
+            let frame = self.recv();
+            if frame["type"] == "message" {
+                let done = frame["body"] == body;
+                seen.push(frame);
+                if done {
+                    return seen;
+                }
+            }
+        }
+        panic!("no message {body:?} within 1000 frames");
     }
 
     /// Asks for a page of history and returns its messages (newest first).

@@ -211,13 +211,15 @@ pub fn apply(tables: &mut dyn Tables, records: &[Applied<'_>]) -> Result<Vec<usi
                         continue;
                     }
                 }
-                tables.put_send_if_absent(
-                    message.from,
-                    message.from_device,
-                    message.client_msg_id,
-                    message.message_id,
-                    message.conversation,
-                )?;
+                if is_client_send(message) {
+                    tables.put_send_if_absent(
+                        message.from,
+                        message.from_device,
+                        message.client_msg_id,
+                        message.message_id,
+                        message.conversation,
+                    )?;
+                }
                 apply_membership(tables, message)?;
                 for (user, origin_device) in inbox_targets(message) {
                     inbox_once(
@@ -241,6 +243,12 @@ pub fn apply(tables: &mut dyn Tables, records: &[Applied<'_>]) -> Result<Vec<usi
         }
     }
     Ok(unresolved)
+}
+
+/// Whether a client sent `message` under an idempotency key (receipts are
+/// made by the server and have none).
+pub fn is_client_send(message: &MessageRecord<'_>) -> bool {
+    !matches!(message.event, Some(Event::Receipts { .. }))
 }
 
 /// Whose inbox gets `message`, and for each the device that sent it when

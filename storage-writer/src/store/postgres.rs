@@ -546,14 +546,20 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
             messages.iter().map(|(_, m)| field(m)).collect()
         }
         let ids: Vec<i64> = messages.iter().map(|(_, m)| id(m.message_id)).collect();
+        let sends: Vec<_> = messages
+            .iter()
+            .filter(|(_, m)| super::is_client_send(m))
+            .map(|(raw, m)| (raw.clone(), *m))
+            .collect();
+        let send_ids: Vec<i64> = sends.iter().map(|(_, m)| id(m.message_id)).collect();
         self.client.execute(
             &statement,
             &[
-                &column(messages, |m| m.from),
-                &column(messages, |m| m.from_device),
-                &column(messages, |m| m.client_msg_id),
-                &ids,
-                &column(messages, |m| m.conversation),
+                &column(&sends, |m| m.from),
+                &column(&sends, |m| m.from_device),
+                &column(&sends, |m| m.client_msg_id),
+                &send_ids,
+                &column(&sends, |m| m.conversation),
             ],
         )?;
 
