@@ -276,3 +276,103 @@ fn users_of_a_killed_node_reconnect_elsewhere_and_lose_nothing() {
         );
     }
 }
+
+#[test]
+fn groups_receipts_and_presence_work_across_nodes() {
+    let fleet = fleet();
+    // Six members spread over three nodes; ann creates the group on node 1.
+    let names = ["ann", "ben", "cat", "dan", "eve", "fay"];
+    let mut clients: Vec<Client> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| fleet.nodes[i % 3].connect(name, "phone"))
+        .collect();
+    let group = clients[0].create_group("cg", &names[1..5]);
+    for client in &mut clients[1..5] {
+        assert_eq!(client.recv_type("message")["event"]["action"], "created");
+    }
+
+    // One send reaches every member on every node, once.
+    clients[0].send(json!({"type": "send", "id": "g1", "group": group, "body": "across"}));
+    for (client, name) in clients[1..5].iter_mut().zip(&names[1..5]) {
+        let mut seen = Vec::new();
+        assert_eq!(receive(client, 1, &mut seen), 0, "{name}: no duplicate");
+        assert_eq!(bodies(&seen), ["across"], "{name}");
+    }
+
+    // Cat (node 3) sends, so node 3 caches the member list.
+    clients[2].send(json!({"type": "send", "id": "warm", "group": group, "body": "warm"}));
+    clients[2].recv_type("sent");
+    let mut seen = Vec::new();
+    receive(&mut clients[0], 1, &mut seen);
+    assert_eq!(bodies(&seen), ["warm"]);
+
+    // Fay is added on node 2 (ben's node). Node 3's cached list is told to
+    // go (well before `group_cache_ms`): a send from node 3 right after
+    // reaches fay, who is on node 3 too.
+    clients[1]
+        .send(json!({"type": "group_add", "id": "add-fay", "group": group, "members": ["fay"]}));
+    clients[1].recv_type("sent");
+    assert_eq!(clients[5].recv_type("message")["event"]["action"], "added");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut attempt = 0;
+    let seen_by_fay = loop {
+        // dan is on node 1, eve on node 2, cat on node 3 (the sender here).
+        attempt += 1;
+        let body = format!("after add {attempt}");
+        clients[2].send(
+            json!({"type": "send", "id": format!("c{attempt}"), "group": group, "body": body}),
+        );
+        clients[2].recv_type("sent");
+        let mut seen = Vec::new();
+        receive(&mut clients[5], 1, &mut seen);
+        if bodies(&seen) == [body.as_str()] {
+            break attempt;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fay never got a message sent after her addition"
+        );
+    };
+    assert_eq!(
+        seen_by_fay, 1,
+        "the change notice reached node 3 before its next send"
+    );
+
+    // Read receipts cross nodes: eve (node 2) reads ann's (node 1) message.
+    let message_id = fleet_history_last(&mut clients[4], &group, "across");
+    clients[4].send(
+        json!({"type": "read", "conversation": format!("grp:{group}"),
+                           "up_to": message_id, "from": "ann"}),
+    );
+    let receipt = clients[0].recv_type("receipts");
+    assert_eq!(receipt["receipts"][0]["user"], "eve");
+    assert_eq!(receipt["receipts"][0]["status"], "read");
+
+    // Presence of a member on another node (they share the group).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        clients[0].send(json!({"type": "presence", "users": ["cat"]}));
+        let answer = clients[0].recv_type("presence");
+        if answer["users"][0]["online"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cat never showed online: {answer}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(fleet);
+}
+
+/// The id of the message with `body` in the group's history.
+fn fleet_history_last(client: &mut Client, group: &str, body: &str) -> String {
+    let history = client.history(&format!("grp:{group}"), None, 50);
+    history
+        .iter()
+        .find(|m| m["body"] == body)
+        .and_then(|m| m["message_id"].as_str())
+        .expect("the message is in history")
+        .to_owned()
+}

@@ -249,7 +249,7 @@ fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: OwnedSend, members: &Member
         event: None,
         recipients,
     };
-    if store_and_fan_out(shard, conn, &record, members).is_some() {
+    if store_and_fan_out(shard, conn, &record, members, None).is_some() {
         bump(&shard.metrics().group_messages, 1);
     }
 }
@@ -264,6 +264,7 @@ fn store_and_fan_out(
     conn: &Rc<Conn>,
     record: &MessageRecord<'_>,
     members: &[Box<str>],
+    notice: Option<Box<Outbound>>,
 ) -> Option<u64> {
     // Checked before the record is stored: after, hand-offs must not fail.
     if !shards_have_room(shard, members) {
@@ -301,6 +302,13 @@ fn store_and_fan_out(
         },
         crate::clock::unix_ms(),
     );
+    // A change notice goes out before the change itself: a node that hears
+    // of the change from a member has already dropped its cached list.
+    if let (Some(notice), true) = (notice, shard.backplane.is_some()) {
+        shard
+            .durability
+            .publish_when_durable(end, notice, |notice| shard.publish(*notice));
+    }
     let sent = router::sent_frame(
         record.client_msg_id,
         record.message_id,
@@ -462,9 +470,12 @@ fn apply_change(shard: &Shard, conn: &Rc<Conn>, change: &OwnedChange, current: &
         }),
         recipients: told.iter().map(|m| &**m).collect(),
     };
-    let Some(end) = store_and_fan_out(shard, conn, &record, &told) else {
+    let notice = Box::new(Outbound::GroupChanged {
+        group: group.as_str().into(),
+    });
+    if store_and_fan_out(shard, conn, &record, &told, Some(notice)).is_none() {
         return;
-    };
+    }
     bump(&shard.metrics().group_changes, 1);
     // This shard knows the new list; the others (and other nodes, once the
     // change is durable) forget theirs and reload from storage.
@@ -473,14 +484,6 @@ fn apply_change(shard: &Shard, conn: &Rc<Conn>, change: &OwnedChange, current: &
     for other in (0..shard.mesh.shard_count()).filter(|s| *s != shard.id) {
         let changed = ShardMessage::GroupChanged(group.as_str().into());
         let _ = shard.mesh.send(Sender::Shard(shard.id), other, changed);
-    }
-    if shard.backplane.is_some() {
-        let notice = Box::new(Outbound::GroupChanged {
-            group: group.into_boxed_str(),
-        });
-        shard
-            .durability
-            .publish_when_durable(end, notice, |notice| shard.publish(*notice));
     }
 }
 
