@@ -332,6 +332,7 @@ fn drive(
             media: None,
             event: None,
             recipients: Vec::new(),
+            bodies: Vec::new(),
         }
         .encode();
         let ack = args.acks.then(|| {

@@ -13,7 +13,7 @@ use chat_backplane::{Backplane, BackplaneConfig, Inbound, Sink};
 use chat_protocol::{ids, ws};
 
 use crate::config::Config;
-use crate::mesh::{Delivery, Mesh, Sender, ShardMessage};
+use crate::mesh::{Delivery, Mesh, PerDeviceDelivery, Sender, ShardMessage};
 
 struct MeshSink {
     mesh: Arc<Mesh>,
@@ -28,15 +28,20 @@ impl Sink for MeshSink {
                 message_id,
                 json,
             } => {
-                let delivery = Delivery {
-                    to_user: user.clone(),
-                    message_id: *message_id,
-                    frame: Bytes::from(ws::text_frame(json)),
+                let message = match split_bodies(json, user) {
+                    Some(frames) => ShardMessage::DeliverPerDevice(Box::new(PerDeviceDelivery {
+                        to_user: user.clone(),
+                        message_id: *message_id,
+                        frames,
+                    })),
+                    None => ShardMessage::Deliver(Delivery {
+                        to_user: user.clone(),
+                        message_id: *message_id,
+                        frame: Bytes::from(ws::text_frame(json)),
+                    }),
                 };
                 let home = ids::home_shard(user, shards);
-                self.mesh
-                    .send(Sender::External, home, ShardMessage::Deliver(delivery))
-                    .is_ok()
+                self.mesh.send(Sender::External, home, message).is_ok()
             }
             Inbound::InterestActive { user } => {
                 let home = ids::home_shard(user, shards);
@@ -68,6 +73,35 @@ impl Sink for MeshSink {
     }
 }
 
+/// A message with per-device ciphertexts, as one frame per device of
+/// `user` (its own ciphertext as `body`, the others left out); `None` for
+/// any other message.
+/// Only such a message has the key `"bodies":` at its top level (inside a
+/// JSON string a quote is escaped, so the bytes cannot appear there).
+fn split_bodies(json: &[u8], user: &str) -> Option<Vec<(Box<str>, Bytes)>> {
+    const KEY: &[u8] = br#""bodies":"#;
+    if !json.windows(KEY.len()).any(|window| window == KEY) {
+        return None;
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(json).ok()?;
+    let object = value.as_object_mut()?;
+    let bodies = object.remove("bodies")?;
+    let bodies = bodies.as_object()?;
+    let mut frames = Vec::with_capacity(bodies.len());
+    for (key, body) in bodies {
+        let Some((owner, device)) = key.split_once('/') else {
+            continue;
+        };
+        if owner != user {
+            continue;
+        }
+        object.insert("body".into(), body.clone());
+        let json = serde_json::to_vec(&object).ok()?;
+        frames.push((Box::from(device), Bytes::from(ws::text_frame(&json))));
+    }
+    Some(frames)
+}
+
 /// Starts the backplane when `nats_url` is set.
 pub fn start(config: &Config, mesh: &Arc<Mesh>) -> anyhow::Result<Option<Arc<Backplane>>> {
     if config.nats_url.is_empty() {
@@ -85,4 +119,24 @@ pub fn start(config: &Config, mesh: &Arc<Mesh>) -> anyhow::Result<Option<Arc<Bac
     )?;
     tracing::info!(url = %config.nats_url, "backplane starting");
     Ok(Some(backplane))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_per_device_message_is_split_and_each_frame_has_one_body() {
+        let plain = br#"{"type":"message","body":"he said \"bodies\": no","to":"bob"}"#;
+        assert!(split_bodies(plain, "bob").is_none());
+        let per_device = br#"{"type":"message","body":"","bodies":{"alice/pad":"c0","bob/laptop":"c1","bob/phone":"c2"}}"#;
+        let frames = split_bodies(per_device, "bob").unwrap();
+        assert_eq!(frames.len(), 2);
+        for ((device, frame), expected) in frames.iter().zip(["c1", "c2"]) {
+            let text = std::str::from_utf8(&frame[2..]).unwrap();
+            let value: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert_eq!(value["body"], expected, "{device}");
+            assert!(value.get("bodies").is_none());
+        }
+    }
 }

@@ -36,6 +36,9 @@ pub enum ShardMessage {
     /// the receiver (a group's members there): one hand-off per shard, not
     /// one per member.
     DeliverMany(Box<ManyDelivery>),
+    /// Deliver each addressed device of a user its own frame (a message
+    /// with per-device ciphertexts).
+    DeliverPerDevice(Box<PerDeviceDelivery>),
     /// A group's membership changed: forget its cached member list.
     GroupChanged(Box<str>),
     /// Stop accepting and close every connection over the drain window.
@@ -74,6 +77,14 @@ pub struct ManyDelivery {
     pub to_users: Vec<Box<str>>,
     pub message_id: u64,
     pub frame: Bytes,
+}
+
+#[derive(Debug)]
+pub struct PerDeviceDelivery {
+    pub to_user: Box<str>,
+    pub message_id: u64,
+    /// (device, its complete WebSocket frame).
+    pub frames: Vec<(Box<str>, Bytes)>,
 }
 
 /// The node's queues. Shared (`Arc`) by every shard thread.

@@ -363,6 +363,22 @@ fn groups_receipts_and_presence_work_across_nodes() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+
+    // Per-device ciphertexts cross nodes: each of cat's devices (node 3 and
+    // node 1) gets only its own from ann (node 1).
+    let mut cat_laptop = fleet.nodes[0].connect("cat", "laptop");
+    for (client, tag) in [(&mut clients[2], "phone"), (&mut cat_laptop, "laptop")] {
+        client.send(
+            json!({"type": "keys_upload", "identity_key": format!("i{tag}"),
+                           "signed_prekey": "s", "signed_prekey_signature": "g"}),
+        );
+        client.recv_type("keys_uploaded");
+    }
+    clients[0].send(json!({"type": "send", "id": "pd", "to": "cat",
+                           "bodies": {"phone": "for-phone", "laptop": "for-laptop"}}));
+    clients[0].recv_type("sent");
+    assert_eq!(clients[2].recv_type("message")["body"], "for-phone");
+    assert_eq!(cat_laptop.recv_type("message")["body"], "for-laptop");
     drop(fleet);
 }
 

@@ -25,10 +25,13 @@ pub enum ErrorCode {
     Unavailable,
     /// The group would have more members than the node allows.
     GroupFull,
+    /// A send with `bodies` left out a current device of the recipient or
+    /// of the sender's other devices; the `devices` field lists them.
+    MissingDevices,
 }
 
 /// Every error code, for metrics.
-pub const ERROR_CODES: [ErrorCode; 9] = [
+pub const ERROR_CODES: [ErrorCode; 10] = [
     ErrorCode::MalformedJson,
     ErrorCode::UnknownType,
     ErrorCode::InvalidField,
@@ -38,6 +41,7 @@ pub const ERROR_CODES: [ErrorCode; 9] = [
     ErrorCode::Forbidden,
     ErrorCode::Unavailable,
     ErrorCode::GroupFull,
+    ErrorCode::MissingDevices,
 ];
 
 impl ErrorCode {
@@ -52,6 +56,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::GroupFull => "group_full",
+            ErrorCode::MissingDevices => "missing_devices",
         }
     }
 

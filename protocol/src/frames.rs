@@ -86,6 +86,9 @@ pub struct GroupChangeFrame<'a> {
 
 /// Most members one membership change may list.
 pub const GROUP_CHANGE_MEMBERS_MAX: usize = 1024;
+/// Most devices one send's `bodies` may name (recipient's and sender's together).
+pub const BODIES_DEVICES_MAX: usize = 32;
+
 /// Most users one `presence` request may ask about.
 pub const PRESENCE_USERS_MAX: usize = 32;
 
@@ -103,8 +106,12 @@ pub struct SendFrame<'a> {
     pub to: Cow<'a, str>,
     /// `to` names a group (the frame said `"group"` instead of `"to"`).
     pub group: bool,
-    /// Opaque to the server (clients put ciphertext here).
+    /// Opaque to the server (clients put ciphertext here). Empty when `bodies` is given.
     pub body: Cow<'a, str>,
+    /// One ciphertext per device instead of `body`: each device gets only
+    /// its own. A key is a recipient's device id, or `<user>/<device>` for
+    /// any device (the sender's own other devices). Direct messages only.
+    pub bodies: Vec<(Cow<'a, str>, Cow<'a, str>)>,
     /// An attachment stored elsewhere, by reference (its key is in the body).
     pub media: Option<Media<'a>>,
 }
@@ -203,6 +210,8 @@ struct RawFrame<'a> {
     up_to: Option<Cow<'a, str>>,
     #[serde(default, borrow, deserialize_with = "string_field")]
     from: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    bodies: Option<std::collections::BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
 }
 
 /// Exactly one of `to` (a user) and `group`: the target and whether it is a group.
@@ -263,6 +272,14 @@ fn receipt_fields<'a>(
         up_to,
         from,
     })
+}
+
+/// A key of `bodies`: a device id, or `<user>/<device>`.
+fn is_device_key(key: &str) -> bool {
+    match key.split_once('/') {
+        Some((user, device)) => is_valid_id(user) && is_valid_id(device),
+        None => is_valid_id(key),
+    }
 }
 
 /// A message id as clients write it: a decimal string.
@@ -487,16 +504,45 @@ pub fn decode_client_frame(
             }
             let (to, group) =
                 target(raw.to, raw.group).map_err(|m| fail(ErrorCode::InvalidField, m))?;
-            let body = raw
-                .body
-                .ok_or_else(|| fail(ErrorCode::InvalidField, "`body` is required".into()))?;
-            if body.len() > body_bytes_max {
+            let (body, bodies) = match (raw.body, raw.bodies) {
+                (Some(body), None) => (body, Vec::new()),
+                (None, Some(bodies)) if !group => {
+                    if bodies.is_empty() || bodies.len() > BODIES_DEVICES_MAX {
+                        let message = format!("`bodies` must name 1-{BODIES_DEVICES_MAX} devices");
+                        return Err(fail(ErrorCode::InvalidField, message));
+                    }
+                    if let Some((device, _)) = bodies.iter().find(|(d, _)| !is_device_key(d)) {
+                        let message = format!(
+                            "`bodies` keys are `<device>` or `<user>/<device>`, not `{}`",
+                            truncate(device)
+                        );
+                        return Err(fail(ErrorCode::InvalidField, message));
+                    }
+                    (Cow::Borrowed(""), bodies.into_iter().collect())
+                }
+                (None, Some(_)) => {
+                    let message = "`bodies` is for direct messages; a group message has one `body`";
+                    return Err(fail(ErrorCode::InvalidField, message.into()));
+                }
+                (Some(_), Some(_)) => {
+                    return Err(fail(
+                        ErrorCode::InvalidField,
+                        "give `body` or `bodies`, not both".into(),
+                    ))
+                }
+                (None, None) => {
+                    return Err(fail(ErrorCode::InvalidField, "`body` is required".into()))
+                }
+            };
+            let longest = bodies
+                .iter()
+                .map(|(_, b)| b.len())
+                .max()
+                .unwrap_or(body.len());
+            if longest > body_bytes_max {
                 return Err(fail(
                     ErrorCode::BodyTooLarge,
-                    format!(
-                        "`body` is {} bytes; the limit is {body_bytes_max}",
-                        body.len()
-                    ),
+                    format!("`body` is {longest} bytes; the limit is {body_bytes_max}"),
                 ));
             }
             if let Some(problem) = raw.media.as_ref().and_then(Media::problem) {
@@ -507,6 +553,7 @@ pub fn decode_client_frame(
                 to,
                 group,
                 body,
+                bodies,
                 media: raw.media,
             }))
         }
@@ -570,6 +617,13 @@ fn explain_undecodable(text: &[u8]) -> FrameError {
         "up_to",
         "from",
     ];
+    if object.get("bodies").is_some() {
+        return FrameError {
+            client_msg_id,
+            code: ErrorCode::InvalidField,
+            message: "`bodies` must be an object of device id to string".into(),
+        };
+    }
     if object.get("media").is_some() {
         return FrameError {
             client_msg_id,
@@ -650,6 +704,20 @@ pub struct MessageFrame<'a> {
     /// A membership change, for a server-made message of a group.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event: Option<GroupEventJson<'a>>,
+    /// Every device's ciphertext: only between nodes (the receiving node
+    /// gives each device its own as `body`), never to a client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bodies: Option<BodiesJson<'a>>,
+}
+
+/// `{"<device>":"<ciphertext>",...}`
+#[derive(Clone, Copy)]
+pub struct BodiesJson<'a>(pub &'a [(&'a str, &'a str)]);
+
+impl Serialize for BodiesJson<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(device, body)| (device, body)))
+    }
 }
 
 /// `"event":{"action":"added","members":[...]}`

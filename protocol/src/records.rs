@@ -53,6 +53,9 @@ pub struct MessageRecord<'a> {
     /// it was sent). Empty for a 1:1 message (`to` and `from` get it). Never
     /// stored with the message: the writer strips it.
     pub recipients: Vec<&'a str>,
+    /// Per-device ciphertexts (`<user>/<device>`, body), sorted by key,
+    /// instead of `body`; each device is given only its own.
+    pub bodies: Vec<(&'a str, &'a str)>,
 }
 
 /// A server-made message: what happened, in order with the conversation's messages.
@@ -161,6 +164,9 @@ pub struct AckRecord<'a> {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Decoded one at a time on the stack and consumed at once: boxing the
+// message variant would cost an allocation per record for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Record<'a> {
     Message(MessageRecord<'a>),
     Ack(AckRecord<'a>),
@@ -228,7 +234,35 @@ impl MessageRecord<'_> {
         for recipient in &self.recipients {
             encoder.str(recipient);
         }
+        encoder.u32(self.bodies.len() as u32);
+        for (device, body) in &self.bodies {
+            encoder.str(device).long_str(body);
+        }
         encoder.bytes
+    }
+}
+
+impl<'a> MessageRecord<'a> {
+    /// The body `user`'s `device` is given: its own ciphertext when the
+    /// message has one per device (none when it was not addressed), else
+    /// the one body.
+    pub fn body_for(&self, user: &str, device: &str) -> Option<&'a str> {
+        if self.bodies.is_empty() {
+            return Some(self.body);
+        }
+        let key = format!("{user}/{device}");
+        self.bodies
+            .binary_search_by(|(k, _)| (*k).cmp(key.as_str()))
+            .ok()
+            .map(|i| self.bodies[i].1)
+    }
+
+    /// The ciphertexts addressed to `user`'s devices: (device, body).
+    pub fn bodies_of<'s>(&'s self, user: &'s str) -> impl Iterator<Item = (&'a str, &'a str)> + 's {
+        self.bodies.iter().filter_map(move |(key, body)| {
+            let (owner, device) = key.split_once('/')?;
+            (owner == user).then_some((device, *body))
+        })
     }
 
     /// The record as stored in its conversation: without the recipient list.
@@ -359,6 +393,17 @@ impl<'a> Record<'a> {
                         recipients
                     }
                 },
+                bodies: match version {
+                    1 | 2 => Vec::new(),
+                    _ => {
+                        let n = count(&mut decoder, RECIPIENTS_MAX)?;
+                        let mut bodies = Vec::with_capacity(n);
+                        for _ in 0..n {
+                            bodies.push((decoder.str()?, decoder.long_str()?));
+                        }
+                        bodies
+                    }
+                },
             }),
             KIND_ACK => Record::Ack(AckRecord {
                 user: decoder.str()?,
@@ -409,6 +454,7 @@ mod tests {
             media: None,
             event: None,
             recipients: Vec::new(),
+            bodies: Vec::new(),
         }
     }
 
@@ -439,7 +485,7 @@ mod tests {
         // Versions 1 and 2: the same fields, without the later flags
         // (event flag 1 byte, recipient count 4 bytes; then the media flag).
         let mut v2 = message().encode();
-        v2.truncate(v2.len() - 5);
+        v2.truncate(v2.len() - 9);
         v2[1] = 2;
         assert_eq!(Record::decode(&v2), Ok(Record::Message(message())));
         let mut v1 = v2.clone();
@@ -494,6 +540,24 @@ mod tests {
         };
         let bytes = presence.encode();
         assert_eq!(Record::decode(&bytes), Ok(Record::Presence(presence)));
+
+        let per_device = MessageRecord {
+            body: "",
+            bodies: vec![("alice/laptop", "c-laptop"), ("bob/phone", "c-phone")],
+            ..message()
+        };
+        let bytes = per_device.encode();
+        assert_eq!(
+            Record::decode(&bytes),
+            Ok(Record::Message(per_device.clone()))
+        );
+        assert_eq!(per_device.body_for("bob", "phone"), Some("c-phone"));
+        assert_eq!(per_device.body_for("alice", "phone"), None);
+        assert_eq!(
+            per_device.bodies_of("alice").collect::<Vec<_>>(),
+            [("laptop", "c-laptop")]
+        );
+        assert_eq!(message().body_for("bob", "tablet"), Some("ciphertext ✓"));
     }
 
     #[test]

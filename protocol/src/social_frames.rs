@@ -100,6 +100,37 @@ pub fn encode_receipts(
     })
 }
 
+#[derive(Serialize)]
+struct DeviceJson<'a> {
+    user: &'a str,
+    device: &'a str,
+}
+
+#[derive(Serialize)]
+struct MissingDevicesFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: &'a str,
+    code: &'static str,
+    message: &'a str,
+    devices: Vec<DeviceJson<'a>>,
+}
+
+/// The `error` refusing a per-device send that left out `devices`
+/// ((user, device) pairs): fetch their keys and send again.
+pub fn encode_missing_devices(client_msg_id: &str, devices: &[(String, String)]) -> Vec<u8> {
+    to_json(&MissingDevicesFrame {
+        kind: "error",
+        id: client_msg_id,
+        code: crate::codes::ErrorCode::MissingDevices.as_str(),
+        message: "`bodies` must have a ciphertext for every listed device; fetch their keys",
+        devices: devices
+            .iter()
+            .map(|(user, device)| DeviceJson { user, device })
+            .collect(),
+    })
+}
+
 /// One user's presence as the asker may see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PresenceJson<'a> {

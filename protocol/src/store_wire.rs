@@ -85,6 +85,11 @@ pub enum Request {
         req: u32,
         group: String,
     },
+    /// The devices of each of `users` in the key directory.
+    Devices {
+        req: u32,
+        users: Vec<String>,
+    },
     /// Presence of `users` as `asker` may see it: only users it shares a
     /// conversation with (a direct message either way, or a group).
     Presence {
@@ -170,6 +175,11 @@ pub enum Response {
         req: u32,
         users: Vec<PresenceAnswer>,
     },
+    /// (user, device) for every device that uploaded keys.
+    Devices {
+        req: u32,
+        devices: Vec<(String, String)>,
+    },
     /// The read was not answered. `retryable`: storage is behind or failing
     /// (try again later); otherwise the request itself is wrong.
     Failed {
@@ -188,6 +198,7 @@ const KEYS_FETCH: u8 = 6;
 const SEND_OF: u8 = 7;
 const MEMBERS: u8 = 8;
 const PRESENCE: u8 = 9;
+const DEVICES: u8 = 20;
 const DURABLE: u8 = 10;
 const SYNC_PAGE: u8 = 11;
 const MESSAGES: u8 = 12;
@@ -198,6 +209,7 @@ const KEYS: u8 = 16;
 const SEND_OF_ANSWER: u8 = 17;
 const MEMBERS_ANSWER: u8 = 18;
 const PRESENCE_ANSWER: u8 = 19;
+const DEVICES_ANSWER: u8 = 21;
 
 /// Starts a frame: room for the length, filled in by `finish`.
 fn start(kind: u8) -> Encoder {
@@ -323,6 +335,14 @@ impl Request {
                 e.u32(*req).str(group);
                 e
             }
+            Request::Devices { req, users } => {
+                let mut e = start(DEVICES);
+                e.u32(*req).u32(users.len() as u32);
+                for user in users {
+                    e.str(user);
+                }
+                e
+            }
             Request::Presence { req, asker, users } => {
                 let mut e = start(PRESENCE);
                 e.u32(*req).str(asker).u32(users.len() as u32);
@@ -400,6 +420,15 @@ impl Request {
                 req: d.u32()?,
                 group: d.str()?.to_owned(),
             },
+            DEVICES => {
+                let req = d.u32()?;
+                let count = bounded_count(d.u32()?)?;
+                let mut users = Vec::with_capacity(count);
+                for _ in 0..count {
+                    users.push(d.str()?.to_owned());
+                }
+                Request::Devices { req, users }
+            }
             PRESENCE => {
                 let req = d.u32()?;
                 let asker = d.str()?.to_owned();
@@ -488,6 +517,14 @@ impl Response {
                 e.u32(*req).u32(members.len() as u32);
                 for member in members {
                     e.str(member);
+                }
+                e
+            }
+            Response::Devices { req, devices } => {
+                let mut e = start(DEVICES_ANSWER);
+                e.u32(*req).u32(devices.len() as u32);
+                for (user, device) in devices {
+                    e.str(user).str(device);
                 }
                 e
             }
@@ -594,6 +631,15 @@ impl Response {
                     members.push(d.str()?.to_owned());
                 }
                 Response::Members { req, members }
+            }
+            DEVICES_ANSWER => {
+                let req = d.u32()?;
+                let count = bounded_count(d.u32()?)?;
+                let mut devices = Vec::with_capacity(count);
+                for _ in 0..count {
+                    devices.push((d.str()?.to_owned(), d.str()?.to_owned()));
+                }
+                Response::Devices { req, devices }
             }
             PRESENCE_ANSWER => {
                 let req = d.u32()?;
@@ -734,6 +780,17 @@ mod tests {
         round_trip_response(Response::Members {
             req: 11,
             members: vec!["alice".into(), "bob".into()],
+        });
+        round_trip_request(Request::Devices {
+            req: 13,
+            users: vec!["bob".into(), "alice".into()],
+        });
+        round_trip_response(Response::Devices {
+            req: 13,
+            devices: vec![
+                ("bob".into(), "phone".into()),
+                ("alice".into(), "laptop".into()),
+            ],
         });
         round_trip_request(Request::Presence {
             req: 12,

@@ -175,6 +175,7 @@ impl Server {
             | Request::KeysFetch { req, .. }
             | Request::SendOf { req, .. }
             | Request::Members { req, .. }
+            | Request::Devices { req, .. }
             | Request::Presence { req, .. } => *req,
             Request::Hello { .. } => 0,
         };
@@ -200,6 +201,16 @@ impl Server {
                 return refused_or(req, tables.put_device_keys(&upload), |stored| {
                     Response::KeysUploaded { req, stored }
                 });
+            }
+            Request::Devices { req, users } => {
+                let mut devices = Vec::new();
+                for user in users.iter().take(PRESENCE_USERS_MAX) {
+                    match tables.devices_of(user) {
+                        Ok(found) => devices.extend(found.into_iter().map(|d| (user.clone(), d))),
+                        Err(error) => return refused_or(req, Err(error), |r: Response| r),
+                    }
+                }
+                return Response::Devices { req, devices };
             }
             Request::KeysFetch { req, user } => {
                 return refused_or(req, tables.take_bundles(&user), |bundles| Response::Keys {
@@ -280,7 +291,10 @@ impl Server {
                         .map(|users| Response::Presence { req, users })
                 }
             }
-            Request::Hello { .. } | Request::KeysUpload { .. } | Request::KeysFetch { .. } => {
+            Request::Hello { .. }
+            | Request::KeysUpload { .. }
+            | Request::KeysFetch { .. }
+            | Request::Devices { .. } => {
                 unreachable!("answered above")
             }
         };

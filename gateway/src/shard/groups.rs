@@ -248,6 +248,7 @@ fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: OwnedSend, members: &Member
         media: send.media.clone(),
         event: None,
         recipients,
+        bodies: Vec::new(),
     };
     if store_and_fan_out(shard, conn, &record, members, None).is_some() {
         bump(&shard.metrics().group_messages, 1);
@@ -469,6 +470,7 @@ fn apply_change(shard: &Shard, conn: &Rc<Conn>, change: &OwnedChange, current: &
             members: named,
         }),
         recipients: told.iter().map(|m| &**m).collect(),
+        bodies: Vec::new(),
     };
     let notice = Box::new(Outbound::GroupChanged {
         group: group.as_str().into(),

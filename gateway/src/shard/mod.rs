@@ -14,6 +14,7 @@ mod durable;
 mod groups;
 mod keys;
 mod limits;
+mod per_device;
 mod presence;
 mod receipts;
 mod router;
@@ -237,6 +238,15 @@ impl Shard {
                 for user in &many.to_users {
                     users.deliver(user, many.message_id, &many.frame, None);
                 }
+            }
+            ShardMessage::DeliverPerDevice(delivery) => {
+                bump(&self.metrics().messages_received_cross_shard, 1);
+                self.users.borrow().deliver_per_device(
+                    &delivery.to_user,
+                    delivery.message_id,
+                    &delivery.frames,
+                    None,
+                );
             }
             ShardMessage::GroupChanged(group) => self.groups.borrow_mut().forget(&group),
             ShardMessage::Adopt(handoff) => self.adopt_handoff(*handoff),

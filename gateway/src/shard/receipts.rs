@@ -203,6 +203,7 @@ fn send_batch(shard: &Shard, target: &str, conversation: &str, entries: &[Pendin
             receipts: receipts.clone(),
         }),
         recipients: vec![target],
+        bodies: Vec::new(),
     };
     let end = match shard.durability.append(&record.encode()) {
         Ok(end) => end,

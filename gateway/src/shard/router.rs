@@ -20,9 +20,10 @@ use chat_protocol::{ids, snowflake, social_frames, ws};
 
 use super::connection::{Conn, EPHEMERAL};
 use super::dedup::{self, PriorSend};
+use super::per_device::Payload;
 use super::store_client::StoreError;
 use super::users::Allowance;
-use super::{groups, keys, presence, receipts, sync, Shard};
+use super::{groups, keys, per_device, presence, receipts, sync, Shard};
 use crate::mesh::{Delivery, Sender, ShardMessage};
 use crate::metrics::bump;
 
@@ -174,6 +175,10 @@ fn on_send(shard: &Rc<Shard>, conn: &Rc<Conn>, send: SendFrame<'_>) {
         groups::on_send(shard, conn, OwnedSend::from(send));
         return;
     }
+    if !send.bodies.is_empty() {
+        per_device::on_send(shard, conn, OwnedSend::from(send));
+        return;
+    }
     // Only devices past the warm-up bound pay for this extra look-up.
     if conn.warm_truncated() && !known_send(shard, conn, &send.client_msg_id) {
         // This device sent more than the warm-up loaded: the id may be an
@@ -205,6 +210,7 @@ pub(super) struct OwnedSend {
     /// The user, or the group.
     pub to: String,
     pub body: String,
+    pub bodies: Vec<(String, String)>,
     pub media: Option<frames::Media<'static>>,
 }
 
@@ -214,6 +220,11 @@ impl From<SendFrame<'_>> for OwnedSend {
             client_msg_id: send.client_msg_id.into_owned(),
             to: send.to.into_owned(),
             body: send.body.into_owned(),
+            bodies: send
+                .bodies
+                .into_iter()
+                .map(|(device, body)| (device.into_owned(), body.into_owned()))
+                .collect(),
             media: send.media.map(|m| frames::Media {
                 url: m.url.into_owned().into(),
                 size: m.size,
@@ -265,17 +276,32 @@ pub(super) async fn look_up_prior(
 /// Looks the send's id up in storage, then accepts the send as usual (a
 /// replay if found) and resumes the connection.
 async fn look_up_then_accept(shard: Rc<Shard>, conn: Rc<Conn>, send: OwnedSend) {
+    accept_owned(&shard, &conn, send).await;
+    conn.resume();
+}
+
+/// Accepts a direct send that waited for storage: its id is first looked
+/// up when the device is past its warm-up bound.
+pub(super) async fn accept_owned(shard: &Shard, conn: &Rc<Conn>, send: OwnedSend) {
     let conversation = ids::direct_conversation_id(&conn.user_id, &send.to);
-    match look_up_prior(&shard, &conn, &send.client_msg_id, &conversation).await {
+    let looked_up = !conn.warm_truncated()
+        || known_send(shard, conn, &send.client_msg_id)
+        || look_up_prior(shard, conn, &send.client_msg_id, &conversation).await;
+    match looked_up {
         true => {
             accept_send(
-                &shard,
-                &conn,
+                shard,
+                conn,
                 SendFrame {
                     client_msg_id: send.client_msg_id.as_str().into(),
                     to: send.to.as_str().into(),
                     group: false,
                     body: send.body.as_str().into(),
+                    bodies: send
+                        .bodies
+                        .iter()
+                        .map(|(d, b)| (d.as_str().into(), b.as_str().into()))
+                        .collect(),
                     media: send.media,
                 },
             );
@@ -284,8 +310,8 @@ async fn look_up_then_accept(shard: Rc<Shard>, conn: Rc<Conn>, send: OwnedSend) 
             // Not accepted (a new id could duplicate an older send): retry later.
             let message = "storage did not answer; retry this send";
             send_error(
-                &shard,
-                &conn,
+                shard,
+                conn,
                 Some(&send.client_msg_id),
                 ErrorCode::Unavailable,
                 message,
@@ -293,7 +319,6 @@ async fn look_up_then_accept(shard: Rc<Shard>, conn: Rc<Conn>, send: OwnedSend) 
             );
         }
     }
-    conn.resume();
 }
 
 /// The `sent` frame; a group conversation's names its group too.
@@ -376,6 +401,7 @@ fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
         media: send.media.clone(),
         event: None,
         recipients: Vec::new(),
+        bodies: send.bodies.iter().map(|(d, b)| (&**d, &**b)).collect(),
     };
     let end = match shard.durability.append(&record.encode()) {
         Ok(end) => end,
@@ -387,20 +413,14 @@ fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
             return;
         }
     };
+    // Between nodes a per-device message carries every ciphertext; the
+    // receiving node hands each device its own.
     let json = frames::encode_message(&MessageFrame {
-        kind: "message",
-        message_id: frames::IdText(message_id),
-        conversation: &conversation,
-        from: &conn.user_id,
-        from_device: &conn.device_id,
-        to: &send.to,
-        body: &send.body,
-        ts,
-        media: send.media.clone(),
-        group: None,
-        event: None,
+        bodies: (!record.bodies.is_empty()).then_some(frames::BodiesJson(&record.bodies)),
+        ..sync::message_frame(&record)
     });
-    let frame = Bytes::from(ws::text_frame(&json));
+    let payload = Payload::of(&record, &json, &send.to);
+    let own_payload = Payload::of(&record, &json, &conn.user_id);
     // Other nodes' devices of both users get it once it is durable.
     let publish = shard.backplane.is_some().then(|| {
         let mut users: Vec<Box<str>> = vec![send.to.as_ref().into()];
@@ -415,11 +435,7 @@ fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
     });
 
     if remote {
-        let delivery = ShardMessage::Deliver(Delivery {
-            to_user: send.to.as_ref().into(),
-            message_id,
-            frame: frame.clone(),
-        });
+        let delivery = payload.to_shard(&send.to, message_id);
         let handed = shard.mesh.send(Sender::Shard(shard.id), home, delivery);
         debug_assert!(handed.is_ok(), "room was checked above");
         bump(&shard.metrics().messages_routed_cross_shard, 1);
@@ -430,10 +446,10 @@ fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
     {
         let users = shard.users.borrow();
         if !to_self && home == shard.id {
-            users.deliver(&send.to, message_id, &frame, None);
+            payload.deliver(&users, &send.to, message_id, None);
         }
         // The sender's other devices see what this device sent.
-        users.deliver(&conn.user_id, message_id, &frame, Some(conn.slot));
+        own_payload.deliver(&users, &conn.user_id, message_id, Some(conn.slot));
     }
 
     let sent = frames::encode_sent(&send.client_msg_id, message_id, &conversation, ts);

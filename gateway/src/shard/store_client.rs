@@ -248,6 +248,7 @@ async fn read_loop(
                 | Response::SendOf { req, .. }
                 | Response::Keys { req, .. }
                 | Response::Members { req, .. }
+                | Response::Devices { req, .. }
                 | Response::Presence { req, .. }
                 | Response::Failed { req, .. } => shard.store.complete(req, response),
             }

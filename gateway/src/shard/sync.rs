@@ -43,6 +43,7 @@ pub fn message_frame<'a>(message: &'a MessageRecord<'a>) -> MessageFrame<'a> {
         body: message.body,
         ts: message.ts,
         media: message.media.clone(),
+        bodies: None,
         group: group.map(|_| message.to),
         event: match &message.event {
             Some(Event::Group { action, members }) => Some(GroupEventJson {
@@ -54,18 +55,23 @@ pub fn message_frame<'a>(message: &'a MessageRecord<'a>) -> MessageFrame<'a> {
     }
 }
 
-/// The frame a device gets for a stored record: `receipts` for a batch of
-/// receipts, `message` for everything else.
-pub fn encode_stored(message: &MessageRecord<'_>) -> Vec<u8> {
-    match &message.event {
+/// The frame `device` gets for a stored record: `receipts` for a batch of
+/// receipts, `message` for everything else (with the device's own
+/// ciphertext, or nothing when the message has none for it).
+pub fn encode_stored(message: &MessageRecord<'_>, user: &str, device: &str) -> Option<Vec<u8>> {
+    Some(match &message.event {
         Some(Event::Receipts {
             conversation,
             receipts,
         }) => {
             social_frames::encode_receipts(message.message_id, conversation, receipts, message.ts)
         }
-        _ => frames::encode_message(&message_frame(message)),
-    }
+        _ => {
+            let mut frame = message_frame(message);
+            frame.body = message.body_for(user, device)?;
+            frames::encode_message(&frame)
+        }
+    })
 }
 
 fn timeout(shard: &Shard) -> Duration {
@@ -193,7 +199,9 @@ async fn sync_pages(
                 );
                 continue;
             };
-            let json = encode_stored(&message);
+            let Some(json) = encode_stored(&message, &conn.user_id, &conn.device_id) else {
+                continue; // a per-device message for other devices
+            };
             if !conn.enqueue_synced(message.message_id, Bytes::from(ws::text_frame(&json))) {
                 return Err(SyncError::Closed);
             }
@@ -275,7 +283,16 @@ pub async fn history(
     let json = frames::encode_history(&HistoryFrame {
         kind: "history",
         conversation: &conversation,
-        messages: messages.iter().map(message_frame).collect(),
+        messages: messages
+            .iter()
+            .map(|message| MessageFrame {
+                // A per-device message shows this device's ciphertext only.
+                body: message
+                    .body_for(&conn.user_id, &conn.device_id)
+                    .unwrap_or(""),
+                ..message_frame(message)
+            })
+            .collect(),
     });
     conn.enqueue(Bytes::from(ws::text_frame(&json)));
 }

@@ -142,14 +142,33 @@ impl UserTable {
         delivered
     }
 
+    /// Queues to each device of `user_id` (except slot `except`) the frame
+    /// addressed to it in `frames` (device, frame); others get nothing.
+    pub fn deliver_per_device(
+        &self,
+        user_id: &str,
+        message_id: u64,
+        frames: &[(Box<str>, Bytes)],
+        except: Option<usize>,
+    ) {
+        let Some(entry) = self.users.get(user_id) else {
+            return;
+        };
+        for device in entry.devices.iter().filter(|d| Some(d.slot) != except) {
+            if let Some((_, frame)) = frames.iter().find(|(id, _)| **id == *device.device_id) {
+                device.deliver(message_id, frame.clone());
+            }
+        }
+    }
+
     /// Whether `user_id` has a device here.
     pub fn is_online(&self, user_id: &str) -> bool {
         self.users.contains_key(user_id)
     }
 
     /// Calls `each` with every user that has a device here.
-    pub fn for_each_user(&self, mut each: impl FnMut(&Rc<str>)) {
-        self.users.keys().for_each(|user| each(user));
+    pub fn for_each_user(&self, each: impl FnMut(&Rc<str>)) {
+        self.users.keys().for_each(each);
     }
 
     pub fn user_count(&self) -> usize {

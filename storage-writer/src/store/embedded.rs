@@ -319,6 +319,15 @@ impl Tables for Embedded {
         Ok(stored + upload.one_time_prekeys.len() as u32)
     }
 
+    fn devices_of(&mut self, user: &str) -> Result<Vec<String>> {
+        let mut devices = Vec::new();
+        for item in self.device_keys.prefix(key(&[user], None)).take(1024) {
+            let (k, _) = item?;
+            devices.push(text(&k[user.len() + 1..k.len() - 1])?);
+        }
+        Ok(devices)
+    }
+
     fn take_bundles(&mut self, user: &str) -> Result<Vec<(Bundle, u32)>> {
         let _serial = self.keys_lock.lock().expect("keys lock");
         let mut bundles = Vec::new();

@@ -138,6 +138,11 @@ pub trait Tables {
         anyhow::bail!("this handle does not serve the key directory")
     }
 
+    /// The devices of `user` that uploaded keys, sorted.
+    fn devices_of(&mut self, _user: &str) -> Result<Vec<String>> {
+        anyhow::bail!("this handle does not serve the key directory")
+    }
+
     /// Makes `members` members of `group` (those already in stay).
     fn add_members(&mut self, group: &str, members: &[&str]) -> Result<()>;
     /// Removes `members` from `group` (absent ones are ignored).

@@ -294,6 +294,14 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         Ok(())
     }
 
+    fn devices_of(&mut self, user: &str) -> Result<Vec<String>> {
+        let statement = self.prepared(
+            "SELECT device_id FROM device_keys WHERE user_id = $1 ORDER BY device_id LIMIT 1024",
+        )?;
+        let rows = self.client.query(&statement, &[&user])?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
     fn add_members(&mut self, group: &str, members: &[&str]) -> Result<()> {
         let statement = self.prepared(
             "INSERT INTO group_members (group_id, user_id) \

@@ -440,6 +440,12 @@ impl Tables for Scylla {
         self.execute(&self.statements.put_cursor, (user, device, cursor.encode()))
     }
 
+    fn devices_of(&mut self, user: &str) -> Result<Vec<String>> {
+        let rows: Vec<(String, String, String, String)> =
+            self.rows(&self.statements.device_keys, (user,))?;
+        Ok(rows.into_iter().map(|(device, ..)| device).collect())
+    }
+
     fn add_members(&mut self, group: &str, members: &[&str]) -> Result<()> {
         for member in members {
             self.execute(&self.statements.put_member, (group, *member))?;

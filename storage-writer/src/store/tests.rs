@@ -81,6 +81,7 @@ fn group_message(
         media: None,
         event,
         recipients: recipients.to_vec(),
+        bodies: Vec::new(),
     }
     .encode()
 }
@@ -220,6 +221,7 @@ fn message_with_client_id(id: u64, from: &str, device: &str, to: &str, client: &
         body: "x",
         media: None,
         event: None,
+        bodies: Vec::new(),
         recipients: Vec::new(),
     }
     .encode()
