@@ -8,6 +8,7 @@ mod clock;
 mod connect;
 mod cross_node;
 mod gateway_process;
+mod group;
 mod nats_peer;
 mod offline_sync;
 mod one_to_one;
@@ -45,6 +46,10 @@ enum Scenario {
     /// The storage-writer alone, fed by a synthetic shard: records/s, CPU,
     /// batch sizes, and append-to-durable latency, for any backend.
     Writer(writer::WriterArgs),
+    /// Groups of G members, one sender each, at a fixed open-loop rate:
+    /// delivery to every member, fan-out completion, and (with offline
+    /// members) their sync afterwards.
+    Group(group::GroupArgs),
     /// Two gateway nodes and nats-server: delivery latency across nodes next
     /// to within one node, in the same run.
     CrossNode(cross_node::CrossNodeArgs),
@@ -58,5 +63,6 @@ fn main() -> anyhow::Result<()> {
         Scenario::OfflineSync(args) => offline_sync::run(&args),
         Scenario::Writer(args) => writer::run(&args),
         Scenario::CrossNode(args) => cross_node::run(&args),
+        Scenario::Group(args) => group::run(&args),
     }
 }

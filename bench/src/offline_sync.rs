@@ -78,7 +78,7 @@ fn recipient(prefix: &str, index: usize) -> String {
 }
 
 /// Reads server frames until `stop` says so; calls `each` with every text frame.
-fn read_frames(
+pub fn read_frames(
     stream: &mut TcpStream,
     buffer: &mut Vec<u8>,
     deadline: Instant,

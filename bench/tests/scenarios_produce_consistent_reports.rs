@@ -335,3 +335,128 @@ fn writer_commits_every_record_and_reports_batches() {
     let statistics = report["writer_statistics"].as_str().unwrap();
     assert!(statistics.contains("records=4000"), "{statistics}");
 }
+
+#[test]
+fn group_reaches_every_online_member_and_offline_members_sync_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("group.json");
+    let svg = dir.path().join("group.svg");
+    let prefix = dir.path().join("group");
+    let table = bench(&[
+        "group",
+        "--groups",
+        "2",
+        "--size",
+        "20",
+        "--rate",
+        "20",
+        "--duration-s",
+        "1",
+        "--warmup-s",
+        "1",
+        "--offline-fraction",
+        "0.25",
+        "--json",
+        json.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+        "--hgrm-prefix",
+        prefix.to_str().unwrap(),
+    ]);
+    assert!(table.contains("15 online, 5 offline"), "{table}");
+    let report = report_at(&json);
+    let sent = report["sent"].as_u64().unwrap();
+    assert!(sent > 0);
+    assert_eq!(report["acknowledged"], sent);
+    // Every online member but the sender got every message; none were doubled.
+    assert_eq!(report["delivered"], sent * 14);
+    assert_eq!(report["expected_deliveries"], sent * 14);
+    assert_eq!(report["offline_messages_missing"], 0);
+    assert_eq!(
+        report["offline_sync_us"]["count"], 10,
+        "2 groups x 5 offline"
+    );
+    // The measured window holds only its own sends; fan-out is never faster
+    // than the first delivery it completes.
+    let fanout = &report["fanout_complete_us"];
+    assert!(fanout["count"].as_u64().unwrap() <= sent);
+    assert!(
+        fanout["p50_us"].as_u64().unwrap() >= report["delivery_us"]["p50_us"].as_u64().unwrap()
+    );
+    assert!(report["errors"].as_object().unwrap().is_empty(), "{report}");
+    for suffix in ["delivery", "fanout", "ack"] {
+        let hgrm = std::fs::read_to_string(format!("{}-{suffix}.hgrm", prefix.display())).unwrap();
+        assert!(hgrm.contains("Percentile"), "{suffix}: {hgrm}");
+    }
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+}
+
+#[test]
+fn offline_sync_drains_every_backlog_complete_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("offline.json");
+    let table = bench(&[
+        "offline-sync",
+        "--users",
+        "20",
+        "--messages",
+        "10",
+        "--send-rate",
+        "400",
+        "--threads",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(!table.is_empty());
+    let report = report_at(&json);
+    assert_eq!(report["sent"], 200);
+    assert_eq!(report["acknowledged"], 200);
+    assert_eq!(report["check"]["messages"], 200);
+    for field in ["missing", "duplicates", "out_of_order"] {
+        assert_eq!(report["check"][field], 0, "{field}: {report}");
+    }
+    assert_eq!(report["connect_to_synced"]["count"], 20);
+}
+
+#[test]
+fn cross_node_measures_both_paths_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("cross.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args([
+            "cross-node",
+            "--gateway",
+            gateway_binary().to_str().unwrap(),
+            "--pairs",
+            "5",
+            "--rate",
+            "100",
+            "--duration-s",
+            "1",
+            "--warmup-s",
+            "1",
+            "--json",
+            json.to_str().unwrap(),
+        ])
+        .env("GATEWAY_AUTH_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "bench failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = report_at(&json);
+    let sent = report["sent"].as_u64().unwrap();
+    let same = report["same_node"]["count"].as_u64().unwrap();
+    let cross = report["cross_node"]["count"].as_u64().unwrap();
+    // Alternating groups: both measured, none more than was sent.
+    assert!(same > 0 && cross > 0, "{report}");
+    assert!(same + cross <= sent, "{report}");
+    assert!(
+        report["cross_node"]["max_us"].as_u64().unwrap()
+            >= report["cross_node"]["p50_us"].as_u64().unwrap()
+    );
+}
