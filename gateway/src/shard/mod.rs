@@ -200,7 +200,9 @@ impl Shard {
         let first_here = self.users.borrow_mut().add(conn.clone(), self.now_ms());
         if first_here {
             self.interest(&conn.user_id, true);
-            self.presence.borrow_mut().came_online(&conn.user_id);
+            let mut users = self.users.borrow_mut();
+            let mut presence = self.presence.borrow_mut();
+            presence.came_online(&conn.user_id, &mut users);
         }
         let metrics = self.metrics();
         bump(&metrics.handshakes_accepted, 1);
@@ -211,10 +213,11 @@ impl Shard {
     /// Removes a connection from every table; nothing is delivered to it after.
     fn unregister(&self, conn: &Conn) {
         let last_here = self.users.borrow_mut().remove(conn);
-        if last_here {
+        if let Some(written) = last_here {
             self.interest(&conn.user_id, false);
             let now = crate::clock::unix_ms();
-            self.presence.borrow_mut().went_offline(&conn.user_id, now);
+            let mut presence = self.presence.borrow_mut();
+            presence.went_offline(&conn.user_id, now, written);
         }
         self.conns.borrow_mut().try_remove(conn.slot);
         let connections = &self.metrics().connections;

@@ -2,13 +2,14 @@
 //! client asks for the users it wants (`presence`), nothing is pushed.
 //!
 //! Owns the shard's `PresenceLog`: users homed here who came online are
-//! written within a second (once, however often they reconnect); every
+//! written within a second (once, however often they reconnect within the
+//! interval; a flag in their user-table entry says so); every
 //! `presence_interval_ms` all online users are refreshed and those who left
 //! are written offline with the time they left. Storage answers queries
 //! only about users the asker shares a conversation with. Never writes on
 //! every connect or disconnect, and never reports a stranger's presence.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use chat_protocol::{ids, ws};
 use super::connection::Conn;
 use super::router::{send_error, storage_error};
 use super::store_client::StoreError;
+use super::users::UserTable;
 use super::Shard;
 use crate::metrics::bump;
 
@@ -31,29 +33,28 @@ const ONLINE_TICK: Duration = Duration::from_secs(1);
 /// (a node that died stops refreshing).
 const STALE_AFTER_INTERVALS: f64 = 2.5;
 
-/// What this shard has written about its users, and what it has yet to.
+/// Users who left and are yet to be written offline. (Whether an online
+/// user was written is a flag in its user-table entry: no per-user set here.)
 #[derive(Default)]
 pub struct PresenceLog {
-    /// Users whose latest written state is online.
-    written_online: HashSet<Rc<str>>,
-    /// Came online and not yet written.
-    fresh: Vec<Rc<str>>,
-    /// Left (last device gone) at unix ms, not yet written.
-    gone: HashMap<Rc<str>, u64>,
+    /// Left (last device gone): when, and whether it had been written online.
+    gone: HashMap<Rc<str>, (u64, bool)>,
 }
 
 impl PresenceLog {
-    /// The user's first device here connected.
-    pub fn came_online(&mut self, user: &Rc<str>) {
-        self.gone.remove(user);
-        if !self.written_online.contains(user) {
-            self.fresh.push(user.clone());
-        }
+    /// The user's first device here connected. Back within the interval
+    /// after leaving: nothing new to write (the debounce).
+    pub fn came_online(&mut self, user: &Rc<str>, users: &mut UserTable) {
+        let written = match self.gone.remove(user) {
+            Some((_, written)) => written,
+            None => false,
+        };
+        users.set_presence_written(user, written);
     }
 
     /// The user's last device here went away.
-    pub fn went_offline(&mut self, user: &Rc<str>, now_unix_ms: u64) {
-        self.gone.insert(user.clone(), now_unix_ms);
+    pub fn went_offline(&mut self, user: &Rc<str>, now_unix_ms: u64, written: bool) {
+        self.gone.insert(user.clone(), (now_unix_ms, written));
     }
 }
 
@@ -74,50 +75,70 @@ pub async fn write_loop(shard: Rc<Shard>) {
     }
 }
 
+/// Appends what is due: users not yet written online (every tick), and on
+/// a `full` tick every online user and every departure. Records of at most
+/// `PRESENCE_USERS_MAX` users, built as it goes (no list of all users).
 fn write(shard: &Shard, full: bool) {
     let now = crate::clock::unix_ms();
-    let mut entries: Vec<(Rc<str>, bool, u64)> = Vec::new();
-    {
-        let users = shard.users.borrow();
-        let mut log = shard.presence.borrow_mut();
-        let fresh = std::mem::take(&mut log.fresh);
-        if full {
-            let gone = std::mem::take(&mut log.gone);
-            for (user, left_ms) in gone {
-                if !users.is_online(&user) {
-                    log.written_online.remove(&user);
-                    entries.push((user, false, left_ms));
-                }
-            }
-            users.for_each_user(|user| entries.push((user.clone(), true, now)));
-            for (user, ..) in entries.iter().filter(|e| e.1) {
-                log.written_online.insert(user.clone());
-            }
-        } else {
-            for user in fresh {
-                if users.is_online(&user) && log.written_online.insert(user.clone()) {
-                    entries.push((user, true, now));
-                }
-            }
+    let mut users = shard.users.borrow_mut();
+    let mut record = PresenceRecord {
+        entries: Vec::new(),
+    };
+    let flush = |record: &mut PresenceRecord<'_>| {
+        if record.entries.is_empty() {
+            return;
         }
-    }
-    for chunk in entries.chunks(PRESENCE_USERS_MAX) {
-        let record = PresenceRecord {
-            entries: chunk
-                .iter()
-                .map(|(user, online, last_seen_ms)| PresenceEntry {
-                    user,
-                    online: *online,
-                    last_seen_ms: *last_seen_ms,
-                })
-                .collect(),
-        };
         match shard.durability.append(&record.encode()) {
-            Ok(_) => bump(&shard.metrics().presence_written, chunk.len() as u64),
+            Ok(_) => bump(
+                &shard.metrics().presence_written,
+                record.entries.len() as u64,
+            ),
             // Written again at the next full refresh.
             Err(_) => bump(&shard.metrics().ring_full, 1),
         }
+        record.entries.clear();
+    };
+    let gone = if full {
+        std::mem::take(&mut shard.presence.borrow_mut().gone)
+    } else {
+        HashMap::new()
+    };
+    for (user, (left_ms, _)) in &gone {
+        if !users.is_online(user) {
+            record.entries.push(PresenceEntry {
+                user,
+                online: false,
+                last_seen_ms: *left_ms,
+            });
+            if record.entries.len() == PRESENCE_USERS_MAX {
+                flush(&mut record);
+            }
+        }
     }
+    flush(&mut record);
+    // Each user's id is copied into the record's bytes, then released.
+    let mut online: Vec<Rc<str>> = Vec::with_capacity(PRESENCE_USERS_MAX);
+    let write_online = |online: &mut Vec<Rc<str>>| {
+        let mut record = PresenceRecord {
+            entries: online
+                .iter()
+                .map(|user| PresenceEntry {
+                    user,
+                    online: true,
+                    last_seen_ms: now,
+                })
+                .collect(),
+        };
+        flush(&mut record);
+        online.clear();
+    };
+    users.write_presence(full, |user| {
+        online.push(user.clone());
+        if online.len() == PRESENCE_USERS_MAX {
+            write_online(&mut online);
+        }
+    });
+    write_online(&mut online);
 }
 
 /// `presence`: online or last seen for each of `users`, all of whom the

@@ -31,6 +31,8 @@ struct UserEntry {
     fetches: TokenBucket,
     /// `presence` requests across all of the user's devices.
     presence: TokenBucket,
+    /// Storage has been told this user is online (see `presence`).
+    presence_written: bool,
 }
 
 /// A user's allowances (token-bucket limits), shared by all of their devices.
@@ -77,21 +79,47 @@ impl UserTable {
                 typing: TokenBucket::full(limits.typing, now_ms),
                 fetches: TokenBucket::full(limits.fetches, now_ms),
                 presence: TokenBucket::full(limits.presence, now_ms),
+                presence_written: false,
             });
         entry.devices.push(conn);
         entry.devices.len() == 1
     }
 
-    /// Removes a device. True when it was the user's last device here.
-    pub fn remove(&mut self, conn: &Conn) -> bool {
+    /// Removes a device. When it was the user's last device here, says
+    /// whether storage had been told the user was online.
+    pub fn remove(&mut self, conn: &Conn) -> Option<bool> {
         if let Some(entry) = self.users.get_mut(&*conn.user_id) {
             entry.devices.retain(|device| device.slot != conn.slot);
             if entry.devices.is_empty() {
+                let written = entry.presence_written;
                 self.users.remove(&*conn.user_id);
-                return true;
+                return Some(written);
             }
         }
-        false
+        None
+    }
+
+    /// Records whether storage has been told `user_id` is online. False
+    /// when the user has no device here.
+    pub fn set_presence_written(&mut self, user_id: &str, written: bool) -> bool {
+        match self.users.get_mut(user_id) {
+            Some(entry) => {
+                entry.presence_written = written;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Calls `each` with every user that has a device here (`all`), or only
+    /// with those not yet written online, and marks each as written online.
+    pub fn write_presence(&mut self, all: bool, mut each: impl FnMut(&Rc<str>)) {
+        for (user, entry) in self.users.iter_mut() {
+            if all || !entry.presence_written {
+                entry.presence_written = true;
+                each(user);
+            }
+        }
     }
 
     /// Takes one from `user_id`'s `allowance`, or says in how many ms the next is due.
@@ -164,11 +192,6 @@ impl UserTable {
     /// Whether `user_id` has a device here.
     pub fn is_online(&self, user_id: &str) -> bool {
         self.users.contains_key(user_id)
-    }
-
-    /// Calls `each` with every user that has a device here.
-    pub fn for_each_user(&self, each: impl FnMut(&Rc<str>)) {
-        self.users.keys().for_each(each);
     }
 
     pub fn user_count(&self) -> usize {
