@@ -2,8 +2,9 @@
 //!
 //! Owns: the id rules, conversation ids and home-shard hashing (`ids`), message
 //! ids (`snowflake`), bearer tokens (`token`), the HTTP upgrade (`handshake`),
-//! WebSocket framing (`ws`), the JSON frames (`frames`; the key
-//! directory's in `keys`; groups', receipts' and presence's in `social_frames`), the stable error and close codes (`codes`), the
+//! WebSocket framing (`ws`), the JSON frames (`frames`; the key directory's
+//! in `keys`; the server frames of groups, receipts and presence in
+//! `social_frames`), the stable error and close codes (`codes`), the
 //! records shards write to the durable ring (`records`) and the read path to
 //! the storage-writer (`store_wire`), both over one binary field codec
 //! (`binary`). `docs/protocol.md` is the contract these implement.
