@@ -24,7 +24,7 @@ use crate::offline_sync::read_frames;
 use crate::report::{self, Percentiles};
 use crate::schedule::OpenLoop;
 use crate::timer::SendTimer;
-use crate::{procfs, wsclient};
+use crate::{nonblocking, procfs, wsclient};
 
 const TIMER_TOKEN: Token = Token(usize::MAX);
 /// How long after the last send the run waits for stragglers.
@@ -516,39 +516,17 @@ fn micros(now: u64, intended: u64) -> u64 {
 }
 
 fn queue_write(member: &mut Member, bytes: &[u8], poll: &Poll, index: usize) -> anyhow::Result<()> {
-    if member.output.is_empty() {
-        match member.stream.write(bytes) {
-            Ok(written) if written == bytes.len() => return Ok(()),
-            Ok(written) => member.output.extend_from_slice(&bytes[written..]),
-            Err(error) if error.kind() == ErrorKind::WouldBlock => {
-                member.output.extend_from_slice(bytes)
-            }
-            Err(error) => return Err(error.into()),
-        }
-        poll.registry().reregister(
-            &mut member.stream,
-            Token(index),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
-    } else {
-        member.output.extend_from_slice(bytes);
-    }
-    Ok(())
+    nonblocking::queue_write(
+        &mut member.stream,
+        &mut member.output,
+        bytes,
+        poll,
+        Token(index),
+    )
 }
 
 fn flush(member: &mut Member, poll: &Poll, index: usize) -> anyhow::Result<()> {
-    while !member.output.is_empty() {
-        match member.stream.write(&member.output) {
-            Ok(written) => {
-                member.output.drain(..written);
-            }
-            Err(error) if error.kind() == ErrorKind::WouldBlock => return Ok(()),
-            Err(error) => return Err(error.into()),
-        }
-    }
-    poll.registry()
-        .reregister(&mut member.stream, Token(index), Interest::READABLE)?;
-    Ok(())
+    nonblocking::flush(&mut member.stream, &mut member.output, poll, Token(index))
 }
 
 /// Connects every offline member (one at a time) and reads its sync:

@@ -10,6 +10,7 @@ mod cross_node;
 mod gateway_process;
 mod group;
 mod nats_peer;
+mod nonblocking;
 mod offline_sync;
 mod one_to_one;
 mod procfs;

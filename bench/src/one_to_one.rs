@@ -28,7 +28,7 @@ use crate::nats_peer::{self, NatsEvent, NatsServer};
 use crate::report::{self, Percentiles};
 use crate::schedule::OpenLoop;
 use crate::timer::SendTimer;
-use crate::{procfs, wsclient};
+use crate::{nonblocking, procfs, wsclient};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct OneToOneArgs {
@@ -820,39 +820,17 @@ fn worker(
 }
 
 fn queue_write(conn: &mut Conn, bytes: &[u8], poll: &Poll, index: usize) -> anyhow::Result<()> {
-    if conn.output.is_empty() {
-        match conn.stream.write(bytes) {
-            Ok(written) if written == bytes.len() => return Ok(()),
-            Ok(written) => conn.output.extend_from_slice(&bytes[written..]),
-            Err(error) if error.kind() == ErrorKind::WouldBlock => {
-                conn.output.extend_from_slice(bytes)
-            }
-            Err(error) => return Err(error.into()),
-        }
-        poll.registry().reregister(
-            &mut conn.stream,
-            Token(index),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
-    } else {
-        conn.output.extend_from_slice(bytes);
-    }
-    Ok(())
+    nonblocking::queue_write(
+        &mut conn.stream,
+        &mut conn.output,
+        bytes,
+        poll,
+        Token(index),
+    )
 }
 
 fn flush(conn: &mut Conn, poll: &Poll, index: usize) -> anyhow::Result<()> {
-    while !conn.output.is_empty() {
-        match conn.stream.write(&conn.output) {
-            Ok(written) => {
-                conn.output.drain(..written);
-            }
-            Err(error) if error.kind() == ErrorKind::WouldBlock => return Ok(()),
-            Err(error) => return Err(error.into()),
-        }
-    }
-    poll.registry()
-        .reregister(&mut conn.stream, Token(index), Interest::READABLE)?;
-    Ok(())
+    nonblocking::flush(&mut conn.stream, &mut conn.output, poll, Token(index))
 }
 
 /// Counts one arrival and, when its send was intended inside the measured

@@ -23,15 +23,22 @@ fn gateway_binary() -> PathBuf {
     binary
 }
 
+/// Runs bench with a gateway it starts itself (2 shards); returns stdout.
 fn bench(args: &[&str]) -> String {
+    let gateway = gateway_binary();
+    let spawn = [
+        "--spawn-gateway",
+        gateway.to_str().unwrap(),
+        "--gateway-arg=--shards",
+        "--gateway-arg=2",
+    ];
+    bench_as_is(&[args, &spawn[..]].concat())
+}
+
+/// Runs bench with exactly `args`; returns stdout, or fails with its output.
+fn bench_as_is(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_bench"))
         .args(args)
-        .args([
-            "--spawn-gateway",
-            gateway_binary().to_str().unwrap(),
-            "--gateway-arg=--shards",
-            "--gateway-arg=2",
-        ])
         .env("GATEWAY_AUTH_SECRET", SECRET)
         .output()
         .unwrap();
@@ -307,28 +314,21 @@ fn writer_commits_every_record_and_reports_batches() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("writer.json");
     let writer = gateway_binary().parent().unwrap().join("storage-writer");
-    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args([
-            "writer",
-            "--records",
-            "2000",
-            "--acks",
-            "--rate",
-            "2000",
-            "--writer",
-        ])
-        .arg(&writer)
-        .arg("--dir")
-        .arg(dir.path().join("w"))
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "bench writer failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let store = dir.path().join("w");
+    bench_as_is(&[
+        "writer",
+        "--records",
+        "2000",
+        "--acks",
+        "--rate",
+        "2000",
+        "--writer",
+        writer.to_str().unwrap(),
+        "--dir",
+        store.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     let report = report_at(&json);
     assert_eq!(report["records"], 4000, "messages and their acks");
     assert_eq!(report["append_to_durable"]["count"], 4000);
@@ -423,31 +423,22 @@ fn offline_sync_drains_every_backlog_complete_and_in_order() {
 fn cross_node_measures_both_paths_in_one_run() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("cross.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args([
-            "cross-node",
-            "--gateway",
-            gateway_binary().to_str().unwrap(),
-            "--pairs",
-            "5",
-            "--rate",
-            "100",
-            "--duration-s",
-            "1",
-            "--warmup-s",
-            "1",
-            "--json",
-            json.to_str().unwrap(),
-        ])
-        .env("GATEWAY_AUTH_SECRET", SECRET)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "bench failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let gateway = gateway_binary();
+    bench_as_is(&[
+        "cross-node",
+        "--gateway",
+        gateway.to_str().unwrap(),
+        "--pairs",
+        "5",
+        "--rate",
+        "100",
+        "--duration-s",
+        "1",
+        "--warmup-s",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     let report = report_at(&json);
     let sent = report["sent"].as_u64().unwrap();
     let same = report["same_node"]["count"].as_u64().unwrap();

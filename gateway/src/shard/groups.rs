@@ -199,15 +199,7 @@ async fn load_then_send(shard: Rc<Shard>, conn: Rc<Conn>, send: OwnedSend, known
     match members(&shard, &send.to, false).await {
         Ok(members) if looked_up => accept_send(&shard, &conn, send, &members),
         Ok(_) | Err(StoreError::Unavailable) => {
-            let message = "storage did not answer; retry this send";
-            send_error(
-                &shard,
-                &conn,
-                Some(&send.client_msg_id),
-                ErrorCode::Unavailable,
-                message,
-                Some(1_000),
-            );
+            router::not_answered(&shard, &conn, &send.client_msg_id);
         }
         Err(error) => storage_error(&shard, &conn, "send", error),
     }

@@ -17,7 +17,7 @@ use chat_protocol::store_wire::{Request, Response};
 use chat_protocol::{frames, social_frames, ws};
 
 use super::connection::Conn;
-use super::router::{self, send_error, OwnedSend};
+use super::router::{self, OwnedSend};
 use super::sync::message_frame;
 use super::users::UserTable;
 use super::Shard;
@@ -110,15 +110,7 @@ async fn check_then_accept(shard: Rc<Shard>, conn: Rc<Conn>, send: OwnedSend) {
     let devices = match response {
         Ok(Response::Devices { devices, .. }) => devices,
         _ => {
-            let message = "storage did not answer; retry this send";
-            send_error(
-                &shard,
-                &conn,
-                Some(&send.client_msg_id),
-                ErrorCode::Unavailable,
-                message,
-                Some(1_000),
-            );
+            router::not_answered(&shard, &conn, &send.client_msg_id);
             conn.resume();
             return;
         }

@@ -308,15 +308,7 @@ pub(super) async fn accept_owned(shard: &Shard, conn: &Rc<Conn>, send: OwnedSend
         }
         false => {
             // Not accepted (a new id could duplicate an older send): retry later.
-            let message = "storage did not answer; retry this send";
-            send_error(
-                shard,
-                conn,
-                Some(&send.client_msg_id),
-                ErrorCode::Unavailable,
-                message,
-                Some(1_000),
-            );
+            not_answered(shard, conn, &send.client_msg_id);
         }
     }
 }
@@ -605,6 +597,20 @@ fn count_client_error(shard: &Shard, conn: &Conn) {
     if conn.count_error(shard.now_ms(), shard.config.protocol_errors_max) {
         conn.request_close(CloseCode::PolicyViolation);
     }
+}
+
+/// A send (or change) that needed storage, which did not answer: not
+/// accepted (a new id could duplicate an older send); retry later.
+pub(super) fn not_answered(shard: &Shard, conn: &Conn, client_msg_id: &str) {
+    let message = "storage did not answer; retry this send";
+    send_error(
+        shard,
+        conn,
+        Some(client_msg_id),
+        ErrorCode::Unavailable,
+        message,
+        Some(1_000),
+    );
 }
 
 /// Tells the client a storage request for `what` failed: retry later, or
