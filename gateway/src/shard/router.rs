@@ -412,7 +412,11 @@ fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: SendFrame<'_>) {
         ..sync::message_frame(&record)
     });
     let payload = Payload::of(&record, &json, &send.to);
-    let own_payload = Payload::of(&record, &json, &conn.user_id);
+    // The sender's other devices: the same frame, or their own ciphertexts.
+    let own_payload = match &payload {
+        Payload::Shared(frame) => Payload::Shared(frame.clone()),
+        Payload::PerDevice(_) => Payload::of(&record, &json, &conn.user_id),
+    };
     // Other nodes' devices of both users get it once it is durable.
     let publish = shard.backplane.is_some().then(|| {
         let mut users: Vec<Box<str>> = vec![send.to.as_ref().into()];
