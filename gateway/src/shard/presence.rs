@@ -37,6 +37,9 @@ const STALE_AFTER_INTERVALS: f64 = 2.5;
 /// user was written is a flag in its user-table entry: no per-user set here.)
 #[derive(Default)]
 pub struct PresenceLog {
+    /// Users who came online and were not written since the last tick (a
+    /// tick with none scans nothing).
+    fresh: usize,
     /// Left (last device gone): when, and whether it had been written online.
     gone: HashMap<Rc<str>, (u64, bool)>,
 }
@@ -50,6 +53,9 @@ impl PresenceLog {
             None => false,
         };
         users.set_presence_written(user, written);
+        if !written {
+            self.fresh += 1;
+        }
     }
 
     /// The user's last device here went away.
@@ -98,11 +104,18 @@ fn write(shard: &Shard, full: bool) {
         }
         record.entries.clear();
     };
-    let gone = if full {
-        std::mem::take(&mut shard.presence.borrow_mut().gone)
-    } else {
-        HashMap::new()
+    let (gone, fresh) = {
+        let mut log = shard.presence.borrow_mut();
+        let gone = if full {
+            std::mem::take(&mut log.gone)
+        } else {
+            HashMap::new()
+        };
+        (gone, std::mem::take(&mut log.fresh))
     };
+    if !full && fresh == 0 {
+        return; // an idle shard does no work per user
+    }
     for (user, (left_ms, _)) in &gone {
         if !users.is_online(user) {
             record.entries.push(PresenceEntry {
