@@ -51,6 +51,24 @@ fn each_device_gets_only_its_own_ciphertext_and_a_missing_device_is_listed() {
         upload_keys(client, tag);
     }
 
+    // The device list costs no one-time prekey: a fetch after it still gets one.
+    for _ in 0..2 {
+        alice_phone.send(json!({"type": "devices", "user": "bob"}));
+        let listed = alice_phone.recv_type("devices");
+        assert_eq!(listed["devices"], json!(["phone", "tablet"]), "{listed}");
+    }
+    alice_phone.send(json!({"type": "keys_fetch", "user": "bob"}));
+    let keys = alice_phone.recv_type("keys");
+    for device in keys["devices"].as_array().unwrap() {
+        assert!(device["one_time_prekey"].is_string(), "{keys}");
+    }
+    // That fetch left each of bob's devices with none: both of them hear it.
+    for client in [&mut bob_phone, &mut bob_tablet] {
+        for _ in 0..2 {
+            assert_eq!(client.recv_type("keys_low")["remaining"], 0);
+        }
+    }
+
     // Leaving out bob's tablet and alice's own laptop: refused, both listed.
     alice_phone.send(json!({"type": "send", "id": "p1", "to": "bob",
                             "bodies": {"phone": "for-bob-phone"}}));

@@ -20,6 +20,11 @@ pub enum ClientFrame<'a> {
     Ping,
     /// `{"type":"keys_upload",...}`: this device's public keys.
     KeysUpload(KeysUpload<'a>),
+    /// `{"type":"devices","user":"<user>"}`: the user's devices in the key
+    /// directory (no prekey is taken).
+    Devices {
+        user: Cow<'a, str>,
+    },
     /// `{"type":"keys_fetch","user":"<user>"}`: a bundle per device of `user`.
     KeysFetch {
         user: Cow<'a, str>,
@@ -353,6 +358,13 @@ pub fn decode_client_frame(
                 None => Ok(ClientFrame::KeysUpload(upload)),
             }
         }
+        Some("devices") => match raw.user {
+            Some(user) if is_valid_id(&user) => Ok(ClientFrame::Devices { user }),
+            _ => Err(fail(
+                ErrorCode::InvalidField,
+                "`user` must be a user id".into(),
+            )),
+        },
         Some("keys_fetch") => match raw.user {
             Some(user) if is_valid_id(&user) => Ok(ClientFrame::KeysFetch { user }),
             _ => Err(fail(

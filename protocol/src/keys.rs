@@ -92,6 +92,16 @@ pub fn encode_keys(user: &str, devices: &[Bundle]) -> Vec<u8> {
     .expect("keys frames serialize")
 }
 
+/// `devices`: the devices of `user` that uploaded keys, sorted.
+pub fn encode_devices(user: &str, devices: &[&str]) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "type": "devices",
+        "user": user,
+        "devices": devices,
+    }))
+    .expect("devices frames serialize")
+}
+
 /// `keys_uploaded`: how many one-time prekeys the device now has stored.
 pub fn encode_uploaded(stored: u32) -> Vec<u8> {
     format!(r#"{{"type":"keys_uploaded","one_time_prekeys":{stored}}}"#).into_bytes()

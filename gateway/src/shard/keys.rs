@@ -70,6 +70,25 @@ pub async fn upload(shard: Rc<Shard>, conn: Rc<Conn>, upload: OwnedUpload) {
     }
 }
 
+/// Answers with the devices of `user` in the key directory (so a sender
+/// knows whom to encrypt for without taking one-time prekeys).
+pub async fn devices(shard: Rc<Shard>, conn: Rc<Conn>, user: String) {
+    let users = vec![user.clone()];
+    let response = shard
+        .store
+        .request(|req| Request::Devices { req, users }, timeout(&shard))
+        .await;
+    match response {
+        Ok(Response::Devices { devices, .. }) => {
+            let names: Vec<&str> = devices.iter().map(|(_, device)| device.as_str()).collect();
+            let json = keys::encode_devices(&user, &names);
+            conn.enqueue(Bytes::from(ws::text_frame(&json)));
+        }
+        Ok(_) => storage_error(&shard, &conn, "devices", StoreError::Unavailable),
+        Err(error) => storage_error(&shard, &conn, "devices", error),
+    }
+}
+
 /// Answers with a bundle per device of `user`, and tells `user`'s devices
 /// when a device's one-time prekeys run low.
 pub async fn fetch(shard: Rc<Shard>, conn: Rc<Conn>, user: String) {

@@ -101,6 +101,16 @@ pub fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &[u8]) {
                 keys::owned(upload),
             ));
         }
+        Ok(ClientFrame::Devices { user }) => {
+            let message = "too many key fetches by this user";
+            if take_allowance(shard, conn, Allowance::KeyFetch, None, message, false) {
+                monoio::spawn(keys::devices(
+                    shard.clone(),
+                    conn.clone(),
+                    user.into_owned(),
+                ));
+            }
+        }
         Ok(ClientFrame::KeysFetch { user }) => {
             let message = "too many key fetches by this user";
             if take_allowance(shard, conn, Allowance::KeyFetch, None, message, false) {
