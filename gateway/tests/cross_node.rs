@@ -27,6 +27,8 @@ fn node_flags(database: &Postgres, nats: &NatsServer, node_id: u16) -> Vec<Strin
         nats.url(),
         "--resync-window-ms".into(),
         "200".into(),
+        "--presence-interval-ms".into(),
+        "400".into(),
     ]);
     flags
 }
@@ -379,6 +381,28 @@ fn groups_receipts_and_presence_work_across_nodes() {
     clients[0].recv_type("sent");
     assert_eq!(clients[2].recv_type("message")["body"], "for-phone");
     assert_eq!(cat_laptop.recv_type("message")["body"], "for-laptop");
+
+    // Presence is per node: cat's laptop leaving node 1 does not make cat
+    // offline while the phone is on node 3; the phone leaving does.
+    let cat_presence = |ann: &mut Client| {
+        ann.send(json!({"type": "presence", "users": ["cat"]}));
+        ann.recv_type("presence")["users"][0].clone()
+    };
+    cat_laptop.close();
+    std::thread::sleep(Duration::from_millis(1_200)); // three intervals
+    assert_eq!(cat_presence(&mut clients[0])["online"], true);
+    let cat_phone = clients.remove(2);
+    cat_phone.close();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let cat = cat_presence(&mut clients[0]);
+        if cat["online"] == false {
+            assert!(cat["last_seen"].is_u64(), "{cat}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "cat never went offline: {cat}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     drop(fleet);
 }
 

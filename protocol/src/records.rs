@@ -141,9 +141,12 @@ impl ReceiptStatus {
 }
 
 /// Users online on a shard now, or gone offline at `last_seen_ms`: written
-/// debounced, so presence costs storage a record per interval, not per connect.
+/// debounced, so presence costs storage a record per interval, not per
+/// connect. Kept per node: a user with devices on two nodes is online while
+/// either says so.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PresenceRecord<'a> {
+    pub node: u16,
     pub entries: Vec<PresenceEntry<'a>>,
 }
 
@@ -281,6 +284,7 @@ impl PresenceRecord<'_> {
         encoder
             .u8(KIND_PRESENCE)
             .u8(RECORD_VERSION)
+            .u16(self.node)
             .u32(self.entries.len() as u32);
         for entry in &self.entries {
             encoder
@@ -411,6 +415,7 @@ impl<'a> Record<'a> {
                 message_id: decoder.u64()?,
             }),
             KIND_PRESENCE => {
+                let node = decoder.u16()?;
                 let n = count(&mut decoder, PRESENCE_USERS_MAX)?;
                 let mut entries = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -420,7 +425,7 @@ impl<'a> Record<'a> {
                         last_seen_ms: decoder.u64()?,
                     });
                 }
-                Record::Presence(PresenceRecord { entries })
+                Record::Presence(PresenceRecord { node, entries })
             }
             _ => return Err(DecodeError("unknown record kind")),
         };
@@ -532,6 +537,7 @@ mod tests {
         assert_eq!(Record::decode(&bytes), Ok(Record::Message(receipts)));
 
         let presence = PresenceRecord {
+            node: 3,
             entries: vec![PresenceEntry {
                 user: "bob",
                 online: false,

@@ -74,9 +74,12 @@ CREATE TABLE IF NOT EXISTS group_members (
 );
 CREATE INDEX IF NOT EXISTS groups_by_member ON group_members (user_id, group_id);
 
--- Each user's latest presence, written debounced by its node.
+-- Each user's latest presence as each node last wrote it (debounced): a
+-- user with devices on two nodes is online while either says so.
 CREATE TABLE IF NOT EXISTS presence (
-    user_id      TEXT    PRIMARY KEY,
+    user_id      TEXT    NOT NULL,
+    node_id      INTEGER NOT NULL,
     online       BOOLEAN NOT NULL,
-    last_seen_ms BIGINT  NOT NULL
+    last_seen_ms BIGINT  NOT NULL,
+    PRIMARY KEY (user_id, node_id)
 );

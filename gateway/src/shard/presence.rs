@@ -87,7 +87,9 @@ pub async fn write_loop(shard: Rc<Shard>) {
 fn write(shard: &Shard, full: bool) {
     let now = crate::clock::unix_ms();
     let mut users = shard.users.borrow_mut();
+    let node = shard.config.node_id;
     let mut record = PresenceRecord {
+        node,
         entries: Vec::new(),
     };
     let flush = |record: &mut PresenceRecord<'_>| {
@@ -133,6 +135,7 @@ fn write(shard: &Shard, full: bool) {
     let mut online: Vec<Rc<str>> = Vec::with_capacity(PRESENCE_USERS_MAX);
     let write_online = |online: &mut Vec<Rc<str>>| {
         let mut record = PresenceRecord {
+            node,
             entries: online
                 .iter()
                 .map(|user| PresenceEntry {

@@ -156,10 +156,10 @@ impl Tables for Embedded {
     fn groups_of(&mut self, user: &str) -> Result<Vec<String>> {
         self.groups_of_user(user)
     }
-    fn put_presence(&mut self, entries: &[PresenceEntry<'_>]) -> Result<()> {
-        self.put_presence_entries(entries)
+    fn put_presence(&mut self, node: u16, entries: &[PresenceEntry<'_>]) -> Result<()> {
+        self.put_presence_entries(node, entries)
     }
-    fn presence(&mut self, user: &str) -> Result<Option<Presence>> {
+    fn presence(&mut self, user: &str) -> Result<Vec<Presence>> {
         self.presence_of(user)
     }
     fn message(&mut self, conversation: &str, message_id: u64) -> Result<Option<Vec<u8>>> {
@@ -478,10 +478,10 @@ impl Tables for EmbeddedWriter {
     fn groups_of(&mut self, user: &str) -> Result<Vec<String>> {
         self.store.groups_of_user(user)
     }
-    fn put_presence(&mut self, entries: &[PresenceEntry<'_>]) -> Result<()> {
-        self.store.put_presence_entries(entries)
+    fn put_presence(&mut self, node: u16, entries: &[PresenceEntry<'_>]) -> Result<()> {
+        self.store.put_presence_entries(node, entries)
     }
-    fn presence(&mut self, user: &str) -> Result<Option<Presence>> {
+    fn presence(&mut self, user: &str) -> Result<Vec<Presence>> {
         self.store.presence_of(user)
     }
 }

@@ -47,7 +47,10 @@ const SCAN_CHUNK: usize = 256;
 /// every membership read (a group's size is bounded far below it).
 pub const MEMBERSHIP_READ_MAX: usize = 8192;
 
-/// A user's latest presence record.
+/// Nodes whose presence rows are read for one user.
+pub const PRESENCE_NODES_MAX: usize = 64;
+
+/// A node's latest presence entry for a user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Presence {
     pub online: bool,
@@ -151,9 +154,10 @@ pub trait Tables {
     fn members(&mut self, group: &str) -> Result<Vec<String>>;
     /// The groups `user` is a member of, at most `MEMBERSHIP_READ_MAX`.
     fn groups_of(&mut self, user: &str) -> Result<Vec<String>>;
-    /// Overwrites each user's presence with its entry.
-    fn put_presence(&mut self, entries: &[PresenceEntry<'_>]) -> Result<()>;
-    fn presence(&mut self, user: &str) -> Result<Option<Presence>>;
+    /// Overwrites what `node` says of each user's presence with its entry.
+    fn put_presence(&mut self, node: u16, entries: &[PresenceEntry<'_>]) -> Result<()>;
+    /// What each node last said of `user` (at most `PRESENCE_NODES_MAX`).
+    fn presence(&mut self, user: &str) -> Result<Vec<Presence>>;
 
     /// Applies acknowledgements all at once (after `put_new_messages`), as
     /// `apply_ack` would one by one. Returns the positions in `acks` whose
@@ -244,7 +248,7 @@ pub fn apply(tables: &mut dyn Tables, records: &[Applied<'_>]) -> Result<Vec<usi
                     unresolved.push(index);
                 }
             }
-            Record::Presence(presence) => tables.put_presence(&presence.entries)?,
+            Record::Presence(presence) => tables.put_presence(presence.node, &presence.entries)?,
         }
     }
     Ok(unresolved)
@@ -332,7 +336,7 @@ fn apply_set_based(tables: &mut dyn Tables, records: &[Applied<'_>]) -> Result<O
         }
     }
     for record in presence {
-        tables.put_presence(&record.entries)?;
+        tables.put_presence(record.node, &record.entries)?;
     }
     if acks.is_empty() {
         return Ok(Some(Vec::new()));
@@ -525,13 +529,25 @@ pub fn presence(
             let mine = asker_groups.as_ref().expect("just read");
             shared = !mine.is_empty() && tables.groups_of(user)?.iter().any(|g| mine.contains(g));
         }
-        let state = if shared { tables.presence(user)? } else { None };
+        let rows = if shared {
+            tables.presence(user)?
+        } else {
+            Vec::new()
+        };
+        // Online if any node says so (the freshest such row: the gateway
+        // discards one too old, from a node that stopped writing); last seen
+        // is the latest any node saw.
+        let freshest_online = rows
+            .iter()
+            .filter(|r| r.online)
+            .map(|r| r.last_seen_ms)
+            .max();
         answers.push(PresenceAnswer {
             user: user.clone(),
             shared,
-            online: state.is_some_and(|s| s.online),
-            updated_ms: state.map_or(0, |s| s.last_seen_ms),
-            last_seen_ms: state.map(|s| s.last_seen_ms),
+            online: freshest_online.is_some(),
+            updated_ms: freshest_online.unwrap_or(0),
+            last_seen_ms: rows.iter().map(|r| r.last_seen_ms).max(),
         });
     }
     Ok(answers)

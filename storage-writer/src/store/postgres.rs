@@ -337,11 +337,11 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
-    fn put_presence(&mut self, entries: &[PresenceEntry<'_>]) -> Result<()> {
+    fn put_presence(&mut self, node: u16, entries: &[PresenceEntry<'_>]) -> Result<()> {
         let statement = self.prepared(
-            "INSERT INTO presence (user_id, online, last_seen_ms) \
-             SELECT * FROM UNNEST($1::text[], $2::bool[], $3::bigint[]) \
-             ON CONFLICT (user_id) DO UPDATE \
+            "INSERT INTO presence (user_id, node_id, online, last_seen_ms) \
+             SELECT u, $1, o, s FROM UNNEST($2::text[], $3::bool[], $4::bigint[]) AS t(u, o, s) \
+             ON CONFLICT (user_id, node_id) DO UPDATE \
              SET online = EXCLUDED.online, last_seen_ms = EXCLUDED.last_seen_ms",
         )?;
         // One row per user (a record never names a user twice, but be sure:
@@ -353,18 +353,24 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         let users: Vec<&str> = latest.keys().copied().collect();
         let online: Vec<bool> = latest.values().map(|e| e.online).collect();
         let seen: Vec<i64> = latest.values().map(|e| id(e.last_seen_ms)).collect();
-        self.client.execute(&statement, &[&users, &online, &seen])?;
+        let node = i32::from(node);
+        self.client
+            .execute(&statement, &[&node, &users, &online, &seen])?;
         Ok(())
     }
 
-    fn presence(&mut self, user: &str) -> Result<Option<Presence>> {
+    fn presence(&mut self, user: &str) -> Result<Vec<Presence>> {
         let statement =
-            self.prepared("SELECT online, last_seen_ms FROM presence WHERE user_id = $1")?;
-        let row = self.client.query_opt(&statement, &[&user])?;
-        Ok(row.map(|row| Presence {
-            online: row.get(0),
-            last_seen_ms: row.get::<_, i64>(1) as u64,
-        }))
+            self.prepared("SELECT online, last_seen_ms FROM presence WHERE user_id = $1 LIMIT $2")?;
+        let limit = super::PRESENCE_NODES_MAX as i64;
+        let rows = self.client.query(&statement, &[&user, &limit])?;
+        Ok(rows
+            .iter()
+            .map(|row| Presence {
+                online: row.get(0),
+                last_seen_ms: row.get::<_, i64>(1) as u64,
+            })
+            .collect())
     }
 
     fn put_device_keys(&mut self, upload: &DeviceKeys<'_>) -> Result<u32> {

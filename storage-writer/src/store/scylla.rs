@@ -168,8 +168,8 @@ impl ScyllaBackend {
                 delete_group_of: prepare(format!("DELETE FROM {k}.groups_by_member WHERE user_id = ? AND group_id = ?")).await?,
                 members: prepare(format!("SELECT user_id FROM {k}.group_members WHERE group_id = ? LIMIT ?")).await?,
                 groups_of: prepare(format!("SELECT group_id FROM {k}.groups_by_member WHERE user_id = ? LIMIT ?")).await?,
-                put_presence: prepare(format!("INSERT INTO {k}.presence (user_id, online, last_seen_ms) VALUES (?, ?, ?)")).await?,
-                presence: prepare(format!("SELECT online, last_seen_ms FROM {k}.presence WHERE user_id = ?")).await?,
+                put_presence: prepare(format!("INSERT INTO {k}.presence (user_id, node_id, online, last_seen_ms) VALUES (?, ?, ?, ?)")).await?,
+                presence: prepare(format!("SELECT online, last_seen_ms FROM {k}.presence WHERE user_id = ? LIMIT ?")).await?,
             };
             anyhow::Ok((session, statements))
         })?;
@@ -474,22 +474,31 @@ impl Tables for Scylla {
         Ok(rows.into_iter().map(|(group,)| group).collect())
     }
 
-    fn put_presence(&mut self, entries: &[PresenceEntry<'_>]) -> Result<()> {
+    fn put_presence(&mut self, node: u16, entries: &[PresenceEntry<'_>]) -> Result<()> {
         for entry in entries {
             self.execute(
                 &self.statements.put_presence,
-                (entry.user, entry.online, id(entry.last_seen_ms)),
+                (
+                    entry.user,
+                    i32::from(node),
+                    entry.online,
+                    id(entry.last_seen_ms),
+                ),
             )?;
         }
         Ok(())
     }
 
-    fn presence(&mut self, user: &str) -> Result<Option<Presence>> {
-        let rows: Vec<(bool, i64)> = self.rows(&self.statements.presence, (user,))?;
-        Ok(rows.into_iter().next().map(|(online, seen)| Presence {
-            online,
-            last_seen_ms: seen as u64,
-        }))
+    fn presence(&mut self, user: &str) -> Result<Vec<Presence>> {
+        let limit = super::PRESENCE_NODES_MAX as i32;
+        let rows: Vec<(bool, i64)> = self.rows(&self.statements.presence, (user, limit))?;
+        Ok(rows
+            .into_iter()
+            .map(|(online, seen)| Presence {
+                online,
+                last_seen_ms: seen as u64,
+            })
+            .collect())
     }
 
     fn put_device_keys(&mut self, upload: &DeviceKeys<'_>) -> Result<u32> {

@@ -161,6 +161,7 @@ fn presence_is_told_only_to_users_who_share_a_conversation(fixture: &Fixture) {
         members: vec!["alice", "bob"],
     };
     let presence = PresenceRecord {
+        node: 3,
         entries: vec![
             PresenceEntry {
                 user: "bob",
@@ -185,6 +186,16 @@ fn presence_is_told_only_to_users_who_share_a_conversation(fixture: &Fixture) {
             group_message(1, "g3", "alice", &["alice", "bob"], Some(create)),
             message(2, "alice", "d", "erin"),
             presence.encode(),
+            // Bob's other device was on node 4 and left: node 3 still has him.
+            PresenceRecord {
+                node: 4,
+                entries: vec![PresenceEntry {
+                    user: "bob",
+                    online: false,
+                    last_seen_ms: 70,
+                }],
+            }
+            .encode(),
         ],
         false,
     );
@@ -192,6 +203,8 @@ fn presence_is_told_only_to_users_who_share_a_conversation(fixture: &Fixture) {
     let users: Vec<String> = ["bob", "erin", "frank"].map(String::from).to_vec();
     let answers = super::presence(&mut *reader, "alice", &users).unwrap();
     assert!(answers[0].shared && answers[0].online, "a fellow member");
+    assert_eq!(answers[0].updated_ms, 50, "node 3's online row");
+    assert_eq!(answers[0].last_seen_ms, Some(70), "the latest any node saw");
     assert!(answers[1].shared && !answers[1].online);
     assert_eq!(answers[1].last_seen_ms, Some(40), "a direct conversation");
     assert!(!answers[2].shared, "a stranger");

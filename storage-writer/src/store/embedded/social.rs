@@ -2,14 +2,15 @@
 //!
 //! Owns their key layout: `members` (`group\0member`), its reverse
 //! `member_of` (`member\0group`), both written together so either side can
-//! be listed by prefix, and `presence` (`user` → online byte, last seen as
-//! big-endian unix ms). Never reads past `MEMBERSHIP_READ_MAX` keys.
+//! be listed by prefix, and `presence` (`user\0` + big-endian node id →
+//! online byte, last seen as big-endian unix ms). Never reads past
+//! `MEMBERSHIP_READ_MAX` keys (`PRESENCE_NODES_MAX` for presence).
 
 use anyhow::Result;
 use chat_protocol::records::PresenceEntry;
 
 use super::{key, text, Embedded};
-use crate::store::{Presence, MEMBERSHIP_READ_MAX};
+use crate::store::{Presence, MEMBERSHIP_READ_MAX, PRESENCE_NODES_MAX};
 
 impl Embedded {
     pub(super) fn add_members_to(&self, group: &str, members: &[&str]) -> Result<()> {
@@ -48,24 +49,36 @@ impl Embedded {
         Self::listed(&self.member_of, user)
     }
 
-    pub(super) fn put_presence_entries(&self, entries: &[PresenceEntry<'_>]) -> Result<()> {
+    pub(super) fn put_presence_entries(
+        &self,
+        node: u16,
+        entries: &[PresenceEntry<'_>],
+    ) -> Result<()> {
         for entry in entries {
+            let mut row = key(&[entry.user], None);
+            row.extend_from_slice(&node.to_be_bytes());
             let mut value = [0u8; 9];
             value[0] = u8::from(entry.online);
             value[1..].copy_from_slice(&entry.last_seen_ms.to_be_bytes());
-            self.presence.insert(entry.user, value)?;
+            self.presence.insert(row, value)?;
         }
         Ok(())
     }
 
-    pub(super) fn presence_of(&self, user: &str) -> Result<Option<Presence>> {
-        let Some(value) = self.presence.get(user)? else {
-            return Ok(None);
-        };
-        anyhow::ensure!(value.len() == 9, "bad presence value in store");
-        Ok(Some(Presence {
-            online: value[0] != 0,
-            last_seen_ms: u64::from_be_bytes(value[1..].try_into()?),
-        }))
+    pub(super) fn presence_of(&self, user: &str) -> Result<Vec<Presence>> {
+        let mut rows = Vec::new();
+        for item in self
+            .presence
+            .prefix(key(&[user], None))
+            .take(PRESENCE_NODES_MAX)
+        {
+            let (_, value) = item?;
+            anyhow::ensure!(value.len() == 9, "bad presence value in store");
+            rows.push(Presence {
+                online: value[0] != 0,
+                last_seen_ms: u64::from_be_bytes(value[1..].try_into()?),
+            });
+        }
+        Ok(rows)
     }
 }
