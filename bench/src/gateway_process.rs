@@ -10,6 +10,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+/// Makes a server bench starts (a gateway, a writer, nats-server) get
+/// SIGTERM when the spawning thread ends: a bench killed by a signal runs no
+/// destructors, and must not leave servers running.
+pub fn die_with_this_thread(command: &mut Command) {
+    // SAFETY: between fork and exec only prctl, which is async-signal-safe,
+    // is called; it touches no memory of the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(command, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Which gateway a scenario talks to, and how clients reach it. Shared by every scenario.
 #[derive(clap::Args, Debug, Clone)]
 pub struct GatewayTarget {
@@ -215,7 +231,9 @@ impl GatewayProcess {
         ));
         std::fs::create_dir_all(&data_dir)?;
         let data_dir = TempDir(data_dir);
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        die_with_this_thread(&mut command);
+        let child = command
             .args([
                 "--listen",
                 &ws.to_string(),

@@ -258,6 +258,12 @@ pub fn run(args: &GroupArgs) -> anyhow::Result<()> {
         report.delivered,
         report.expected_deliveries
     );
+    anyhow::ensure!(
+        report.acknowledged == report.sent,
+        "only {} of {} sends were acknowledged (made durable) in time",
+        report.acknowledged,
+        report.sent
+    );
     Ok(())
 }
 

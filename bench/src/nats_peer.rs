@@ -43,7 +43,9 @@ impl NatsServer {
             &config,
             format!("listen: \"127.0.0.1:{client_port}\"\nwebsocket {{\n  host: \"127.0.0.1\"\n  port: {}\n  no_tls: true\n}}\n", websocket.port()),
         )?;
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        crate::gateway_process::die_with_this_thread(&mut command);
+        let child = command
             .args(["-c", config.to_str().context("config path")?])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -95,6 +95,13 @@ impl CommitLoop {
             let still_pending = loop {
                 match self.commit(&chunks, &pending) {
                     Ok(still_pending) => break still_pending,
+                    Err(error) if self.stop.load(Ordering::Relaxed) => {
+                        // Nothing in it was acknowledged, and the rings keep
+                        // it: the next writer commits it. Retrying forever
+                        // would only keep this process from stopping.
+                        tracing::warn!(%error, "stopping with a batch not committed; it stays in the rings for the next writer");
+                        return;
+                    }
                     Err(error) => {
                         tracing::warn!(%error, retry_in = ?backoff, "batch not committed; retrying");
                         std::thread::sleep(backoff);

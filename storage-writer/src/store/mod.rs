@@ -82,6 +82,13 @@ pub struct InboxEntry {
 pub trait Tables {
     fn message(&mut self, conversation: &str, message_id: u64) -> Result<Option<Vec<u8>>>;
     fn put_message(&mut self, conversation: &str, message_id: u64, record: &[u8]) -> Result<()>;
+    /// Several messages at once, each `None` when absent. A backend where a
+    /// round trip per row is the cost (PostgreSQL) reads them in one.
+    fn messages(&mut self, keys: &[(&str, u64)]) -> Result<Vec<Option<Vec<u8>>>> {
+        keys.iter()
+            .map(|(conversation, message_id)| self.message(conversation, *message_id))
+            .collect()
+    }
     /// Newest first, ids below `before` (all when `None`).
     fn history(
         &mut self,
@@ -477,29 +484,52 @@ pub fn sync_page(
     loop {
         let entries = tables.inbox_after(user, after, SCAN_CHUNK)?;
         let exhausted = entries.len() < SCAN_CHUNK;
-        for entry in entries {
-            if page.entries.len() >= limit || bytes >= bytes_max || scanned >= scan_max {
+        // The entries this page may take (count bounds), read in one call.
+        let mut wanted = Vec::new();
+        let mut stop_at = entries.len();
+        for (index, entry) in entries.iter().enumerate() {
+            if page.entries.len() + wanted.len() >= limit || scanned >= scan_max {
+                stop_at = index;
+                break;
+            }
+            scanned += 1;
+            let own = entry.origin_device == device;
+            if !own && !cursor.as_ref().is_some_and(|c| c.is_acked(entry.seq)) {
+                wanted.push(index);
+            }
+        }
+        let keys: Vec<(&str, u64)> = wanted
+            .iter()
+            .map(|&i| (entries[i].conversation.as_str(), entries[i].message_id))
+            .collect();
+        let mut records = wanted
+            .iter()
+            .copied()
+            .zip(tables.messages(&keys)?)
+            .peekable();
+        for (index, entry) in entries.iter().enumerate().take(stop_at) {
+            if bytes >= bytes_max {
                 page.more = true;
                 return Ok(page);
             }
-            scanned += 1;
             after = entry.seq;
             page.last_seq = entry.seq;
-            if entry.origin_device == device {
+            let Some((_, record)) = records.next_if(|(wanted, _)| *wanted == index) else {
                 continue;
-            }
-            if cursor.as_ref().is_some_and(|c| c.is_acked(entry.seq)) {
-                continue;
-            }
+            };
             // Missing only while its batch is half applied; the device was
             // online for it then (see ARCHITECTURE.md), so skipping is safe.
-            if let Some(record) = tables.message(&entry.conversation, entry.message_id)? {
+            if let Some(record) = record {
                 bytes += record.len();
                 page.entries.push(SyncEntry {
                     seq: entry.seq,
                     record,
                 });
             }
+        }
+        if stop_at < entries.len() {
+            page.more = true;
+            return Ok(page);
         }
         if exhausted {
             return Ok(page);

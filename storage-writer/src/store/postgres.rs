@@ -129,6 +129,29 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         Ok(row.map(|row| row.get(0)))
     }
 
+    fn messages(&mut self, keys: &[(&str, u64)]) -> Result<Vec<Option<Vec<u8>>>> {
+        if keys.len() <= 1 {
+            return keys.iter().map(|(c, m)| self.message(c, *m)).collect();
+        }
+        let statement = self.prepared(
+            "SELECT m.conversation, m.message_id, m.record FROM messages m \
+             JOIN UNNEST($1::text[], $2::bigint[]) AS k(conversation, message_id) \
+             ON m.conversation = k.conversation AND m.message_id = k.message_id",
+        )?;
+        let conversations: Vec<&str> = keys.iter().map(|(c, _)| *c).collect();
+        let ids: Vec<i64> = keys.iter().map(|(_, m)| id(*m)).collect();
+        let mut found: std::collections::HashMap<(String, i64), Vec<u8>> = self
+            .client
+            .query(&statement, &[&conversations, &ids])?
+            .into_iter()
+            .map(|row| ((row.get(0), row.get(1)), row.get(2)))
+            .collect();
+        Ok(keys
+            .iter()
+            .map(|(c, m)| found.remove(&((*c).to_owned(), id(*m))))
+            .collect())
+    }
+
     fn put_message(&mut self, conversation: &str, message_id: u64, record: &[u8]) -> Result<()> {
         let statement = self.prepared(
             "INSERT INTO messages (conversation, message_id, record) VALUES ($1, $2, $3) \
