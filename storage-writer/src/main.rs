@@ -3,8 +3,9 @@
 //!
 //! Owns start-up and shutdown: parse the flags, open the backend, attach the
 //! rings already in the ring directory, start the commit thread and the read
-//! path, tell systemd it is ready, and on SIGTERM finish the batch in hand and
-//! exit. Never serves clients directly; the gateway does.
+//! path, tell systemd it is ready, and on SIGTERM finish the batch in hand
+//! (or, when storage cannot take it, leave it in the rings for the next
+//! writer) and exit. Never serves clients directly; the gateway does.
 
 mod backend;
 mod commit;
