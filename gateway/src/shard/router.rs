@@ -1,12 +1,16 @@
 //! What a shard does with a client's text frame: validate, dedupe, number, route, answer.
 //!
-//! Owns the send path of protocol v1: idempotency look-up, snowflake id,
+//! Owns the dispatch of every client frame, the per-user allowances they
+//! take, and the 1:1 send path: idempotency look-up, snowflake id,
 //! conversation id, the record appended to the shard's ring, one encoding of
 //! the `message` frame shared by every device, local delivery or a hand-off to
 //! the recipient's home shard, and `sent` once the record is durable. Also
-//! routes `ack` (a ring record) and starts `sync` and `history` (tasks in
-//! `sync`). Runs on the sending connection's shard. Never does I/O and never
-//! awaits; never delivers a message before its record is in the ring.
+//! routes `ack` (a ring record) and typing; groups, receipts, presence,
+//! per-device sends, keys, sync and history live in their own modules. Runs
+//! on the sending connection's shard. Never does I/O; a frame that must wait
+//! for storage runs as a task while its connection's later frames wait (so
+//! their order is kept). Never delivers a message before its record is in
+//! the ring.
 
 use std::rc::Rc;
 

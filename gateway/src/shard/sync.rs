@@ -1,7 +1,8 @@
 //! The reads a device asks for, served from storage: sync (on connect and on
 //! request), history, and warming idempotency after a restart.
 //!
-//! Owns paging a sync (each page read only once the device's outbox has room,
+//! Owns turning a stored record into the frame a device gets (`message`,
+//! with its group event or its own per-device ciphertext; `receipts`), paging a sync (each page read only once the device's outbox has room,
 //! so a large backlog never overruns the send queue), the `synced` frame, and
 //! the end of the device's sync hold (live messages that arrived meanwhile,
 //! minus those the sync already sent). Runs as tasks on the shard; never

@@ -1,7 +1,8 @@
 //! The per-core user table: which connections each user homed on this shard
-//! has, and each user's send allowance.
+//! has, each user's allowances, and whether its presence was written.
 //!
-//! Owns the map from user id to that user's live devices and send bucket.
+//! Owns the map from user id to that user's live devices and token buckets
+//! (sends, typing, key fetches, presence).
 //! Belongs to one shard thread (`Rc`, `!Send`); every device of a user is here,
 //! so delivery to all of them is a local loop and the rate limit holds across
 //! devices with no locks. Never does I/O: it queues frames.
