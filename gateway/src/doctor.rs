@@ -7,19 +7,14 @@
 
 use std::fmt::Write;
 
-/// Bytes of kernel memory one server-side socket costs when idle (TCP object,
-/// inode, file, dentry) plus a pending io_uring poll: measured on the build
-/// machines (MACHINE-NOTES.md).
-pub const KERNEL_BYTES_PER_IDLE_CONNECTION: u64 = 3_700 + 860;
-/// User-space bytes per idle connection, measured with `bench connect` (ARCHITECTURE.md).
-pub const USER_BYTES_PER_IDLE_CONNECTION: u64 = 1_100;
-/// Socket buffer memory budgeted per connection under load (tcp_mem is sized for this).
-pub const BUFFER_BYTES_PER_CONNECTION: u64 = 8 * 1024;
+use crate::limits::{
+    BUFFER_BYTES_PER_CONNECTION, KERNEL_BYTES_PER_IDLE_CONNECTION, USER_BYTES_PER_IDLE_CONNECTION,
+};
 /// Share of physical memory the connections may take; the rest is for bursts,
 /// the storage writer and the OS.
 const MEMORY_SHARE_PERCENT: u64 = 70;
 /// Backlog the gateway asks for on each shard's listener.
-const LISTEN_BACKLOG: u64 = 4096;
+const LISTEN_BACKLOG: u64 = crate::limits::LISTEN_BACKLOG as u64;
 
 /// What the audit reads from the host.
 #[derive(Debug, Clone, Default)]

@@ -9,6 +9,7 @@ mod backplane_link;
 mod clock;
 mod config;
 mod doctor;
+mod limits;
 mod mesh;
 mod metrics;
 mod node;

@@ -23,8 +23,6 @@ use crate::{admin, backplane_link, secret, supervisor, writer_process};
 const FD_RESERVE_BASE: u64 = 64;
 /// Per shard: its listener, io_uring or epoll fd, eventfd, timer.
 const FD_RESERVE_PER_SHARD: u64 = 8;
-/// Listen backlog; the kernel caps it at net.core.somaxconn (see tuning/).
-const LISTEN_BACKLOG: i32 = 4096;
 
 pub fn run(config: Config) -> anyhow::Result<()> {
     let secret = Arc::new(secret::resolve(&config)?);
@@ -175,7 +173,7 @@ fn bind_shard_listeners(address: SocketAddr, shards: usize) -> anyhow::Result<Ve
         socket
             .bind(&address.into())
             .with_context(|| format!("binding {address}"))?;
-        socket.listen(LISTEN_BACKLOG)?;
+        socket.listen(crate::limits::LISTEN_BACKLOG as i32)?;
         let listener: TcpListener = socket.into();
         address = listener.local_addr()?;
         listeners.push(listener);

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use crate::codes::ErrorCode;
 use crate::ids::{self, is_valid_id};
 use crate::keys::KeysUpload;
+pub use crate::media::Media;
 use crate::records::GroupAction;
 
 /// A frame a client sent, validated.
@@ -89,18 +90,10 @@ pub struct GroupChangeFrame<'a> {
     pub members: Vec<Cow<'a, str>>,
 }
 
-/// Most members one membership change may list.
-pub const GROUP_CHANGE_MEMBERS_MAX: usize = 1024;
-/// Most devices one send's `bodies` may name (recipient's and sender's together).
-pub const BODIES_DEVICES_MAX: usize = 32;
-
-/// Most users one `presence` request may ask about.
-pub const PRESENCE_USERS_MAX: usize = 32;
-
-/// Most messages one `history` request returns.
-pub const HISTORY_LIMIT_MAX: u16 = 100;
-/// What `history` returns when the client names no `limit`.
-pub const HISTORY_LIMIT_DEFAULT: u16 = 50;
+pub use crate::limits::{
+    BODIES_DEVICES_MAX, GROUP_CHANGE_MEMBERS_MAX, HISTORY_LIMIT_DEFAULT, HISTORY_LIMIT_MAX,
+    PRESENCE_QUERY_USERS_MAX,
+};
 
 /// `{"type":"send","id":...,"to":...,"body":...}`
 #[derive(Debug, PartialEq, Eq)]
@@ -121,46 +114,43 @@ pub struct SendFrame<'a> {
     pub media: Option<Media<'a>>,
 }
 
-/// Largest attachment a `media` reference may announce: 2 GiB.
-pub const MEDIA_BYTES_MAX: u64 = 2 * 1024 * 1024 * 1024;
-/// Longest `media.url`.
-pub const MEDIA_URL_BYTES_MAX: usize = 2048;
-
-/// `"media":{"url":"https://...","size":123,"sha256":"<64 hex>"}`: a file
-/// the client uploaded elsewhere. The server checks its shape and limits
-/// only; it never fetches it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Media<'a> {
-    #[serde(borrow)]
-    pub url: Cow<'a, str>,
-    pub size: u64,
-    #[serde(borrow)]
-    pub sha256: Cow<'a, str>,
+impl SendFrame<'_> {
+    /// The same send with every field owned, for a task that outlives the
+    /// input buffer (a send that waits for storage).
+    pub fn into_owned(self) -> SendFrame<'static> {
+        SendFrame {
+            client_msg_id: Cow::Owned(self.client_msg_id.into_owned()),
+            to: Cow::Owned(self.to.into_owned()),
+            group: self.group,
+            body: Cow::Owned(self.body.into_owned()),
+            bodies: self
+                .bodies
+                .into_iter()
+                .map(|(device, body)| {
+                    (
+                        Cow::Owned(device.into_owned()),
+                        Cow::Owned(body.into_owned()),
+                    )
+                })
+                .collect(),
+            media: self.media.map(Media::into_owned),
+        }
+    }
 }
 
-impl Media<'_> {
-    /// Why this reference is refused, if it is.
-    pub fn problem(&self) -> Option<String> {
-        if !self.url.starts_with("https://") || self.url.len() > MEDIA_URL_BYTES_MAX {
-            return Some(format!(
-                "`media.url` must be an https:// URL of at most {MEDIA_URL_BYTES_MAX} bytes"
-            ));
+impl GroupChangeFrame<'_> {
+    /// The same change with every field owned (it waits for storage).
+    pub fn into_owned(self) -> GroupChangeFrame<'static> {
+        GroupChangeFrame {
+            client_msg_id: Cow::Owned(self.client_msg_id.into_owned()),
+            group: self.group.map(|group| Cow::Owned(group.into_owned())),
+            action: self.action,
+            members: self
+                .members
+                .into_iter()
+                .map(|member| Cow::Owned(member.into_owned()))
+                .collect(),
         }
-        if self
-            .url
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Some("`media.url` must not contain spaces or control characters".into());
-        }
-        if self.size == 0 || self.size > MEDIA_BYTES_MAX {
-            return Some(format!("`media.size` must be 1-{MEDIA_BYTES_MAX} bytes"));
-        }
-        if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Some("`media.sha256` must be 64 hex digits".into());
-        }
-        None
     }
 }
 
@@ -420,7 +410,7 @@ pub fn decode_client_frame(
                 "`group` must be a group id".into(),
             )),
         },
-        Some("presence") => id_list(raw.users, "users", PRESENCE_USERS_MAX, false)
+        Some("presence") => id_list(raw.users, "users", PRESENCE_QUERY_USERS_MAX, false)
             .map(|users| ClientFrame::Presence { users })
             .map_err(|message| fail(ErrorCode::InvalidField, message)),
         Some("read") => {
@@ -1072,7 +1062,7 @@ mod read_path_frame_tests {
                 error.message
             );
         }
-        let many: Vec<String> = (0..=PRESENCE_USERS_MAX)
+        let many: Vec<String> = (0..=PRESENCE_QUERY_USERS_MAX)
             .map(|i| format!("\"u{i}\""))
             .collect();
         let text = format!(r#"{{"type":"presence","users":[{}]}}"#, many.join(","));

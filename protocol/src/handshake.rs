@@ -4,8 +4,7 @@
 //! extraction (`Authorization: Bearer` or `?token=`) and the response bytes.
 //! Never verifies the token itself (that is `token`) and never reads a socket.
 
-/// Most headers accepted in an upgrade request.
-const HEADERS_MAX: usize = 32;
+use crate::limits::UPGRADE_HEADERS_MAX;
 
 /// A valid upgrade request.
 #[derive(Debug, PartialEq, Eq)]
@@ -51,7 +50,7 @@ pub fn parse_upgrade(
     ws_path: &str,
     request_bytes_max: usize,
 ) -> Result<Option<(UpgradeRequest, usize)>, HandshakeError> {
-    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let mut headers = [httparse::EMPTY_HEADER; UPGRADE_HEADERS_MAX];
     let mut request = httparse::Request::new(&mut headers);
     let length = match request.parse(input) {
         Ok(httparse::Status::Complete(length)) => length,

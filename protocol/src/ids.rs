@@ -6,9 +6,7 @@
 
 use std::hash::Hasher;
 
-/// Longest user, device or client message id, in bytes. Bounds the user table's
-/// key size and the idempotency table's key size.
-pub const ID_LENGTH_MAX: usize = 64;
+pub use crate::limits::ID_LENGTH_MAX;
 
 /// True when `id` is 1–64 characters of `[A-Za-z0-9_.-]`.
 pub fn is_valid_id(id: &str) -> bool {

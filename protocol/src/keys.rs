@@ -9,12 +9,7 @@ use std::borrow::Cow;
 
 use serde::Serialize;
 
-/// Longest key, in base64 characters.
-pub const KEY_CHARS_MAX: usize = 1024;
-/// One-time prekeys in one upload.
-pub const UPLOAD_PREKEYS_MAX: usize = 100;
-/// One-time prekeys stored per device; an upload past it is refused.
-pub const STORED_PREKEYS_MAX: u32 = 1000;
+pub use crate::limits::{KEY_CHARS_MAX, STORED_PREKEYS_MAX, UPLOAD_PREKEYS_MAX};
 
 /// `{"type":"keys_upload", ...}`: a device's identity key, signed prekey and
 /// a batch of one-time prekeys.
@@ -24,6 +19,22 @@ pub struct KeysUpload<'a> {
     pub signed_prekey: Cow<'a, str>,
     pub signed_prekey_signature: Cow<'a, str>,
     pub one_time_prekeys: Vec<Cow<'a, str>>,
+}
+
+impl KeysUpload<'_> {
+    /// The same upload with every key owned (it waits for storage).
+    pub fn into_owned(self) -> KeysUpload<'static> {
+        KeysUpload {
+            identity_key: Cow::Owned(self.identity_key.into_owned()),
+            signed_prekey: Cow::Owned(self.signed_prekey.into_owned()),
+            signed_prekey_signature: Cow::Owned(self.signed_prekey_signature.into_owned()),
+            one_time_prekeys: self
+                .one_time_prekeys
+                .into_iter()
+                .map(|key| Cow::Owned(key.into_owned()))
+                .collect(),
+        }
+    }
 }
 
 /// Whether `key` is a plausible base64 key (the server never decodes it).

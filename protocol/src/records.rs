@@ -9,7 +9,7 @@
 use std::borrow::Cow;
 
 use crate::binary::{DecodeError, Decoder, Encoder};
-use crate::frames::Media;
+use crate::media::Media;
 
 /// Version of the record field lists this build writes. Version 2 added an
 /// optional media reference to messages, version 3 an optional event (a
@@ -24,12 +24,7 @@ const KIND_MESSAGE: u8 = 1;
 const KIND_ACK: u8 = 2;
 const KIND_PRESENCE: u8 = 3;
 
-/// Most recipients of one message (a group's members): bounds the record.
-pub const RECIPIENTS_MAX: usize = 4096;
-/// Most receipts one stored batch carries.
-pub const RECEIPTS_MAX: usize = 1024;
-/// Most users one presence record reports.
-pub const PRESENCE_USERS_MAX: usize = 1024;
+pub use crate::limits::{PRESENCE_RECORD_USERS_MAX, RECEIPTS_PER_RECORD_MAX, RECIPIENTS_MAX};
 
 /// One accepted `send`: stored in its conversation, indexed in the inbox of
 /// the recipient and of the sender's user (for the sender's other devices),
@@ -319,7 +314,7 @@ fn decode_event<'a>(decoder: &mut Decoder<'a>) -> Result<Option<Event<'a>>, Deco
         }
         2 => {
             let conversation = decoder.str()?;
-            let n = count(decoder, RECEIPTS_MAX)?;
+            let n = count(decoder, RECEIPTS_PER_RECORD_MAX)?;
             let mut receipts = Vec::with_capacity(n);
             for _ in 0..n {
                 receipts.push(Receipt {
@@ -416,7 +411,7 @@ impl<'a> Record<'a> {
             }),
             KIND_PRESENCE => {
                 let node = decoder.u16()?;
-                let n = count(&mut decoder, PRESENCE_USERS_MAX)?;
+                let n = count(&mut decoder, PRESENCE_RECORD_USERS_MAX)?;
                 let mut entries = Vec::with_capacity(n);
                 for _ in 0..n {
                     entries.push(PresenceEntry {

@@ -4,14 +4,13 @@
 //! it writes), its read requests (sync pages, history, recent sends for
 //! idempotency), and the writer's answers plus `Durable` notices (the ring
 //! position up to which records are committed, which releases `sent`).
-//! Every frame is `[len u32][kind u8][fields]`, bounded by `FRAME_BYTES_MAX`.
+//! Every frame is `[len u32][kind u8][fields]`, bounded by `READ_FRAME_BYTES_MAX`.
 //! Never carries JSON: the gateway turns stored records into client frames.
 
 use crate::binary::{DecodeError, Decoder, Encoder};
 use crate::keys::Bundle;
 
-/// Largest frame either side sends or accepts.
-pub const FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
+pub use crate::limits::{READ_FRAME_BYTES_MAX, READ_USERS_MAX};
 
 /// Where a sync page starts in a user's inbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,13 +225,13 @@ fn finish(encoder: Encoder) -> Vec<u8> {
 }
 
 /// The length of the frame at the front of `buffer`, once its prefix is in.
-/// Errors when the prefix announces more than `FRAME_BYTES_MAX`.
+/// Errors when the prefix announces more than `READ_FRAME_BYTES_MAX`.
 pub fn frame_len(buffer: &[u8]) -> Result<Option<usize>, DecodeError> {
     let Some(prefix) = buffer.get(..4) else {
         return Ok(None);
     };
     let len = u32::from_le_bytes(prefix.try_into().expect("4")) as usize;
-    if len == 0 || len > FRAME_BYTES_MAX {
+    if len == 0 || len > READ_FRAME_BYTES_MAX {
         return Err(DecodeError("frame length out of bounds"));
     }
     Ok(Some(4 + len))

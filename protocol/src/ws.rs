@@ -12,10 +12,7 @@ use tungstenite::protocol::frame::FrameHeader;
 
 use crate::codes::CloseCode;
 
-/// Longest possible frame header (2 + 8 length bytes + 4 mask bytes).
-pub const HEADER_BYTES_MAX: usize = 14;
-/// Control frames carry at most 125 bytes (RFC 6455 §5.5).
-const CONTROL_PAYLOAD_MAX: u64 = 125;
+pub use crate::limits::{WS_CONTROL_PAYLOAD_MAX, WS_HEADER_BYTES_MAX};
 
 /// One complete thing the peer said.
 #[derive(Debug, PartialEq, Eq)]
@@ -158,7 +155,7 @@ fn check_header(
         return Err(CloseCode::ProtocolError);
     }
     if let OpCode::Control(_) = header.opcode {
-        if !header.is_final || payload_len > CONTROL_PAYLOAD_MAX {
+        if !header.is_final || payload_len > WS_CONTROL_PAYLOAD_MAX {
             return Err(CloseCode::ProtocolError);
         }
     }
@@ -220,7 +217,7 @@ fn encode(opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>, output: &mut Ve
 
 /// A complete text frame around `payload`.
 pub fn text_frame(payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(HEADER_BYTES_MAX + payload.len());
+    let mut frame = Vec::with_capacity(WS_HEADER_BYTES_MAX + payload.len());
     encode_frame(OpCode::Data(Data::Text), payload, &mut frame);
     frame
 }

@@ -1,28 +1,39 @@
-//! Accepting sockets and the WebSocket handshake, on whichever shard the kernel picked.
+//! Accepting sockets and the WebSocket handshake, on whichever shard the
+//! kernel picked, and adopting the socket on its user's home shard.
 //!
 //! Owns the accept loop (capacity check, back-off on fd exhaustion), the
-//! bounded, timed handshake read, token verification, and the hand-off of an
-//! authenticated socket to its user's home shard. Refusals are HTTP answers
-//! (401, 4xx, 503), never a dropped socket. Never serves WebSocket frames.
+//! bounded, timed handshake read, token verification, the hand-off of an
+//! authenticated socket to its user's home shard, and adoption there
+//! (register the connection, answer 101, say `hello`, start its socket
+//! task). Refusals are HTTP answers (401, 4xx, 503), never a dropped
+//! socket. Never serves WebSocket frames itself (`socket.rs` does).
 
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use chat_protocol::frames::{self, HelloFrame};
 use chat_protocol::handshake::{self, HandshakeError, UpgradeRequest};
-use chat_protocol::ids;
+use chat_protocol::{ids, ws, PROTOCOL_VERSION};
 use monoio::net::{TcpListener, TcpStream};
 
-use super::{refusal_503, Shard};
+use super::socket;
+use super::state::conn::Conn;
+use super::state::token_bucket::TokenBucket;
+use super::state::Shard;
+use crate::limits::FD_EXHAUSTED_PAUSE_MS;
 use crate::mesh::{Handoff, Sender, ShardMessage};
 use crate::metrics::{bump, Refusal};
 use crate::sock;
 
 /// The WebSocket endpoint's path.
 pub const WS_PATH: &str = "/ws";
-/// Pause after the process runs out of file descriptors, so the accept loop
-/// does not spin while connections close.
-const FD_EXHAUSTED_PAUSE_MS: u64 = 50;
+
+/// A 503 refusal, sent when the node is full or draining.
+fn refusal_503(body: &str) -> Vec<u8> {
+    handshake::refusal(503, "Service Unavailable", body)
+}
 
 enum Accepted {
     Socket(std::io::Result<(TcpStream, std::net::SocketAddr)>),
@@ -191,7 +202,7 @@ fn route_to_home(
 ) {
     let home = ids::home_shard(user_id, shard.mesh.shard_count());
     if home == shard.id {
-        shard.adopt(stream, user_id, device_id, &accept_key, early_bytes);
+        adopt(shard, stream, user_id, device_id, &accept_key, early_bytes);
         return;
     }
     let socket = match sock::duplicate(stream.as_raw_fd()) {
@@ -231,4 +242,97 @@ fn route_to_home(
             shard.node.release_connection();
         }
     }
+}
+
+/// Adopts a socket another shard handed over (its user is homed here).
+pub fn adopt_handoff(shard: &Rc<Shard>, handoff: Handoff) {
+    bump(&shard.metrics().handoffs_received, 1);
+    let Handoff {
+        socket,
+        user_id,
+        device_id,
+        accept_key,
+        early_bytes,
+    } = handoff;
+    match TcpStream::from_std(socket) {
+        Ok(socket) => adopt(
+            shard,
+            socket,
+            &user_id,
+            &device_id,
+            &accept_key,
+            early_bytes,
+        ),
+        Err(error) => {
+            tracing::warn!(%error, "could not adopt a handed-off socket");
+            shard.node.release_connection();
+        }
+    }
+}
+
+/// Registers an authenticated socket whose user is homed here, answers the
+/// upgrade, says hello and starts serving it.
+pub fn adopt(
+    shard: &Rc<Shard>,
+    socket: TcpStream,
+    user_id: &str,
+    device_id: &str,
+    accept_key: &str,
+    early_bytes: Vec<u8>,
+) {
+    if shard.draining.get() {
+        shard.metrics().refused(Refusal::Draining);
+        sock::send_best_effort(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            &refusal_503("node is draining"),
+        );
+        shard.node.release_connection();
+        return;
+    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+    let _ = socket.set_nodelay(true);
+    if shard.config.socket_send_buffer_bytes > 0 {
+        if let Err(error) = sock::set_send_buffer(fd, shard.config.socket_send_buffer_bytes) {
+            tracing::debug!(%error, "SO_SNDBUF not set");
+        }
+    }
+    let user_id = shard
+        .users
+        .borrow()
+        .interned(user_id)
+        .unwrap_or_else(|| Rc::from(user_id));
+    let conn = {
+        let mut conns = shard.conns.borrow_mut();
+        let slot = conns.vacant_key();
+        let frames = TokenBucket::full(shard.frames_limit(), shard.monotonic_ms());
+        let conn = Rc::new(Conn::new(
+            slot,
+            user_id,
+            device_id,
+            shard.config.send_queue_bytes_max,
+            frames,
+            shard.monotonic_ms(),
+        ));
+        conns.insert(conn.clone());
+        conn
+    };
+    let hello = frames::encode_hello(&HelloFrame {
+        kind: "hello",
+        protocol: PROTOCOL_VERSION,
+        user: &conn.user_id,
+        device: &conn.device_id,
+        heartbeat_interval_ms: shard.config.heartbeat_interval_ms,
+        heartbeat_timeout_ms: shard.config.heartbeat_timeout_ms,
+        body_bytes_max: shard.config.body_bytes_max,
+        message_bytes_max: shard.config.message_bytes_max,
+    });
+    conn.enqueue(Bytes::from(handshake::switching_protocols(accept_key)));
+    conn.enqueue(Bytes::from(ws::text_frame(&hello)));
+    // Registered before the client can see `hello`, so anything sent to the
+    // user after the client reads `hello` reaches this device: live, or
+    // held while the connect-time sync runs (then de-duplicated against it).
+    conn.begin_sync();
+    shard.register(&conn);
+    bump(&shard.metrics().handshakes_accepted, 1);
+    monoio::spawn(socket::serve(shard.clone(), socket, conn, early_bytes));
 }

@@ -13,8 +13,8 @@ use std::rc::Rc;
 use bytes::Bytes;
 use smallvec::SmallVec;
 
-use super::connection::Conn;
-use super::limits::{Limit, TokenBucket};
+use super::conn::Conn;
+use super::token_bucket::{Limit, TokenBucket};
 
 type FnvBuildHasher = std::hash::BuildHasherDefault<fnv::FnvHasher>;
 /// A user's devices. Most users have one connected device: stored inline,

@@ -3,15 +3,15 @@
 //! Owns connecting (and reconnecting with back-off), the `Hello` that names
 //! this shard's ring, in-flight read requests (bounded; matched to answers by
 //! id; re-sent after a reconnect, since reads are idempotent), and passing
-//! `Durable` notices to the shard. Runs on the shard's thread; never blocks
-//! it: requests are awaited by the tasks that need them, with a timeout.
+//! `Durable` notices to its owner (the shard, through `ReadPathOwner`, so
+//! this file knows nothing above it). Runs on the shard's thread; never
+//! blocks it: requests are awaited by the tasks that need them, with a timeout.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
@@ -19,16 +19,22 @@ use chat_protocol::store_wire::{self, Request, Response};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Splitable};
 use monoio::net::UnixStream;
 
-use super::Shard;
+use crate::limits::{
+    STORE_INFLIGHT_MAX, STORE_READ_CHUNK_BYTES, STORE_RECONNECT_BACKOFF_MAX_MS,
+    STORE_RECONNECT_BACKOFF_MIN_MS, STORE_STARTUP_GRACE_MS,
+};
 
-/// Reads in flight per shard before new ones are refused as `unavailable`.
-const INFLIGHT_MAX: usize = 4096;
-const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
-const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// Bytes read from the socket at once.
-const READ_CHUNK: usize = 64 * 1024;
-/// How long after start an unreachable writer is expected (it starts alongside).
-const STARTUP_GRACE: Duration = Duration::from_secs(3);
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(STORE_RECONNECT_BACKOFF_MIN_MS);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(STORE_RECONNECT_BACKOFF_MAX_MS);
+
+/// What owns a read-path client: where `Durable` notices and the
+/// connection state go. The shard implements it.
+pub trait ReadPathOwner: 'static {
+    fn read_path(&self) -> &StoreClient;
+    fn shard_id(&self) -> usize;
+    fn on_durable(&self, position: u64);
+    fn set_connected(&self, connected: bool);
+}
 
 type FnvBuildHasher = std::hash::BuildHasherDefault<fnv::FnvHasher>;
 
@@ -83,7 +89,7 @@ impl StoreClient {
         build: impl FnOnce(u32) -> Request,
         timeout: Duration,
     ) -> Result<Response, StoreError> {
-        if self.inflight.borrow().len() >= INFLIGHT_MAX {
+        if self.inflight.borrow().len() >= STORE_INFLIGHT_MAX {
             return Err(StoreError::Unavailable);
         }
         let req = self.next_req.get();
@@ -135,8 +141,9 @@ impl StoreClient {
 }
 
 /// Keeps the shard connected to the storage-writer for as long as it runs.
-pub async fn run(shard: Rc<Shard>) {
-    let client = &shard.store;
+pub async fn run<O: ReadPathOwner>(shard: Rc<O>) {
+    let client = shard.read_path();
+    let shard_id = shard.shard_id();
     let mut backoff = RECONNECT_BACKOFF_MIN;
     let mut warned = false;
     let started = std::time::Instant::now();
@@ -145,8 +152,8 @@ pub async fn run(shard: Rc<Shard>) {
             Ok(stream) => stream,
             Err(error) => {
                 // A writer starting next to the gateway takes a moment: no noise for that.
-                if !warned && started.elapsed() > STARTUP_GRACE {
-                    tracing::warn!(shard = shard.id, socket = %client.socket_path.display(), %error, "storage-writer not reachable; acknowledgements wait until it is");
+                if !warned && started.elapsed() > Duration::from_millis(STORE_STARTUP_GRACE_MS) {
+                    tracing::warn!(shard = shard_id, socket = %client.socket_path.display(), %error, "storage-writer not reachable; acknowledgements wait until it is");
                     warned = true;
                 }
                 monoio::time::sleep(backoff).await;
@@ -156,7 +163,7 @@ pub async fn run(shard: Rc<Shard>) {
         };
         backoff = RECONNECT_BACKOFF_MIN;
         warned = false;
-        tracing::info!(shard = shard.id, "connected to the storage-writer");
+        tracing::info!(shard = shard_id, "connected to the storage-writer");
         let (reader, writer) = stream.into_split();
         {
             let mut outgoing = client.outgoing.borrow_mut();
@@ -174,13 +181,13 @@ pub async fn run(shard: Rc<Shard>) {
         }
         client.generation.set(client.generation.get() + 1);
         client.connected.set(true);
-        shard.metrics().storage_connected.store(1, Relaxed);
+        shard.set_connected(true);
         monoio::spawn(write_loop(shard.clone(), writer, client.generation.get()));
         if let Err(error) = read_loop(&shard, reader).await {
-            tracing::warn!(shard = shard.id, %error, "lost the storage-writer; reconnecting");
+            tracing::warn!(shard = shard_id, %error, "lost the storage-writer; reconnecting");
         }
         client.connected.set(false);
-        shard.metrics().storage_connected.store(0, Relaxed);
+        shard.set_connected(false);
         client.generation.set(client.generation.get() + 1);
         client.outgoing.borrow_mut().clear();
         client.wake_writer();
@@ -188,12 +195,12 @@ pub async fn run(shard: Rc<Shard>) {
     }
 }
 
-async fn write_loop(
-    shard: Rc<Shard>,
+async fn write_loop<O: ReadPathOwner>(
+    shard: Rc<O>,
     mut writer: monoio::io::OwnedWriteHalf<UnixStream>,
     generation: u64,
 ) {
-    let client = &shard.store;
+    let client = shard.read_path();
     loop {
         let pending = poll_fn(|cx| {
             if client.generation.get() != generation {
@@ -217,13 +224,13 @@ async fn write_loop(
     }
 }
 
-async fn read_loop(
-    shard: &Rc<Shard>,
+async fn read_loop<O: ReadPathOwner>(
+    shard: &Rc<O>,
     mut reader: monoio::io::OwnedReadHalf<UnixStream>,
 ) -> anyhow::Result<()> {
     let mut buffer: Vec<u8> = Vec::new();
     // monoio reads into a buffer from its start, so read into a chunk and append.
-    let mut chunk: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut chunk: Vec<u8> = Vec::with_capacity(STORE_READ_CHUNK_BYTES);
     loop {
         chunk.clear();
         let (result, returned) = reader.read(chunk).await;
@@ -250,7 +257,7 @@ async fn read_loop(
                 | Response::Members { req, .. }
                 | Response::Devices { req, .. }
                 | Response::Presence { req, .. }
-                | Response::Failed { req, .. } => shard.store.complete(req, response),
+                | Response::Failed { req, .. } => shard.read_path().complete(req, response),
             }
         }
         buffer.drain(..consumed);

@@ -1,74 +1,36 @@
 //! Presence without a firehose: who is online is written debounced, and a
 //! client asks for the users it wants (`presence`), nothing is pushed.
 //!
-//! Owns the shard's `PresenceLog`: users homed here who came online are
+//! Owns writing the shard's `PresenceLog` out: users homed here who came online are
 //! written within a second (once, however often they reconnect within the
 //! interval; a flag in their user-table entry says so); every
 //! `presence_interval_ms` all online users are refreshed and those who left
 //! are written offline with the time they left. Storage answers queries
 //! only about users the asker shares a conversation with. Never writes on
-//! every connect or disconnect, and never reports a stranger's presence.
+//! every connect or disconnect, never reports a stranger's presence, and
+//! never imports another feature.
 
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use chat_protocol::codes::ErrorCode;
-use chat_protocol::records::{PresenceEntry, PresenceRecord, PRESENCE_USERS_MAX};
+use chat_protocol::ids;
+use chat_protocol::records::{PresenceEntry, PresenceRecord, PRESENCE_RECORD_USERS_MAX};
 use chat_protocol::social_frames::{self, PresenceJson};
 use chat_protocol::store_wire::{Request, Response};
-use chat_protocol::{ids, ws};
 
-use super::connection::Conn;
-use super::router::{send_error, storage_error};
-use super::store_client::StoreError;
-use super::users::UserTable;
-use super::Shard;
+use crate::limits::{PRESENCE_ONLINE_TICK_MS, PRESENCE_STALE_AFTER_INTERVALS};
 use crate::metrics::bump;
-
-/// How often users who came online are written.
-const ONLINE_TICK: Duration = Duration::from_secs(1);
-/// A user stays "online" this many intervals after its node last said so
-/// (a node that died stops refreshing).
-const STALE_AFTER_INTERVALS: f64 = 2.5;
-
-/// Users who left and are yet to be written offline. (Whether an online
-/// user was written is a flag in its user-table entry: no per-user set here.)
-#[derive(Default)]
-pub struct PresenceLog {
-    /// Users who came online and were not written since the last tick (a
-    /// tick with none scans nothing).
-    fresh: usize,
-    /// Left (last device gone): when, and whether it had been written online.
-    gone: HashMap<Rc<str>, (u64, bool)>,
-}
-
-impl PresenceLog {
-    /// The user's first device here connected. Back within the interval
-    /// after leaving: nothing new to write (the debounce).
-    pub fn came_online(&mut self, user: &Rc<str>, users: &mut UserTable) {
-        let written = match self.gone.remove(user) {
-            Some((_, written)) => written,
-            None => false,
-        };
-        users.set_presence_written(user, written);
-        if !written {
-            self.fresh += 1;
-        }
-    }
-
-    /// The user's last device here went away.
-    pub fn went_offline(&mut self, user: &Rc<str>, now_unix_ms: u64, written: bool) {
-        self.gone.insert(user.clone(), (now_unix_ms, written));
-    }
-}
+use crate::shard::send::reply;
+use crate::shard::state::conn::Conn;
+use crate::shard::state::store_client::StoreError;
+use crate::shard::state::Shard;
 
 /// Writes presence for the shard's life: fresh users every second, a full
 /// refresh and departures every `presence_interval_ms`.
 pub async fn write_loop(shard: Rc<Shard>) {
     let interval = Duration::from_millis(shard.config.presence_interval_ms);
-    let tick = ONLINE_TICK.min(interval);
+    let tick = Duration::from_millis(PRESENCE_ONLINE_TICK_MS).min(interval);
     let mut since_full = Duration::ZERO;
     loop {
         monoio::time::sleep(tick).await;
@@ -83,7 +45,7 @@ pub async fn write_loop(shard: Rc<Shard>) {
 
 /// Appends what is due: users not yet written online (every tick), and on
 /// a `full` tick every online user and every departure. Records of at most
-/// `PRESENCE_USERS_MAX` users, built as it goes (no list of all users).
+/// `PRESENCE_RECORD_USERS_MAX` users, built as it goes (no list of all users).
 fn write(shard: &Shard, full: bool) {
     let now = crate::clock::unix_ms();
     let mut users = shard.users.borrow_mut();
@@ -125,14 +87,14 @@ fn write(shard: &Shard, full: bool) {
                 online: false,
                 last_seen_ms: *left_ms,
             });
-            if record.entries.len() == PRESENCE_USERS_MAX {
+            if record.entries.len() == PRESENCE_RECORD_USERS_MAX {
                 flush(&mut record);
             }
         }
     }
     flush(&mut record);
     // Each user's id is copied into the record's bytes, then released.
-    let mut online: Vec<Rc<str>> = Vec::with_capacity(PRESENCE_USERS_MAX);
+    let mut online: Vec<Rc<str>> = Vec::with_capacity(PRESENCE_RECORD_USERS_MAX);
     let write_online = |online: &mut Vec<Rc<str>>| {
         let mut record = PresenceRecord {
             node,
@@ -150,7 +112,7 @@ fn write(shard: &Shard, full: bool) {
     };
     users.write_presence(full, |user| {
         online.push(user.clone());
-        if online.len() == PRESENCE_USERS_MAX {
+        if online.len() == PRESENCE_RECORD_USERS_MAX {
             write_online(&mut online);
         }
     });
@@ -160,23 +122,26 @@ fn write(shard: &Shard, full: bool) {
 /// `presence`: online or last seen for each of `users`, all of whom the
 /// asker must share a conversation with (otherwise `forbidden`, naming them,
 /// and nothing about anyone).
-pub async fn query(shard: Rc<Shard>, conn: Rc<Conn>, users: Vec<String>) {
-    let timeout = Duration::from_millis(shard.config.storage_timeout_ms);
-    let response = shard
-        .store
-        .request(
-            |req| Request::Presence {
-                req,
-                asker: conn.user_id.to_string(),
-                users: users.clone(),
-            },
-            timeout,
-        )
-        .await;
+pub fn on_query(shard: &Rc<Shard>, conn: &Rc<Conn>, users: Vec<std::borrow::Cow<'_, str>>) {
+    let message = "too many presence requests by this user";
+    let allowance = crate::shard::state::users::Allowance::Presence;
+    if reply::take_allowance(shard, conn, allowance, None, message, false) {
+        let users = users.into_iter().map(|user| user.into_owned()).collect();
+        monoio::spawn(query(shard.clone(), conn.clone(), users));
+    }
+}
+
+async fn query(shard: Rc<Shard>, conn: Rc<Conn>, users: Vec<String>) {
+    let request = |req| Request::Presence {
+        req,
+        asker: conn.user_id.to_string(),
+        users,
+    };
+    let response = shard.store.request(request, shard.storage_timeout()).await;
     let answers = match response {
         Ok(Response::Presence { users, .. }) => users,
-        Ok(_) => return storage_error(&shard, &conn, "presence", StoreError::Unavailable),
-        Err(error) => return storage_error(&shard, &conn, "presence", error),
+        Ok(_) => return reply::storage_error(&shard, &conn, "presence", StoreError::Unavailable),
+        Err(error) => return reply::storage_error(&shard, &conn, "presence", error),
     };
     let strangers: Vec<&str> = answers
         .iter()
@@ -185,11 +150,11 @@ pub async fn query(shard: Rc<Shard>, conn: Rc<Conn>, users: Vec<String>) {
         .collect();
     if !strangers.is_empty() {
         let message = format!("you share no conversation with: {}", strangers.join(", "));
-        send_error(&shard, &conn, None, ErrorCode::Forbidden, &message, None);
-        return;
+        return reply::forbidden(&shard, &conn, None, &message);
     }
     let now = crate::clock::unix_ms();
-    let fresh_ms = (shard.config.presence_interval_ms as f64 * STALE_AFTER_INTERVALS) as u64;
+    let fresh_ms =
+        (shard.config.presence_interval_ms as f64 * PRESENCE_STALE_AFTER_INTERVALS) as u64;
     let shards = shard.mesh.shard_count();
     let json: Vec<PresenceJson<'_>> = answers
         .iter()
@@ -206,6 +171,5 @@ pub async fn query(shard: Rc<Shard>, conn: Rc<Conn>, users: Vec<String>) {
         })
         .collect();
     bump(&shard.metrics().presence_queries, 1);
-    let frame = social_frames::encode_presence(&json);
-    conn.enqueue(Bytes::from(ws::text_frame(&frame)));
+    reply::send_json(&conn, &social_frames::encode_presence(&json));
 }

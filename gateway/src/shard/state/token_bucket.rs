@@ -3,7 +3,7 @@
 //!
 //! Owns the refill arithmetic, with the clock passed in (shard milliseconds),
 //! in 8 bytes per bucket (part of the per-connection memory budget). Never
-//! decides what happens over the limit: the router answers `rate_limited`.
+//! decides what happens over the limit: `send::reply` answers `rate_limited`.
 
 /// A bucket of `f32` tokens refilled continuously; `last_ms` wraps every ~49
 /// days, which is harmless because a bucket idle that long is full anyway

@@ -4,7 +4,7 @@
 //! the oldest entries are forgotten first). All devices of a user live on this
 //! shard, so a local table sees every retry. After a restart the table is
 //! empty; a device's recent sends are loaded from storage when it connects
-//! (`sync::warm_idempotency`), before any of its frames are read.
+//! (`features::sync::warm_idempotency`), before any of its frames are read.
 
 use std::collections::{HashMap, VecDeque};
 

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use chat_backplane::Outbound;
 use chat_ring::{Producer, RingFull};
 
-use super::connection::Conn;
+use super::conn::Conn;
 use crate::metrics::ShardMetrics;
 
 struct Waiting {

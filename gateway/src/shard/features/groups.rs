@@ -1,0 +1,296 @@
+//! Groups: sends to a group, membership changes, the member list, typing.
+//!
+//! Owns what makes a send a group message (stored once under `grp:<id>`
+//! with every member as a recipient) and the membership rules: a change is
+//! itself a message in the group, recorded with every member it concerns
+//! (before and after) as a recipient, so every device sees changes in order
+//! with the messages; a change is always checked against the list in
+//! storage, never a cached one; after it, this shard's cache holds the new
+//! list and every other shard and node forgets its copy. Storing and
+//! answering is the pipeline's. Never imports another feature, and never
+//! holds a `RefCell` borrow across an await.
+
+use std::collections::BTreeSet;
+use std::rc::Rc;
+
+use chat_backplane::Outbound;
+use chat_protocol::codes::ErrorCode;
+use chat_protocol::frames::{self, GroupChangeFrame, SendFrame};
+use chat_protocol::records::{Event, GroupAction, MessageRecord};
+use chat_protocol::{ids, social_frames};
+
+use crate::mesh::{Sender, ShardMessage};
+use crate::metrics::bump;
+use crate::shard::send::deliver::deliver_ephemeral;
+use crate::shard::send::members::{cached, members};
+use crate::shard::send::pipeline::{self, HandOff, Outgoing};
+use crate::shard::send::reply;
+use crate::shard::state::conn::Conn;
+use crate::shard::state::group_cache::{is_member, Members};
+use crate::shard::state::store_client::StoreError;
+use crate::shard::state::users::Allowance;
+use crate::shard::state::Shard;
+
+const NOT_A_MEMBER: &str = "not a member of this group";
+
+/// A send to a group: answered at once when the member list is cached and
+/// the id needs no storage look-up; otherwise the connection's frames wait
+/// while storage is asked (so their order is kept).
+pub fn on_send(shard: &Rc<Shard>, conn: &Rc<Conn>, send: SendFrame<'_>) {
+    if !reply::take_send_allowance(shard, conn, &send.client_msg_id) {
+        return;
+    }
+    if !pipeline::needs_look_up(shard, conn, &send.client_msg_id) {
+        if let Some(members) = cached(shard, &send.to) {
+            accept_send(shard, conn, &send, &members);
+            return;
+        }
+    }
+    conn.pause();
+    monoio::spawn(load_then_send(
+        shard.clone(),
+        conn.clone(),
+        send.into_owned(),
+    ));
+}
+
+async fn load_then_send(shard: Rc<Shard>, conn: Rc<Conn>, send: SendFrame<'static>) {
+    let conversation = ids::group_conversation_id(&send.to);
+    let looked_up = pipeline::ensure_known(&shard, &conn, &send.client_msg_id, &conversation).await;
+    match members(&shard, &send.to, false).await {
+        Ok(members) if looked_up => accept_send(&shard, &conn, &send, &members),
+        Ok(_) | Err(StoreError::Unavailable) => {
+            reply::not_answered(&shard, &conn, &send.client_msg_id);
+        }
+        Err(error) => reply::storage_error(&shard, &conn, "send", error),
+    }
+    conn.resume();
+}
+
+/// Stores a group message once, with every member's inbox as a recipient,
+/// and fans it out.
+fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: &SendFrame<'_>, members: &Members) {
+    if pipeline::replay_if_known(shard, conn, &send.client_msg_id) {
+        return;
+    }
+    if !is_member(members, &conn.user_id) {
+        return reply::forbidden(shard, conn, Some(&send.client_msg_id), NOT_A_MEMBER);
+    }
+    let (message_id, ts) = pipeline::next_message_id(shard);
+    let conversation = ids::group_conversation_id(&send.to);
+    let record = MessageRecord {
+        message_id,
+        ts,
+        conversation: &conversation,
+        from: &conn.user_id,
+        from_device: &conn.device_id,
+        to: &send.to,
+        client_msg_id: &send.client_msg_id,
+        body: &send.body,
+        media: send.media.clone(),
+        event: None,
+        recipients: members.iter().map(|m| &**m).collect(),
+        bodies: Vec::new(),
+    };
+    let out = Outgoing {
+        record: &record,
+        users: &record.recipients,
+        sender: Some(conn),
+        notice: None,
+        hand_off: HandOff::Required,
+    };
+    if pipeline::store_and_deliver(shard, out).is_ok() {
+        bump(&shard.metrics().group_messages, 1);
+    }
+}
+
+/// `group_create`, `group_add`, `group_remove`, `group_leave`: always
+/// against the member list in storage (never a cached one), with the
+/// connection's frames waiting meanwhile.
+pub fn on_change(shard: &Rc<Shard>, conn: &Rc<Conn>, change: GroupChangeFrame<'_>) {
+    if !reply::take_send_allowance(shard, conn, &change.client_msg_id) {
+        return;
+    }
+    if pipeline::replay_if_known(shard, conn, &change.client_msg_id) {
+        return;
+    }
+    conn.pause();
+    monoio::spawn(change_group(
+        shard.clone(),
+        conn.clone(),
+        change.into_owned(),
+    ));
+}
+
+async fn change_group(shard: Rc<Shard>, conn: Rc<Conn>, change: GroupChangeFrame<'static>) {
+    // A retry of a change older than the warm-up is found in storage.
+    if !pipeline::ensure_known(&shard, &conn, &change.client_msg_id, "").await {
+        reply::not_answered(&shard, &conn, &change.client_msg_id);
+        conn.resume();
+        return;
+    }
+    let current = match &change.group {
+        None => Ok(Members::from(Vec::new())),
+        Some(group) => members(&shard, group, true).await,
+    };
+    match current {
+        Ok(current) => apply_change(&shard, &conn, &change, &current),
+        Err(StoreError::Unavailable) => reply::not_answered(&shard, &conn, &change.client_msg_id),
+        Err(error) => reply::storage_error(&shard, &conn, "group change", error),
+    }
+    conn.resume();
+}
+
+fn apply_change(shard: &Shard, conn: &Rc<Conn>, change: &GroupChangeFrame<'_>, current: &Members) {
+    let client_msg_id = Some(&*change.client_msg_id);
+    let fail = |code: ErrorCode, message: &str| {
+        reply::send_error(shard, conn, client_msg_id, code, message, None);
+    };
+    if pipeline::replay_if_known(shard, conn, &change.client_msg_id) {
+        return;
+    }
+    let user: &str = &conn.user_id;
+    if change.action != GroupAction::Create && !is_member(current, user) {
+        return fail(ErrorCode::Forbidden, NOT_A_MEMBER);
+    }
+    let listed: BTreeSet<&str> = change.members.iter().map(|m| &**m).collect();
+    let now: BTreeSet<&str> = current.iter().map(|m| &**m).collect();
+    // Who the event names, and who the group has after it.
+    let (named, after): (Vec<&str>, BTreeSet<&str>) = match change.action {
+        GroupAction::Create => {
+            let mut all = listed.clone();
+            all.insert(user);
+            (all.iter().copied().collect(), all)
+        }
+        GroupAction::Add => {
+            let added: Vec<&str> = listed.difference(&now).copied().collect();
+            if added.is_empty() {
+                return fail(
+                    ErrorCode::InvalidField,
+                    "every listed user is already a member",
+                );
+            }
+            (added, now.union(&listed).copied().collect())
+        }
+        GroupAction::Remove => {
+            let removed: Vec<&str> = listed.intersection(&now).copied().collect();
+            if removed.is_empty() {
+                return fail(ErrorCode::InvalidField, "no listed user is a member");
+            }
+            (removed, now.difference(&listed).copied().collect())
+        }
+        GroupAction::Leave => (
+            vec![user],
+            now.iter().copied().filter(|m| *m != user).collect(),
+        ),
+    };
+    let max = shard.config.group_members_max;
+    if after.len() > max {
+        return fail(
+            ErrorCode::GroupFull,
+            &format!("a group has at most {max} members"),
+        );
+    }
+    let (message_id, ts) = pipeline::next_message_id(shard);
+    let group = match &change.group {
+        Some(group) => group.to_string(),
+        None => ids::new_group_id(message_id),
+    };
+    let conversation = ids::group_conversation_id(&group);
+    let record = MessageRecord {
+        message_id,
+        ts,
+        conversation: &conversation,
+        from: user,
+        from_device: &conn.device_id,
+        to: &group,
+        client_msg_id: &change.client_msg_id,
+        body: "",
+        media: None,
+        event: Some(Event::Group {
+            action: change.action,
+            members: named,
+        }),
+        // Everyone concerned hears of it: members before and after.
+        recipients: now.union(&after).copied().collect(),
+        bodies: Vec::new(),
+    };
+    let out = Outgoing {
+        record: &record,
+        users: &record.recipients,
+        sender: Some(conn),
+        notice: Some(Box::new(Outbound::GroupChanged {
+            group: group.as_str().into(),
+        })),
+        hand_off: HandOff::Required,
+    };
+    if pipeline::store_and_deliver(shard, out).is_err() {
+        return;
+    }
+    bump(&shard.metrics().group_changes, 1);
+    // This shard knows the new list; the others (and other nodes, once the
+    // change is durable) forget theirs and reload from storage.
+    let after: Members = after.into_iter().map(Box::from).collect();
+    shard
+        .groups
+        .borrow_mut()
+        .put(&group, after, shard.monotonic_ms());
+    for other in (0..shard.mesh.shard_count()).filter(|s| *s != shard.id) {
+        let changed = ShardMessage::GroupChanged(group.as_str().into());
+        let _ = shard.mesh.send(Sender::Shard(shard.id), other, changed);
+    }
+}
+
+/// `group_members`: the list, for members only.
+pub async fn list_members(shard: Rc<Shard>, conn: Rc<Conn>, group: String) {
+    match members(&shard, &group, false).await {
+        Ok(members) if is_member(&members, &conn.user_id) => {
+            let names: Vec<&str> = members.iter().map(|m| &**m).collect();
+            reply::send_json(&conn, &social_frames::encode_group_members(&group, &names));
+        }
+        Ok(_) => reply::forbidden(&shard, &conn, None, NOT_A_MEMBER),
+        Err(error) => reply::storage_error(&shard, &conn, "group_members", error),
+    }
+}
+
+/// `typing` in a group: to every other member's devices, ephemeral (dropped
+/// where a queue is full, never stored), members only.
+pub fn on_typing(shard: &Rc<Shard>, conn: &Rc<Conn>, group: &str) {
+    let message = "too many typing frames by this user";
+    if !reply::take_allowance(shard, conn, Allowance::Typing, None, message, false) {
+        return;
+    }
+    match cached(shard, group) {
+        Some(members) => typing_to_members(shard, conn, group, &members),
+        None => {
+            let (shard, conn, group) = (shard.clone(), conn.clone(), group.to_owned());
+            monoio::spawn(async move {
+                match members(&shard, &group, false).await {
+                    Ok(members) => typing_to_members(&shard, &conn, &group, &members),
+                    Err(error) => reply::storage_error(&shard, &conn, "typing", error),
+                }
+            });
+        }
+    }
+}
+
+fn typing_to_members(shard: &Shard, conn: &Conn, group: &str, members: &Members) {
+    if !is_member(members, &conn.user_id) {
+        return reply::forbidden(shard, conn, None, NOT_A_MEMBER);
+    }
+    let conversation = ids::group_conversation_id(group);
+    let json = frames::encode_typing(&frames::TypingFrame {
+        kind: "typing",
+        conversation: &conversation,
+        from: &conn.user_id,
+        from_device: &conn.device_id,
+        expires_ms: shard.config.typing_expires_ms,
+    });
+    let others: Vec<&str> = members
+        .iter()
+        .map(|m| &**m)
+        .filter(|m| *m != &*conn.user_id)
+        .collect();
+    deliver_ephemeral(shard, &others, json);
+    bump(&shard.metrics().typing, 1);
+}

@@ -1,0 +1,268 @@
+//! The reads a device asks for, served from storage: sync (on connect and on
+//! request), history, warming idempotency after a restart; and `ack`, which
+//! moves the device's sync cursor.
+//!
+//! Owns paging a sync (each page read only once the device's outbox is half
+//! empty, so a large backlog never overruns the send queue), the `synced`
+//! frame, the end of the device's sync hold (live messages that arrived
+//! meanwhile, minus those the sync already sent), and history pages for
+//! members only. What a device is shown of a stored record is
+//! `chat_protocol::render`. Runs as tasks on the shard; never blocks it,
+//! never holds a `RefCell` borrow across an await, never imports another feature.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chat_protocol::frames::{self, HistoryFrame};
+use chat_protocol::records::{decode_message, AckRecord, MessageRecord};
+use chat_protocol::store_wire::{Request, Response, SyncFrom};
+use chat_protocol::{ids, render, ws};
+
+use crate::limits::{HISTORY_FRAME_OVERHEAD_BYTES, SYNC_OUTBOX_POLL_MS, SYNC_PAGE_BYTES};
+use crate::metrics::bump;
+use crate::shard::send::members::members;
+use crate::shard::send::reply;
+use crate::shard::state::conn::Conn;
+use crate::shard::state::group_cache::is_member;
+use crate::shard::state::idempotency::{self, PriorSend};
+use crate::shard::state::store_client::StoreError;
+use crate::shard::state::Shard;
+
+/// Loads the device's recent sends so that a retry after a gateway restart
+/// is answered with its first message id.
+pub async fn warm_idempotency(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Result<(), StoreError> {
+    let now_unix_ms = crate::clock::unix_ms();
+    let since = now_unix_ms.saturating_sub(shard.config.idempotency_window_ms);
+    let request = |req| Request::Recent {
+        req,
+        user: conn.user_id.to_string(),
+        device: conn.device_id.to_string(),
+        since_unix_ms: since,
+        limit: shard.config.idempotency_warm_max,
+    };
+    let response = shard
+        .store
+        .request(request, shard.storage_timeout())
+        .await?;
+    let Response::RecentSends { sends, .. } = response else {
+        return Err(StoreError::Unavailable);
+    };
+    // Fewer than the bound: every send in the window is known now. At the
+    // bound, an unknown id is looked up before it becomes a new message.
+    conn.set_warm_truncated(sends.len() >= usize::from(shard.config.idempotency_warm_max));
+    let mut table = shard.idempotency.borrow_mut();
+    for send in sends {
+        let key = idempotency::key(&conn.user_id, &conn.device_id, &send.client_msg_id);
+        if table.get(&key, now_unix_ms).is_none() {
+            let prior = PriorSend {
+                message_id: send.message_id,
+                conversation: send.conversation,
+                // Stored, so durable: a replay is answered at once.
+                end: 0,
+            };
+            table.insert(key, prior, now_unix_ms);
+        }
+    }
+    Ok(())
+}
+
+/// Starts the sync of a device whose sync hold has begun (at registration,
+/// before its client could see `hello`).
+pub fn start(shard: &Rc<Shard>, conn: &Rc<Conn>, after: Option<u64>) {
+    monoio::spawn(sync_device(shard.clone(), conn.clone(), after));
+}
+
+/// Starts a sync unless one is running on the connection; false if one is.
+pub fn begin(shard: &Rc<Shard>, conn: &Rc<Conn>, after: Option<u64>) -> bool {
+    let begun = conn.begin_sync();
+    if begun {
+        start(shard, conn, after);
+    }
+    begun
+}
+
+/// `sync` (or `sync` with `after`), asked by the client.
+pub fn on_request(shard: &Rc<Shard>, conn: &Rc<Conn>, after: Option<u64>) {
+    if !begin(shard, conn, after) {
+        let message = "a sync is already running on this connection";
+        reply::overloaded(shard, conn, None, message);
+    }
+}
+
+/// A device has `message_id`: recorded for its cursor. Best effort: a lost
+/// acknowledgement only means the message is offered again on the next sync.
+pub fn on_ack(shard: &Shard, conn: &Conn, message_id: u64) {
+    let record = AckRecord {
+        user: &conn.user_id,
+        device: &conn.device_id,
+        message_id,
+    };
+    match shard.durability.append(&record.encode()) {
+        Ok(_) => bump(&shard.metrics().acks, 1),
+        Err(_) => bump(&shard.metrics().acks_dropped, 1),
+    }
+}
+
+/// Sends the device what it has not acknowledged (or everything after
+/// `after`), then `synced`, then what arrived live meanwhile. The caller has
+/// started the device's sync hold.
+async fn sync_device(shard: Rc<Shard>, conn: Rc<Conn>, after: Option<u64>) {
+    match sync_pages(&shard, &conn, after).await {
+        Ok((last, count, more)) => {
+            reply::send_json(&conn, &frames::encode_synced(last, count, more));
+            bump(&shard.metrics().syncs, 1);
+        }
+        Err(SyncError::Closed) => {}
+        Err(SyncError::Store(error)) => reply::storage_error(&shard, &conn, "sync", error),
+    }
+    conn.end_sync();
+}
+
+enum SyncError {
+    Closed,
+    Store(StoreError),
+}
+
+async fn sync_pages(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    after: Option<u64>,
+) -> Result<(Option<u64>, u64, bool), SyncError> {
+    let mut from = match after {
+        Some(message_id) => SyncFrom::AfterMessage(message_id),
+        None => SyncFrom::Cursor,
+    };
+    let mut last = None;
+    let mut count = 0u64;
+    let half_queue = shard.config.send_queue_bytes_max / 2;
+    loop {
+        while conn.queued_bytes() > half_queue && !conn.is_closing() {
+            monoio::time::sleep(Duration::from_millis(SYNC_OUTBOX_POLL_MS)).await;
+        }
+        if conn.is_closing() {
+            return Err(SyncError::Closed);
+        }
+        let request = |req| Request::Sync {
+            req,
+            user: conn.user_id.to_string(),
+            device: conn.device_id.to_string(),
+            from,
+            limit: shard.config.sync_page_messages,
+            bytes_max: SYNC_PAGE_BYTES,
+        };
+        let response = shard
+            .store
+            .request(request, shard.storage_timeout())
+            .await
+            .map_err(SyncError::Store)?;
+        let Response::SyncPage {
+            entries,
+            last_seq,
+            more,
+            ..
+        } = response
+        else {
+            return Err(SyncError::Store(StoreError::Unavailable));
+        };
+        for entry in &entries {
+            let Ok(message) = decode_message(&entry.record) else {
+                tracing::warn!(
+                    shard = shard.id,
+                    "undecodable stored message skipped in sync"
+                );
+                continue;
+            };
+            let Some(json) = render::encode_for_device(&message, &conn.user_id, &conn.device_id)
+            else {
+                continue; // a per-device message for other devices
+            };
+            if !conn.enqueue_synced(message.message_id, Bytes::from(ws::text_frame(&json))) {
+                return Err(SyncError::Closed);
+            }
+            last = Some(message.message_id);
+            count += 1;
+        }
+        bump(&shard.metrics().synced_messages, entries.len() as u64);
+        if !more {
+            return Ok((last, count, false));
+        }
+        if count >= u64::from(shard.config.sync_messages_max) {
+            return Ok((last, count, true));
+        }
+        from = match after {
+            Some(_) => SyncFrom::AfterSeqAll(last_seq),
+            None => SyncFrom::AfterSeq(last_seq),
+        };
+    }
+}
+
+/// `history`: a page of a conversation the user belongs to.
+pub fn on_history(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    conversation: &str,
+    before: Option<u64>,
+    limit: u16,
+) {
+    let task = history(
+        shard.clone(),
+        conn.clone(),
+        conversation.to_owned(),
+        before,
+        limit,
+    );
+    monoio::spawn(task);
+}
+
+async fn history(
+    shard: Rc<Shard>,
+    conn: Rc<Conn>,
+    conversation: String,
+    before: Option<u64>,
+    limit: u16,
+) {
+    let member = match ids::group_of_conversation(&conversation) {
+        Some(group) => match members(&shard, group, false).await {
+            Ok(members) => is_member(&members, &conn.user_id),
+            Err(error) => return reply::storage_error(&shard, &conn, "history", error),
+        },
+        None => ids::is_direct_member(&conversation, &conn.user_id),
+    };
+    if !member {
+        return reply::forbidden(&shard, &conn, None, "not a conversation of this user");
+    }
+    let request = |req| Request::History {
+        req,
+        conversation: conversation.clone(),
+        before,
+        limit,
+    };
+    let records = match shard.store.request(request, shard.storage_timeout()).await {
+        Ok(Response::Messages { records, .. }) => records,
+        // Any failure of the page itself is worth a retry.
+        Ok(_) | Err(_) => {
+            return reply::storage_error(&shard, &conn, "history", StoreError::Unavailable)
+        }
+    };
+    // Newest first, cut to half a send queue: the client pages with `before`.
+    let budget = shard.config.send_queue_bytes_max / 2;
+    let mut bytes = 0;
+    let messages: Vec<MessageRecord<'_>> = records
+        .iter()
+        .take_while(|record| {
+            bytes += record.len() + HISTORY_FRAME_OVERHEAD_BYTES;
+            bytes <= budget
+        })
+        .filter_map(|record| decode_message(record).ok())
+        .collect();
+    let json = frames::encode_history(&HistoryFrame {
+        kind: "history",
+        conversation: &conversation,
+        messages: messages
+            .iter()
+            .map(|message| render::history_frame(message, &conn.user_id, &conn.device_id))
+            .collect(),
+    });
+    reply::send_json(&conn, &json);
+}

@@ -1,0 +1,51 @@
+//! A group's member list, from the shard's cache or from storage.
+//!
+//! Owns the one way a shard learns who is in a group: a fresh cached list,
+//! else a read-path request (which storage answers only after committing
+//! every record appended before it, so a change made on this node is seen),
+//! put back in the cache. Used by every feature that checks membership
+//! (group sends and changes, receipts, history, typing). Never changes a
+//! membership: changes are messages (`features::groups`).
+
+use std::rc::Rc;
+
+use chat_protocol::store_wire::{Request, Response};
+
+use crate::shard::state::group_cache::Members;
+use crate::shard::state::store_client::StoreError;
+use crate::shard::state::Shard;
+
+/// The members of `group` from the cache when it is fresh (and `fresh` is
+/// not asked for), else from storage. An empty list: no such group.
+pub async fn members(shard: &Rc<Shard>, group: &str, fresh: bool) -> Result<Members, StoreError> {
+    if !fresh {
+        if let Some(members) = cached(shard, group) {
+            return Ok(members);
+        }
+    }
+    let request = |req| Request::Members {
+        req,
+        group: group.to_owned(),
+    };
+    let response = shard
+        .store
+        .request(request, shard.storage_timeout())
+        .await?;
+    let Response::Members { members, .. } = response else {
+        return Err(StoreError::Unavailable);
+    };
+    let members: Members = members.into_iter().map(String::into_boxed_str).collect();
+    shard
+        .groups
+        .borrow_mut()
+        .put(group, members.clone(), shard.monotonic_ms());
+    Ok(members)
+}
+
+/// The cached members of `group`, if fresh.
+pub fn cached(shard: &Shard, group: &str) -> Option<Members> {
+    shard
+        .groups
+        .borrow()
+        .get(group, shard.monotonic_ms(), shard.config.group_cache_ms)
+}

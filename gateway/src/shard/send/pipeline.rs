@@ -1,0 +1,261 @@
+//! The send pipeline: the one implementation of "store a message and answer".
+//!
+//! Owns, for every stored message (a 1:1 send, a group send, a membership
+//! change, a receipt batch): idempotency (a replayed `client_msg_id` is
+//! answered with its first `sent`; an id the warm-up could not vouch for is
+//! looked up in storage first), the room check of every shard a hand-off
+//! needs, appending the record to the shard's ring (a full ring is
+//! `overloaded`, nothing stored), delivering it here and to other shards,
+//! remembering the id, and releasing `sent` and the backplane publish once
+//! the record is durable. Features build the record and say who receives it;
+//! they never append, deliver or answer `sent` themselves. Never delivers a
+//! message before its record is in the ring.
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use chat_backplane::Outbound;
+use chat_protocol::records::MessageRecord;
+use chat_protocol::store_wire::{Request, Response};
+use chat_protocol::{render, snowflake, ws};
+
+use super::deliver::{deliver_per_device, fan_out, shards_have_room};
+use super::reply::{overloaded, sent_frame};
+use crate::metrics::bump;
+use crate::shard::state::conn::Conn;
+use crate::shard::state::idempotency::{self, PriorSend};
+use crate::shard::state::Shard;
+
+/// Whether a message's hand-offs to other shards must be certain before it
+/// is stored (a send: a live device must not miss it), or may be dropped
+/// when a queue is full (a receipt batch: its user gets it on next sync).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandOff {
+    Required,
+    BestEffort,
+}
+
+/// Why a message was not stored; the sender (if any) has been told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// A shard that must receive it had a full queue.
+    QueueFull,
+    /// The ring is full: storage is behind.
+    RingFull,
+}
+
+/// A message ready to be stored, and who gets it.
+pub struct Outgoing<'r> {
+    pub record: &'r MessageRecord<'r>,
+    /// Every user whose devices get it, once each: here, on other shards,
+    /// and (once durable) on other nodes.
+    pub users: &'r [&'r str],
+    /// The connection that sent it: answered `sent` once durable, its id
+    /// remembered, and not given the message itself. `None` for a message
+    /// the server makes (a receipt batch).
+    pub sender: Option<&'r Rc<Conn>>,
+    /// Published to every node once durable, before the message itself (a
+    /// membership change's notice, so no node serves a stale member list).
+    pub notice: Option<Box<Outbound>>,
+    pub hand_off: HandOff,
+}
+
+/// Stores `out.record` and delivers it; answers `sent` once durable.
+/// Returns the ring position that makes it durable.
+pub fn store_and_deliver(shard: &Shard, out: Outgoing<'_>) -> Result<u64, Refused> {
+    let record = out.record;
+    // Checked before the record is stored: after, hand-offs must not fail
+    // (this shard is its lanes' only producer, so room now is room then).
+    if out.hand_off == HandOff::Required && !shards_have_room(shard, out.users) {
+        return Err(refuse(shard, out.sender, record, Refused::QueueFull));
+    }
+    let Ok(end) = shard.durability.append(&record.encode()) else {
+        bump(&shard.metrics().ring_full, 1);
+        return Err(refuse(shard, out.sender, record, Refused::RingFull));
+    };
+    let except = out.sender.map(|conn| conn.slot);
+    let json = render::encode_for_nodes(record);
+    let (handed, all_handed) = if record.bodies.is_empty() {
+        // One encoding for every device of every user.
+        let frame = Bytes::from(ws::text_frame(&json));
+        match fan_out(shard, out.users, record.message_id, &frame, except) {
+            Ok(handed) => (handed, true),
+            Err(handed) => (handed, false),
+        }
+    } else {
+        let mut handed = 0;
+        let mut all_handed = true;
+        for user in out.users {
+            match deliver_per_device(shard, record, user, except) {
+                Ok(to_shard) => handed += usize::from(to_shard),
+                Err(()) => all_handed = false,
+            }
+        }
+        (handed, all_handed)
+    };
+    debug_assert!(
+        all_handed || out.hand_off == HandOff::BestEffort,
+        "room was checked above"
+    );
+    if handed == 0 {
+        bump(&shard.metrics().messages_routed_local, 1);
+    }
+    let publish = shard.backplane.is_some().then(|| {
+        Box::new(Outbound::Publish {
+            users: out.users.iter().map(|user| Box::from(*user)).collect(),
+            message_id: record.message_id,
+            json: Bytes::from(json),
+        })
+    });
+    if let (Some(notice), true) = (out.notice, shard.backplane.is_some()) {
+        shard
+            .durability
+            .publish_when_durable(end, notice, |notice| shard.publish(*notice));
+    }
+    match out.sender {
+        Some(conn) => {
+            remember(
+                shard,
+                conn,
+                record.client_msg_id,
+                record.message_id,
+                record.conversation,
+                end,
+            );
+            let sent = sent_frame(
+                record.client_msg_id,
+                record.message_id,
+                record.conversation,
+                record.ts,
+            );
+            shard
+                .durability
+                .send_when_durable(end, conn, sent, publish, |publish| shard.publish(*publish));
+        }
+        None => {
+            if let Some(publish) = publish {
+                shard
+                    .durability
+                    .publish_when_durable(end, publish, |publish| shard.publish(*publish));
+            }
+        }
+    }
+    Ok(end)
+}
+
+/// Tells the sender (if any) why nothing was stored.
+fn refuse(
+    shard: &Shard,
+    sender: Option<&Rc<Conn>>,
+    record: &MessageRecord<'_>,
+    why: Refused,
+) -> Refused {
+    if let Some(conn) = sender {
+        let message = match why {
+            Refused::QueueFull => "a recipient's shard queue is full; retry this send",
+            Refused::RingFull => "storage is behind; retry this send",
+        };
+        overloaded(shard, conn, Some(record.client_msg_id), message);
+    }
+    why
+}
+
+/// Remembers what `client_msg_id` of this device was answered with.
+fn remember(
+    shard: &Shard,
+    conn: &Conn,
+    client_msg_id: &str,
+    message_id: u64,
+    conversation: &str,
+    end: u64,
+) {
+    let key = idempotency::key(&conn.user_id, &conn.device_id, client_msg_id);
+    let prior = PriorSend {
+        message_id,
+        conversation: conversation.to_owned(),
+        end,
+    };
+    shard
+        .idempotency
+        .borrow_mut()
+        .insert(key, prior, crate::clock::unix_ms());
+}
+
+/// Whether this device's `client_msg_id` is in the idempotency table.
+pub fn is_known(shard: &Shard, conn: &Conn, client_msg_id: &str) -> bool {
+    let key = idempotency::key(&conn.user_id, &conn.device_id, client_msg_id);
+    shard
+        .idempotency
+        .borrow_mut()
+        .get(&key, crate::clock::unix_ms())
+        .is_some()
+}
+
+/// Whether `client_msg_id` must be looked up in storage before it may be
+/// taken as new: this device sent more than its connect-time warm-up loaded,
+/// and the id is not in the table (it may be an older send). Only devices
+/// past the warm-up bound pay for this.
+pub fn needs_look_up(shard: &Shard, conn: &Conn, client_msg_id: &str) -> bool {
+    conn.warm_truncated() && !is_known(shard, conn, client_msg_id)
+}
+
+/// Makes the idempotency table the truth about `client_msg_id`: looks it up
+/// in storage when `needs_look_up` says so (behind the read barrier, so a
+/// first attempt still in the ring is found) and remembers what it finds.
+/// False when storage did not answer: the send must not be accepted as new.
+pub async fn ensure_known(
+    shard: &Shard,
+    conn: &Conn,
+    client_msg_id: &str,
+    conversation: &str,
+) -> bool {
+    if !needs_look_up(shard, conn, client_msg_id) {
+        return true;
+    }
+    let request = |req| Request::SendOf {
+        req,
+        user: conn.user_id.to_string(),
+        device: conn.device_id.to_string(),
+        client_msg_id: client_msg_id.to_owned(),
+    };
+    let response = shard.store.request(request, shard.storage_timeout()).await;
+    let Ok(Response::SendOf { message_id, .. }) = response else {
+        return false;
+    };
+    if let Some(message_id) = message_id {
+        // Stored, so durable: a replay is answered at once.
+        remember(shard, conn, client_msg_id, message_id, conversation, 0);
+    }
+    true
+}
+
+/// When this device already sent `client_msg_id`: answers the retry with the
+/// first send's `sent` (once durable; not delivered or published again) and
+/// returns true.
+pub fn replay_if_known(shard: &Shard, conn: &Rc<Conn>, client_msg_id: &str) -> bool {
+    let key = idempotency::key(&conn.user_id, &conn.device_id, client_msg_id);
+    let Some(prior) = shard
+        .idempotency
+        .borrow_mut()
+        .get(&key, crate::clock::unix_ms())
+        .cloned()
+    else {
+        return false;
+    };
+    let ts = snowflake::decode(prior.message_id).unix_ms;
+    let sent = sent_frame(client_msg_id, prior.message_id, &prior.conversation, ts);
+    shard
+        .durability
+        .send_when_durable(prior.end, conn, sent, None, |_| {});
+    bump(&shard.metrics().idempotent_replays, 1);
+    true
+}
+
+/// A new message id and its timestamp (Unix ms, as the snowflake holds it).
+pub fn next_message_id(shard: &Shard) -> (u64, u64) {
+    let message_id = shard
+        .snowflake
+        .borrow_mut()
+        .next_id(crate::clock::unix_ms());
+    (message_id, snowflake::decode(message_id).unix_ms)
+}

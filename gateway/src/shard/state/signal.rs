@@ -1,0 +1,77 @@
+//! Single-thread wake-ups for the shard's tasks: a one-shot event with one
+//! waiter, one with many, and a yield.
+//!
+//! Owns nothing but wakers; `Cell`/`RefCell` only, so they are `!Send` and
+//! never cross a thread (other threads reach a shard through `Mesh`).
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::task::{Poll, Waker};
+
+/// A one-shot, single-thread event with one waiter (the latest poll wins).
+#[derive(Default)]
+pub struct LocalSignal {
+    fired: Cell<bool>,
+    waiter: Cell<Option<Waker>>,
+}
+
+impl LocalSignal {
+    pub fn fire(&self) {
+        self.fired.set(true);
+        if let Some(waker) = self.waiter.take() {
+            waker.wake();
+        }
+    }
+
+    pub async fn wait(&self) {
+        poll_fn(|cx| {
+            if self.fired.get() {
+                return Poll::Ready(());
+            }
+            self.waiter.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// A one-shot, single-thread event with any number of waiters.
+#[derive(Default)]
+pub struct Waiters {
+    fired: Cell<bool>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl Waiters {
+    pub fn fire(&self) {
+        self.fired.set(true);
+        for waker in self.wakers.take() {
+            waker.wake();
+        }
+    }
+
+    pub async fn wait(&self) {
+        poll_fn(|cx| {
+            if self.fired.get() {
+                return Poll::Ready(());
+            }
+            self.wakers.borrow_mut().push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Lets other tasks run once.
+pub async fn yield_now() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
