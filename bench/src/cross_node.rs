@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use crate::child::free_port;
 use crate::clock::monotonic_ns;
-use crate::gateway_process::{free_port, GatewayProcess};
+use crate::gateway_process::GatewayProcess;
 use crate::nats_peer::NatsServer;
 use crate::report::{self, Percentiles};
 use crate::wsclient;

@@ -4,27 +4,13 @@
 //! directory and secret, waiting (bounded) for `/readyz`, and stopping it.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-/// Makes a server bench starts (a gateway, a writer, nats-server) get
-/// SIGTERM when the spawning thread ends: a bench killed by a signal runs no
-/// destructors, and must not leave servers running.
-pub fn die_with_this_thread(command: &mut Command) {
-    // SAFETY: between fork and exec only prctl, which is async-signal-safe,
-    // is called; it touches no memory of the parent.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(command, || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
+use crate::child::{die_with_this_thread, free_port};
 
 /// Which gateway a scenario talks to, and how clients reach it. Shared by every scenario.
 #[derive(clap::Args, Debug, Clone)]
@@ -205,11 +191,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// A free loopback port (bound and released; the server binds it next).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl GatewayProcess {

@@ -4,6 +4,7 @@
 //! lives in its own module and prints a table plus an optional JSON summary.
 //! Never asserts speed: it measures and reports.
 
+mod child;
 mod clock;
 mod connect;
 mod cross_node;

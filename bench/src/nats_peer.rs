@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::gateway_process::free_port;
+use crate::child::free_port;
 use crate::wsclient::{self, ServerFrame};
 
 /// Longest NATS control line accepted (INFO is the longest, about 1 KiB).
@@ -44,7 +44,7 @@ impl NatsServer {
             format!("listen: \"127.0.0.1:{client_port}\"\nwebsocket {{\n  host: \"127.0.0.1\"\n  port: {}\n  no_tls: true\n}}\n", websocket.port()),
         )?;
         let mut command = Command::new(binary);
-        crate::gateway_process::die_with_this_thread(&mut command);
+        crate::child::die_with_this_thread(&mut command);
         let child = command
             .args(["-c", config.to_str().context("config path")?])
             .stdout(Stdio::null())

@@ -114,7 +114,7 @@ pub fn run(args: &WriterArgs) -> anyhow::Result<()> {
         }
         None => Command::new(&args.writer),
     };
-    crate::gateway_process::die_with_this_thread(&mut command);
+    crate::child::die_with_this_thread(&mut command);
     let mut writer = command
         .arg("--ring-dir")
         .arg(&rings)

@@ -1,29 +1,16 @@
-//! Choosing and opening a backend, and the two handles every backend gives.
+//! Choosing and opening a backend from the command line's options.
 //!
-//! Owns the seam between the writer's threads and a store: a `BatchWriter`
-//! for the commit thread (one batch, one transaction or one fsync) and
-//! `Tables` readers for the read-path threads. Never holds records: the
-//! caller passes the work for a batch and retries it whole if it fails.
+//! Owns `BackendKind`, `BackendOptions` and `open`, and the embedded
+//! store's `Backend` (the default). The seam itself (`Backend`,
+//! `BatchWriter`, `Tables`) is `store`'s, below this file, so the backends
+//! never import it back. Never holds records.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 
 use crate::store::embedded::{Embedded, Fsync};
-use crate::store::Tables;
-
-/// The commit thread's handle: runs one batch's work so that it all becomes
-/// durable together, or fails as a whole (the caller retries it).
-pub trait BatchWriter: Send {
-    fn write_batch(&mut self, work: &mut dyn FnMut(&mut dyn Tables) -> Result<()>) -> Result<()>;
-}
-
-/// A store the writer can open handles on, from any thread.
-pub trait Backend: Send + Sync {
-    fn name(&self) -> &'static str;
-    fn writer(&self) -> Result<Box<dyn BatchWriter>>;
-    fn reader(&self) -> Result<Box<dyn Tables + Send>>;
-}
+use crate::store::{Backend, BatchWriter, Tables};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {

@@ -18,10 +18,10 @@ use anyhow::Result;
 use chat_protocol::records::Record;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use crate::backend::BatchWriter;
 use crate::rings::{Chunk, Progress};
 use crate::sessions::Sessions;
 use crate::stats::Stats;
+use crate::store::BatchWriter;
 use crate::store::{self};
 
 /// Acknowledgements waiting for their message, at most.

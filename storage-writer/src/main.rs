@@ -114,7 +114,7 @@ fn run(args: Args) -> Result<()> {
     // own, and a writer restarted while the previous one finishes its batch
     // must not open the store under it.
     let _lock = lock::exclusive(&args.data_dir.join("storage-writer.lock"), LOCK_WAIT)?;
-    let backend: Arc<dyn backend::Backend> = Arc::from(backend::open(&BackendOptions {
+    let backend: Arc<dyn store::Backend> = Arc::from(backend::open(&BackendOptions {
         kind: args.backend,
         data_dir: args.data_dir.clone(),
         fsync: args.fsync,

@@ -16,11 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use chat_protocol::store_wire::{self, Request, Response};
+use chat_protocol::store_wire::{self, Request, Response, READ_USERS_MAX};
 
-use crate::backend::Backend;
 use crate::rings::Rings;
 use crate::sessions::{self, SessionSocket, Sessions, WRITE_TIMEOUT};
+use crate::store::Backend;
 use crate::store::{self, DeviceKeys, ReadRefused, Tables};
 
 /// Longest a read waits for the writer to catch up before it fails.
@@ -29,8 +29,6 @@ const BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
 const SYNC_LIMIT_MAX: usize = 1_000;
 const SYNC_BYTES_MAX: usize = 4 * 1024 * 1024;
 const RECENT_LIMIT_MAX: usize = 4_096;
-/// Most users one presence request asks about (each costs a few reads).
-const PRESENCE_USERS_MAX: usize = 64;
 /// Sessions (threads) at once: a node has one per shard, at most 64, and a
 /// few more during a gateway restart. Past this a connection is closed.
 const SESSIONS_MAX: usize = 256;
@@ -204,7 +202,7 @@ impl Server {
             }
             Request::Devices { req, users } => {
                 let mut devices = Vec::new();
-                for user in users.iter().take(PRESENCE_USERS_MAX) {
+                for user in users.iter().take(READ_USERS_MAX) {
                     match tables.devices_of(user) {
                         Ok(found) => devices.extend(found.into_iter().map(|d| (user.clone(), d))),
                         Err(error) => return refused_or(req, Err(error), |r: Response| r),
@@ -284,7 +282,7 @@ impl Server {
                 .members(&group)
                 .map(|members| Response::Members { req, members }),
             Request::Presence { req, asker, users } => {
-                if users.len() > PRESENCE_USERS_MAX {
+                if users.len() > READ_USERS_MAX {
                     Err(ReadRefused("too many users in one presence request").into())
                 } else {
                     store::presence(tables, &asker, &users)

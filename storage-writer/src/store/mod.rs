@@ -16,6 +16,10 @@
 //! after a restart, so for those every step checks first and the message row
 //! is written last, as the marker that the rest is done), or leave a gap in a
 //! user's inbox sequence (cursors fold contiguous runs).
+//!
+//! Also the seam between the writer's threads and a store: `Backend` opens a
+//! `BatchWriter` for the commit thread (one batch, one transaction or one
+//! fsync) and `Tables` readers for the read-path threads.
 
 pub mod cursor;
 pub mod embedded;
@@ -38,6 +42,19 @@ pub use self::cursor::Cursor;
 
 #[cfg(test)]
 mod tests;
+
+/// The commit thread's handle: runs one batch's work so that it all becomes
+/// durable together, or fails as a whole (the caller retries it).
+pub trait BatchWriter: Send {
+    fn write_batch(&mut self, work: &mut dyn FnMut(&mut dyn Tables) -> Result<()>) -> Result<()>;
+}
+
+/// A store the writer can open handles on, from any thread.
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn writer(&self) -> Result<Box<dyn BatchWriter>>;
+    fn reader(&self) -> Result<Box<dyn Tables + Send>>;
+}
 
 /// Inbox entries one acknowledgement scans to find earlier ones of its conversation.
 pub const ACK_SCAN_MAX: usize = 4096;

@@ -17,8 +17,7 @@ use std::borrow::Cow;
 
 use chat_protocol::keys::{Bundle, STORED_PREKEYS_MAX};
 
-use super::{Cursor, DeviceKeys, InboxEntry, Presence, ReadRefused, Tables};
-use crate::backend::{Backend, BatchWriter};
+use super::{Backend, BatchWriter, Cursor, DeviceKeys, InboxEntry, Presence, ReadRefused, Tables};
 
 const SCHEMA: &str = include_str!("../../schema/postgres.sql");
 /// Arbitrary, fixed: serialises schema set-up across writers.

@@ -24,8 +24,7 @@ use scylla::statement::Consistency;
 
 use chat_protocol::keys::{Bundle, STORED_PREKEYS_MAX};
 
-use super::{Cursor, DeviceKeys, InboxEntry, Presence, ReadRefused, Tables};
-use crate::backend::{Backend, BatchWriter};
+use super::{Backend, BatchWriter, Cursor, DeviceKeys, InboxEntry, Presence, ReadRefused, Tables};
 use chat_protocol::records::PresenceEntry;
 
 const SCHEMA: &str = include_str!("../../schema/scylla.cql");

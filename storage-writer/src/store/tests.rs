@@ -10,7 +10,7 @@ use chat_protocol::store_wire::SyncFrom;
 
 use super::embedded::{Embedded, Fsync};
 use super::{apply, sync_page, Applied};
-use crate::backend::Backend;
+use crate::store::Backend;
 
 /// A backend and whatever keeps it alive (a directory, a server).
 struct Fixture {
