@@ -12,6 +12,8 @@
 //! dropped, and the recipient gets it on its next sync, since it is durable),
 //! or publish while disconnected (the reconnect triggers a resync instead).
 
+#![forbid(unsafe_code)]
+
 mod bridge;
 pub mod envelope;
 

@@ -23,8 +23,9 @@ impl SendTimer {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd,
             armed_for_ns: 0,
         })
     }

@@ -4,6 +4,8 @@
 //! `gateway token` mints a bearer token with the node's secret. This file owns
 //! only the command line, logging set-up and the global allocator.
 
+#![deny(unsafe_code)]
+
 mod admin;
 mod backplane_link;
 mod clock;
@@ -15,8 +17,11 @@ mod metrics;
 mod node;
 mod secret;
 mod shard;
+#[allow(unsafe_code)] // socket syscalls; see its header
 mod sock;
 mod supervisor;
+#[allow(unsafe_code)] // process syscalls; see its header
+mod sys;
 mod writer_process;
 
 use std::time::Duration;
@@ -118,12 +123,7 @@ fn main() {
 /// about 1,100 at 19,000 connections). Connections are many small long-lived
 /// objects, so the process opts out of THP before it allocates for them.
 fn tune_allocator() {
-    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes a
-    // flag of this process; it cannot affect memory safety. Failure (old
-    // kernel) only costs memory, so the result is ignored.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-    }
+    sys::disable_transparent_huge_pages();
 }
 
 fn print_token(args: &ConfigArgs, user: &str, device: &str, ttl: Duration) -> anyhow::Result<()> {

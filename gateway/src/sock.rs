@@ -1,7 +1,8 @@
 //! Non-blocking socket reads and writes on a raw fd, for connections whose
 //! readiness is awaited through monoio.
 //!
-//! Owns the only `unsafe` in the gateway: `recv`/`sendmsg` with MSG_DONTWAIT.
+//! Owns the gateway's socket `unsafe` (with `sys.rs`, the only files where
+//! the crate allows it): `recv`/`sendmsg` with MSG_DONTWAIT.
 //! The connection task waits for readiness (`readable`/`writable`) and then
 //! reads into the shard's shared buffer, so an idle connection parks no buffer.
 //! MSG_DONTWAIT makes every call non-blocking whatever mode the fd is in

@@ -63,19 +63,9 @@ pub fn spawn(config: &Config) -> anyhow::Result<WriterChild> {
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID");
-    // SAFETY: the closure runs in the forked child before exec and makes one
-    // async-signal-safe system call (prctl); it touches no locks or memory
-    // shared with the parent.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-            // The child is told when the thread that forked it (the
-            // supervisor below, alive as long as the gateway) goes away.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // The child is told when the thread that forked it (the supervisor
+    // below, alive as long as the gateway) goes away.
+    crate::sys::die_with_spawning_thread(&mut command);
     let stop = Arc::new(AtomicBool::new(false));
     let thread = {
         let stop = stop.clone();
@@ -128,11 +118,7 @@ fn supervise(mut command: Command, stop: &AtomicBool) {
 
 /// SIGTERM, then SIGKILL if the writer has not finished within the grace period.
 fn terminate(child: &mut Child) {
-    // SAFETY: kill(2) on our own child's pid, which has not been reaped yet
-    // (so it cannot have been reused).
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-    }
+    crate::sys::terminate(child);
     let deadline = Instant::now() + STOP_GRACE;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {

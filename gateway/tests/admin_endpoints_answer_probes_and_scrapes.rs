@@ -1,6 +1,6 @@
 //! The admin listener: /healthz, /readyz and Prometheus /metrics.
 
-mod support;
+use testkit::gateway as support;
 
 use support::Gateway;
 

@@ -2,7 +2,7 @@
 //! affects anyone else: malformed JSON, unknown types, bad fields, oversized
 //! bodies and frames, binary and unmasked frames, invalid UTF-8, abuse.
 
-mod support;
+use testkit::gateway as support;
 
 use serde_json::json;
 use support::{raw_frame, Gateway};

@@ -1,7 +1,7 @@
 //! Authentication happens before the upgrade: a missing, malformed, foreign or
 //! expired token gets HTTP 401; a token in the query string works.
 
-mod support;
+use testkit::gateway as support;
 
 use std::net::TcpStream;
 

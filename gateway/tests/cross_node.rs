@@ -2,7 +2,7 @@
 //! its own storage-writer) sharing one PostgreSQL, and one nats-server, all on
 //! loopback. Users and devices are spread over the nodes on purpose.
 
-mod support;
+use testkit::gateway as support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -60,7 +60,7 @@ fn receive(client: &mut Client, count: usize, seen: &mut Vec<(String, String)>) 
     let deadline = Instant::now() + WAIT;
     client.set_timeout(Duration::from_millis(200));
     while seen.len() < count && Instant::now() < deadline {
-        match client.next() {
+        match client.next_frame() {
             Next::Json(frame) if frame["type"] == "message" => {
                 let id = frame["message_id"].as_str().unwrap().to_owned();
                 let body = frame["body"].as_str().unwrap().to_owned();
@@ -240,7 +240,7 @@ fn users_of_a_killed_node_reconnect_elsewhere_and_lose_nothing() {
     std::thread::sleep(Duration::from_millis(20));
     fleet.nodes[0].kill9();
     alice.set_timeout(Duration::from_millis(300));
-    while let Next::Json(frame) = alice.next() {
+    while let Next::Json(frame) = alice.next_frame() {
         if frame["type"] == "sent" {
             sent.insert(
                 frame["id"].as_str().unwrap().to_owned(),

@@ -3,7 +3,7 @@
 //! restart, `kill -9` of the gateway and of the storage-writer, and a full
 //! ring's back-pressure. Every client is a real WebSocket over loopback.
 
-mod support;
+use testkit::gateway as support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -199,7 +199,7 @@ impl Streamer {
     /// Reads `sent` frames until the connection dies or `quiet` passes.
     fn collect(&mut self, client: &mut support::Client, quiet: Duration) {
         client.set_timeout(quiet);
-        while let support::Next::Json(frame) = client.next() {
+        while let support::Next::Json(frame) = client.next_frame() {
             if frame["type"] == "sent" {
                 let id = frame["id"].as_str().unwrap().to_owned();
                 let message_id = frame["message_id"].as_str().unwrap().to_owned();
@@ -388,7 +388,7 @@ fn a_full_ring_back_pressures_senders_without_loss_or_duplicates() {
         alice.send_message(&format!("f{index}"), "bob", &body);
     }
     alice.set_timeout(Duration::from_millis(500));
-    while let support::Next::Json(frame) = alice.next() {
+    while let support::Next::Json(frame) = alice.next_frame() {
         match frame["type"].as_str() {
             Some("error") => {
                 assert_eq!(frame["code"], "overloaded");

@@ -2,7 +2,7 @@
 //! io_uring), and io_uring with each task-run mode (`coop`, the default, is what
 //! every other test runs): handshake, hand-off to the home shard, delivery, errors.
 
-mod support;
+use testkit::gateway as support;
 
 use serde_json::json;
 use support::{users_on_different_shards, Gateway};

@@ -3,7 +3,7 @@
 //! `retry_after_ms` and the frame is not processed; a sustained flood closes
 //! with 1008. Everyone else is unaffected.
 
-mod support;
+use testkit::gateway as support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! At its connection limit the node answers 503 instead of failing in accept,
 //! and takes connections again once some close.
 
-mod support;
+use testkit::gateway as support;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! every member once (offline members on sync); only members send, read
 //! history, list members or type; the size limit holds.
 
-mod support;
+use testkit::gateway as support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! a config the gateway loads, a 0600 secret, the tuning profile and docs; and a
 //! second install keeps the operator's config and secret.
 
-mod support;
+use testkit::gateway as support;
 
 use support::run_script;
 

@@ -4,7 +4,7 @@
 //! nodes sharing PostgreSQL), devices hear when they run low, and bad
 //! uploads and fetch floods are refused.
 
-mod support;
+use testkit::gateway as support;
 
 use std::collections::HashSet;
 

@@ -2,7 +2,7 @@
 //! devices; the sending device gets `sent`; order holds; users homed on
 //! different shards reach each other and every device lives on its home shard.
 
-mod support;
+use testkit::gateway as support;
 
 use serde_json::json;
 use support::{users_on_different_shards, Gateway};

@@ -3,7 +3,7 @@
 //! history), and one that leaves out a current device of the recipient or
 //! of the sender's other devices is refused with the list of them.
 
-mod support;
+use testkit::gateway as support;
 
 use serde_json::{json, Value};
 use support::{Client, Gateway};

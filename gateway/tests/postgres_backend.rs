@@ -3,7 +3,7 @@
 //! the database, so a node that restarts on an empty data directory still
 //! syncs it, answers history from it and recognises a retried send.
 
-mod support;
+use testkit::gateway as support;
 
 use support::postgres::Postgres;
 

@@ -4,7 +4,7 @@
 //! group; presence answers only about users the asker shares a
 //! conversation with, and goes offline with a last-seen time.
 
-mod support;
+use testkit::gateway as support;
 
 use std::time::{Duration, Instant};
 

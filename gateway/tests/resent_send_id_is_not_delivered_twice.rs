@@ -1,7 +1,7 @@
 //! Idempotent sends: a repeated `id` from the same user and device gets the
 //! same `sent` (same `message_id`) and is not delivered again.
 
-mod support;
+use testkit::gateway as support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Graceful drain: SIGTERM stops accepting, closes every connection with 1012
 //! within the drain window, and the process exits 0 once they are gone.
 
-mod support;
+use testkit::gateway as support;
 
 use std::net::TcpStream;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! Heartbeats: a connection silent for `heartbeat_timeout_ms` is closed with
 //! 4000; one that pings (JSON `ping` or a WebSocket ping) stays open.
 
-mod support;
+use testkit::gateway as support;
 
 use std::time::{Duration, Instant};
 

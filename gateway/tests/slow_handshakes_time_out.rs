@@ -1,7 +1,7 @@
 //! Slowloris: a client that never finishes its upgrade request is answered
 //! 408 and disconnected after the handshake timeout; an oversized request gets 431.
 
-mod support;
+use testkit::gateway as support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

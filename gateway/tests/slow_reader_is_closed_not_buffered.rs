@@ -1,7 +1,7 @@
 //! A client that stops reading is closed with 4001 once its bounded send queue
 //! fills; the node's memory does not grow and everyone else is still served.
 
-mod support;
+use testkit::gateway as support;
 
 use std::time::{Duration, Instant};
 

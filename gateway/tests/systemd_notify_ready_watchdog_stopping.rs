@@ -2,19 +2,12 @@
 //! listens, pings WATCHDOG=1 while its shards make progress, and says
 //! STOPPING=1 when a drain starts. Tested with a fake NOTIFY_SOCKET.
 
-mod support;
+use testkit::gateway as support;
+use testkit::next_datagram;
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn next_datagram(socket: &UnixDatagram) -> String {
-    let mut buffer = [0u8; 4096];
-    let length = socket
-        .recv(&mut buffer)
-        .expect("a notification within the timeout");
-    String::from_utf8_lossy(&buffer[..length]).into_owned()
-}
 
 #[test]
 fn ready_then_watchdog_pings_then_stopping() {
@@ -71,11 +64,7 @@ fn ready_then_watchdog_pings_then_stopping() {
         }
     }
 
-    let status = Command::new("kill")
-        .args(["-s", "TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    testkit::signal(child.id(), "TERM");
     let mut stopping = false;
     for _ in 0..20 {
         if next_datagram(&socket)

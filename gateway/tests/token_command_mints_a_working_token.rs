@@ -1,7 +1,7 @@
 //! First dev run: with no secret configured the gateway generates one into its
 //! data directory, and `gateway token` signs with that same secret.
 
-mod support;
+use testkit::gateway as support;
 
 use std::process::Command;
 

@@ -1,7 +1,7 @@
 //! The host tuning files name settings this kernel has, and the CPU placement
 //! script runs (dry) against a real interface.
 
-mod support;
+use testkit::gateway as support;
 
 use support::{repo, run_script};
 

@@ -1,7 +1,7 @@
 //! `typing` reaches the other user's devices at once, is never stored or
 //! replayed, is rate-limited per user, and is refused to oneself.
 
-mod support;
+use testkit::gateway as support;
 
 use std::time::Duration;
 

@@ -6,7 +6,6 @@
 //! it stale. Never deletes the lock file.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -27,14 +26,13 @@ pub fn exclusive(path: &Path, wait: Duration) -> Result<File> {
     let deadline = Instant::now() + wait;
     let mut logged = false;
     loop {
-        // SAFETY: flock on a descriptor this function owns; no memory is involved.
-        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-        if locked {
-            return Ok(file);
-        }
-        let error = std::io::Error::last_os_error();
-        if error.kind() != std::io::ErrorKind::WouldBlock {
-            return Err(error).with_context(|| format!("locking {}", path.display()));
+        // An exclusive flock(2), released when the file is closed.
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(error)) => {
+                return Err(error).with_context(|| format!("locking {}", path.display()));
+            }
         }
         anyhow::ensure!(
             Instant::now() < deadline,

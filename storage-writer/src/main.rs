@@ -7,6 +7,8 @@
 //! (or, when storage cannot take it, leave it in the rings for the next
 //! writer) and exit. Never serves clients directly; the gateway does.
 
+#![forbid(unsafe_code)]
+
 mod backend;
 mod commit;
 mod lock;
@@ -194,10 +196,10 @@ fn wait_for_signal(stats: &stats::Stats, interval_s: u64) -> Result<()> {
     while !term.load(Ordering::Relaxed) {
         std::thread::sleep(tick);
         ticks += 1;
-        if ticks % 50 == 0 {
+        if ticks.is_multiple_of(50) {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
         }
-        if interval_s > 0 && ticks % (interval_s * 10) == 0 {
+        if interval_s > 0 && ticks.is_multiple_of(interval_s * 10) {
             log_stats(stats);
         }
     }

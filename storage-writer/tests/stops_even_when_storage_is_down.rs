@@ -8,17 +8,9 @@ use std::time::{Duration, Instant};
 
 use chat_protocol::records::MessageRecord;
 use chat_ring::{attach_producer, RingOptions};
+use testkit::KillOnDrop;
 
 /// Kills the writer if the test fails before it exits (no orphan).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn sigterm_stops_a_writer_that_cannot_commit_and_the_record_stays_in_the_ring() {
     let dir = tempfile::tempdir().unwrap();
@@ -67,10 +59,7 @@ fn sigterm_stops_a_writer_that_cannot_commit_and_the_record_stays_in_the_ring() 
     producer.wake_consumer();
     std::thread::sleep(Duration::from_millis(1_500)); // a few failed attempts
 
-    Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
+    testkit::signal(child.0.id(), "TERM");
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         if let Some(status) = child.0.try_wait().unwrap() {

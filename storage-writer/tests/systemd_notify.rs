@@ -6,11 +6,7 @@ use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn next_datagram(socket: &UnixDatagram) -> String {
-    let mut buffer = [0u8; 4096];
-    let length = socket.recv(&mut buffer).expect("a notification in time");
-    String::from_utf8_lossy(&buffer[..length]).into_owned()
-}
+use testkit::next_datagram;
 
 #[test]
 fn ready_once_listening_then_stopping_on_sigterm() {
@@ -39,11 +35,7 @@ fn ready_once_listening_then_stopping_on_sigterm() {
         "ready means listening"
     );
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    testkit::signal(child.id(), "TERM");
     let mut stopping = false;
     for _ in 0..10 {
         if next_datagram(&notify)

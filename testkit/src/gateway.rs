@@ -1,10 +1,15 @@
-//! Test support shared by every integration test: start the real `gateway`
-//! binary on loopback ports, mint tokens, and talk to it with a real WebSocket
-//! client (tungstenite) over a real TCP socket. Every wait here is bounded.
-#![allow(dead_code)]
+//! The gateway as its integration tests drive it: start the real `gateway`
+//! binary on loopback ports, mint tokens, and talk to it with a real
+//! WebSocket client (tungstenite) over a real TCP socket.
+//!
+//! Owns `Gateway` (a running node, killed when dropped), `Client`, the test
+//! secret and tokens, raw frames for framing tests, and the scenario every
+//! shared-database backend must pass. Every wait here is bounded by `WAIT`.
+//! Never used by a shipped binary.
 
-#[allow(unused_imports)]
-pub use testkit::postgres;
+pub use crate::postgres;
+pub use crate::writer::{ensure_storage_writer_built, storage_writer_binary, Writer};
+pub use crate::{free_port, repo, run_script, KillOnDrop, WAIT};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -18,10 +23,6 @@ use tungstenite::{Message, WebSocket};
 pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
 /// Tries at starting a gateway before a test fails.
 const START_ATTEMPTS: usize = 3;
-/// Longest any single wait in a test may take.
-pub const WAIT: Duration = Duration::from_secs(10);
-
-pub use testkit::free_port;
 
 pub fn unix_s() -> u64 {
     std::time::SystemTime::now()
@@ -64,7 +65,7 @@ impl Gateway {
         let data_dir = tempfile::tempdir().unwrap();
         let ws: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        let mut command = Command::new(crate::workspace_binary("gateway"));
         command
             .args([
                 "--listen",
@@ -243,12 +244,15 @@ impl Gateway {
         }
     }
 
+    /// `kill -9`: no drain, no goodbye.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends `signal` (a name: TERM, HUP, ...) to the process.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args(["-s", signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        crate::signal(self.child.id(), signal);
     }
 
     /// Waits (bounded) for the process to exit.
@@ -297,6 +301,52 @@ pub enum Next {
 }
 
 impl Client {
+    /// Sends `body` to `to` with client id `id`.
+    pub fn send_message(&mut self, id: &str, to: &str, body: &str) {
+        self.send(serde_json::json!({"type": "send", "id": id, "to": to, "body": body}));
+    }
+
+    /// Creates a group of this user and `members`; returns the group id.
+    pub fn create_group(&mut self, id: &str, members: &[&str]) -> String {
+        self.send(serde_json::json!({"type": "group_create", "id": id, "members": members}));
+        let sent = self.recv_type("sent");
+        assert_eq!(sent["id"], id, "{sent}");
+        sent["group"]
+            .as_str()
+            .expect("sent names the group")
+            .to_owned()
+    }
+
+    /// Reads frames until a `message` whose body is `body` (skipping others,
+    /// at most 1000); returns every `message` read, that one last.
+    pub fn messages_until(&mut self, body: &str) -> Vec<Value> {
+        let mut seen = Vec::new();
+        for _ in 0..1000 {
+            let frame = self.recv();
+            if frame["type"] == "message" {
+                let done = frame["body"] == body;
+                seen.push(frame);
+                if done {
+                    return seen;
+                }
+            }
+        }
+        panic!("no message {body:?} within 1000 frames");
+    }
+
+    /// Asks for a page of history and returns its messages (newest first).
+    pub fn history(&mut self, conversation: &str, before: Option<&str>, limit: u64) -> Vec<Value> {
+        let mut request =
+            serde_json::json!({"type": "history", "conversation": conversation, "limit": limit});
+        if let Some(before) = before {
+            request["before"] = before.into();
+        }
+        self.send(request);
+        let page = self.recv_type("history");
+        assert_eq!(page["conversation"], conversation);
+        page["messages"].as_array().unwrap().clone()
+    }
+
     pub fn send(&mut self, value: Value) {
         self.socket.send(Message::text(value.to_string())).unwrap();
     }
@@ -318,7 +368,7 @@ impl Client {
     }
 
     /// The next JSON frame, a close, or silence within the read timeout.
-    pub fn next(&mut self) -> Next {
+    pub fn next_frame(&mut self) -> Next {
         loop {
             match self.socket.read() {
                 Ok(Message::Text(text)) => {
@@ -344,7 +394,7 @@ impl Client {
 
     /// The next JSON frame; panics on anything else.
     pub fn recv(&mut self) -> Value {
-        match self.next() {
+        match self.next_frame() {
             Next::Json(value) => value,
             other => panic!("expected a frame, got {other:?}"),
         }
@@ -364,7 +414,7 @@ impl Client {
     /// Reads (at most `limit` frames) until the server closes; returns its code.
     pub fn expect_close(&mut self, limit: usize) -> Option<u16> {
         for _ in 0..limit {
-            match self.next() {
+            match self.next_frame() {
                 Next::Json(_) => continue,
                 Next::Closed(code) => return code,
                 other => panic!("expected a close, got {other:?}"),
@@ -376,7 +426,7 @@ impl Client {
     /// Asserts nothing arrives for `quiet`.
     pub fn expect_silence(&mut self, quiet: Duration) {
         self.set_timeout(quiet);
-        let next = self.next();
+        let next = self.next_frame();
         self.set_timeout(WAIT);
         assert!(
             matches!(next, Next::Silent),
@@ -441,198 +491,6 @@ pub fn raw_frame(first_byte: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u
         None => frame.extend_from_slice(payload),
     }
     frame
-}
-
-/// Kills a child process when the test ends, pass or fail.
-pub struct KillOnDrop(pub Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The repository root (scripts, tuning and systemd files live there).
-pub fn repo() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Runs a script from the repository with `args`, asserts it succeeded, and
-/// returns what it printed.
-pub fn run_script(script: &str, args: &[&str]) -> String {
-    let output = Command::new(repo().join(script))
-        .args(args)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{script} failed: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
-
-/// The storage-writer binary the gateway spawns (next to the gateway binary).
-pub fn storage_writer_binary() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_BIN_EXE_gateway"))
-        .parent()
-        .unwrap()
-        .join("storage-writer")
-}
-
-/// `cargo test -p gateway` alone neither builds nor rebuilds the other
-/// package's binary, and a stale writer would speak an old read-path format:
-/// build it when it is missing or older than its sources (`cargo test
-/// --workspace` has already built it, so then this only compares times).
-pub fn ensure_storage_writer_built() {
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    BUILT.call_once(|| {
-        let built = std::fs::metadata(storage_writer_binary()).and_then(|m| m.modified());
-        let sources = ["storage-writer", "protocol", "ring"]
-            .iter()
-            .filter_map(|crate_dir| newest_modification(&repo().join(crate_dir)))
-            .max();
-        if let (Ok(built), Some(sources)) = (built, sources) {
-            if built >= sources {
-                return;
-            }
-        }
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "storage-writer"])
-            .current_dir(repo())
-            .status()
-            .unwrap();
-        assert!(status.success(), "building storage-writer");
-    });
-}
-
-impl Gateway {
-    /// `kill -9`: no drain, no goodbye.
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A storage-writer run by the test (the gateway started with
-/// `--storage-writer external`), so the test can kill and restart it.
-pub struct Writer {
-    child: Child,
-}
-
-impl Writer {
-    /// Starts the writer on `data_dir` (rings in `data_dir/rings`) and waits
-    /// until its socket accepts connections.
-    pub fn start(data_dir: &std::path::Path, extra: &[&str]) -> Writer {
-        ensure_storage_writer_built();
-        let rings = data_dir.join("rings");
-        let socket = rings.join("writer.sock");
-        let _ = std::fs::remove_file(&socket);
-        let child = Command::new(storage_writer_binary())
-            .arg("--ring-dir")
-            .arg(&rings)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("storage-writer starts");
-        let mut writer = Writer { child };
-        let deadline = Instant::now() + WAIT;
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            if let Some(status) = writer.child.try_wait().unwrap() {
-                panic!("storage-writer exited during start-up: {status}");
-            }
-            assert!(Instant::now() < deadline, "storage-writer not ready");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        writer
-    }
-
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-impl Client {
-    /// Sends `body` to `to` with client id `id`.
-    pub fn send_message(&mut self, id: &str, to: &str, body: &str) {
-        self.send(serde_json::json!({"type": "send", "id": id, "to": to, "body": body}));
-    }
-
-    /// Creates a group of this user and `members`; returns the group id.
-    pub fn create_group(&mut self, id: &str, members: &[&str]) -> String {
-        self.send(serde_json::json!({"type": "group_create", "id": id, "members": members}));
-        let sent = self.recv_type("sent");
-        assert_eq!(sent["id"], id, "{sent}");
-        sent["group"]
-            .as_str()
-            .expect("sent names the group")
-            .to_owned()
-    }
-
-    /// Reads frames until a `message` whose body is `body` (skipping others,
-    /// at most 1000); returns every `message` read, that one last.
-    pub fn messages_until(&mut self, body: &str) -> Vec<Value> {
-        let mut seen = Vec::new();
-        for _ in 0..1000 {
-            let frame = self.recv();
-            if frame["type"] == "message" {
-                let done = frame["body"] == body;
-                seen.push(frame);
-                if done {
-                    return seen;
-                }
-            }
-        }
-        panic!("no message {body:?} within 1000 frames");
-    }
-
-    /// Asks for a page of history and returns its messages (newest first).
-    pub fn history(&mut self, conversation: &str, before: Option<&str>, limit: u64) -> Vec<Value> {
-        let mut request =
-            serde_json::json!({"type": "history", "conversation": conversation, "limit": limit});
-        if let Some(before) = before {
-            request["before"] = before.into();
-        }
-        self.send(request);
-        let page = self.recv_type("history");
-        assert_eq!(page["conversation"], conversation);
-        page["messages"].as_array().unwrap().clone()
-    }
-}
-
-/// The newest modification time of any file under `dir` (bounded depth).
-fn newest_modification(dir: &std::path::Path) -> Option<std::time::SystemTime> {
-    let mut newest = None;
-    let mut stack = vec![(dir.to_path_buf(), 0)];
-    while let Some((path, depth)) = stack.pop() {
-        for entry in std::fs::read_dir(&path).ok()?.flatten() {
-            let metadata = entry.metadata().ok()?;
-            if metadata.is_dir() && depth < 4 {
-                stack.push((entry.path(), depth + 1));
-            } else if metadata.is_file() {
-                newest = newest.max(metadata.modified().ok());
-            }
-        }
-    }
-    newest
 }
 
 /// What every shared-database backend must keep across a gateway `kill -9`
