@@ -180,6 +180,171 @@ impl NodeState {
     }
 }
 
+/// The per-shard metrics that are one atomic each: (name, kind, help, field).
+/// Adding one is a field in `ShardMetrics` and a line here.
+type ShardField = fn(&ShardMetrics) -> &AtomicU64;
+const SHARD_METRICS: &[(&str, &str, &str, ShardField)] = &[
+    (
+        "gateway_connections",
+        "gauge",
+        "Registered WebSocket connections.",
+        |m| &m.connections,
+    ),
+    (
+        "gateway_users",
+        "gauge",
+        "Users homed on the shard with a connection.",
+        |m| &m.users,
+    ),
+    (
+        "gateway_idempotency_entries",
+        "gauge",
+        "Remembered send ids.",
+        |m| &m.idempotency_entries,
+    ),
+    (
+        "gateway_handshakes_accepted_total",
+        "counter",
+        "Upgrades accepted.",
+        |m| &m.handshakes_accepted,
+    ),
+    (
+        "gateway_handoffs_sent_total",
+        "counter",
+        "Authenticated sockets handed to their user's home shard.",
+        |m| &m.handoffs_sent,
+    ),
+    (
+        "gateway_handoffs_received_total",
+        "counter",
+        "Sockets adopted from another shard.",
+        |m| &m.handoffs_received,
+    ),
+    (
+        "gateway_frames_in_total",
+        "counter",
+        "WebSocket messages and control frames received.",
+        |m| &m.frames_in,
+    ),
+    (
+        "gateway_frames_out_total",
+        "counter",
+        "Frames queued to clients.",
+        |m| &m.frames_out,
+    ),
+    (
+        "gateway_messages_routed_local_total",
+        "counter",
+        "Sends whose recipient is homed on the sender's shard.",
+        |m| &m.messages_routed_local,
+    ),
+    (
+        "gateway_messages_routed_cross_shard_total",
+        "counter",
+        "Sends handed to the recipient's home shard.",
+        |m| &m.messages_routed_cross_shard,
+    ),
+    (
+        "gateway_messages_received_cross_shard_total",
+        "counter",
+        "Deliveries received from other shards.",
+        |m| &m.messages_received_cross_shard,
+    ),
+    (
+        "gateway_idempotent_replays_total",
+        "counter",
+        "Repeated send ids answered from the idempotency table.",
+        |m| &m.idempotent_replays,
+    ),
+    (
+        "gateway_ring_full_total",
+        "counter",
+        "Sends answered `overloaded` because the shard's ring was full.",
+        |m| &m.ring_full,
+    ),
+    (
+        "gateway_acks_total",
+        "counter",
+        "Device acknowledgements written to the ring.",
+        |m| &m.acks,
+    ),
+    (
+        "gateway_group_messages_total",
+        "counter",
+        "Messages sent to groups.",
+        |m| &m.group_messages,
+    ),
+    (
+        "gateway_group_changes_total",
+        "counter",
+        "Group membership changes.",
+        |m| &m.group_changes,
+    ),
+    (
+        "gateway_receipts_total",
+        "counter",
+        "Delivered and read receipts taken from clients.",
+        |m| &m.receipts,
+    ),
+    (
+        "gateway_receipt_batches_total",
+        "counter",
+        "Receipt batches stored and sent (one per sender and conversation per window).",
+        |m| &m.receipt_batches,
+    ),
+    (
+        "gateway_receipts_dropped_total",
+        "counter",
+        "Receipts dropped on a full ring.",
+        |m| &m.receipts_dropped,
+    ),
+    (
+        "gateway_presence_written_total",
+        "counter",
+        "Presence entries written (debounced).",
+        |m| &m.presence_written,
+    ),
+    (
+        "gateway_presence_queries_total",
+        "counter",
+        "Presence requests answered.",
+        |m| &m.presence_queries,
+    ),
+    (
+        "gateway_typing_total",
+        "counter",
+        "Typing indications passed on (never stored).",
+        |m| &m.typing,
+    ),
+    (
+        "gateway_acks_dropped_total",
+        "counter",
+        "Acknowledgements dropped on a full ring (a redelivery, not a loss).",
+        |m| &m.acks_dropped,
+    ),
+    ("gateway_syncs_total", "counter", "Syncs completed.", |m| {
+        &m.syncs
+    }),
+    (
+        "gateway_synced_messages_total",
+        "counter",
+        "Messages sent by syncs.",
+        |m| &m.synced_messages,
+    ),
+    (
+        "gateway_durable_waiting",
+        "gauge",
+        "`sent` frames waiting for the durable watermark.",
+        |m| &m.durable_waiting,
+    ),
+    (
+        "gateway_storage_connected",
+        "gauge",
+        "1 while the shard is connected to the storage-writer.",
+        |m| &m.storage_connected,
+    ),
+];
+
 /// Renders Prometheus text exposition format 0.0.4.
 pub fn render(node: &NodeState, mesh: &Mesh, backplane: Option<&Backplane>) -> String {
     let mut out = String::with_capacity(8 * 1024);
@@ -227,34 +392,9 @@ pub fn render(node: &NodeState, mesh: &Mesh, backplane: Option<&Backplane>) -> S
         u8::from(node.draining.load(Relaxed))
     );
 
-    per_shard(
-        &mut out,
-        "gateway_connections",
-        "gauge",
-        "Registered WebSocket connections.",
-        &|m| m.connections.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_users",
-        "gauge",
-        "Users homed on the shard with a connection.",
-        &|m| m.users.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_idempotency_entries",
-        "gauge",
-        "Remembered send ids.",
-        &|m| m.idempotency_entries.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_handshakes_accepted_total",
-        "counter",
-        "Upgrades accepted.",
-        &|m| m.handshakes_accepted.load(Relaxed),
-    );
+    for (name, kind, help, field) in SHARD_METRICS {
+        per_shard(&mut out, name, kind, help, &|m| field(m).load(Relaxed));
+    }
     family(
         &mut out,
         "gateway_handshakes_refused_total",
@@ -270,167 +410,6 @@ pub fn render(node: &NodeState, mesh: &Mesh, backplane: Option<&Backplane>) -> S
             );
         }
     }
-    per_shard(
-        &mut out,
-        "gateway_handoffs_sent_total",
-        "counter",
-        "Authenticated sockets handed to their user's home shard.",
-        &|m| m.handoffs_sent.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_handoffs_received_total",
-        "counter",
-        "Sockets adopted from another shard.",
-        &|m| m.handoffs_received.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_frames_in_total",
-        "counter",
-        "WebSocket messages and control frames received.",
-        &|m| m.frames_in.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_frames_out_total",
-        "counter",
-        "Frames queued to clients.",
-        &|m| m.frames_out.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_messages_routed_local_total",
-        "counter",
-        "Sends whose recipient is homed on the sender's shard.",
-        &|m| m.messages_routed_local.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_messages_routed_cross_shard_total",
-        "counter",
-        "Sends handed to the recipient's home shard.",
-        &|m| m.messages_routed_cross_shard.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_messages_received_cross_shard_total",
-        "counter",
-        "Deliveries received from other shards.",
-        &|m| m.messages_received_cross_shard.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_idempotent_replays_total",
-        "counter",
-        "Repeated send ids answered from the idempotency table.",
-        &|m| m.idempotent_replays.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_ring_full_total",
-        "counter",
-        "Sends answered `overloaded` because the shard's ring was full.",
-        &|m| m.ring_full.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_acks_total",
-        "counter",
-        "Device acknowledgements written to the ring.",
-        &|m| m.acks.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_group_messages_total",
-        "counter",
-        "Messages sent to groups.",
-        &|m| m.group_messages.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_group_changes_total",
-        "counter",
-        "Group membership changes.",
-        &|m| m.group_changes.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_receipts_total",
-        "counter",
-        "Delivered and read receipts taken from clients.",
-        &|m| m.receipts.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_receipt_batches_total",
-        "counter",
-        "Receipt batches stored and sent (one per sender and conversation per window).",
-        &|m| m.receipt_batches.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_receipts_dropped_total",
-        "counter",
-        "Receipts dropped on a full ring.",
-        &|m| m.receipts_dropped.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_presence_written_total",
-        "counter",
-        "Presence entries written (debounced).",
-        &|m| m.presence_written.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_presence_queries_total",
-        "counter",
-        "Presence requests answered.",
-        &|m| m.presence_queries.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_typing_total",
-        "counter",
-        "Typing indications passed on (never stored).",
-        &|m| m.typing.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_acks_dropped_total",
-        "counter",
-        "Acknowledgements dropped on a full ring (a redelivery, not a loss).",
-        &|m| m.acks_dropped.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_syncs_total",
-        "counter",
-        "Syncs completed.",
-        &|m| m.syncs.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_synced_messages_total",
-        "counter",
-        "Messages sent by syncs.",
-        &|m| m.synced_messages.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_durable_waiting",
-        "gauge",
-        "`sent` frames waiting for the durable watermark.",
-        &|m| m.durable_waiting.load(Relaxed),
-    );
-    per_shard(
-        &mut out,
-        "gateway_storage_connected",
-        "gauge",
-        "1 while the shard is connected to the storage-writer.",
-        &|m| m.storage_connected.load(Relaxed),
-    );
     family(
         &mut out,
         "gateway_durable_wait_seconds",

@@ -80,21 +80,10 @@ fn accept(shard: &Shard, conn: &Rc<Conn>, send: &SendFrame<'_>) {
     if pipeline::replay_if_known(shard, conn, &send.client_msg_id) {
         return;
     }
-    let (message_id, ts) = pipeline::next_message_id(shard);
     let conversation = ids::direct_conversation_id(&conn.user_id, &send.to);
     let record = MessageRecord {
-        message_id,
-        ts,
-        conversation: &conversation,
-        from: &conn.user_id,
-        from_device: &conn.device_id,
-        to: &send.to,
-        client_msg_id: &send.client_msg_id,
-        body: &send.body,
-        media: send.media.clone(),
-        event: None,
-        recipients: Vec::new(),
         bodies: send.bodies.iter().map(|(d, b)| (&**d, &**b)).collect(),
+        ..pipeline::record_of_send(shard, conn, send, &conversation)
     };
     // The recipient's devices, and the sender's other devices.
     let both = [&*send.to, &*conn.user_id];

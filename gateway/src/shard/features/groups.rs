@@ -76,21 +76,10 @@ fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: &SendFrame<'_>, members: &M
     if !is_member(members, &conn.user_id) {
         return reply::forbidden(shard, conn, Some(&send.client_msg_id), NOT_A_MEMBER);
     }
-    let (message_id, ts) = pipeline::next_message_id(shard);
     let conversation = ids::group_conversation_id(&send.to);
     let record = MessageRecord {
-        message_id,
-        ts,
-        conversation: &conversation,
-        from: &conn.user_id,
-        from_device: &conn.device_id,
-        to: &send.to,
-        client_msg_id: &send.client_msg_id,
-        body: &send.body,
-        media: send.media.clone(),
-        event: None,
         recipients: members.iter().map(|m| &**m).collect(),
-        bodies: Vec::new(),
+        ..pipeline::record_of_send(shard, conn, send, &conversation)
     };
     let out = Outgoing {
         record: &record,

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use chat_backplane::Outbound;
 use chat_protocol::records::MessageRecord;
 use chat_protocol::{frames, ids, render, ws};
+use smallvec::SmallVec;
 
 use crate::mesh::{Delivery, ManyDelivery, PerDeviceDelivery, Sender, ShardMessage};
 use crate::metrics::bump;
@@ -23,15 +24,17 @@ use crate::shard::state::Shard;
 /// it is in the ring, its hand-offs must not fail.
 pub fn shards_have_room(shard: &Shard, users: &[&str]) -> bool {
     let count = shard.mesh.shard_count();
-    let mut checked = vec![false; count];
-    checked[shard.id] = true;
+    // Shard ids fit a u64 (the snowflake's shard field is 6 bits): a bitmap
+    // of the shards checked, with no allocation on the send path.
+    debug_assert!(count <= 64);
+    let mut checked: u64 = 1 << shard.id;
     for user in users {
         let home = ids::home_shard(user, count);
-        if !checked[home] {
+        if checked & (1 << home) == 0 {
             if !shard.mesh.has_room(Sender::Shard(shard.id), home) {
                 return false;
             }
-            checked[home] = true;
+            checked |= 1 << home;
         }
     }
     true
@@ -49,7 +52,9 @@ pub fn fan_out(
     except: Option<usize>,
 ) -> Result<usize, usize> {
     let count = shard.mesh.shard_count();
-    let mut by_shard: Vec<Vec<Box<str>>> = vec![Vec::new(); count];
+    // Users homed elsewhere, by home shard. Inline for the common 1:1 case
+    // (no allocation); a group's list is sorted by shard, keeping order.
+    let mut remote: SmallVec<[(usize, Box<str>); 2]> = SmallVec::new();
     {
         let table = shard.users.borrow();
         for user in users {
@@ -57,22 +62,29 @@ pub fn fan_out(
             if home == shard.id {
                 table.deliver(user, message_id, frame, except);
             } else {
-                by_shard[home].push((*user).into());
+                remote.push((home, (*user).into()));
             }
         }
     }
+    remote.sort_by_key(|(home, _)| *home);
     let mut handed = 0;
     let mut all_handed = true;
-    for (home, mut to_users) in by_shard.into_iter().enumerate() {
-        let delivery = match to_users.len() {
-            0 => continue,
-            1 => ShardMessage::Deliver(Delivery {
-                to_user: to_users.pop().expect("one user"),
+    let mut rest = &mut remote[..];
+    while let Some(home) = rest.first().map(|(home, _)| *home) {
+        let same = rest.iter().take_while(|(h, _)| *h == home).count();
+        let (these, later) = rest.split_at_mut(same);
+        rest = later;
+        let delivery = match these {
+            [(_, user)] => ShardMessage::Deliver(Delivery {
+                to_user: std::mem::take(user),
                 message_id,
                 frame: frame.clone(),
             }),
             _ => ShardMessage::DeliverMany(Box::new(ManyDelivery {
-                to_users,
+                to_users: these
+                    .iter_mut()
+                    .map(|(_, user)| std::mem::take(user))
+                    .collect(),
                 message_id,
                 frame: frame.clone(),
             })),

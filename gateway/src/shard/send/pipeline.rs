@@ -15,6 +15,7 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 use chat_backplane::Outbound;
+use chat_protocol::frames::SendFrame;
 use chat_protocol::records::MessageRecord;
 use chat_protocol::store_wire::{Request, Response};
 use chat_protocol::{render, snowflake, ws};
@@ -249,6 +250,31 @@ pub fn replay_if_known(shard: &Shard, conn: &Rc<Conn>, client_msg_id: &str) -> b
         .send_when_durable(prior.end, conn, sent, None, |_| {});
     bump(&shard.metrics().idempotent_replays, 1);
     true
+}
+
+/// The record of a client's `send` in `conversation`, with a new id: the
+/// feature adds what is its own (a group's recipients, per-device bodies).
+pub fn record_of_send<'a>(
+    shard: &Shard,
+    conn: &'a Conn,
+    send: &'a SendFrame<'_>,
+    conversation: &'a str,
+) -> MessageRecord<'a> {
+    let (message_id, ts) = next_message_id(shard);
+    MessageRecord {
+        message_id,
+        ts,
+        conversation,
+        from: &conn.user_id,
+        from_device: &conn.device_id,
+        to: &send.to,
+        client_msg_id: &send.client_msg_id,
+        body: &send.body,
+        media: send.media.clone(),
+        event: None,
+        recipients: Vec::new(),
+        bodies: Vec::new(),
+    }
 }
 
 /// A new message id and its timestamp (Unix ms, as the snowflake holds it).
