@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
 
-use chat_backplane::Backplane;
+use backplane_bridge::Backplane;
 use std::time::Duration;
 
 use crate::mesh::Mesh;

@@ -8,8 +8,8 @@
 
 use std::sync::Arc;
 
+use backplane_bridge::{Backplane, BackplaneConfig, Inbound, Sink};
 use bytes::Bytes;
-use chat_backplane::{Backplane, BackplaneConfig, Inbound, Sink};
 use chat_protocol::{ids, ws};
 
 use crate::config::Config;

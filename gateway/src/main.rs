@@ -19,9 +19,9 @@ mod secret;
 mod shard;
 #[allow(unsafe_code)] // socket syscalls; see its header
 mod sock;
-mod supervisor;
 #[allow(unsafe_code)] // process syscalls; see its header
 mod sys;
+mod systemd_notify;
 mod writer_process;
 
 use std::time::Duration;

@@ -7,7 +7,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
-use chat_backplane::Backplane;
+use backplane_bridge::Backplane;
 use chat_protocol::codes::{CloseCode, ErrorCode, CLOSE_CODES, ERROR_CODES};
 use crossbeam_utils::CachePadded;
 

@@ -16,7 +16,7 @@ use crate::config::{Config, WriterMode};
 use crate::mesh::{Mesh, Sender, ShardMessage};
 use crate::metrics::NodeState;
 use crate::shard::{self, ShardSetup};
-use crate::{admin, backplane_link, secret, supervisor, writer_process};
+use crate::{admin, backplane_link, secret, systemd_notify, writer_process};
 
 /// Descriptors kept back from connections: stdio, log files, the admin
 /// listener, the signal pipe and similar.
@@ -87,8 +87,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
     // A shard that failed to start ends its thread; the joins below report it.
     if node.shards_ready.load(Relaxed) == config.shards {
-        supervisor::spawn_watchdog(node.clone())?;
-        supervisor::ready(&format!(
+        systemd_notify::spawn_watchdog(node.clone())?;
+        systemd_notify::ready(&format!(
             "serving {listen}, up to {connections_max} connections"
         ));
         tracing::info!(%listen, %admin_listen, shards = config.shards, node_id = config.node_id,
@@ -196,7 +196,7 @@ fn spawn_signal_handler(node: Arc<NodeState>, mesh: Arc<Mesh>) -> anyhow::Result
                     signal,
                     "draining: no new connections; clients told to reconnect (1012)"
                 );
-                supervisor::stopping();
+                systemd_notify::stopping();
                 for shard in 0..mesh.shard_count() {
                     if mesh
                         .send(Sender::External, shard, ShardMessage::Drain)

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use backplane_bridge::Backplane;
 use bytes::Bytes;
-use chat_backplane::Backplane;
 use chat_protocol::codes::CloseCode;
 use chat_protocol::frames;
 use chat_protocol::snowflake::SnowflakeGenerator;

@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::rc::Rc;
 
-use chat_backplane::Outbound;
+use backplane_bridge::Outbound;
 use chat_protocol::codes::ErrorCode;
 use chat_protocol::frames::{self, GroupChangeFrame, SendFrame};
 use chat_protocol::records::{Event, GroupAction, MessageRecord};

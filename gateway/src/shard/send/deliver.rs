@@ -8,8 +8,8 @@
 //! frames (typing, `keys_low`: never stored, dropped where a queue is full).
 //! Never stores anything and never decides who should receive a message.
 
+use backplane_bridge::Outbound;
 use bytes::Bytes;
-use chat_backplane::Outbound;
 use chat_protocol::records::MessageRecord;
 use chat_protocol::{frames, ids, render, ws};
 use smallvec::SmallVec;

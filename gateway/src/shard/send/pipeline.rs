@@ -13,8 +13,8 @@
 
 use std::rc::Rc;
 
+use backplane_bridge::Outbound;
 use bytes::Bytes;
-use chat_backplane::Outbound;
 use chat_protocol::frames::SendFrame;
 use chat_protocol::records::MessageRecord;
 use chat_protocol::store_wire::{Request, Response};

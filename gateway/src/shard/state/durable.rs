@@ -11,8 +11,8 @@ use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 use std::time::Instant;
 
+use backplane_bridge::Outbound;
 use bytes::Bytes;
-use chat_backplane::Outbound;
 use chat_ring::{Producer, RingFull};
 
 use super::conn::Conn;
@@ -24,7 +24,7 @@ struct Waiting {
     conn: Weak<Conn>,
     sent: Bytes,
     appended: Instant,
-    /// For other nodes' devices, published once durable (see `chat_backplane`).
+    /// For other nodes' devices, published once durable (see `backplane_bridge`).
     publish: Option<Box<Outbound>>,
 }
 

@@ -28,8 +28,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backplane_bridge::{Backplane, Outbound};
 use bytes::Bytes;
-use chat_backplane::{Backplane, Outbound};
 use chat_protocol::snowflake::SnowflakeGenerator;
 use chat_protocol::token::TokenVerifier;
 use slab::Slab;
