@@ -211,6 +211,7 @@ fn connect(socket_path: &Path, ring_path: &Path) -> anyhow::Result<UnixStream> {
         }
     };
     let hello = Request::Hello {
+        version: store_wire::READ_PATH_VERSION,
         shard: 0,
         ring: ring_path.canonicalize()?.display().to_string(),
     };

@@ -317,254 +317,244 @@ pub fn decode_client_frame(
     text: &[u8],
     body_bytes_max: usize,
 ) -> Result<ClientFrame<'_>, FrameError> {
-    let raw: RawFrame<'_> = match serde_json::from_slice(text) {
+    let mut raw: RawFrame<'_> = match serde_json::from_slice(text) {
         Ok(raw) => raw,
         Err(_) => return Err(explain_undecodable(text)),
     };
     let client_msg_id = raw.id.as_deref().map(str::to_owned);
-    let fail = |code: ErrorCode, message: String| FrameError {
-        client_msg_id: client_msg_id.clone(),
-        code,
-        message,
-    };
-    match raw.kind.as_deref() {
+    let kind = raw.kind.take();
+    let decoded = match kind.as_deref() {
         Some("ping") => Ok(ClientFrame::Ping),
-        Some("keys_upload") => {
-            let missing = || {
-                fail(
-                    ErrorCode::InvalidField,
-                    "`identity_key`, `signed_prekey` and `signed_prekey_signature` are required"
-                        .into(),
-                )
-            };
-            let upload = KeysUpload {
-                identity_key: raw.identity_key.ok_or_else(missing)?,
-                signed_prekey: raw.signed_prekey.ok_or_else(missing)?,
-                signed_prekey_signature: raw.signed_prekey_signature.ok_or_else(missing)?,
-                one_time_prekeys: raw.one_time_prekeys.unwrap_or_default(),
-            };
-            match upload.problem() {
-                Some(problem) => Err(fail(ErrorCode::InvalidField, problem)),
-                None => Ok(ClientFrame::KeysUpload(upload)),
-            }
-        }
-        Some("devices") => match raw.user {
-            Some(user) if is_valid_id(&user) => Ok(ClientFrame::Devices { user }),
-            _ => Err(fail(
-                ErrorCode::InvalidField,
-                "`user` must be a user id".into(),
-            )),
-        },
-        Some("keys_fetch") => match raw.user {
-            Some(user) if is_valid_id(&user) => Ok(ClientFrame::KeysFetch { user }),
-            _ => Err(fail(
-                ErrorCode::InvalidField,
-                "`user` must be a user id".into(),
-            )),
-        },
-        Some("typing") => match target(raw.to, raw.group) {
-            Ok((to, group)) => Ok(ClientFrame::Typing { to, group }),
-            Err(message) => Err(fail(ErrorCode::InvalidField, message)),
-        },
+        Some("send") => decode_send(raw, body_bytes_max),
+        Some("ack") => decode_ack(raw),
+        Some("read") => decode_read(raw),
+        Some("sync") => decode_sync(raw),
+        Some("history") => decode_history(raw),
+        Some("typing") => target(raw.to, raw.group)
+            .map(|(to, group)| ClientFrame::Typing { to, group })
+            .map_err(invalid),
         Some(kind @ ("group_create" | "group_add" | "group_remove" | "group_leave")) => {
-            let action = match kind {
-                "group_create" => GroupAction::Create,
-                "group_add" => GroupAction::Add,
-                "group_remove" => GroupAction::Remove,
-                _ => GroupAction::Leave,
-            };
-            let invalid = |message: String| fail(ErrorCode::InvalidField, message);
-            let id = raw
-                .id
-                .filter(|id| is_valid_id(id))
-                .ok_or_else(|| invalid("`id` must be 1-64 characters of [A-Za-z0-9_.-]".into()))?;
-            let group = match (action, raw.group) {
-                (GroupAction::Create, None) => None,
-                (GroupAction::Create, Some(_)) => {
-                    return Err(invalid(
-                        "`group_create` names no `group`: the server does".into(),
-                    ))
-                }
-                (_, Some(group)) if is_valid_id(&group) => Some(group),
-                _ => return Err(invalid("`group` must be a group id".into())),
-            };
-            let members = match action {
-                GroupAction::Leave => Ok(Vec::new()),
-                GroupAction::Create => {
-                    id_list(raw.members, "members", GROUP_CHANGE_MEMBERS_MAX, true)
-                }
-                _ => id_list(raw.members, "members", GROUP_CHANGE_MEMBERS_MAX, false),
-            }
-            .map_err(invalid)?;
-            Ok(ClientFrame::GroupChange(GroupChangeFrame {
-                client_msg_id: id,
-                group,
-                action,
-                members,
-            }))
+            decode_group_change(kind, raw)
         }
         Some("group_members") => match raw.group {
             Some(group) if is_valid_id(&group) => Ok(ClientFrame::GroupMembers { group }),
-            _ => Err(fail(
-                ErrorCode::InvalidField,
-                "`group` must be a group id".into(),
-            )),
+            _ => Err(invalid("`group` must be a group id")),
         },
         Some("presence") => id_list(raw.users, "users", PRESENCE_QUERY_USERS_MAX, false)
             .map(|users| ClientFrame::Presence { users })
-            .map_err(|message| fail(ErrorCode::InvalidField, message)),
-        Some("read") => {
-            let invalid = |message: String| fail(ErrorCode::InvalidField, message);
-            let conversation = raw
-                .conversation
-                .filter(|c| !c.is_empty() && c.len() <= 256)
-                .ok_or_else(|| invalid("`conversation` is required".into()))?;
-            let up_to = raw
-                .up_to
-                .as_deref()
-                .and_then(parse_message_id)
-                .ok_or_else(|| invalid("`up_to` must be a message id".into()))?;
-            receipt_fields(conversation, up_to, raw.from)
-                .map(ClientFrame::Read)
-                .map_err(invalid)
-        }
-        Some("sync") => match raw.after.as_deref() {
-            None => Ok(ClientFrame::Sync { after: None }),
-            Some(after) => parse_message_id(after)
-                .map(|after| ClientFrame::Sync { after: Some(after) })
-                .ok_or_else(|| {
-                    fail(
-                        ErrorCode::InvalidField,
-                        "`after` must be a message id".into(),
-                    )
-                }),
-        },
-        Some("ack") => {
-            let invalid = |message: String| fail(ErrorCode::InvalidField, message);
-            let message_id = raw
-                .message_id
-                .as_deref()
-                .and_then(parse_message_id)
-                .ok_or_else(|| invalid("`message_id` must be a message id".into()))?;
-            let receipt = match (raw.conversation, raw.from) {
-                (Some(conversation), Some(from)) => {
-                    Some(receipt_fields(conversation, message_id, Some(from)).map_err(invalid)?)
-                }
-                (None, None) => None,
-                _ => {
-                    return Err(invalid(
-                        "a delivery receipt needs both `conversation` and `from`".into(),
-                    ))
-                }
-            };
-            Ok(ClientFrame::Ack {
-                message_id,
-                receipt,
-            })
-        }
-        Some("history") => {
-            let conversation = raw
-                .conversation
-                .filter(|c| !c.is_empty() && c.len() <= 256)
-                .ok_or_else(|| {
-                    fail(ErrorCode::InvalidField, "`conversation` is required".into())
-                })?;
-            let before = match raw.before.as_deref() {
-                None => None,
-                Some(before) => Some(parse_message_id(before).ok_or_else(|| {
-                    fail(
-                        ErrorCode::InvalidField,
-                        "`before` must be a message id".into(),
-                    )
-                })?),
-            };
-            let limit = match raw.limit {
-                None => HISTORY_LIMIT_DEFAULT,
-                Some(limit) if (1..=u64::from(HISTORY_LIMIT_MAX)).contains(&limit) => limit as u16,
-                Some(_) => {
-                    return Err(fail(
-                        ErrorCode::InvalidField,
-                        format!("`limit` must be 1-{HISTORY_LIMIT_MAX}"),
-                    ))
-                }
-            };
-            Ok(ClientFrame::History {
-                conversation,
-                before,
-                limit,
-            })
-        }
-        Some("send") => {
-            let id = raw
-                .id
-                .ok_or_else(|| fail(ErrorCode::InvalidField, "`id` is required".into()))?;
-            if !is_valid_id(&id) {
-                return Err(fail(
-                    ErrorCode::InvalidField,
-                    "`id` must be 1-64 characters of [A-Za-z0-9_.-]".into(),
-                ));
-            }
-            let (to, group) =
-                target(raw.to, raw.group).map_err(|m| fail(ErrorCode::InvalidField, m))?;
-            let (body, bodies) = match (raw.body, raw.bodies) {
-                (Some(body), None) => (body, Vec::new()),
-                (None, Some(bodies)) if !group => {
-                    if bodies.is_empty() || bodies.len() > BODIES_DEVICES_MAX {
-                        let message = format!("`bodies` must name 1-{BODIES_DEVICES_MAX} devices");
-                        return Err(fail(ErrorCode::InvalidField, message));
-                    }
-                    if let Some((device, _)) = bodies.iter().find(|(d, _)| !is_device_key(d)) {
-                        let message = format!(
-                            "`bodies` keys are `<device>` or `<user>/<device>`, not `{}`",
-                            truncate(device)
-                        );
-                        return Err(fail(ErrorCode::InvalidField, message));
-                    }
-                    (Cow::Borrowed(""), bodies.into_iter().collect())
-                }
-                (None, Some(_)) => {
-                    let message = "`bodies` is for direct messages; a group message has one `body`";
-                    return Err(fail(ErrorCode::InvalidField, message.into()));
-                }
-                (Some(_), Some(_)) => {
-                    return Err(fail(
-                        ErrorCode::InvalidField,
-                        "give `body` or `bodies`, not both".into(),
-                    ))
-                }
-                (None, None) => {
-                    return Err(fail(ErrorCode::InvalidField, "`body` is required".into()))
-                }
-            };
-            let longest = bodies
-                .iter()
-                .map(|(_, b)| b.len())
-                .max()
-                .unwrap_or(body.len());
-            if longest > body_bytes_max {
-                return Err(fail(
-                    ErrorCode::BodyTooLarge,
-                    format!("`body` is {longest} bytes; the limit is {body_bytes_max}"),
-                ));
-            }
-            if let Some(problem) = raw.media.as_ref().and_then(Media::problem) {
-                return Err(fail(ErrorCode::InvalidField, problem));
-            }
-            Ok(ClientFrame::Send(SendFrame {
-                client_msg_id: id,
-                to,
-                group,
-                body,
-                bodies,
-                media: raw.media,
-            }))
-        }
-        Some(other) => Err(fail(
+            .map_err(invalid),
+        Some("keys_upload") => decode_keys_upload(raw),
+        Some("devices") => user_field(raw).map(|user| ClientFrame::Devices { user }),
+        Some("keys_fetch") => user_field(raw).map(|user| ClientFrame::KeysFetch { user }),
+        Some(other) => Err((
             ErrorCode::UnknownType,
             format!("unknown frame type `{}`", truncate(other)),
         )),
-        None => Err(fail(ErrorCode::UnknownType, "`type` is required".into())),
+        None => Err((ErrorCode::UnknownType, "`type` is required".into())),
+    };
+    decoded.map_err(|(code, message)| FrameError {
+        client_msg_id,
+        code,
+        message,
+    })
+}
+
+/// Why one frame type refused its fields: the code and the message (the
+/// caller adds the frame's `id`).
+type Refused = (ErrorCode, String);
+
+fn invalid(message: impl Into<String>) -> Refused {
+    (ErrorCode::InvalidField, message.into())
+}
+
+const ID_RULE: &str = "`id` must be 1-64 characters of [A-Za-z0-9_.-]";
+
+/// `send`: an id, a target (`to` or `group`), and `body` or per-device `bodies`.
+fn decode_send(raw: RawFrame<'_>, body_bytes_max: usize) -> Result<ClientFrame<'_>, Refused> {
+    let id = raw.id.ok_or_else(|| invalid("`id` is required"))?;
+    if !is_valid_id(&id) {
+        return Err(invalid(ID_RULE));
     }
+    let (to, group) = target(raw.to, raw.group).map_err(invalid)?;
+    let (body, bodies) = match (raw.body, raw.bodies) {
+        (Some(body), None) => (body, Vec::new()),
+        (None, Some(bodies)) if !group => {
+            if bodies.is_empty() || bodies.len() > BODIES_DEVICES_MAX {
+                return Err(invalid(format!(
+                    "`bodies` must name 1-{BODIES_DEVICES_MAX} devices"
+                )));
+            }
+            if let Some((device, _)) = bodies.iter().find(|(d, _)| !is_device_key(d)) {
+                return Err(invalid(format!(
+                    "`bodies` keys are `<device>` or `<user>/<device>`, not `{}`",
+                    truncate(device)
+                )));
+            }
+            (Cow::Borrowed(""), bodies.into_iter().collect())
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "`bodies` is for direct messages; a group message has one `body`",
+            ))
+        }
+        (Some(_), Some(_)) => return Err(invalid("give `body` or `bodies`, not both")),
+        (None, None) => return Err(invalid("`body` is required")),
+    };
+    let longest = bodies
+        .iter()
+        .map(|(_, b)| b.len())
+        .max()
+        .unwrap_or(body.len());
+    if longest > body_bytes_max {
+        return Err((
+            ErrorCode::BodyTooLarge,
+            format!("`body` is {longest} bytes; the limit is {body_bytes_max}"),
+        ));
+    }
+    if let Some(problem) = raw.media.as_ref().and_then(Media::problem) {
+        return Err(invalid(problem));
+    }
+    Ok(ClientFrame::Send(SendFrame {
+        client_msg_id: id,
+        to,
+        group,
+        body,
+        bodies,
+        media: raw.media,
+    }))
+}
+
+/// `ack`: a message id, and optionally the delivered receipt's fields.
+fn decode_ack(raw: RawFrame<'_>) -> Result<ClientFrame<'_>, Refused> {
+    let message_id = raw
+        .message_id
+        .as_deref()
+        .and_then(parse_message_id)
+        .ok_or_else(|| invalid("`message_id` must be a message id"))?;
+    let receipt = match (raw.conversation, raw.from) {
+        (Some(conversation), Some(from)) => {
+            Some(receipt_fields(conversation, message_id, Some(from)).map_err(invalid)?)
+        }
+        (None, None) => None,
+        _ => {
+            return Err(invalid(
+                "a delivery receipt needs both `conversation` and `from`",
+            ))
+        }
+    };
+    Ok(ClientFrame::Ack {
+        message_id,
+        receipt,
+    })
+}
+
+/// `read`: a conversation, the newest message read, and its sender in a group.
+fn decode_read(raw: RawFrame<'_>) -> Result<ClientFrame<'_>, Refused> {
+    let conversation = conversation_field(raw.conversation)?;
+    let up_to = raw
+        .up_to
+        .as_deref()
+        .and_then(parse_message_id)
+        .ok_or_else(|| invalid("`up_to` must be a message id"))?;
+    receipt_fields(conversation, up_to, raw.from)
+        .map(ClientFrame::Read)
+        .map_err(invalid)
+}
+
+/// `sync`, optionally `after` a message id.
+fn decode_sync(raw: RawFrame<'_>) -> Result<ClientFrame<'_>, Refused> {
+    match raw.after.as_deref() {
+        None => Ok(ClientFrame::Sync { after: None }),
+        Some(after) => parse_message_id(after)
+            .map(|after| ClientFrame::Sync { after: Some(after) })
+            .ok_or_else(|| invalid("`after` must be a message id")),
+    }
+}
+
+/// `history`: a conversation, optionally `before` a message id, a `limit`.
+fn decode_history(raw: RawFrame<'_>) -> Result<ClientFrame<'_>, Refused> {
+    let conversation = conversation_field(raw.conversation)?;
+    let before = match raw.before.as_deref() {
+        None => None,
+        Some(before) => {
+            Some(parse_message_id(before).ok_or_else(|| invalid("`before` must be a message id"))?)
+        }
+    };
+    let limit = match raw.limit {
+        None => HISTORY_LIMIT_DEFAULT,
+        Some(limit) if (1..=u64::from(HISTORY_LIMIT_MAX)).contains(&limit) => limit as u16,
+        Some(_) => return Err(invalid(format!("`limit` must be 1-{HISTORY_LIMIT_MAX}"))),
+    };
+    Ok(ClientFrame::History {
+        conversation,
+        before,
+        limit,
+    })
+}
+
+/// `group_create`, `group_add`, `group_remove`, `group_leave`.
+fn decode_group_change<'a>(kind: &str, raw: RawFrame<'a>) -> Result<ClientFrame<'a>, Refused> {
+    let action = match kind {
+        "group_create" => GroupAction::Create,
+        "group_add" => GroupAction::Add,
+        "group_remove" => GroupAction::Remove,
+        _ => GroupAction::Leave,
+    };
+    let id = raw
+        .id
+        .filter(|id| is_valid_id(id))
+        .ok_or_else(|| invalid(ID_RULE))?;
+    let group = match (action, raw.group) {
+        (GroupAction::Create, None) => None,
+        (GroupAction::Create, Some(_)) => {
+            return Err(invalid("`group_create` names no `group`: the server does"))
+        }
+        (_, Some(group)) if is_valid_id(&group) => Some(group),
+        _ => return Err(invalid("`group` must be a group id")),
+    };
+    let members = match action {
+        GroupAction::Leave => Ok(Vec::new()),
+        GroupAction::Create => id_list(raw.members, "members", GROUP_CHANGE_MEMBERS_MAX, true),
+        _ => id_list(raw.members, "members", GROUP_CHANGE_MEMBERS_MAX, false),
+    }
+    .map_err(invalid)?;
+    Ok(ClientFrame::GroupChange(GroupChangeFrame {
+        client_msg_id: id,
+        group,
+        action,
+        members,
+    }))
+}
+
+/// `keys_upload`: the three keys are required; one-time prekeys optional.
+fn decode_keys_upload(raw: RawFrame<'_>) -> Result<ClientFrame<'_>, Refused> {
+    let missing =
+        || invalid("`identity_key`, `signed_prekey` and `signed_prekey_signature` are required");
+    let upload = KeysUpload {
+        identity_key: raw.identity_key.ok_or_else(missing)?,
+        signed_prekey: raw.signed_prekey.ok_or_else(missing)?,
+        signed_prekey_signature: raw.signed_prekey_signature.ok_or_else(missing)?,
+        one_time_prekeys: raw.one_time_prekeys.unwrap_or_default(),
+    };
+    match upload.problem() {
+        Some(problem) => Err(invalid(problem)),
+        None => Ok(ClientFrame::KeysUpload(upload)),
+    }
+}
+
+/// The `user` of `devices` and `keys_fetch`.
+fn user_field(raw: RawFrame<'_>) -> Result<Cow<'_, str>, Refused> {
+    match raw.user {
+        Some(user) if is_valid_id(&user) => Ok(user),
+        _ => Err(invalid("`user` must be a user id")),
+    }
+}
+
+/// A `conversation` field: present, and at most 256 bytes.
+fn conversation_field(conversation: Option<Cow<'_, str>>) -> Result<Cow<'_, str>, Refused> {
+    conversation
+        .filter(|c| !c.is_empty() && c.len() <= 256)
+        .ok_or_else(|| invalid("`conversation` is required"))
 }
 
 /// The frame did not fit `RawFrame`: say precisely why, off the hot path.

@@ -7,7 +7,7 @@
 
 use std::borrow::Cow;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use crate::limits::{KEY_CHARS_MAX, STORED_PREKEYS_MAX, UPLOAD_PREKEYS_MAX};
 
@@ -74,8 +74,9 @@ impl KeysUpload<'_> {
     }
 }
 
-/// One device's bundle, as fetched.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One device's bundle, as fetched. Serialised as JSON for clients and,
+/// with postcard, on the read path (so no field may be skipped when empty).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bundle {
     pub device: String,
     pub identity_key: String,

@@ -4,16 +4,26 @@
 //! it writes), its read requests (sync pages, history, recent sends for
 //! idempotency), and the writer's answers plus `Durable` notices (the ring
 //! position up to which records are committed, which releases `sent`).
-//! Every frame is `[len u32][kind u8][fields]`, bounded by `READ_FRAME_BYTES_MAX`.
+//! Every frame is `[len u32 LE][body]`, bounded by `READ_FRAME_BYTES_MAX`; the
+//! body is the `postcard` encoding of a `Request` or a `Response`, so each
+//! message's fields are written once, in its type (the ring's records, the
+//! stored format, stay hand-laid in `records`). Both ends are one build;
+//! `Hello` carries `READ_PATH_VERSION` and stays the first variant with the
+//! version its first field, so a mismatch is named rather than misread.
 //! Never carries JSON: the gateway turns stored records into client frames.
 
-use crate::binary::{DecodeError, Decoder, Encoder};
+use serde::{Deserialize, Serialize};
+
+use crate::binary::DecodeError;
 use crate::keys::Bundle;
 
 pub use crate::limits::{READ_FRAME_BYTES_MAX, READ_USERS_MAX};
 
+/// The read path's version. 2: postcard bodies (1 was a hand-laid layout).
+pub const READ_PATH_VERSION: u16 = 2;
+
 /// Where a sync page starts in a user's inbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SyncFrom {
     /// After everything this device acknowledged.
     Cursor,
@@ -27,9 +37,12 @@ pub enum SyncFrom {
     AfterSeqAll(u64),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
+    /// First on every connection: which shard this is and which ring it
+    /// writes. Must stay the first variant, `version` its first field.
     Hello {
+        version: u16,
         shard: u16,
         ring: String,
     },
@@ -60,10 +73,7 @@ pub enum Request {
         one_time_prekeys: Vec<String>,
     },
     /// A bundle per device of `user`, each consuming one one-time prekey.
-    KeysFetch {
-        req: u32,
-        user: String,
-    },
+    KeysFetch { req: u32, user: String },
     /// The message id first stored under this idempotency key, if any.
     SendOf {
         req: u32,
@@ -80,15 +90,9 @@ pub enum Request {
         limit: u16,
     },
     /// The current members of a group.
-    Members {
-        req: u32,
-        group: String,
-    },
+    Members { req: u32, group: String },
     /// The devices of each of `users` in the key directory.
-    Devices {
-        req: u32,
-        users: Vec<String>,
-    },
+    Devices { req: u32, users: Vec<String> },
     /// Presence of `users` as `asker` may see it: only users it shares a
     /// conversation with (a direct message either way, or a group).
     Presence {
@@ -99,7 +103,7 @@ pub enum Request {
 }
 
 /// What storage knows of one user's presence, for one asker.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PresenceAnswer {
     pub user: String,
     /// The asker shares a conversation with this user; when false the rest is empty.
@@ -112,22 +116,23 @@ pub struct PresenceAnswer {
     pub last_seen_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncEntry {
     /// Position in the user's inbox.
     pub seq: u64,
     /// The stored `Message` record.
+    #[serde(with = "serde_bytes")]
     pub record: Vec<u8>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecentSend {
     pub client_msg_id: String,
     pub message_id: u64,
     pub conversation: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     /// Every record before `position` in the shard's ring is committed.
     Durable {
@@ -144,6 +149,7 @@ pub enum Response {
     /// Stored `Message` records, newest first.
     Messages {
         req: u32,
+        #[serde(with = "byte_strings")]
         records: Vec<Vec<u8>>,
     },
     RecentSends {
@@ -188,42 +194,6 @@ pub enum Response {
     },
 }
 
-const HELLO: u8 = 1;
-const SYNC: u8 = 2;
-const HISTORY: u8 = 3;
-const RECENT: u8 = 4;
-const KEYS_UPLOAD: u8 = 5;
-const KEYS_FETCH: u8 = 6;
-const SEND_OF: u8 = 7;
-const MEMBERS: u8 = 8;
-const PRESENCE: u8 = 9;
-const DEVICES: u8 = 20;
-const DURABLE: u8 = 10;
-const SYNC_PAGE: u8 = 11;
-const MESSAGES: u8 = 12;
-const RECENT_SENDS: u8 = 13;
-const FAILED: u8 = 14;
-const KEYS_UPLOADED: u8 = 15;
-const KEYS: u8 = 16;
-const SEND_OF_ANSWER: u8 = 17;
-const MEMBERS_ANSWER: u8 = 18;
-const PRESENCE_ANSWER: u8 = 19;
-const DEVICES_ANSWER: u8 = 21;
-
-/// Starts a frame: room for the length, filled in by `finish`.
-fn start(kind: u8) -> Encoder {
-    let mut encoder = Encoder::with_capacity(64);
-    encoder.u32(0).u8(kind);
-    encoder
-}
-
-fn finish(encoder: Encoder) -> Vec<u8> {
-    let mut bytes = encoder.bytes;
-    let len = u32::try_from(bytes.len() - 4).expect("frames are bounded");
-    bytes[..4].copy_from_slice(&len.to_le_bytes());
-    bytes
-}
-
 /// The length of the frame at the front of `buffer`, once its prefix is in.
 /// Errors when the prefix announces more than `READ_FRAME_BYTES_MAX`.
 pub fn frame_len(buffer: &[u8]) -> Result<Option<usize>, DecodeError> {
@@ -237,442 +207,88 @@ pub fn frame_len(buffer: &[u8]) -> Result<Option<usize>, DecodeError> {
     Ok(Some(4 + len))
 }
 
+/// `[len][postcard body]`.
+fn encode_frame(message: &impl Serialize) -> Vec<u8> {
+    let mut frame =
+        postcard::to_extend(message, vec![0u8; 4]).expect("read-path messages always serialise");
+    let len = u32::try_from(frame.len() - 4).expect("frames are bounded");
+    assert!(
+        len as usize <= READ_FRAME_BYTES_MAX,
+        "a read-path frame over its bound"
+    );
+    frame[..4].copy_from_slice(&len.to_le_bytes());
+    frame
+}
+
+/// A frame's body, all of it (trailing bytes are refused).
+fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, DecodeError> {
+    match postcard::take_from_bytes(body) {
+        Ok((message, [])) => Ok(message),
+        Ok(_) => Err(DecodeError("trailing bytes after a read-path frame")),
+        Err(_) => Err(DecodeError("malformed read-path frame")),
+    }
+}
+
 impl Request {
     pub fn encode(&self) -> Vec<u8> {
-        let encoder = match self {
-            Request::Hello { shard, ring } => {
-                let mut e = start(HELLO);
-                e.u16(*shard).long_str(ring);
-                e
-            }
-            Request::Sync {
-                req,
-                user,
-                device,
-                from,
-                limit,
-                bytes_max,
-            } => {
-                let mut e = start(SYNC);
-                e.u32(*req).str(user).str(device);
-                match from {
-                    SyncFrom::Cursor => e.u8(0).u64(0),
-                    SyncFrom::AfterMessage(id) => e.u8(1).u64(*id),
-                    SyncFrom::AfterSeq(seq) => e.u8(2).u64(*seq),
-                    SyncFrom::AfterSeqAll(seq) => e.u8(3).u64(*seq),
-                };
-                e.u16(*limit).u32(*bytes_max);
-                e
-            }
-            Request::History {
-                req,
-                conversation,
-                before,
-                limit,
-            } => {
-                let mut e = start(HISTORY);
-                e.u32(*req)
-                    .str(conversation)
-                    .u64(before.unwrap_or(0))
-                    .u16(*limit);
-                e
-            }
-            Request::KeysUpload {
-                req,
-                user,
-                device,
-                identity_key,
-                signed_prekey,
-                signed_prekey_signature,
-                one_time_prekeys,
-            } => {
-                let mut e = start(KEYS_UPLOAD);
-                e.u32(*req)
-                    .str(user)
-                    .str(device)
-                    .str(identity_key)
-                    .str(signed_prekey)
-                    .str(signed_prekey_signature)
-                    .u16(one_time_prekeys.len() as u16);
-                for key in one_time_prekeys {
-                    e.str(key);
-                }
-                e
-            }
-            Request::KeysFetch { req, user } => {
-                let mut e = start(KEYS_FETCH);
-                e.u32(*req).str(user);
-                e
-            }
-            Request::SendOf {
-                req,
-                user,
-                device,
-                client_msg_id,
-            } => {
-                let mut e = start(SEND_OF);
-                e.u32(*req).str(user).str(device).str(client_msg_id);
-                e
-            }
-            Request::Recent {
-                req,
-                user,
-                device,
-                since_unix_ms,
-                limit,
-            } => {
-                let mut e = start(RECENT);
-                e.u32(*req)
-                    .str(user)
-                    .str(device)
-                    .u64(*since_unix_ms)
-                    .u16(*limit);
-                e
-            }
-            Request::Members { req, group } => {
-                let mut e = start(MEMBERS);
-                e.u32(*req).str(group);
-                e
-            }
-            Request::Devices { req, users } => {
-                let mut e = start(DEVICES);
-                e.u32(*req).u32(users.len() as u32);
-                for user in users {
-                    e.str(user);
-                }
-                e
-            }
-            Request::Presence { req, asker, users } => {
-                let mut e = start(PRESENCE);
-                e.u32(*req).str(asker).u32(users.len() as u32);
-                for user in users {
-                    e.str(user);
-                }
-                e
-            }
-        };
-        finish(encoder)
+        encode_frame(self)
     }
 
-    /// Decodes one frame body (without the length prefix).
+    /// Decodes a frame's body (after the length prefix). A `Hello` of
+    /// another read-path version is refused by name.
     pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
-        let mut d = Decoder::new(body);
-        let request = match d.u8()? {
-            HELLO => Request::Hello {
-                shard: d.u16()?,
-                ring: d.long_str()?.to_owned(),
-            },
-            SYNC => Request::Sync {
-                req: d.u32()?,
-                user: d.str()?.to_owned(),
-                device: d.str()?.to_owned(),
-                from: match (d.u8()?, d.u64()?) {
-                    (0, _) => SyncFrom::Cursor,
-                    (1, id) => SyncFrom::AfterMessage(id),
-                    (2, seq) => SyncFrom::AfterSeq(seq),
-                    (3, seq) => SyncFrom::AfterSeqAll(seq),
-                    _ => return Err(DecodeError("unknown sync start")),
-                },
-                limit: d.u16()?,
-                bytes_max: d.u32()?,
-            },
-            HISTORY => Request::History {
-                req: d.u32()?,
-                conversation: d.str()?.to_owned(),
-                before: Some(d.u64()?).filter(|id| *id != 0),
-                limit: d.u16()?,
-            },
-            KEYS_UPLOAD => Request::KeysUpload {
-                req: d.u32()?,
-                user: d.str()?.to_owned(),
-                device: d.str()?.to_owned(),
-                identity_key: d.str()?.to_owned(),
-                signed_prekey: d.str()?.to_owned(),
-                signed_prekey_signature: d.str()?.to_owned(),
-                one_time_prekeys: {
-                    let count = usize::from(d.u16()?);
-                    let mut keys = Vec::with_capacity(count.min(1024));
-                    for _ in 0..count {
-                        keys.push(d.str()?.to_owned());
-                    }
-                    keys
-                },
-            },
-            KEYS_FETCH => Request::KeysFetch {
-                req: d.u32()?,
-                user: d.str()?.to_owned(),
-            },
-            SEND_OF => Request::SendOf {
-                req: d.u32()?,
-                user: d.str()?.to_owned(),
-                device: d.str()?.to_owned(),
-                client_msg_id: d.str()?.to_owned(),
-            },
-            RECENT => Request::Recent {
-                req: d.u32()?,
-                user: d.str()?.to_owned(),
-                device: d.str()?.to_owned(),
-                since_unix_ms: d.u64()?,
-                limit: d.u16()?,
-            },
-            MEMBERS => Request::Members {
-                req: d.u32()?,
-                group: d.str()?.to_owned(),
-            },
-            DEVICES => {
-                let req = d.u32()?;
-                let count = bounded_count(d.u32()?)?;
-                let mut users = Vec::with_capacity(count);
-                for _ in 0..count {
-                    users.push(d.str()?.to_owned());
-                }
-                Request::Devices { req, users }
+        let request: Request = decode_body(body).map_err(|error| match hello_version(body) {
+            Some(version) if version != READ_PATH_VERSION => {
+                DecodeError("the gateway speaks another read-path version (upgrade both together)")
             }
-            PRESENCE => {
-                let req = d.u32()?;
-                let asker = d.str()?.to_owned();
-                let count = bounded_count(d.u32()?)?;
-                let mut users = Vec::with_capacity(count);
-                for _ in 0..count {
-                    users.push(d.str()?.to_owned());
-                }
-                Request::Presence { req, asker, users }
+            _ => error,
+        })?;
+        if let Request::Hello { version, .. } = request {
+            if version != READ_PATH_VERSION {
+                return Err(DecodeError(
+                    "the gateway speaks another read-path version (upgrade both together)",
+                ));
             }
-            _ => return Err(DecodeError("unknown request kind")),
-        };
-        d.finish()?;
+        }
         Ok(request)
+    }
+}
+
+/// The version of a `Hello` body, read from its fixed prefix (variant 0,
+/// then the version), whatever follows.
+fn hello_version(body: &[u8]) -> Option<u16> {
+    match postcard::take_from_bytes::<(u8, u16)>(body) {
+        Ok(((0, version), _)) => Some(version),
+        _ => None,
     }
 }
 
 impl Response {
     pub fn encode(&self) -> Vec<u8> {
-        let encoder = match self {
-            Response::Durable { position } => {
-                let mut e = start(DURABLE);
-                e.u64(*position);
-                e
-            }
-            Response::SyncPage {
-                req,
-                entries,
-                last_seq,
-                more,
-            } => {
-                let mut e = start(SYNC_PAGE);
-                e.u32(*req).u32(entries.len() as u32);
-                for entry in entries {
-                    e.u64(entry.seq).bytes(&entry.record);
-                }
-                e.u64(*last_seq).u8(u8::from(*more));
-                e
-            }
-            Response::Messages { req, records } => {
-                let mut e = start(MESSAGES);
-                e.u32(*req).u32(records.len() as u32);
-                for record in records {
-                    e.bytes(record);
-                }
-                e
-            }
-            Response::RecentSends { req, sends } => {
-                let mut e = start(RECENT_SENDS);
-                e.u32(*req).u32(sends.len() as u32);
-                for send in sends {
-                    e.str(&send.client_msg_id)
-                        .u64(send.message_id)
-                        .str(&send.conversation);
-                }
-                e
-            }
-            Response::KeysUploaded { req, stored } => {
-                let mut e = start(KEYS_UPLOADED);
-                e.u32(*req).u32(*stored);
-                e
-            }
-            Response::SendOf { req, message_id } => {
-                let mut e = start(SEND_OF_ANSWER);
-                e.u32(*req).u64(message_id.unwrap_or(0));
-                e
-            }
-            Response::Keys { req, bundles } => {
-                let mut e = start(KEYS);
-                e.u32(*req).u32(bundles.len() as u32);
-                for (bundle, remaining) in bundles {
-                    e.str(&bundle.device)
-                        .str(&bundle.identity_key)
-                        .str(&bundle.signed_prekey)
-                        .str(&bundle.signed_prekey_signature);
-                    match &bundle.one_time_prekey {
-                        Some(key) => e.u8(1).str(key),
-                        None => e.u8(0),
-                    };
-                    e.u32(*remaining);
-                }
-                e
-            }
-            Response::Members { req, members } => {
-                let mut e = start(MEMBERS_ANSWER);
-                e.u32(*req).u32(members.len() as u32);
-                for member in members {
-                    e.str(member);
-                }
-                e
-            }
-            Response::Devices { req, devices } => {
-                let mut e = start(DEVICES_ANSWER);
-                e.u32(*req).u32(devices.len() as u32);
-                for (user, device) in devices {
-                    e.str(user).str(device);
-                }
-                e
-            }
-            Response::Presence { req, users } => {
-                let mut e = start(PRESENCE_ANSWER);
-                e.u32(*req).u32(users.len() as u32);
-                for user in users {
-                    e.str(&user.user)
-                        .u8(u8::from(user.shared))
-                        .u8(u8::from(user.online))
-                        .u64(user.updated_ms)
-                        .u64(user.last_seen_ms.unwrap_or(0));
-                }
-                e
-            }
-            Response::Failed {
-                req,
-                reason,
-                retryable,
-            } => {
-                let mut e = start(FAILED);
-                e.u32(*req).long_str(reason).u8(u8::from(*retryable));
-                e
-            }
-        };
-        finish(encoder)
+        encode_frame(self)
     }
 
+    /// Decodes a frame's body (after the length prefix).
     pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
-        let mut d = Decoder::new(body);
-        let response = match d.u8()? {
-            DURABLE => Response::Durable { position: d.u64()? },
-            SYNC_PAGE => {
-                let req = d.u32()?;
-                let count = bounded_count(d.u32()?)?;
-                let mut entries = Vec::with_capacity(count);
-                for _ in 0..count {
-                    entries.push(SyncEntry {
-                        seq: d.u64()?,
-                        record: d.bytes()?.to_vec(),
-                    });
-                }
-                Response::SyncPage {
-                    req,
-                    entries,
-                    last_seq: d.u64()?,
-                    more: d.u8()? != 0,
-                }
-            }
-            MESSAGES => {
-                let req = d.u32()?;
-                let count = bounded_count(d.u32()?)?;
-                let mut records = Vec::with_capacity(count);
-                for _ in 0..count {
-                    records.push(d.bytes()?.to_vec());
-                }
-                Response::Messages { req, records }
-            }
-            RECENT_SENDS => {
-                let req = d.u32()?;
-                let count = bounded_count(d.u32()?)?;
-                let mut sends = Vec::with_capacity(count);
-                for _ in 0..count {
-                    sends.push(RecentSend {
-                        client_msg_id: d.str()?.to_owned(),
-                        message_id: d.u64()?,
-                        conversation: d.str()?.to_owned(),
-                    });
-                }
-                Response::RecentSends { req, sends }
-            }
-            KEYS_UPLOADED => Response::KeysUploaded {
-                req: d.u32()?,
-                stored: d.u32()?,
-            },
-            SEND_OF_ANSWER => Response::SendOf {
-                req: d.u32()?,
-                message_id: Some(d.u64()?).filter(|id| *id != 0),
-            },
-            KEYS => {
-                let req = d.u32()?;
-                let count = bounded_count(d.u32()?)?;
-                let mut bundles = Vec::with_capacity(count);
-                for _ in 0..count {
-                    let bundle = Bundle {
-                        device: d.str()?.to_owned(),
-                        identity_key: d.str()?.to_owned(),
-                        signed_prekey: d.str()?.to_owned(),
-                        signed_prekey_signature: d.str()?.to_owned(),
-                        one_time_prekey: match d.u8()? {
-                            0 => None,
-                            _ => Some(d.str()?.to_owned()),
-                        },
-                    };
-                    bundles.push((bundle, d.u32()?));
-                }
-                Response::Keys { req, bundles }
-            }
-            MEMBERS_ANSWER => {
-                let req = d.u32()?;
-                let count = bounded_count(d.u32()?)?;
-                let mut members = Vec::with_capacity(count);
-                for _ in 0..count {
-                    members.push(d.str()?.to_owned());
-                }
-                Response::Members { req, members }
-            }
-            DEVICES_ANSWER => {
-                let req = d.u32()?;
-                let count = bounded_count(d.u32()?)?;
-                let mut devices = Vec::with_capacity(count);
-                for _ in 0..count {
-                    devices.push((d.str()?.to_owned(), d.str()?.to_owned()));
-                }
-                Response::Devices { req, devices }
-            }
-            PRESENCE_ANSWER => {
-                let req = d.u32()?;
-                let count = bounded_count(d.u32()?)?;
-                let mut users = Vec::with_capacity(count);
-                for _ in 0..count {
-                    users.push(PresenceAnswer {
-                        user: d.str()?.to_owned(),
-                        shared: d.u8()? != 0,
-                        online: d.u8()? != 0,
-                        updated_ms: d.u64()?,
-                        last_seen_ms: Some(d.u64()?).filter(|ms| *ms != 0),
-                    });
-                }
-                Response::Presence { req, users }
-            }
-            FAILED => Response::Failed {
-                req: d.u32()?,
-                reason: d.long_str()?.to_owned(),
-                retryable: d.u8()? != 0,
-            },
-            _ => return Err(DecodeError("unknown response kind")),
-        };
-        d.finish()?;
-        Ok(response)
+        decode_body(body)
     }
 }
 
-/// A count read from the wire, before anything is allocated for it.
-fn bounded_count(count: u32) -> Result<usize, DecodeError> {
-    if count as usize > u16::MAX as usize {
-        return Err(DecodeError("count out of bounds"));
+/// Many byte strings as one sequence of bytes fields (not of integers).
+mod byte_strings {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    pub fn serialize<S: Serializer>(values: &[Vec<u8>], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(values.iter().map(|value| Bytes::new(value)))
     }
-    Ok(count as usize)
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<Vec<u8>>, D::Error> {
+        let values = Vec::<ByteBuf>::deserialize(deserializer)?;
+        Ok(values.into_iter().map(ByteBuf::into_vec).collect())
+    }
 }
 
 #[cfg(test)]
@@ -694,6 +310,7 @@ mod tests {
     #[test]
     fn every_frame_round_trips() {
         round_trip_request(Request::Hello {
+            version: READ_PATH_VERSION,
             shard: 3,
             ring: "/run/chat/shard-3.ring".into(),
         });
@@ -850,6 +467,43 @@ mod tests {
         assert!(frame_len(&u32::MAX.to_le_bytes()).is_err());
         assert_eq!(frame_len(&[1, 0]), Ok(None));
         assert!(Request::decode(&[99]).is_err());
-        assert!(Response::decode(&[DURABLE, 1, 2]).is_err());
+        let durable = Response::Durable { position: 1 << 40 }.encode();
+        assert!(
+            Response::decode(&durable[4..durable.len() - 1]).is_err(),
+            "truncated"
+        );
+        let mut longer = durable[4..].to_vec();
+        longer.push(0);
+        assert!(Response::decode(&longer).is_err(), "trailing bytes");
+    }
+
+    #[test]
+    fn a_hello_of_another_version_is_refused_by_name() {
+        let hello = Request::Hello {
+            version: READ_PATH_VERSION + 1,
+            shard: 0,
+            ring: "/run/chat/shard-0.ring".into(),
+        }
+        .encode();
+        let error = Request::decode(&hello[4..]).unwrap_err();
+        assert!(error.0.contains("read-path version"), "{error:?}");
+    }
+
+    #[test]
+    fn a_sync_page_carries_its_records_as_bytes() {
+        let record = vec![7u8; 1000];
+        let page = Response::SyncPage {
+            req: 1,
+            entries: vec![SyncEntry {
+                seq: 1,
+                record: record.clone(),
+            }],
+            last_seq: 1,
+            more: false,
+        }
+        .encode();
+        // A bytes field: the record, its length and a few bytes of framing,
+        // not one integer per byte.
+        assert!(page.len() < record.len() + 32, "{} bytes", page.len());
     }
 }

@@ -125,7 +125,9 @@ impl Server {
             };
             let request = Request::decode(body)?;
             match request {
-                Request::Hello { shard, ring: path } => {
+                Request::Hello {
+                    shard, ring: path, ..
+                } => {
                     let path = Path::new(&path);
                     let inside = path
                         .parent()

@@ -170,6 +170,7 @@ pub async fn run<O: ReadPathOwner>(shard: Rc<O>) {
             outgoing.clear();
             outgoing.extend_from_slice(
                 &Request::Hello {
+                    version: store_wire::READ_PATH_VERSION,
                     shard: client.shard_id,
                     ring: client.ring_path.clone(),
                 }
