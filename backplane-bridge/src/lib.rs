@@ -5,7 +5,8 @@
 //! NATS), per-user subjects (`<prefix>.u.<user>`, subscribed while the user
 //! has a device on this node), the binary envelope (`envelope`), and the
 //! bounded queues to and from the shards. Publishes happen once a message is
-//! durable, so a node that subscribes and then syncs misses nothing.
+//! durable, so a node that subscribes and then syncs misses nothing. Also
+//! the node-id lease (`lease`): a fleet's nodes take their ids from NATS.
 //!
 //! Must never: block a shard (a full queue is handed back to the caller), grow
 //! without bound (every queue has a capacity; what does not fit is counted and
@@ -16,5 +17,7 @@
 
 mod bridge;
 pub mod envelope;
+pub mod lease;
+pub mod routing;
 
 pub use bridge::{subject, Backplane, BackplaneConfig, BackplaneStats, Inbound, Outbound, Sink};

@@ -8,6 +8,7 @@ mod child;
 mod clock;
 mod connect;
 mod cross_node;
+mod fleet;
 mod gateway_process;
 mod group;
 mod nats_peer;
@@ -55,6 +56,10 @@ enum Scenario {
     /// Two gateway nodes and nats-server: delivery latency across nodes next
     /// to within one node, in the same run.
     CrossNode(cross_node::CrossNodeArgs),
+    /// The fleet's routing simulated with the real code over thousands of
+    /// nodes and millions of users: balance, moves on join and leave, NATS
+    /// subscriptions, per-node-subject rates. No processes.
+    Fleet(fleet::FleetArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,5 +71,6 @@ fn main() -> anyhow::Result<()> {
         Scenario::Writer(args) => writer::run(&args),
         Scenario::CrossNode(args) => cross_node::run(&args),
         Scenario::Group(args) => group::run(&args),
+        Scenario::Fleet(args) => fleet::run(&args),
     }
 }

@@ -59,8 +59,15 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Shards (threads); 0 means one per available core.
     pub shards: usize,
-    /// This node's id in the fleet (0-1023); part of every message id.
+    /// This node's id (0-4095); part of every message id. In a fleet
+    /// (`nats_url` set) it is leased from NATS unless `node_id_lease` is off.
     pub node_id: u16,
+    /// In a fleet, lease `node_id` from NATS (JetStream) instead of taking
+    /// it from the config: no two live nodes ever share an id.
+    pub node_id_lease: bool,
+    /// How long a leased id outlives its node's last refresh (a node killed
+    /// with `kill -9` frees its id this long after). Refreshed every third.
+    pub node_id_lease_ttl_ms: u64,
     pub io_driver: IoDriver,
     /// Pin shard N to core N.
     pub pin_shards: bool,
@@ -171,6 +178,8 @@ impl Default for Config {
             data_dir: PathBuf::from("data"),
             shards: 0,
             node_id: 0,
+            node_id_lease: true,
+            node_id_lease_ttl_ms: 15_000,
             io_driver: IoDriver::Auto,
             pin_shards: true,
             io_uring_entries: 4096,
@@ -247,6 +256,8 @@ overrides! {
     data_dir: PathBuf,
     shards: usize,
     node_id: u16,
+    node_id_lease: bool,
+    node_id_lease_ttl_ms: u64,
     #[arg(value_enum)]
     io_driver: IoDriver,
     pin_shards: bool,
@@ -334,9 +345,13 @@ impl ConfigArgs {
             config.ring_dir = config.data_dir.join("rings");
         }
         if config.shards == 0 {
+            // One shard per core, up to what message ids can name (a bigger
+            // machine runs a second process; see `docs/operations.md`).
+            let shard_limit = usize::from(chat_protocol::snowflake::SHARD_ID_MAX) + 1;
             config.shards = std::thread::available_parallelism()
                 .map(|n| n.get())
-                .unwrap_or(1);
+                .unwrap_or(1)
+                .min(shard_limit);
         }
         config.validate()?;
         Ok(config)
@@ -350,6 +365,11 @@ fn read_file(path: &Path) -> anyhow::Result<Config> {
 }
 
 impl Config {
+    /// Whether this node leases its id from NATS (a fleet member with leases on).
+    pub fn leases_node_id(&self) -> bool {
+        !self.nats_url.is_empty() && self.node_id_lease
+    }
+
     /// Refuses combinations that cannot work, at start-up rather than at run time.
     pub fn validate(&self) -> anyhow::Result<()> {
         let group_limit = chat_protocol::records::RECIPIENTS_MAX;
@@ -362,7 +382,8 @@ impl Config {
         let shard_limit = usize::from(chat_protocol::snowflake::SHARD_ID_MAX) + 1;
         if self.shards == 0 || self.shards > shard_limit {
             bail!(
-                "shards must be 1-{shard_limit} (message ids have 6 shard bits), got {}",
+                "shards must be 1-{shard_limit} (message ids have {} shard bits), got {}",
+                chat_protocol::snowflake::SHARD_BITS,
                 self.shards
             );
         }
@@ -372,6 +393,9 @@ impl Config {
                 chat_protocol::snowflake::NODE_ID_MAX,
                 self.node_id
             );
+        }
+        if self.node_id_lease_ttl_ms < 3_000 {
+            bail!("node_id_lease_ttl_ms must be at least 3000 (it is refreshed every third)");
         }
         if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms {
             bail!("heartbeat_timeout_ms must exceed heartbeat_interval_ms");

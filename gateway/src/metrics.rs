@@ -6,7 +6,9 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 
+use backplane_bridge::lease::LeaseValidity;
 use backplane_bridge::Backplane;
 use chat_protocol::codes::{CloseCode, ErrorCode, CLOSE_CODES, ERROR_CODES};
 use crossbeam_utils::CachePadded;
@@ -138,10 +140,19 @@ pub struct NodeState {
     pub draining: AtomicBool,
     pub shards_ready: AtomicUsize,
     pub io_driver: std::sync::OnceLock<&'static str>,
+    /// This node's id, and whether it may make message ids with it now (a
+    /// leased id whose lease lapsed may not; a configured id always may).
+    pub node_id: u16,
+    pub node_id_lease: Option<Arc<LeaseValidity>>,
 }
 
 impl NodeState {
-    pub fn new(shard_count: usize, connections_max: usize) -> Self {
+    pub fn new(
+        shard_count: usize,
+        connections_max: usize,
+        node_id: u16,
+        node_id_lease: Option<Arc<LeaseValidity>>,
+    ) -> Self {
         Self {
             shards: (0..shard_count)
                 .map(|_| CachePadded::new(ShardMetrics::default()))
@@ -151,7 +162,16 @@ impl NodeState {
             draining: AtomicBool::new(false),
             shards_ready: AtomicUsize::new(0),
             io_driver: std::sync::OnceLock::new(),
+            node_id,
+            node_id_lease,
         }
+    }
+
+    /// Whether message ids may be made now (see `node_id_lease`).
+    pub fn may_make_ids(&self) -> bool {
+        self.node_id_lease
+            .as_ref()
+            .is_none_or(|lease| lease.is_valid())
     }
 
     /// Claims one connection slot; false when the node is full.
@@ -390,6 +410,24 @@ pub fn render(node: &NodeState, mesh: &Mesh, backplane: Option<&Backplane>) -> S
         out,
         "gateway_draining {}",
         u8::from(node.draining.load(Relaxed))
+    );
+    family(
+        &mut out,
+        "gateway_node_id",
+        "gauge",
+        "This node's id in message ids (leased from NATS in a fleet).",
+    );
+    let _ = writeln!(out, "gateway_node_id {}", node.node_id);
+    family(
+        &mut out,
+        "gateway_node_id_valid",
+        "gauge",
+        "1 while this node may make message ids (its id lease, if any, is held).",
+    );
+    let _ = writeln!(
+        out,
+        "gateway_node_id_valid {}",
+        u8::from(node.may_make_ids())
     );
 
     for (name, kind, help, field) in SHARD_METRICS {

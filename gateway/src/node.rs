@@ -17,6 +17,7 @@ use crate::mesh::{Mesh, Sender, ShardMessage};
 use crate::metrics::NodeState;
 use crate::shard::{self, ShardSetup};
 use crate::{admin, backplane_link, secret, systemd_notify, writer_process};
+use backplane_bridge::lease::{LeaseConfig, NodeIdLease};
 
 /// Descriptors kept back from connections: stdio, log files, the admin
 /// listener, the signal pipe and similar.
@@ -50,7 +51,29 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         WriterMode::External => None,
     };
 
-    let node = Arc::new(NodeState::new(config.shards, connections_max));
+    // In a fleet the node id is leased before any shard makes an id.
+    let mut config = config;
+    let lease = if config.leases_node_id() {
+        let lease = NodeIdLease::acquire(LeaseConfig {
+            url: config.nats_url.clone(),
+            subject_prefix: config.nats_subject_prefix.clone(),
+            ttl: std::time::Duration::from_millis(config.node_id_lease_ttl_ms),
+            ids: chat_protocol::snowflake::NODE_ID_MAX + 1,
+            acquire_timeout: std::time::Duration::from_millis(config.storage_timeout_ms.max(5_000)),
+        })
+        .context("leasing this node's id (set node_id_lease = false and a unique node_id to assign it by hand)")?;
+        tracing::info!(node_id = lease.node_id, "node id leased from NATS");
+        config.node_id = lease.node_id;
+        Some(lease)
+    } else {
+        None
+    };
+    let node = Arc::new(NodeState::new(
+        config.shards,
+        connections_max,
+        config.node_id,
+        lease.as_ref().map(NodeIdLease::validity),
+    ));
     let mesh = Arc::new(Mesh::new(config.shards, config.cross_shard_queue_capacity));
     let backplane = backplane_link::start(&config, &mesh)?;
     let config = Arc::new(config);
@@ -98,6 +121,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let result = supervise(threads, &node);
     if let Some(writer) = writer {
         writer.stop();
+    }
+    // After the drain: the id is free for another node at once.
+    if let Some(lease) = lease {
+        lease.release();
     }
     result
 }

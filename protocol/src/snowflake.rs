@@ -5,18 +5,31 @@
 //! the generator keeps ids strictly increasing even when that time steps back.
 //!
 //! Layout, most significant first (bit 63 stays 0 so ids fit a signed 64-bit column):
-//! `41 bits ms since EPOCH_UNIX_MS | 10 bits node | 6 bits shard | 6 bits sequence`.
+//! `41 bits ms since EPOCH_UNIX_MS | 12 bits node | 5 bits shard | 5 bits sequence`.
+//!
+//! Version 1 of the layout had 10 node, 6 shard and 6 sequence bits. The time
+//! field kept its width and position, so an id of either layout decodes to
+//! the same timestamp, and every id made after an upgrade is larger than
+//! every id made before it (ordering and time-bounded scans hold across it).
 
 /// 2026-01-01T00:00:00Z. 41 bits of milliseconds last about 69 years from here.
 pub const EPOCH_UNIX_MS: u64 = 1_767_225_600_000;
 pub const TIME_BITS: u32 = 41;
-pub const NODE_BITS: u32 = 10;
-pub const SHARD_BITS: u32 = 6;
-pub const SEQUENCE_BITS: u32 = 6;
+/// 4,096 nodes: the reference design's largest fleet (4,000 connection
+/// nodes), each id leased from the fleet (see `backplane-bridge`'s leases).
+pub const NODE_BITS: u32 = 12;
+/// 32 shards (cores) per gateway process. A larger machine runs two
+/// processes on one port (SO_REUSEPORT), each with its own node id.
+pub const SHARD_BITS: u32 = 5;
+/// 32 ids per millisecond per shard: 32,000 stored messages a second on one
+/// core, above the ~10,000 a shard sustains here with durability on
+/// (BENCHMARKS.md); a burst beyond it borrows the next milliseconds.
+pub const SEQUENCE_BITS: u32 = 5;
+const _: () = assert!(TIME_BITS + NODE_BITS + SHARD_BITS + SEQUENCE_BITS == 63);
 
-/// Highest node id (1,023): a fleet of up to 1,024 gateway nodes.
+/// Highest node id (4,095): a fleet of up to 4,096 gateway nodes.
 pub const NODE_ID_MAX: u16 = (1 << NODE_BITS) - 1;
-/// Highest shard id (63): up to 64 cores per node.
+/// Highest shard id (31): up to 32 cores per gateway process.
 pub const SHARD_ID_MAX: u16 = (1 << SHARD_BITS) - 1;
 const SEQUENCE_MAX: u64 = (1 << SEQUENCE_BITS) - 1;
 
@@ -57,7 +70,7 @@ pub struct SnowflakeGenerator {
     node_id: u16,
     shard_id: u16,
     /// Milliseconds since the epoch of the last id; may run ahead of the wall
-    /// clock when the clock steps back or more than 64 ids are made in one ms.
+    /// clock when the clock steps back or more than 32 ids are made in one ms.
     last_ms: u64,
     sequence: u64,
 }
@@ -174,5 +187,15 @@ mod tests {
     #[should_panic(expected = "node id")]
     fn node_id_out_of_range_is_refused() {
         SnowflakeGenerator::new(NODE_ID_MAX + 1, 0);
+    }
+
+    #[test]
+    fn ids_of_the_first_layout_keep_their_time_and_sort_before_new_ids() {
+        // Layout 1: 41 bits ms | 10 node | 6 shard | 6 sequence.
+        let ms = 1_000_000u64;
+        let old = (ms << 22) | (1023 << 12) | (63 << 6) | 63;
+        assert_eq!(decode(old).unix_ms, EPOCH_UNIX_MS + ms);
+        let mut generator = SnowflakeGenerator::new(NODE_ID_MAX, SHARD_ID_MAX);
+        assert!(generator.next_id(EPOCH_UNIX_MS + ms + 1) > old);
     }
 }

@@ -1,6 +1,7 @@
-//! A private nats-server for a test: its own loopback port and store
-//! directory, stoppable and restartable on the same port (to test a backplane
-//! outage), killed when dropped.
+//! A private nats-server for a test: its own loopback port and JetStream
+//! store directory (kept across a restart, as a real server's disk is),
+//! stoppable and restartable on the same port (to test a backplane outage),
+//! killed when dropped.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,7 +44,8 @@ impl NatsServer {
     pub fn restart(&mut self) {
         self.stop();
         let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            // JetStream: gateways lease their node ids from it.
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js"])
             .arg("--store_dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())

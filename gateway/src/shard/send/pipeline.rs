@@ -15,13 +15,14 @@ use std::rc::Rc;
 
 use backplane_bridge::Outbound;
 use bytes::Bytes;
+use chat_protocol::codes::ErrorCode;
 use chat_protocol::frames::SendFrame;
 use chat_protocol::records::MessageRecord;
 use chat_protocol::store_wire::{Request, Response};
 use chat_protocol::{render, snowflake, ws};
 
 use super::deliver::{deliver_per_device, fan_out, shards_have_room};
-use super::reply::{overloaded, sent_frame};
+use super::reply::{overloaded, send_error, sent_frame};
 use crate::metrics::bump;
 use crate::shard::state::conn::Conn;
 use crate::shard::state::idempotency::{self, PriorSend};
@@ -43,6 +44,9 @@ pub enum Refused {
     QueueFull,
     /// The ring is full: storage is behind.
     RingFull,
+    /// This node's id lease lapsed: a message id made now could repeat one
+    /// another node makes.
+    NoNodeId,
 }
 
 /// A message ready to be stored, and who gets it.
@@ -65,6 +69,9 @@ pub struct Outgoing<'r> {
 /// Returns the ring position that makes it durable.
 pub fn store_and_deliver(shard: &Shard, out: Outgoing<'_>) -> Result<u64, Refused> {
     let record = out.record;
+    if !shard.node.may_make_ids() {
+        return Err(refuse(shard, out.sender, record, Refused::NoNodeId));
+    }
     // Checked before the record is stored: after, hand-offs must not fail
     // (this shard is its lanes' only producer, so room now is room then).
     if out.hand_off == HandOff::Required && !shards_have_room(shard, out.users) {
@@ -151,12 +158,21 @@ fn refuse(
     record: &MessageRecord<'_>,
     why: Refused,
 ) -> Refused {
-    if let Some(conn) = sender {
-        let message = match why {
-            Refused::QueueFull => "a recipient's shard queue is full; retry this send",
-            Refused::RingFull => "storage is behind; retry this send",
-        };
-        overloaded(shard, conn, Some(record.client_msg_id), message);
+    let Some(conn) = sender else {
+        return why;
+    };
+    let id = Some(record.client_msg_id);
+    match why {
+        Refused::QueueFull => {
+            let message = "a recipient's shard queue is full; retry this send";
+            overloaded(shard, conn, id, message);
+        }
+        Refused::RingFull => overloaded(shard, conn, id, "storage is behind; retry this send"),
+        Refused::NoNodeId => {
+            let message = "this node's id lease could not be renewed; retry (on another node)";
+            let retry = Some(crate::limits::UNAVAILABLE_RETRY_AFTER_MS);
+            send_error(shard, conn, id, ErrorCode::Unavailable, message, retry);
+        }
     }
     why
 }
