@@ -61,6 +61,8 @@ pub struct ShardMetrics {
     pub messages_routed_cross_shard: AtomicU64,
     pub messages_received_cross_shard: AtomicU64,
     pub idempotent_replays: AtomicU64,
+    /// Replays answered from storage and delivered again (see `pipeline::deliver_again`).
+    pub redeliveries_after_failover: AtomicU64,
     pub errors: [AtomicU64; ERROR_CODES.len()],
     pub closes: [AtomicU64; CLOSE_CODES.len()],
     /// Publishes not queued to the backplane (its queue was full).
@@ -275,6 +277,12 @@ const SHARD_METRICS: &[(&str, &str, &str, ShardField)] = &[
         "counter",
         "Repeated send ids answered from the idempotency table.",
         |m| &m.idempotent_replays,
+    ),
+    (
+        "gateway_redeliveries_after_failover_total",
+        "counter",
+        "Retries answered from storage and delivered again (the first node may have died before delivering).",
+        |m| &m.redeliveries_after_failover,
     ),
     (
         "gateway_ring_full_total",

@@ -77,20 +77,30 @@ async fn check_devices_then_accept(shard: Rc<Shard>, conn: Rc<Conn>, send: SendF
 
 /// Accepts a send whose id is either known (a replay) or certainly new.
 fn accept(shard: &Shard, conn: &Rc<Conn>, send: &SendFrame<'_>) {
-    if pipeline::replay_if_known(shard, conn, &send.client_msg_id) {
-        return;
-    }
+    let replayed = pipeline::replay_if_known(shard, conn, &send.client_msg_id);
     let conversation = ids::direct_conversation_id(&conn.user_id, &send.to);
-    let record = MessageRecord {
-        bodies: send.bodies.iter().map(|(d, b)| (&**d, &**b)).collect(),
-        ..pipeline::record_of_send(shard, conn, send, &conversation)
-    };
     // The recipient's devices, and the sender's other devices.
     let both = [&*send.to, &*conn.user_id];
     let users = if *send.to == *conn.user_id {
         &both[..1]
     } else {
         &both[..]
+    };
+    if let Some(replayed) = replayed {
+        if replayed.from_storage {
+            let record = MessageRecord {
+                message_id: replayed.message_id,
+                ts: replayed.ts,
+                bodies: send.bodies.iter().map(|(d, b)| (&**d, &**b)).collect(),
+                ..pipeline::record_of_send(shard, conn, send, &conversation)
+            };
+            pipeline::deliver_again(shard, conn, &record, users);
+        }
+        return;
+    }
+    let record = MessageRecord {
+        bodies: send.bodies.iter().map(|(d, b)| (&**d, &**b)).collect(),
+        ..pipeline::record_of_send(shard, conn, send, &conversation)
     };
     let out = Outgoing {
         record: &record,

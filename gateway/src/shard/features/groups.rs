@@ -70,13 +70,23 @@ async fn load_then_send(shard: Rc<Shard>, conn: Rc<Conn>, send: SendFrame<'stati
 /// Stores a group message once, with every member's inbox as a recipient,
 /// and fans it out.
 fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: &SendFrame<'_>, members: &Members) {
-    if pipeline::replay_if_known(shard, conn, &send.client_msg_id) {
+    let replayed = pipeline::replay_if_known(shard, conn, &send.client_msg_id);
+    let conversation = ids::group_conversation_id(&send.to);
+    if let Some(replayed) = replayed {
+        if replayed.from_storage && is_member(members, &conn.user_id) {
+            let record = MessageRecord {
+                message_id: replayed.message_id,
+                ts: replayed.ts,
+                recipients: members.iter().map(|m| &**m).collect(),
+                ..pipeline::record_of_send(shard, conn, send, &conversation)
+            };
+            pipeline::deliver_again(shard, conn, &record, &record.recipients);
+        }
         return;
     }
     if !is_member(members, &conn.user_id) {
         return reply::forbidden(shard, conn, Some(&send.client_msg_id), NOT_A_MEMBER);
     }
-    let conversation = ids::group_conversation_id(&send.to);
     let record = MessageRecord {
         recipients: members.iter().map(|m| &**m).collect(),
         ..pipeline::record_of_send(shard, conn, send, &conversation)
@@ -100,7 +110,7 @@ pub fn on_change(shard: &Rc<Shard>, conn: &Rc<Conn>, change: GroupChangeFrame<'_
     if !reply::take_send_allowance(shard, conn, &change.client_msg_id) {
         return;
     }
-    if pipeline::replay_if_known(shard, conn, &change.client_msg_id) {
+    if pipeline::replay_if_known(shard, conn, &change.client_msg_id).is_some() {
         return;
     }
     conn.pause();
@@ -135,7 +145,7 @@ fn apply_change(shard: &Shard, conn: &Rc<Conn>, change: &GroupChangeFrame<'_>, c
     let fail = |code: ErrorCode, message: &str| {
         reply::send_error(shard, conn, client_msg_id, code, message, None);
     };
-    if pipeline::replay_if_known(shard, conn, &change.client_msg_id) {
+    if pipeline::replay_if_known(shard, conn, &change.client_msg_id).is_some() {
         return;
     }
     let user: &str = &conn.user_id;

@@ -83,31 +83,11 @@ pub fn store_and_deliver(shard: &Shard, out: Outgoing<'_>) -> Result<u64, Refuse
     };
     let except = out.sender.map(|conn| conn.slot);
     let json = render::encode_for_nodes(record);
-    let (handed, all_handed) = if record.bodies.is_empty() {
-        // One encoding for every device of every user.
-        let frame = Bytes::from(ws::text_frame(&json));
-        match fan_out(shard, out.users, record.message_id, &frame, except) {
-            Ok(handed) => (handed, true),
-            Err(handed) => (handed, false),
-        }
-    } else {
-        let mut handed = 0;
-        let mut all_handed = true;
-        for user in out.users {
-            match deliver_per_device(shard, record, user, except) {
-                Ok(to_shard) => handed += usize::from(to_shard),
-                Err(()) => all_handed = false,
-            }
-        }
-        (handed, all_handed)
-    };
+    let all_handed = deliver(shard, record, out.users, &json, except);
     debug_assert!(
         all_handed || out.hand_off == HandOff::BestEffort,
         "room was checked above"
     );
-    if handed == 0 {
-        bump(&shard.metrics().messages_routed_local, 1);
-    }
     let publish = shard.backplane.is_some().then(|| {
         Box::new(Outbound::Publish {
             users: out.users.iter().map(|user| Box::from(*user)).collect(),
@@ -149,6 +129,57 @@ pub fn store_and_deliver(shard: &Shard, out: Outgoing<'_>) -> Result<u64, Refuse
         }
     }
     Ok(end)
+}
+
+/// Queues `record` (encoded between nodes as `json`) to every device of
+/// `users` here and on other shards, but not to the connection in slot
+/// `except`. False when some shard's queue was full.
+fn deliver(
+    shard: &Shard,
+    record: &MessageRecord<'_>,
+    users: &[&str],
+    json: &[u8],
+    except: Option<usize>,
+) -> bool {
+    let (handed, all_handed) = if record.bodies.is_empty() {
+        // One encoding for every device of every user.
+        let frame = Bytes::from(ws::text_frame(json));
+        match fan_out(shard, users, record.message_id, &frame, except) {
+            Ok(handed) => (handed, true),
+            Err(handed) => (handed, false),
+        }
+    } else {
+        let mut handed = 0;
+        let mut all_handed = true;
+        for user in users {
+            match deliver_per_device(shard, record, user, except) {
+                Ok(to_shard) => handed += usize::from(to_shard),
+                Err(()) => all_handed = false,
+            }
+        }
+        (handed, all_handed)
+    };
+    if handed == 0 {
+        bump(&shard.metrics().messages_routed_local, 1);
+    }
+    all_handed
+}
+
+/// Delivers and publishes again a message that is already stored: a retry
+/// answered from storage (after a failover or a restart) whose first node
+/// may have died between storing it and delivering it. Best effort, like
+/// any repeat: devices that have it ignore it by `message_id`.
+pub fn deliver_again(shard: &Shard, conn: &Conn, record: &MessageRecord<'_>, users: &[&str]) {
+    let json = render::encode_for_nodes(record);
+    deliver(shard, record, users, &json, Some(conn.slot));
+    if shard.backplane.is_some() {
+        shard.publish(Outbound::Publish {
+            users: users.iter().map(|user| Box::from(*user)).collect(),
+            message_id: record.message_id,
+            json: Bytes::from(json),
+        });
+    }
+    bump(&shard.metrics().redeliveries_after_failover, 1);
 }
 
 /// Tells the sender (if any) why nothing was stored.
@@ -246,26 +277,39 @@ pub async fn ensure_known(
     true
 }
 
+/// What a replayed send was first answered with.
+#[derive(Debug, Clone, Copy)]
+pub struct Replayed {
+    pub message_id: u64,
+    pub ts: u64,
+    /// Known from storage (the connect-time warm-up or a look-up), not from
+    /// this node's own ring: the node that first stored it may have died
+    /// before delivering it (see `deliver_again`).
+    pub from_storage: bool,
+}
+
 /// When this device already sent `client_msg_id`: answers the retry with the
-/// first send's `sent` (once durable; not delivered or published again) and
-/// returns true.
-pub fn replay_if_known(shard: &Shard, conn: &Rc<Conn>, client_msg_id: &str) -> bool {
+/// first send's `sent` (once durable) and says what it was. The caller
+/// delivers it again only when `from_storage`.
+pub fn replay_if_known(shard: &Shard, conn: &Rc<Conn>, client_msg_id: &str) -> Option<Replayed> {
     let key = idempotency::key(&conn.user_id, &conn.device_id, client_msg_id);
-    let Some(prior) = shard
+    let prior = shard
         .idempotency
         .borrow_mut()
         .get(&key, crate::clock::unix_ms())
-        .cloned()
-    else {
-        return false;
-    };
+        .cloned()?;
     let ts = snowflake::decode(prior.message_id).unix_ms;
     let sent = sent_frame(client_msg_id, prior.message_id, &prior.conversation, ts);
     shard
         .durability
         .send_when_durable(prior.end, conn, sent, None, |_| {});
     bump(&shard.metrics().idempotent_replays, 1);
-    true
+    Some(Replayed {
+        message_id: prior.message_id,
+        ts,
+        // Ring positions are past a record, never 0: 0 marks a stored send.
+        from_storage: prior.end == 0,
+    })
 }
 
 /// The record of a client's `send` in `conversation`, with a new id: the
