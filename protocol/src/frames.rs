@@ -580,6 +580,22 @@ fn explain_undecodable(text: &[u8]) -> FrameError {
         .get("id")
         .and_then(|id| id.as_str())
         .map(str::to_owned);
+    // A JSON object may repeat a key (RFC 8259 only says SHOULD NOT); a
+    // `Value` keeps the last, so ask the typed decoder, which refuses it.
+    if let Err(error) = serde_json::from_slice::<RawFrame<'_>>(text) {
+        let error = error.to_string();
+        if let Some(rest) = error.strip_prefix("duplicate field `") {
+            let field = rest.split('`').next().unwrap_or("");
+            return FrameError {
+                client_msg_id,
+                code: ErrorCode::InvalidField,
+                message: format!(
+                    "`{}` appears twice; each key may appear once",
+                    truncate(field)
+                ),
+            };
+        }
+    }
     for list in ["one_time_prekeys", "members", "users"] {
         if object.get(list).is_some_and(|v| {
             !v.as_array()
@@ -912,6 +928,28 @@ mod tests {
             error,
             r#"{"type":"error","code":"overloaded","message":"busy","retry_after_ms":100}"#
         );
+    }
+
+    #[test]
+    fn a_repeated_key_is_refused_by_name() {
+        let error = decode_client_frame(br#"{"type":"ping","type":"send"}"#, 1024).unwrap_err();
+        assert_eq!(error.code, ErrorCode::InvalidField);
+        assert!(
+            error.message.contains("`type` appears twice"),
+            "{}",
+            error.message
+        );
+        let error = decode_client_frame(
+            br#"{"type":"send","id":"c1","to":"b","body":"x","body":"y"}"#,
+            1024,
+        )
+        .unwrap_err();
+        assert!(
+            error.message.contains("`body` appears twice"),
+            "{}",
+            error.message
+        );
+        assert_eq!(error.client_msg_id.as_deref(), Some("c1"));
     }
 }
 

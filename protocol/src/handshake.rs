@@ -67,6 +67,12 @@ pub fn parse_upgrade(
     if request.method != Some("GET") {
         return Err(HandshakeError::MethodNotAllowed);
     }
+    // RFC 6455 §4.1: the upgrade is HTTP/1.1 or later, with a Host header.
+    if request.version != Some(1) {
+        return Err(HandshakeError::BadRequest(
+            "a WebSocket upgrade needs HTTP/1.1",
+        ));
+    }
     let target = request.path.unwrap_or("");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if path != ws_path {
@@ -80,6 +86,21 @@ pub fn parse_upgrade(
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .map(|h| std::str::from_utf8(h.value).unwrap_or(""))
     };
+    let count = |name: &str| {
+        request
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .count()
+    };
+    if header("host").is_none_or(|host| host.trim().is_empty()) {
+        return Err(HandshakeError::BadRequest("the upgrade has no Host header"));
+    }
+    if count("sec-websocket-key") > 1 {
+        return Err(HandshakeError::BadRequest(
+            "more than one Sec-WebSocket-Key",
+        ));
+    }
     let has_token = |value: Option<&str>, wanted: &str| {
         value.is_some_and(|v| {
             v.split(',')
@@ -209,5 +230,35 @@ mod tests {
         assert!(String::from_utf8(refusal(401, "Unauthorized", "bad token"))
             .unwrap()
             .starts_with("HTTP/1.1 401 Unauthorized\r\n"));
+    }
+
+    #[test]
+    fn an_upgrade_needs_http_1_1_a_host_and_one_key() {
+        let request = |first_line: &str, extra: &str| {
+            format!(
+                "{first_line}\r\n{extra}Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+        };
+        let host = "Host: example\r\n";
+        let ok = request("GET /ws HTTP/1.1", host);
+        assert!(parse_upgrade(ok.as_bytes(), "/ws", 4096).unwrap().is_some());
+        let http10 = request("GET /ws HTTP/1.0", host);
+        assert!(matches!(
+            parse_upgrade(http10.as_bytes(), "/ws", 4096),
+            Err(HandshakeError::BadRequest(_))
+        ));
+        let no_host = request("GET /ws HTTP/1.1", "");
+        assert!(matches!(
+            parse_upgrade(no_host.as_bytes(), "/ws", 4096),
+            Err(HandshakeError::BadRequest(_))
+        ));
+        let two_keys = request(
+            "GET /ws HTTP/1.1",
+            "Host: example\r\nSec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n",
+        );
+        assert!(matches!(
+            parse_upgrade(two_keys.as_bytes(), "/ws", 4096),
+            Err(HandshakeError::BadRequest(_))
+        ));
     }
 }

@@ -21,8 +21,12 @@ pub enum WsEvent<'a> {
     Text(&'a [u8]),
     /// A ping; answer with a pong carrying the same payload.
     Ping(&'a [u8]),
-    /// A pong (ignored apart from counting as activity).
+    /// A pong (ignored apart from counting as activity and against the
+    /// connection's frame allowance: an unsolicited flood costs the sender).
     Pong,
+    /// A fragment of a text message that is not its last (counted like a
+    /// frame: thousands of empty continuations are a flood, not a message).
+    Fragment,
     /// A close frame, with the peer's code when it gave one.
     Close(Option<u16>),
 }
@@ -93,7 +97,7 @@ impl WsDecoder {
                     }
                     self.in_fragmented_message = true;
                     self.fragments.extend_from_slice(payload);
-                    Flow::Continue
+                    on_event(WsEvent::Fragment)
                 }
                 OpCode::Data(Data::Continue) => {
                     if !self.in_fragmented_message {
@@ -106,7 +110,7 @@ impl WsDecoder {
                         self.in_fragmented_message = false;
                         flow
                     } else {
-                        Flow::Continue
+                        on_event(WsEvent::Fragment)
                     }
                 }
                 OpCode::Data(Data::Binary) => return Err(CloseCode::UnsupportedData),
@@ -154,6 +158,10 @@ fn check_header(
         // RFC 6455 §5.1: a server must close on an unmasked client frame.
         return Err(CloseCode::ProtocolError);
     }
+    if payload_len >> 63 != 0 {
+        // §5.2: the most significant bit of a 64-bit length must be 0.
+        return Err(CloseCode::ProtocolError);
+    }
     if let OpCode::Control(_) = header.opcode {
         if !header.is_final || payload_len > WS_CONTROL_PAYLOAD_MAX {
             return Err(CloseCode::ProtocolError);
@@ -170,12 +178,25 @@ fn close_code_of(payload: &[u8]) -> Result<Option<u16>, CloseCode> {
         0 => Ok(None),
         1 => Err(CloseCode::ProtocolError),
         _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !is_valid_close_code(code) {
+                return Err(CloseCode::ProtocolError);
+            }
             if std::str::from_utf8(&payload[2..]).is_err() {
                 return Err(CloseCode::InvalidPayload);
             }
-            Ok(Some(u16::from_be_bytes([payload[0], payload[1]])))
+            Ok(Some(code))
         }
     }
+}
+
+/// Whether a peer may send `code` in a close frame (RFC 6455 §7.4): the
+/// defined codes except those that only describe a connection (1004-1006,
+/// 1015), the IANA-registered 1012-1014, and the ranges for libraries
+/// (3000-3999) and applications (4000-4999). Anything else fails the
+/// connection with 1002.
+pub fn is_valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 fn unmask(payload: &mut [u8], mask: [u8; 4]) {
@@ -271,11 +292,16 @@ mod tests {
     ) -> (Result<usize, CloseCode>, Vec<String>) {
         let mut events = Vec::new();
         let result = decoder.decode(input, MAX, |event| {
+            if event == WsEvent::Fragment {
+                // Counted by its own test; these tests look at messages.
+                return Flow::Continue;
+            }
             events.push(match event {
                 WsEvent::Text(text) => format!("text:{}", String::from_utf8_lossy(text)),
                 WsEvent::Ping(payload) => format!("ping:{}", String::from_utf8_lossy(payload)),
                 WsEvent::Pong => "pong".into(),
                 WsEvent::Close(code) => format!("close:{code:?}"),
+                WsEvent::Fragment => unreachable!("skipped above"),
             });
             Flow::Continue
         });
@@ -424,5 +450,85 @@ mod tests {
         let frame = text_frame(&[b'x'; 70_000]);
         assert_eq!(frame[1], 127);
         assert_eq!(frame.len(), 10 + 70_000);
+    }
+
+    fn close_frame_with(code: u16) -> Vec<u8> {
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend_from_slice(b"bye");
+        let mut frame = Vec::new();
+        encode_masked_frame(
+            OpCode::Control(Control::Close),
+            &payload,
+            [1, 2, 3, 4],
+            &mut frame,
+        );
+        frame
+    }
+
+    #[test]
+    fn only_codes_a_peer_may_send_are_accepted_in_a_close() {
+        for code in [
+            1000, 1001, 1002, 1003, 1007, 1010, 1011, 1012, 1014, 3000, 4999,
+        ] {
+            let mut frame = close_frame_with(code);
+            let mut events = Vec::new();
+            let result = WsDecoder::default().decode(&mut frame, 1024, |event| {
+                events.push(format!("{event:?}"));
+                Flow::Continue
+            });
+            assert!(result.is_ok(), "{code}");
+            assert_eq!(events, [format!("Close(Some({code}))")]);
+        }
+        for code in [
+            0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
+            let mut frame = close_frame_with(code);
+            let result = WsDecoder::default().decode(&mut frame, 1024, |_| Flow::Continue);
+            assert_eq!(result, Err(CloseCode::ProtocolError), "{code}");
+        }
+    }
+
+    #[test]
+    fn a_64_bit_length_with_its_top_bit_set_is_a_protocol_error() {
+        // FIN + text, masked, 127: a 64-bit length follows, here 2^63.
+        let mut frame = vec![0x81, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4];
+        let result = WsDecoder::default().decode(&mut frame, 1024, |_| Flow::Continue);
+        assert_eq!(result, Err(CloseCode::ProtocolError));
+    }
+
+    #[test]
+    fn every_fragment_but_the_last_is_an_event_the_caller_can_count() {
+        let mut input = Vec::new();
+        let mut first = Vec::new();
+        encode_masked_frame(OpCode::Data(Data::Text), b"he", [9, 9, 9, 9], &mut first);
+        first[0] &= 0x7f; // not final
+        input.extend_from_slice(&first);
+        for _ in 0..3 {
+            let mut empty = Vec::new();
+            encode_masked_frame(OpCode::Data(Data::Continue), b"", [1, 1, 1, 1], &mut empty);
+            empty[0] &= 0x7f;
+            input.extend_from_slice(&empty);
+        }
+        let mut last = Vec::new();
+        encode_masked_frame(
+            OpCode::Data(Data::Continue),
+            b"llo",
+            [5, 5, 5, 5],
+            &mut last,
+        );
+        input.extend_from_slice(&last);
+        let mut events = Vec::new();
+        WsDecoder::default()
+            .decode(&mut input, 1024, |event| {
+                events.push(format!("{event:?}"));
+                Flow::Continue
+            })
+            .unwrap();
+        let fragments = events.iter().filter(|e| *e == "Fragment").count();
+        assert_eq!(fragments, 4);
+        assert_eq!(
+            events.last().unwrap(),
+            &format!("{:?}", WsEvent::Text(b"hello"))
+        );
     }
 }

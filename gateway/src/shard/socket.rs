@@ -25,6 +25,7 @@ use monoio::net::TcpStream;
 
 use super::dispatch;
 use super::features::sync;
+use super::send::reply;
 use super::state::conn::Conn;
 use super::state::Shard;
 use crate::limits::{IOVECS_PER_WRITE_MAX, PARTIAL_READ_BYTES, READS_PER_WAKE_MAX};
@@ -304,10 +305,17 @@ fn process(shard: &Rc<Shard>, conn: &Rc<Conn>, decoder: &mut WsDecoder, input: &
         bump(&metrics.frames_in, 1);
         match event {
             WsEvent::Text(text) => dispatch::on_text(shard, conn, text),
+            // Frames that are not messages take from the same allowance as
+            // text frames: a flood of pings, pongs or empty fragments is
+            // answered `rate_limited` and, past the abuse limit, 1008.
             WsEvent::Ping(payload) => {
-                conn.enqueue(Bytes::from(ws::pong_frame(payload)));
+                if reply::take_frame(shard, conn) {
+                    conn.enqueue(Bytes::from(ws::pong_frame(payload)));
+                }
             }
-            WsEvent::Pong => {}
+            WsEvent::Pong | WsEvent::Fragment => {
+                reply::take_frame(shard, conn);
+            }
             WsEvent::Close(_) => conn.request_close(CloseCode::Normal),
         }
         if conn.is_closing() || conn.is_paused() {
