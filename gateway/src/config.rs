@@ -10,6 +10,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
+/// The default and the most devices a user may have connected: a
+/// per-device send must carry a ciphertext for every device of both users,
+/// and `BODIES_DEVICES_MAX` (32) holds 16 of each. The Signal server links at
+/// most 6 devices; 16 leaves room for browser tabs, each its own device.
+pub const DEVICES_PER_USER_MAX: usize = chat_protocol::limits::BODIES_DEVICES_MAX / 2;
+
 /// Which io driver the shards run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -110,6 +116,9 @@ pub struct Config {
     pub sends_per_s: f32,
     /// Sends a user may make at once before `sends_per_s` applies.
     pub sends_burst: f32,
+    /// Devices (distinct device ids) one user may have connected to this
+    /// node at once; another is refused at the upgrade with 403.
+    pub devices_per_user_max: usize,
     /// `typing` frames per second per user, across devices (token bucket rate).
     pub typing_per_s: f32,
     /// `typing` frames a user may send at once.
@@ -202,6 +211,7 @@ impl Default for Config {
             frames_burst: 300.0,
             sends_per_s: 20.0,
             sends_burst: 100.0,
+            devices_per_user_max: DEVICES_PER_USER_MAX,
             typing_per_s: 1.0,
             typing_burst: 5.0,
             typing_expires_ms: 5_000,
@@ -281,6 +291,7 @@ overrides! {
     frames_burst: f32,
     sends_per_s: f32,
     sends_burst: f32,
+    devices_per_user_max: usize,
     typing_per_s: f32,
     typing_burst: f32,
     typing_expires_ms: u64,
@@ -394,6 +405,9 @@ impl Config {
                 self.node_id
             );
         }
+        if self.devices_per_user_max == 0 || self.devices_per_user_max > DEVICES_PER_USER_MAX {
+            bail!("devices_per_user_max must be 1-{DEVICES_PER_USER_MAX} (a per-device send carries at most {} ciphertexts, for both users' devices)", chat_protocol::limits::BODIES_DEVICES_MAX);
+        }
         if self.node_id_lease_ttl_ms < 3_000 {
             bail!("node_id_lease_ttl_ms must be at least 3000 (it is refreshed every third)");
         }
@@ -471,6 +485,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn devices_per_user_max_fits_a_per_device_send() {
+        let mut config: Config = toml::from_str("shards = 1\n").unwrap();
+        config.devices_per_user_max = DEVICES_PER_USER_MAX;
+        config.validate().unwrap();
+        config.devices_per_user_max = DEVICES_PER_USER_MAX + 1;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("devices_per_user_max"), "{error}");
+        config.devices_per_user_max = 0;
+        assert!(config.validate().is_err());
+    }
 
     #[test]
     fn defaults_are_valid_once_shards_are_resolved() {

@@ -27,9 +27,10 @@ pub enum Refusal {
     AtCapacity,
     Draining,
     Timeout,
+    TooManyDevices,
 }
 
-const REFUSALS: [(&str, Refusal); 9] = [
+const REFUSALS: [(&str, Refusal); 10] = [
     ("bad_request", Refusal::BadRequest),
     ("unauthorized", Refusal::Unauthorized),
     ("not_found", Refusal::NotFound),
@@ -39,6 +40,7 @@ const REFUSALS: [(&str, Refusal); 9] = [
     ("at_capacity", Refusal::AtCapacity),
     ("draining", Refusal::Draining),
     ("timeout", Refusal::Timeout),
+    ("too_many_devices", Refusal::TooManyDevices),
 ];
 
 /// Counters of one shard. Written only by that shard's thread.

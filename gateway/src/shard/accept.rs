@@ -290,6 +290,15 @@ pub fn adopt(
         return;
     }
     let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+    let devices_max = shard.config.devices_per_user_max;
+    if shard.users.borrow().other_devices(user_id, device_id) >= devices_max {
+        shard.metrics().refused(Refusal::TooManyDevices);
+        let body =
+            format!("this user already has {devices_max} devices connected; close one first");
+        sock::send_best_effort(fd, &handshake::refusal(403, "Forbidden", &body));
+        shard.node.release_connection();
+        return;
+    }
     let _ = socket.set_nodelay(true);
     if shard.config.socket_send_buffer_bytes > 0 {
         if let Err(error) = sock::set_send_buffer(fd, shard.config.socket_send_buffer_bytes) {

@@ -190,6 +190,23 @@ impl UserTable {
         }
     }
 
+    /// How many distinct devices of `user_id` other than `device_id` have a
+    /// connection here (a device reconnecting is not a new device).
+    pub fn other_devices(&self, user_id: &str, device_id: &str) -> usize {
+        let Some(entry) = self.users.get(user_id) else {
+            return 0;
+        };
+        let mut others: SmallVec<[&str; 8]> = entry
+            .devices
+            .iter()
+            .map(|conn| &*conn.device_id)
+            .filter(|device| *device != device_id)
+            .collect();
+        others.sort_unstable();
+        others.dedup();
+        others.len()
+    }
+
     /// Whether `user_id` has a device here.
     pub fn is_online(&self, user_id: &str) -> bool {
         self.users.contains_key(user_id)
