@@ -113,15 +113,7 @@ impl Backplane {
             stats: BackplaneStats::default(),
         });
         let thread = backplane.clone();
-        std::thread::Builder::new()
-            .name("backplane".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a current-thread runtime builds");
-                runtime.block_on(run(thread, sink));
-            })?;
+        crate::runtime_thread("backplane", async move { run(thread, sink).await })?;
         Ok(backplane)
     }
 

@@ -97,19 +97,13 @@ impl NodeIdLease {
         let (stop_tx, stop_rx) = oneshot::channel();
         let thread_validity = validity.clone();
         let timeout = config.acquire_timeout;
-        let thread = std::thread::Builder::new()
-            .name("node-id-lease".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a current-thread runtime builds");
-                runtime.block_on(hold(config, thread_validity, acquired_tx, stop_rx));
-            })
-            .map_err(|error| LeaseError::Unreachable {
-                url: String::new(),
-                reason: error.to_string(),
-            })?;
+        let thread = crate::runtime_thread("node-id-lease", async move {
+            hold(config, thread_validity, acquired_tx, stop_rx).await
+        })
+        .map_err(|error| LeaseError::Unreachable {
+            url: String::new(),
+            reason: error.to_string(),
+        })?;
         let node_id = match acquired_rx.recv_timeout(timeout + Duration::from_secs(1)) {
             Ok(result) => result?,
             Err(_) => return Err(LeaseError::TimedOut(timeout)),

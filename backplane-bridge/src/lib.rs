@@ -21,3 +21,21 @@ pub mod lease;
 pub mod routing;
 
 pub use bridge::{subject, Backplane, BackplaneConfig, BackplaneStats, Inbound, Outbound, Sink};
+
+/// Runs `task` on a new thread named `name`, in a current-thread tokio
+/// runtime of its own: async-nats needs tokio, and the shards (monoio) must
+/// never run or await it.
+fn runtime_thread(
+    name: &str,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a current-thread runtime builds")
+                .block_on(task)
+        })
+}

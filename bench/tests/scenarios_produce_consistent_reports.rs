@@ -451,3 +451,41 @@ fn cross_node_measures_both_paths_in_one_run() {
             >= report["cross_node"]["p50_us"].as_u64().unwrap()
     );
 }
+
+#[test]
+fn fleet_simulates_the_real_routing_and_its_figures_add_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("fleet.json");
+    let table = bench_as_is(&[
+        "fleet",
+        "--nodes",
+        "50",
+        "--users",
+        "100000",
+        "--messages",
+        "100000",
+        "--rate",
+        "100000",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(table.contains("users per node"), "{table}");
+    let report = report_at(&json);
+    let users = &report["users_per_node"];
+    assert_eq!(users["mean"], 2000.0);
+    let (max, min) = (
+        users["max"].as_u64().unwrap(),
+        users["min"].as_u64().unwrap(),
+    );
+    assert!(min <= 2000 && (2000..2400).contains(&max), "{users}");
+    // One node of 50 holds about 2%: Maglev moves a few times that at most.
+    for moved in ["one_leaves", "one_joins"] {
+        let share = report["moved_share"][moved].as_f64().unwrap();
+        assert!(share > 0.01 && share < 0.2, "{moved}: {share}");
+    }
+    assert_eq!(report["nats_subscriptions"]["per_node_routing"], 150);
+    assert_eq!(report["nats_subscriptions"]["per_user_routing"], 100000);
+    let per_subject = &report["per_node_subject_msgs_per_s"];
+    assert_eq!(per_subject["mean"], 2000.0);
+    assert!(per_subject["max"].as_f64().unwrap() >= 2000.0);
+}
