@@ -116,6 +116,10 @@ pub struct Config {
     pub sends_per_s: f32,
     /// Sends a user may make at once before `sends_per_s` applies.
     pub sends_burst: f32,
+    /// Back-pressure by lag: while the storage-writer commits but the oldest
+    /// `sent` has waited longer than this, new sends are refused with
+    /// `overloaded` (so `sent` latency stays near it). 0 turns it off.
+    pub sent_wait_ms_max: u64,
     /// Devices (distinct device ids) one user may have connected to this
     /// node at once; another is refused at the upgrade with 403.
     pub devices_per_user_max: usize,
@@ -211,6 +215,7 @@ impl Default for Config {
             frames_burst: 300.0,
             sends_per_s: 20.0,
             sends_burst: 100.0,
+            sent_wait_ms_max: 50,
             devices_per_user_max: DEVICES_PER_USER_MAX,
             typing_per_s: 1.0,
             typing_burst: 5.0,
@@ -291,6 +296,7 @@ overrides! {
     frames_burst: f32,
     sends_per_s: f32,
     sends_burst: f32,
+    sent_wait_ms_max: u64,
     devices_per_user_max: usize,
     typing_per_s: f32,
     typing_burst: f32,

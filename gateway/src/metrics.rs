@@ -63,6 +63,8 @@ pub struct ShardMetrics {
     pub messages_routed_cross_shard: AtomicU64,
     pub messages_received_cross_shard: AtomicU64,
     pub idempotent_replays: AtomicU64,
+    /// Sends refused because `sent` waited past `sent_wait_ms_max`.
+    pub sends_refused_lagging: AtomicU64,
     /// Replays answered from storage and delivered again (see `pipeline::deliver_again`).
     pub redeliveries_after_failover: AtomicU64,
     pub errors: [AtomicU64; ERROR_CODES.len()],
@@ -279,6 +281,12 @@ const SHARD_METRICS: &[(&str, &str, &str, ShardField)] = &[
         "counter",
         "Repeated send ids answered from the idempotency table.",
         |m| &m.idempotent_replays,
+    ),
+    (
+        "gateway_sends_refused_lagging_total",
+        "counter",
+        "Sends answered `overloaded` because `sent` already waited past sent_wait_ms_max.",
+        |m| &m.sends_refused_lagging,
     ),
     (
         "gateway_redeliveries_after_failover_total",

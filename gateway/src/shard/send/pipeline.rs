@@ -47,6 +47,9 @@ pub enum Refused {
     /// This node's id lease lapsed: a message id made now could repeat one
     /// another node makes.
     NoNodeId,
+    /// The writer commits, but `sent` already waits longer than
+    /// `sent_wait_ms_max`: accepting more would only lengthen the wait.
+    Lagging,
 }
 
 /// A message ready to be stored, and who gets it.
@@ -71,6 +74,16 @@ pub fn store_and_deliver(shard: &Shard, out: Outgoing<'_>) -> Result<u64, Refuse
     let record = out.record;
     if !shard.node.may_make_ids() {
         return Err(refuse(shard, out.sender, record, Refused::NoNodeId));
+    }
+    let lag_bound_ms = shard.config.sent_wait_ms_max;
+    if out.sender.is_some()
+        && lag_bound_ms > 0
+        && shard
+            .durability
+            .is_lagging(std::time::Duration::from_millis(lag_bound_ms))
+    {
+        bump(&shard.metrics().sends_refused_lagging, 1);
+        return Err(refuse(shard, out.sender, record, Refused::Lagging));
     }
     // Checked before the record is stored: after, hand-offs must not fail
     // (this shard is its lanes' only producer, so room now is room then).
@@ -199,6 +212,10 @@ fn refuse(
             overloaded(shard, conn, id, message);
         }
         Refused::RingFull => overloaded(shard, conn, id, "storage is behind; retry this send"),
+        Refused::Lagging => {
+            let message = "storage is behind (sent waits past sent_wait_ms_max); retry this send";
+            overloaded(shard, conn, id, message);
+        }
         Refused::NoNodeId => {
             let message = "this node's id lease could not be renewed; retry (on another node)";
             let retry = Some(crate::limits::UNAVAILABLE_RETRY_AFTER_MS);

@@ -32,6 +32,8 @@ pub struct Durability {
     producer: RefCell<Producer>,
     waiting: RefCell<VecDeque<Waiting>>,
     durable: Cell<u64>,
+    /// When the watermark last moved: the writer is committing.
+    last_advance: Cell<Instant>,
 }
 
 impl Durability {
@@ -41,6 +43,7 @@ impl Durability {
             producer: RefCell::new(producer),
             waiting: RefCell::new(VecDeque::new()),
             durable: Cell::new(durable),
+            last_advance: Cell::new(Instant::now()),
         }
     }
 
@@ -117,6 +120,7 @@ impl Durability {
         }
         self.durable.set(position);
         let now = Instant::now();
+        self.last_advance.set(now);
         let mut waiting = self.waiting.borrow_mut();
         while waiting.front().is_some_and(|w| w.end <= position) {
             let released = waiting.pop_front().expect("front exists");
@@ -128,6 +132,19 @@ impl Durability {
                 published(publish);
             }
         }
+    }
+
+    /// Whether the writer commits but cannot keep up: the oldest record
+    /// waiting for durability has waited longer than `bound` although the
+    /// watermark moved within `bound`. (When nothing commits at all, the
+    /// writer or its database is restarting: not lag, and the ring rides it
+    /// out.)
+    pub fn is_lagging(&self, bound: std::time::Duration) -> bool {
+        let waiting = self.waiting.borrow();
+        let Some(oldest) = waiting.front() else {
+            return false;
+        };
+        oldest.appended.elapsed() > bound && self.last_advance.get().elapsed() < bound
     }
 
     /// `sent` frames waiting for durability (a metric).
