@@ -1,0 +1,79 @@
+//! `dashboards/chat-gateway.json` (a Grafana dashboard) queries only metric
+//! families a real gateway exports on `/metrics`, and charts every one of
+//! them, so a metric added to the node without a panel (or a panel left
+//! behind by a renamed metric) fails here. The gateway runs in a fleet (real
+//! nats-server) so the backplane's families are exported too.
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+use testkit::gateway::{repo, Gateway};
+use testkit::nats::NatsServer;
+
+/// Every `expr` of every panel's targets.
+fn expressions(dashboard: &Value) -> Vec<String> {
+    let mut found = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        assert!(
+            panel["title"].as_str().is_some_and(|t| !t.is_empty()),
+            "{panel}"
+        );
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert_eq!(
+            panel["datasource"]["uid"], "${datasource}",
+            "{}",
+            panel["title"]
+        );
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{} has no query", panel["title"]);
+        for target in targets {
+            found.push(target["expr"].as_str().expect("expr").to_owned());
+        }
+    }
+    found
+}
+
+/// The metric family an identifier in an expression belongs to.
+fn family(identifier: &str) -> &str {
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|suffix| identifier.strip_suffix(suffix))
+        .unwrap_or(identifier)
+}
+
+#[test]
+fn every_panel_queries_an_exported_family_and_every_family_has_a_panel() {
+    let text = std::fs::read_to_string(repo().join("dashboards/chat-gateway.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    assert_eq!(dashboard["uid"], "chat-gateway");
+
+    let mut charted = BTreeSet::new();
+    for expr in expressions(&dashboard) {
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("gateway_") {
+                charted.insert(family(word).to_owned());
+            }
+        }
+    }
+
+    let nats = NatsServer::start();
+    let gateway = Gateway::start(&["--nats-url", &nats.url()]);
+    let (status, metrics) = gateway.admin_get("/metrics").expect("metrics answer");
+    assert_eq!(status, 200);
+    let exported: BTreeSet<String> = metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .map(|rest| rest.split(' ').next().unwrap().to_owned())
+        .collect();
+    assert!(exported.len() > 40, "{exported:?}");
+
+    let unknown: Vec<_> = charted.difference(&exported).collect();
+    assert!(unknown.is_empty(), "charted but not exported: {unknown:?}");
+    let uncharted: Vec<_> = exported.difference(&charted).collect();
+    assert!(
+        uncharted.is_empty(),
+        "exported but on no panel: {uncharted:?}"
+    );
+}
