@@ -116,9 +116,10 @@ pub struct Config {
     pub sends_per_s: f32,
     /// Sends a user may make at once before `sends_per_s` applies.
     pub sends_burst: f32,
-    /// Back-pressure by lag: while the storage-writer commits but the oldest
-    /// `sent` has waited longer than this, new sends are refused with
-    /// `overloaded` (so `sent` latency stays near it). 0 turns it off.
+    /// Back-pressure by lag (opt-in): while the storage-writer commits but
+    /// the oldest `sent` has waited longer than this and through whole
+    /// batches, new sends are refused with `overloaded`. 0 (the default)
+    /// turns it off: on a starved machine slow commits look like load.
     pub sent_wait_ms_max: u64,
     /// Devices (distinct device ids) one user may have connected to this
     /// node at once; another is refused at the upgrade with 403.
@@ -215,7 +216,7 @@ impl Default for Config {
             frames_burst: 300.0,
             sends_per_s: 20.0,
             sends_burst: 100.0,
-            sent_wait_ms_max: 50,
+            sent_wait_ms_max: 0,
             devices_per_user_max: DEVICES_PER_USER_MAX,
             typing_per_s: 1.0,
             typing_burst: 5.0,

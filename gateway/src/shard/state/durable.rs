@@ -32,8 +32,10 @@ pub struct Durability {
     producer: RefCell<Producer>,
     waiting: RefCell<VecDeque<Waiting>>,
     durable: Cell<u64>,
-    /// When the watermark last moved: the writer is committing.
+    /// When the watermark last moved (the writer is committing), and the
+    /// time it moved before that.
     last_advance: Cell<Instant>,
+    previous_advance: Cell<Instant>,
 }
 
 impl Durability {
@@ -44,6 +46,7 @@ impl Durability {
             waiting: RefCell::new(VecDeque::new()),
             durable: Cell::new(durable),
             last_advance: Cell::new(Instant::now()),
+            previous_advance: Cell::new(Instant::now()),
         }
     }
 
@@ -120,7 +123,7 @@ impl Durability {
         }
         self.durable.set(position);
         let now = Instant::now();
-        self.last_advance.set(now);
+        self.previous_advance.set(self.last_advance.replace(now));
         let mut waiting = self.waiting.borrow_mut();
         while waiting.front().is_some_and(|w| w.end <= position) {
             let released = waiting.pop_front().expect("front exists");
@@ -135,16 +138,21 @@ impl Durability {
     }
 
     /// Whether the writer commits but cannot keep up: the oldest record
-    /// waiting for durability has waited longer than `bound` although the
-    /// watermark moved within `bound`. (When nothing commits at all, the
-    /// writer or its database is restarting: not lag, and the ring rides it
-    /// out.)
+    /// waiting for durability has waited longer than `bound`, it was
+    /// appended before the last two watermark moves (with group commit a
+    /// record is released by the second move after its append at the
+    /// latest, so this one missed whole batches: a backlog, not one slow
+    /// fsync), and the watermark moved within `bound`. When nothing commits
+    /// at all the writer or its database is restarting: not lag, and the
+    /// ring rides it out.
     pub fn is_lagging(&self, bound: std::time::Duration) -> bool {
         let waiting = self.waiting.borrow();
         let Some(oldest) = waiting.front() else {
             return false;
         };
-        oldest.appended.elapsed() > bound && self.last_advance.get().elapsed() < bound
+        oldest.appended.elapsed() > bound
+            && oldest.appended < self.previous_advance.get()
+            && self.last_advance.get().elapsed() < bound
     }
 
     /// `sent` frames waiting for durability (a metric).
