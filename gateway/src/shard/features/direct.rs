@@ -86,22 +86,18 @@ fn accept(shard: &Shard, conn: &Rc<Conn>, send: &SendFrame<'_>) {
     } else {
         &both[..]
     };
+    let record_with = |id| MessageRecord {
+        bodies: send.bodies.iter().map(|(d, b)| (&**d, &**b)).collect(),
+        ..pipeline::record_of_send(conn, send, &conversation, id)
+    };
     if let Some(replayed) = replayed {
         if replayed.from_storage {
-            let record = MessageRecord {
-                message_id: replayed.message_id,
-                ts: replayed.ts,
-                bodies: send.bodies.iter().map(|(d, b)| (&**d, &**b)).collect(),
-                ..pipeline::record_of_send(shard, conn, send, &conversation)
-            };
+            let record = record_with((replayed.message_id, replayed.ts));
             pipeline::deliver_again(shard, conn, &record, users);
         }
         return;
     }
-    let record = MessageRecord {
-        bodies: send.bodies.iter().map(|(d, b)| (&**d, &**b)).collect(),
-        ..pipeline::record_of_send(shard, conn, send, &conversation)
-    };
+    let record = record_with(pipeline::next_message_id(shard));
     let out = Outgoing {
         record: &record,
         users,

@@ -72,14 +72,13 @@ async fn load_then_send(shard: Rc<Shard>, conn: Rc<Conn>, send: SendFrame<'stati
 fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: &SendFrame<'_>, members: &Members) {
     let replayed = pipeline::replay_if_known(shard, conn, &send.client_msg_id);
     let conversation = ids::group_conversation_id(&send.to);
+    let record_with = |id| MessageRecord {
+        recipients: members.iter().map(|m| &**m).collect(),
+        ..pipeline::record_of_send(conn, send, &conversation, id)
+    };
     if let Some(replayed) = replayed {
         if replayed.from_storage && is_member(members, &conn.user_id) {
-            let record = MessageRecord {
-                message_id: replayed.message_id,
-                ts: replayed.ts,
-                recipients: members.iter().map(|m| &**m).collect(),
-                ..pipeline::record_of_send(shard, conn, send, &conversation)
-            };
+            let record = record_with((replayed.message_id, replayed.ts));
             pipeline::deliver_again(shard, conn, &record, &record.recipients);
         }
         return;
@@ -87,10 +86,7 @@ fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: &SendFrame<'_>, members: &M
     if !is_member(members, &conn.user_id) {
         return reply::forbidden(shard, conn, Some(&send.client_msg_id), NOT_A_MEMBER);
     }
-    let record = MessageRecord {
-        recipients: members.iter().map(|m| &**m).collect(),
-        ..pipeline::record_of_send(shard, conn, send, &conversation)
-    };
+    let record = record_with(pipeline::next_message_id(shard));
     let out = Outgoing {
         record: &record,
         users: &record.recipients,

@@ -329,15 +329,15 @@ pub fn replay_if_known(shard: &Shard, conn: &Rc<Conn>, client_msg_id: &str) -> O
     })
 }
 
-/// The record of a client's `send` in `conversation`, with a new id: the
+/// The record of a client's `send` in `conversation` under `(message_id,
+/// ts)` (a new one from `next_message_id`, or a replay's first): the
 /// feature adds what is its own (a group's recipients, per-device bodies).
 pub fn record_of_send<'a>(
-    shard: &Shard,
     conn: &'a Conn,
     send: &'a SendFrame<'_>,
     conversation: &'a str,
+    (message_id, ts): (u64, u64),
 ) -> MessageRecord<'a> {
-    let (message_id, ts) = next_message_id(shard);
     MessageRecord {
         message_id,
         ts,
