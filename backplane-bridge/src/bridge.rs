@@ -1,31 +1,62 @@
-//! The bridge thread: the NATS connection, subscriptions, publishing, events.
+//! The bridge thread: the NATS connection, the node's few subscriptions,
+//! routing by home, heartbeats, exceptions, events.
 //!
-//! Owns the per-shard outbound queues (shards push, the bridge thread pops),
-//! one forwarding task per subscribed user (NATS → the `Sink`, which queues to
-//! that user's home shard), reconnection with back-off and jitter (async-nats
-//! re-subscribes; we then tell every shard to resync its devices), and the
-//! counters behind the gateway's `gateway_backplane_*` metrics.
+//! Owns the per-shard outbound queues (shards push, the bridge thread pops);
+//! one loop that holds all routing state (the membership, the exceptions
+//! this node holds as a home, the users with devices here), so nothing in it
+//! is shared or locked; one task that hands messages to the shards (through
+//! the `Sink`, which queues to the user's home shard); reconnection with
+//! back-off and jitter; and the counters behind `gateway_backplane_*`.
+//!
+//! A node subscribes to three subjects whatever its users: its own
+//! (`<prefix>.n.<id>`: messages, registrations), the membership subject
+//! and the group-changes subject (plus async-nats's one request inbox). A
+//! message for a user goes to the user's home, which delivers to its own
+//! devices and forwards to the nodes registered as having others.
+//!
+//! Must never: block a shard (a full queue is handed back to the caller), grow
+//! without bound (every queue has a capacity; what does not fit is counted and
+//! dropped, and the recipient gets it on a sync, since it is durable), publish
+//! while disconnected (the reconnect triggers a resync instead), or let a
+//! change of homes lose a message silently (the devices of a moved user
+//! resync once every node has seen the change).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use futures_util::StreamExt;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
-use crate::envelope::Deliver;
+use crate::envelope::{Deliver, Envelope, Heartbeat, Hop, DELIVER_USERS_MAX};
+use crate::exceptions::Exceptions;
+use crate::membership::{Membership, Rebuilt};
 
 /// Outbound items taken per shard per turn (fairness between shards).
 const TURN_BUDGET: usize = 256;
-/// How long a subscription may take to be confirmed before the shard is told anyway.
+/// How long a subscription may take to be confirmed before going on anyway.
 const SUBSCRIBE_CONFIRM: Duration = Duration::from_secs(2);
 /// Retries of a full shard queue before an inbound message is dropped.
 const INBOUND_RETRIES: u32 = 50;
+/// Messages waiting for the shards (between the routing loop and the task
+/// that retries full shard queues).
+const LOCAL_QUEUE: usize = 16 * 1024;
 const RECONNECT_BACKOFF_MIN_MS: u64 = 100;
 const RECONNECT_BACKOFF_MAX_MS: u64 = 5_000;
+/// How often the routing loop does its housekeeping (heartbeat due, expiry,
+/// table rebuild, retries, resyncs due).
+const TICK: Duration = Duration::from_millis(100);
+/// A node is live while heard within this many heartbeat intervals.
+pub const HEARTBEATS_MISSED_MAX: u64 = 3;
+/// How long a registration at a home may take before it is retried.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(1);
+/// Registrations in flight at once (a reconnect re-registers every user).
+const REGISTRATIONS_IN_FLIGHT_MAX: usize = 512;
+/// A node gone this long has its registrations dropped (it was not just slow).
+const GONE_FORGET_MS: u64 = 60_000;
 
 #[derive(Debug, Clone)]
 pub struct BackplaneConfig {
@@ -37,6 +68,23 @@ pub struct BackplaneConfig {
     pub queue_capacity: usize,
     /// Subject prefix (several fleets may share one NATS).
     pub subject_prefix: String,
+    /// How often this node says it is live; it counts as gone after
+    /// `HEARTBEATS_MISSED_MAX` intervals unheard.
+    pub heartbeat_interval: Duration,
+}
+
+impl BackplaneConfig {
+    /// Unheard this long, a node is out of the membership.
+    pub fn liveness_timeout(&self) -> Duration {
+        self.heartbeat_interval * HEARTBEATS_MISSED_MAX as u32
+    }
+
+    /// After a change of homes, when every node has seen it: the longest a
+    /// node can go on using the old table (a timeout, plus the interval by
+    /// which two nodes' clocks of the last heartbeat can differ).
+    pub fn settle_time(&self) -> Duration {
+        self.liveness_timeout() + self.heartbeat_interval
+    }
 }
 
 /// What a shard asks of the bridge.
@@ -44,8 +92,9 @@ pub struct BackplaneConfig {
 pub enum Outbound {
     /// The node now has (`active`) or no longer has a device of `user`.
     Interest { user: Box<str>, active: bool },
-    /// A durable message for the devices of `users` on other nodes (the
-    /// recipient, and the sender's user for the sender's other devices).
+    /// A message for the devices of `users` on other nodes (the recipient,
+    /// and the sender's user for the sender's other devices). Durable ones
+    /// are published once durable; ephemeral ones at once.
     Publish {
         users: Vec<Box<str>>,
         message_id: u64,
@@ -65,10 +114,13 @@ pub enum Inbound {
         message_id: u64,
         json: Bytes,
     },
-    /// The subscription for `user` is in place: its devices may sync now.
+    /// Messages for `user` reach this node now: its devices may sync.
     InterestActive { user: Box<str> },
     /// The backplane was away and is back: devices may have missed messages.
     Reconnected,
+    /// `user`'s home moved (or its registration there was late) and every
+    /// node has seen it now: its devices here sync what they may have missed.
+    Moved { user: Box<str> },
     /// Another node changed this group's membership.
     GroupChanged { group: Box<str> },
 }
@@ -88,15 +140,29 @@ pub struct BackplaneStats {
     pub publish_dropped: AtomicU64,
     /// Inbound messages dropped because a shard queue stayed full.
     pub inbound_dropped: AtomicU64,
+    /// NATS subscriptions this node holds (constant: not one per user).
     pub subscriptions: AtomicU64,
     pub reconnects: AtomicU64,
     pub bad_envelopes: AtomicU64,
+    /// Nodes in this node's membership, itself included.
+    pub nodes_live: AtomicU64,
+    /// (user, node) registrations this node holds as a home.
+    pub exceptions_held: AtomicU64,
+    /// Users with devices here whose home is another node.
+    pub exceptions_here: AtomicU64,
+    /// Messages this node forwarded as a home, one per (message, node).
+    pub forwarded: AtomicU64,
+    /// Users with devices here whose home moved.
+    pub homes_moved: AtomicU64,
+    /// Registrations at a home that failed or timed out (retried).
+    pub registrations_failed: AtomicU64,
 }
 
 pub struct Backplane {
     config: BackplaneConfig,
     queues: Vec<ArrayQueue<Outbound>>,
     notify: Notify,
+    serving: AtomicBool,
     pub stats: BackplaneStats,
 }
 
@@ -104,12 +170,14 @@ impl Backplane {
     /// Starts the bridge thread; it connects (and keeps reconnecting) in the background.
     pub fn start(config: BackplaneConfig, sink: Arc<dyn Sink>) -> anyhow::Result<Arc<Self>> {
         anyhow::ensure!(config.shards > 0 && config.queue_capacity > 0);
+        anyhow::ensure!(!config.heartbeat_interval.is_zero());
         let backplane = Arc::new(Self {
             queues: (0..config.shards)
                 .map(|_| ArrayQueue::new(config.queue_capacity))
                 .collect(),
             config,
             notify: Notify::new(),
+            serving: AtomicBool::new(true),
             stats: BackplaneStats::default(),
         });
         let thread = backplane.clone();
@@ -129,21 +197,28 @@ impl Backplane {
         self.queues[shard].len()
     }
 
-    fn subject(&self, user: &str) -> String {
-        subject(&self.config.subject_prefix, user)
+    /// A draining node stops being anyone's home at once (it says so in a
+    /// heartbeat), so its users' homes move while it still serves them.
+    pub fn stop_serving(&self) {
+        self.serving.store(false, Relaxed);
+        self.notify.notify_one();
     }
 }
 
-/// The subject of `user`'s devices. Ids may contain `.`, NATS's token
-/// separator, so those ids are hex-encoded under another token (`x`), which
-/// keeps every user's subject distinct and valid.
-pub fn subject(prefix: &str, user: &str) -> String {
-    if user.contains('.') {
-        let hex: String = user.bytes().map(|b| format!("{b:02x}")).collect();
-        format!("{prefix}.x.{hex}")
-    } else {
-        format!("{prefix}.u.{user}")
-    }
+/// The subject of one node: messages for its devices and registrations.
+pub fn node_subject(prefix: &str, node: u16) -> String {
+    format!("{prefix}.n.{node}")
+}
+
+/// The fleet-wide membership subject: every node's heartbeats.
+pub fn nodes_subject(prefix: &str) -> String {
+    format!("{prefix}.nodes")
+}
+
+/// The fleet-wide subject of membership changes (rare next to messages:
+/// one small publish per change, heard by every node).
+pub fn groups_subject(prefix: &str) -> String {
+    format!("{prefix}.groups")
 }
 
 /// Exponential back-off with ±50% jitter, so a fleet does not reconnect in step.
@@ -155,11 +230,59 @@ fn reconnect_delay(attempts: usize) -> Duration {
     Duration::from_millis(base / 2 + fastrand::u64(0..=base))
 }
 
+/// A user with devices on this node.
+#[derive(Debug, Default)]
+struct Local {
+    /// The home that knows this node has devices of the user (this node
+    /// itself when it is the home); `None` until a registration succeeds.
+    registered: Option<u16>,
+    /// A registration on its way to this home.
+    in_flight: Option<u16>,
+    /// The shard waits for `InterestActive` before the connect-time sync.
+    owed_active: bool,
+    /// A registration failed meanwhile: resync once one succeeds.
+    missed: bool,
+}
+
+/// A registration's answer.
+struct Registered {
+    user: Box<str>,
+    home: u16,
+    ok: bool,
+}
+
+/// Everything the routing loop owns.
+struct Router {
+    backplane: Arc<Backplane>,
+    client: async_nats::Client,
+    sink: Arc<dyn Sink>,
+    to_shards: mpsc::Sender<Inbound>,
+    registered_tx: mpsc::Sender<Registered>,
+    me: u16,
+    incarnation: u64,
+    membership: Membership,
+    exceptions: Exceptions,
+    local: HashMap<Box<str>, Local>,
+    /// Local users with no registration and none in flight (retried each tick).
+    unregistered: HashSet<Box<str>>,
+    in_flight: usize,
+    /// Users whose devices resync at a time (ms since start).
+    resync_due: BTreeMap<u64, Vec<Box<str>>>,
+    /// When to drop registrations of users no longer homed here.
+    sweep_at: Option<u64>,
+    started: Instant,
+    last_heartbeat_ms: Option<u64>,
+    /// Outbound traffic waits until the membership is known (one heartbeat
+    /// interval and a half after the first connect): a table of this node
+    /// alone would make it home to everyone.
+    warm_at_ms: Option<u64>,
+}
+
 async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
-    let (events_tx, mut events) = tokio::sync::mpsc::channel(64);
+    let (events_tx, mut events) = mpsc::channel(64);
     let options = async_nats::ConnectOptions::new()
         .name(format!("chat-gateway-node-{}", backplane.config.node_id))
-        // A node never hears its own publishes: its devices got them locally.
+        // A node never hears its own publishes (heartbeats included).
         .no_echo()
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -177,37 +300,74 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
             return;
         }
     };
-    let mut subscriptions: HashMap<Box<str>, tokio::task::JoinHandle<()>> = HashMap::new();
+    let prefix = backplane.config.subject_prefix.clone();
+    let me = backplane.config.node_id;
+    let subscribed = async {
+        let node = client.subscribe(node_subject(&prefix, me)).await?;
+        let nodes = client.subscribe(nodes_subject(&prefix)).await?;
+        Ok::<_, async_nats::SubscribeError>((node, nodes))
+    };
+    let (mut node_messages, mut heartbeats) = match subscribed.await {
+        Ok(subscriptions) => subscriptions,
+        Err(error) => {
+            tracing::error!(%error, "backplane: could not subscribe; cross-node delivery is off");
+            return;
+        }
+    };
     tokio::spawn(forward_group_changes(
         backplane.clone(),
         client.clone(),
         sink.clone(),
     ));
+    // Ours, the membership, group changes, and the request inbox.
+    backplane.stats.subscriptions.store(4, Relaxed);
+    let (to_shards, from_router) = mpsc::channel(LOCAL_QUEUE);
+    tokio::spawn(hand_to_shards(backplane.clone(), sink.clone(), from_router));
+    let (registered_tx, mut registered_rx) = mpsc::channel(REGISTRATIONS_IN_FLIGHT_MAX);
+    let timeout_ms = backplane.config.liveness_timeout().as_millis() as u64;
+    let mut router = Router {
+        backplane: backplane.clone(),
+        client,
+        sink,
+        to_shards,
+        registered_tx,
+        me,
+        incarnation: fastrand::u64(..),
+        membership: Membership::new(me, timeout_ms),
+        exceptions: Exceptions::default(),
+        local: HashMap::new(),
+        unregistered: HashSet::new(),
+        in_flight: 0,
+        resync_due: BTreeMap::new(),
+        sweep_at: None,
+        started: Instant::now(),
+        last_heartbeat_ms: None,
+        warm_at_ms: None,
+    };
+    router.stats_update();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ever_connected = false;
     loop {
         tokio::select! {
-            _ = backplane.notify.notified() => {
-                drain_outbound(&backplane, &client, &sink, &mut subscriptions).await;
-            }
+            _ = backplane.notify.notified() => router.drain_outbound().await,
+            Some(message) = node_messages.next() => router.on_node_message(message).await,
+            Some(message) = heartbeats.next() => router.on_heartbeat(&message.payload),
+            Some(registered) = registered_rx.recv() => router.on_registered(registered).await,
+            _ = tick.tick() => router.housekeeping().await,
             Some(event) = events.recv() => match event {
                 async_nats::Event::Connected => {
                     backplane.stats.connected.store(true, Relaxed);
                     if ever_connected {
                         backplane.stats.reconnects.fetch_add(1, Relaxed);
                         tracing::info!("backplane reconnected; devices resync");
-                        // async-nats has re-subscribed; once the server has
-                        // them, every shard resyncs its devices.
-                        let client = client.clone();
-                        let sink = sink.clone();
-                        tokio::spawn(async move {
-                            let _ = tokio::time::timeout(SUBSCRIBE_CONFIRM, client.flush()).await;
-                            while !sink.deliver(&Inbound::Reconnected) {
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                            }
-                        });
+                        router.after_an_outage();
                     } else {
-                        tracing::info!(url = %backplane.config.url, "backplane connected");
+                        tracing::info!(url = %backplane.config.url, node = me, "backplane connected");
+                        let interval = backplane.config.heartbeat_interval.as_millis() as u64;
+                        router.warm_at_ms = Some(router.now_ms() + interval * 3 / 2);
                     }
+                    router.heartbeat().await;
                     ever_connected = true;
                 }
                 async_nats::Event::Disconnected => {
@@ -218,103 +378,549 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
             },
         }
         // More may have arrived while this turn ran.
-        if backplane.queues.iter().any(|q| !q.is_empty()) {
+        if router.warm() && backplane.queues.iter().any(|q| !q.is_empty()) {
             backplane.notify.notify_one();
         }
     }
 }
 
-async fn drain_outbound(
-    backplane: &Arc<Backplane>,
-    client: &async_nats::Client,
-    sink: &Arc<dyn Sink>,
-    subscriptions: &mut HashMap<Box<str>, tokio::task::JoinHandle<()>>,
-) {
-    for queue in &backplane.queues {
-        for _ in 0..TURN_BUDGET {
-            let Some(item) = queue.pop() else {
-                break;
-            };
-            match item {
-                Outbound::Publish {
-                    users,
+impl Router {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn warm(&self) -> bool {
+        self.warm_at_ms.is_some_and(|at| self.now_ms() >= at)
+    }
+
+    fn prefix(&self) -> &str {
+        &self.backplane.config.subject_prefix
+    }
+
+    fn settle_ms(&self) -> u64 {
+        self.backplane.config.settle_time().as_millis() as u64
+    }
+
+    fn stats(&self) -> &BackplaneStats {
+        &self.backplane.stats
+    }
+
+    async fn publish_to(&self, node: u16, envelope: &Envelope) {
+        let subject = node_subject(self.prefix(), node);
+        match self.client.publish(subject, envelope.encode().into()).await {
+            Ok(()) => self.stats().published.fetch_add(1, Relaxed),
+            Err(_) => self.stats().publish_dropped.fetch_add(1, Relaxed),
+        };
+    }
+
+    /// Publishes one message to each node of `batches`, in envelopes of at
+    /// most `DELIVER_USERS_MAX` users.
+    async fn publish_batches(
+        &self,
+        batches: HashMap<(u16, bool), Vec<Box<str>>>,
+        message_id: u64,
+        json: &Bytes,
+    ) {
+        for ((node, to_home), mut users) in batches {
+            while !users.is_empty() {
+                let rest = users.split_off(users.len().min(DELIVER_USERS_MAX));
+                let envelope = Envelope::Deliver(Deliver {
+                    origin_node: self.me,
+                    hop: if to_home { Hop::ToHome } else { Hop::Forwarded },
+                    users: std::mem::replace(&mut users, rest),
                     message_id,
-                    json,
-                } => {
-                    if !backplane.stats.connected.load(Relaxed) {
-                        backplane.stats.publish_dropped.fetch_add(1, Relaxed);
-                        continue;
-                    }
-                    for user in users {
-                        let envelope = Deliver {
-                            origin_node: backplane.config.node_id,
-                            user,
-                            message_id,
-                            json: json.clone(),
-                        };
-                        let subject = backplane.subject(&envelope.user);
-                        match client.publish(subject, envelope.encode().into()).await {
-                            Ok(()) => {
-                                backplane.stats.published.fetch_add(1, Relaxed);
-                            }
-                            Err(_) => {
-                                backplane.stats.publish_dropped.fetch_add(1, Relaxed);
-                            }
-                        }
-                    }
-                }
-                Outbound::GroupChanged { group } => {
-                    if !backplane.stats.connected.load(Relaxed) {
-                        // Other nodes' caches expire (`group_cache_ms`).
-                        backplane.stats.publish_dropped.fetch_add(1, Relaxed);
-                        continue;
-                    }
-                    let subject = groups_subject(&backplane.config.subject_prefix);
-                    let payload = Bytes::copy_from_slice(group.as_bytes());
-                    match client.publish(subject, payload).await {
-                        Ok(()) => backplane.stats.published.fetch_add(1, Relaxed),
-                        Err(_) => backplane.stats.publish_dropped.fetch_add(1, Relaxed),
-                    };
-                }
-                Outbound::Interest { user, active: true } => {
-                    if subscriptions.contains_key(&user) {
-                        let _ = sink.deliver(&Inbound::InterestActive { user });
-                        continue;
-                    }
-                    let task = tokio::spawn(forward(
-                        backplane.clone(),
-                        client.clone(),
-                        sink.clone(),
-                        user.clone(),
-                    ));
-                    subscriptions.insert(user, task);
-                    backplane
-                        .stats
-                        .subscriptions
-                        .store(subscriptions.len() as u64, Relaxed);
-                }
-                Outbound::Interest {
-                    user,
-                    active: false,
-                } => {
-                    // Dropping the subscriber unsubscribes.
-                    if let Some(task) = subscriptions.remove(&user) {
-                        task.abort();
-                    }
-                    backplane
-                        .stats
-                        .subscriptions
-                        .store(subscriptions.len() as u64, Relaxed);
-                }
+                    json: json.clone(),
+                });
+                self.publish_to(node, &envelope).await;
             }
         }
     }
+
+    async fn drain_outbound(&mut self) {
+        if !self.warm() {
+            return;
+        }
+        self.check_serving().await;
+        let backplane = self.backplane.clone();
+        for queue in &backplane.queues {
+            for _ in 0..TURN_BUDGET {
+                let Some(item) = queue.pop() else {
+                    break;
+                };
+                match item {
+                    Outbound::Publish {
+                        users,
+                        message_id,
+                        json,
+                    } => self.publish(users, message_id, json).await,
+                    Outbound::GroupChanged { group } => {
+                        if !self.stats().connected.load(Relaxed) {
+                            // Other nodes' caches expire (`group_cache_ms`).
+                            self.stats().publish_dropped.fetch_add(1, Relaxed);
+                            continue;
+                        }
+                        let subject = groups_subject(self.prefix());
+                        let payload = Bytes::copy_from_slice(group.as_bytes());
+                        match self.client.publish(subject, payload).await {
+                            Ok(()) => self.stats().published.fetch_add(1, Relaxed),
+                            Err(_) => self.stats().publish_dropped.fetch_add(1, Relaxed),
+                        };
+                    }
+                    Outbound::Interest { user, active } => {
+                        if active {
+                            self.interest_on(user);
+                        } else {
+                            self.interest_off(&user).await;
+                        }
+                    }
+                }
+            }
+        }
+        self.stats_update();
+    }
+
+    /// Routes a message from this node's shards: each user's home gets it
+    /// (one envelope per home), and for users homed here the registered
+    /// nodes get it directly.
+    async fn publish(&mut self, users: Vec<Box<str>>, message_id: u64, json: Bytes) {
+        if !self.stats().connected.load(Relaxed) {
+            self.stats().publish_dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        let mut batches: HashMap<(u16, bool), Vec<Box<str>>> = HashMap::new();
+        for user in users {
+            let home = self.membership.home(&user);
+            if home != self.me {
+                batches.entry((home, true)).or_default().push(user);
+                continue;
+            }
+            for node in self.exceptions.nodes_of(&user) {
+                if *node != self.me {
+                    batches
+                        .entry((*node, false))
+                        .or_default()
+                        .push(user.clone());
+                }
+            }
+        }
+        let forwarded = batches.keys().filter(|(_, to_home)| !to_home).count();
+        self.stats().forwarded.fetch_add(forwarded as u64, Relaxed);
+        self.publish_batches(batches, message_id, &json).await;
+    }
+
+    async fn on_node_message(&mut self, message: async_nats::Message) {
+        self.stats().received.fetch_add(1, Relaxed);
+        let envelope = match Envelope::decode(&message.payload) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                self.stats().bad_envelopes.fetch_add(1, Relaxed);
+                tracing::debug!(%error, "backplane: bad envelope");
+                return;
+            }
+        };
+        match envelope {
+            Envelope::Deliver(deliver) => self.on_deliver(deliver).await,
+            Envelope::Register { node, user } => {
+                self.exceptions.register(&user, node);
+                if let Some(reply) = message.reply {
+                    let _ = self.client.publish(reply, Bytes::new()).await;
+                }
+                self.stats_update();
+            }
+            Envelope::Unregister { node, user } => {
+                self.exceptions.unregister(&user, node);
+                self.stats_update();
+            }
+            Envelope::Heartbeat(_) => {
+                self.stats().bad_envelopes.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// A message for users with devices here, or homed here, or both.
+    async fn on_deliver(&mut self, deliver: Deliver) {
+        let Deliver {
+            origin_node,
+            hop,
+            users,
+            message_id,
+            json,
+        } = deliver;
+        let mut forwards: HashMap<(u16, bool), Vec<Box<str>>> = HashMap::new();
+        for user in users {
+            if hop == Hop::ToHome {
+                for node in self.exceptions.nodes_of(&user) {
+                    if *node != origin_node && *node != self.me {
+                        forwards
+                            .entry((*node, false))
+                            .or_default()
+                            .push(user.clone());
+                    }
+                }
+            }
+            if self.local.contains_key(&user) {
+                let inbound = Inbound::Deliver {
+                    user,
+                    message_id,
+                    json: json.clone(),
+                };
+                if self.to_shards.try_send(inbound).is_err() {
+                    // Durable: the device gets it on its next sync.
+                    self.stats().inbound_dropped.fetch_add(1, Relaxed);
+                }
+            } else if hop == Hop::Forwarded {
+                // The home still thinks this node has devices of the user.
+                let unregister = Envelope::Unregister {
+                    node: self.me,
+                    user,
+                };
+                self.publish_to(origin_node, &unregister).await;
+            }
+        }
+        if !forwards.is_empty() {
+            self.stats()
+                .forwarded
+                .fetch_add(forwards.len() as u64, Relaxed);
+            self.publish_batches(forwards, message_id, &json).await;
+        }
+    }
+
+    fn on_heartbeat(&mut self, payload: &[u8]) {
+        match Envelope::decode(payload) {
+            Ok(Envelope::Heartbeat(heartbeat)) => {
+                let now = self.now_ms();
+                self.membership.observe(heartbeat, now);
+            }
+            _ => {
+                self.stats().bad_envelopes.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    async fn heartbeat(&mut self) {
+        let now = self.now_ms();
+        if let Some(last) = self.last_heartbeat_ms {
+            let timeout = self.backplane.config.liveness_timeout().as_millis() as u64;
+            if now.saturating_sub(last) > timeout && self.stats().connected.load(Relaxed) {
+                // This node was silent long enough for the others to drop
+                // it (a stalled process): what they routed meanwhile went
+                // elsewhere, and homes may have dropped its registrations.
+                tracing::warn!(
+                    silent_ms = now - last,
+                    "backplane: this node's heartbeats stalled; devices resync"
+                );
+                self.after_an_outage();
+            }
+        }
+        self.last_heartbeat_ms = Some(now);
+        if !self.stats().connected.load(Relaxed) {
+            return;
+        }
+        let heartbeat = Envelope::Heartbeat(Heartbeat {
+            node: self.me,
+            incarnation: self.incarnation,
+            serving: self.membership.serving(),
+        });
+        let subject = nodes_subject(self.prefix());
+        let _ = self
+            .client
+            .publish(subject, heartbeat.encode().into())
+            .await;
+    }
+
+    /// A draining node leaves the membership at once (and says so).
+    async fn check_serving(&mut self) {
+        let serving = self.backplane.serving.load(Relaxed);
+        if serving != self.membership.serving() {
+            self.membership.set_serving(serving);
+            tracing::info!("backplane: this node leaves the membership (draining)");
+            self.heartbeat().await;
+            self.rebuild().await;
+        }
+    }
+
+    async fn housekeeping(&mut self) {
+        self.check_serving().await;
+        let now = self.now_ms();
+        let interval = self.backplane.config.heartbeat_interval.as_millis() as u64;
+        if self
+            .last_heartbeat_ms
+            .is_none_or(|last| now.saturating_sub(last) >= interval)
+        {
+            self.heartbeat().await;
+        }
+        self.membership.expire(now);
+        if self.warm() {
+            self.rebuild().await;
+            // Queued before the node was warm, or the notify was missed.
+            if self.backplane.queues.iter().any(|q| !q.is_empty()) {
+                self.backplane.notify.notify_one();
+            }
+        }
+        for node in self.membership.gone_for(GONE_FORGET_MS, now) {
+            self.exceptions.forget_node(node);
+        }
+        if self.sweep_at.is_some_and(|at| now >= at) {
+            self.sweep_at = None;
+            let membership = &self.membership;
+            let me = self.me;
+            self.exceptions
+                .retain(|user, _| membership.home(user) == me);
+        }
+        if self.warm() {
+            let retry: Vec<Box<str>> = self
+                .unregistered
+                .iter()
+                .take(REGISTRATIONS_IN_FLIGHT_MAX.saturating_sub(self.in_flight))
+                .cloned()
+                .collect();
+            for user in retry {
+                self.register(&user);
+            }
+        }
+        while let Some(entry) = self.resync_due.first_entry() {
+            if *entry.key() > now {
+                break;
+            }
+            for user in entry.remove() {
+                if self.local.contains_key(&user) {
+                    let _ = self.to_shards.try_send(Inbound::Moved { user });
+                }
+            }
+        }
+        self.stats_update();
+        // Once per tick, not per message: it walks every local user.
+        let here = self
+            .local
+            .values()
+            .filter(|local| local.registered != Some(self.me))
+            .count();
+        self.stats().exceptions_here.store(here as u64, Relaxed);
+    }
+
+    /// Rebuilds the home table if the membership changed, and moves what
+    /// depended on the old one.
+    async fn rebuild(&mut self) {
+        let Some(Rebuilt {
+            before,
+            after,
+            restarted,
+        }) = self.membership.rebuild()
+        else {
+            return;
+        };
+        let now = self.now_ms();
+        let due = now + self.settle_ms();
+        self.sweep_at = Some(due);
+        tracing::info!(nodes = ?after.nodes(), "backplane: membership changed");
+        let mut moved = Vec::new();
+        for (user, local) in &mut self.local {
+            let old = before.home(user);
+            let new = after.home(user);
+            if old == new && !restarted.contains(&new) {
+                continue;
+            }
+            moved.push(user.clone());
+            local.registered = (new == self.me).then_some(self.me);
+        }
+        self.stats()
+            .homes_moved
+            .fetch_add(moved.len() as u64, Relaxed);
+        for user in &moved {
+            if self.local[user].registered.is_none() {
+                self.register(user);
+            }
+        }
+        if !moved.is_empty() {
+            self.resync_due.entry(due).or_default().extend(moved);
+        }
+    }
+
+    /// A device of `user` is here now.
+    fn interest_on(&mut self, user: Box<str>) {
+        if let Some(local) = self.local.get_mut(&user) {
+            if local.registered.is_some() {
+                let _ = self.sink.deliver(&Inbound::InterestActive { user });
+            } else {
+                local.owed_active = true;
+            }
+            return;
+        }
+        self.local.insert(
+            user.clone(),
+            Local {
+                owed_active: true,
+                ..Local::default()
+            },
+        );
+        self.register(&user);
+    }
+
+    /// The last device of `user` here is gone.
+    async fn interest_off(&mut self, user: &str) {
+        self.unregistered.remove(user);
+        let Some(local) = self.local.remove(user) else {
+            return;
+        };
+        if let Some(home) = local.registered.filter(|home| *home != self.me) {
+            let unregister = Envelope::Unregister {
+                node: self.me,
+                user: user.into(),
+            };
+            self.publish_to(home, &unregister).await;
+        }
+    }
+
+    /// Makes sure `user`'s home forwards to this node: nothing to do when
+    /// this node is the home, else a request to it (answered once it will).
+    fn register(&mut self, user: &str) {
+        let home = self.membership.home(user);
+        let can_ask = self.in_flight < REGISTRATIONS_IN_FLIGHT_MAX
+            && self.stats().connected.load(Relaxed)
+            && self.warm();
+        let Some(local) = self.local.get_mut(user) else {
+            self.unregistered.remove(user);
+            return;
+        };
+        if home == self.me {
+            local.registered = Some(home);
+            self.unregistered.remove(user);
+            if std::mem::take(&mut local.owed_active) {
+                let _ = self
+                    .sink
+                    .deliver(&Inbound::InterestActive { user: user.into() });
+            }
+            return;
+        }
+        if local.in_flight.is_some() {
+            // Its answer comes back to `on_registered`, which checks the home.
+            return;
+        }
+        if !can_ask {
+            self.unregistered.insert(user.into());
+            return;
+        }
+        self.unregistered.remove(user);
+        local.in_flight = Some(home);
+        self.in_flight += 1;
+        let client = self.client.clone();
+        let subject = node_subject(self.prefix(), home);
+        let payload: Bytes = Envelope::Register {
+            node: self.me,
+            user: user.into(),
+        }
+        .encode()
+        .into();
+        let answers = self.registered_tx.clone();
+        let user: Box<str> = user.into();
+        tokio::spawn(async move {
+            let answer = tokio::time::timeout(REGISTER_TIMEOUT, client.request(subject, payload));
+            let ok = matches!(answer.await, Ok(Ok(_)));
+            let _ = answers.send(Registered { user, home, ok }).await;
+        });
+    }
+
+    async fn on_registered(&mut self, registered: Registered) {
+        let Registered { user, home, ok } = registered;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let current_home = self.membership.home(&user);
+        let Some(local) = self.local.get_mut(&user) else {
+            if ok {
+                // The user left while the registration was on its way.
+                let unregister = Envelope::Unregister {
+                    node: self.me,
+                    user,
+                };
+                self.publish_to(home, &unregister).await;
+            }
+            return;
+        };
+        local.in_flight = None;
+        if !ok {
+            self.backplane
+                .stats
+                .registrations_failed
+                .fetch_add(1, Relaxed);
+            local.missed = true;
+            // The connect-time sync must not wait forever: it runs, and
+            // the user resyncs once a registration succeeds.
+            if std::mem::take(&mut local.owed_active) {
+                let _ = self
+                    .sink
+                    .deliver(&Inbound::InterestActive { user: user.clone() });
+            }
+            self.unregistered.insert(user);
+            return;
+        }
+        if home != current_home {
+            // The home moved while the request was on its way.
+            self.register(&user);
+            return;
+        }
+        local.registered = Some(home);
+        if std::mem::take(&mut local.owed_active) {
+            let _ = self
+                .sink
+                .deliver(&Inbound::InterestActive { user: user.clone() });
+        }
+        if std::mem::take(&mut local.missed) {
+            let _ = self.to_shards.try_send(Inbound::Moved { user });
+        }
+    }
+
+    /// After NATS was away (or this node was silent too long): register
+    /// every exception again and resync every device.
+    fn after_an_outage(&mut self) {
+        for (user, local) in &mut self.local {
+            if local.registered != Some(self.me) {
+                local.registered = None;
+                if local.in_flight.is_none() {
+                    self.unregistered.insert(user.clone());
+                }
+            }
+        }
+        let client = self.client.clone();
+        let sink = self.sink.clone();
+        tokio::spawn(async move {
+            // The server has this node's subscriptions once a round trip
+            // after the reconnect; then every shard resyncs its devices.
+            let _ = tokio::time::timeout(SUBSCRIBE_CONFIRM, client.flush()).await;
+            while !sink.deliver(&Inbound::Reconnected) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    }
+
+    fn stats_update(&self) {
+        let stats = self.stats();
+        stats
+            .nodes_live
+            .store(self.membership.table().nodes().len() as u64, Relaxed);
+        stats
+            .exceptions_held
+            .store(self.exceptions.entries() as u64, Relaxed);
+    }
 }
 
-/// The fleet-wide subject of membership changes (rare next to messages:
-/// one small publish per change, heard by every node).
-pub fn groups_subject(prefix: &str) -> String {
-    format!("{prefix}.groups")
+/// Hands messages to the shards, retrying a full shard queue briefly (off
+/// the routing loop, so one full shard never stalls routing).
+async fn hand_to_shards(
+    backplane: Arc<Backplane>,
+    sink: Arc<dyn Sink>,
+    mut from_router: mpsc::Receiver<Inbound>,
+) {
+    while let Some(inbound) = from_router.recv().await {
+        let mut tries = 0;
+        while !sink.deliver(&inbound) {
+            tries += 1;
+            if tries > INBOUND_RETRIES {
+                // Durable: the device gets it on its next sync.
+                backplane.stats.inbound_dropped.fetch_add(1, Relaxed);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
 }
 
 /// Hands every membership change another node announces to the gateway.
@@ -344,62 +950,29 @@ async fn forward_group_changes(
     }
 }
 
-/// Subscribes to `user`'s subject, says when it is in place, then forwards
-/// every envelope to the user's home shard until aborted.
-async fn forward(
-    backplane: Arc<Backplane>,
-    client: async_nats::Client,
-    sink: Arc<dyn Sink>,
-    user: Box<str>,
-) {
-    let subscriber = client.subscribe(backplane.subject(&user)).await;
-    // The server has the subscription once a round trip after it completes.
-    let _ = tokio::time::timeout(SUBSCRIBE_CONFIRM, client.flush()).await;
-    let _ = sink.deliver(&Inbound::InterestActive { user: user.clone() });
-    let mut subscriber = match subscriber {
-        Ok(subscriber) => subscriber,
-        Err(error) => {
-            tracing::warn!(%user, %error, "backplane: could not subscribe");
-            return;
-        }
-    };
-    while let Some(message) = subscriber.next().await {
-        backplane.stats.received.fetch_add(1, Relaxed);
-        let Ok(deliver) = Deliver::decode(&message.payload) else {
-            backplane.stats.bad_envelopes.fetch_add(1, Relaxed);
-            continue;
-        };
-        let inbound = Inbound::Deliver {
-            user: deliver.user,
-            message_id: deliver.message_id,
-            json: deliver.json,
-        };
-        let mut tries = 0;
-        while !sink.deliver(&inbound) {
-            tries += 1;
-            if tries > INBOUND_RETRIES {
-                // Durable: the device gets it on its next sync.
-                backplane.stats.inbound_dropped.fetch_add(1, Relaxed);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn subjects_are_distinct_and_have_no_empty_tokens() {
-        assert_eq!(subject("chat", "bob"), "chat.u.bob");
-        assert_eq!(subject("chat", "a.b"), "chat.x.612e62");
-        assert_ne!(subject("chat", "a.b"), subject("chat", "a_b"));
-        assert_eq!(subject("chat", ".a."), "chat.x.2e612e");
-        for user in ["bob", "a.b", ".a.", "x-1_2"] {
-            assert!(subject("chat", user).split('.').all(|t| !t.is_empty()));
-        }
+    fn subjects_are_per_node_and_fleet_wide_never_per_user() {
+        assert_eq!(node_subject("chat", 4095), "chat.n.4095");
+        assert_eq!(nodes_subject("chat"), "chat.nodes");
+        assert_eq!(groups_subject("fleet.a"), "fleet.a.groups");
+    }
+
+    #[test]
+    fn settle_time_covers_a_timeout_and_the_skew_between_nodes() {
+        let config = BackplaneConfig {
+            url: String::new(),
+            node_id: 1,
+            shards: 1,
+            queue_capacity: 16,
+            subject_prefix: "chat".into(),
+            heartbeat_interval: Duration::from_millis(1_000),
+        };
+        assert_eq!(config.liveness_timeout(), Duration::from_millis(3_000));
+        assert_eq!(config.settle_time(), Duration::from_millis(4_000));
     }
 
     #[test]

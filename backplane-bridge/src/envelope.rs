@@ -1,38 +1,115 @@
 //! The wire format between nodes: a compact binary envelope with a version byte.
 //!
-//! Owns encoding and decoding of what one node publishes for another: a
-//! durable message for one user's devices, carried as the JSON `message`
-//! frame those devices receive (so a node never re-encodes it). Never JSON
-//! on the outside, never trusted: every field is length-checked on decode.
+//! Owns encoding and decoding of everything one node sends another: a durable
+//! message for some users' devices (carried as the JSON `message` frame those
+//! devices receive, so a node never re-encodes it), a node's heartbeat, and an
+//! exception's registration at its user's home. Never JSON on the outside,
+//! never trusted: every field is length-checked on decode, and counts are
+//! bounded before anything is allocated.
 
 use bytes::Bytes;
 use chat_protocol::binary::{DecodeError, Decoder, Encoder};
 
-/// Version of the envelope layout; a node refuses others (and says so).
-pub const ENVELOPE_VERSION: u8 = 1;
+/// Version of the envelope layout; a node refuses others (and counts them).
+/// Version 2: subjects per node (version 1 was one envelope per user subject).
+pub const ENVELOPE_VERSION: u8 = 2;
 const KIND_DELIVER: u8 = 1;
+const KIND_HEARTBEAT: u8 = 2;
+const KIND_REGISTER: u8 = 3;
+const KIND_UNREGISTER: u8 = 4;
+/// Users one `Deliver` may name: a group's members homed on one node, at
+/// most the group size bound (`chat_protocol::limits`), with room to spare.
+pub const DELIVER_USERS_MAX: usize = 4_096;
 
-/// A message for the devices of `user` on whichever nodes have them.
+/// How a `Deliver` travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// From the sending node to the users' home: the home delivers to its
+    /// own devices and forwards to the other nodes that have some.
+    ToHome,
+    /// From a home to a node that has devices of the users: delivered there,
+    /// never forwarded again (so a disagreement about homes cannot loop).
+    Forwarded,
+}
+
+/// A message for the devices of `users` on the node it is published to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deliver {
-    /// The node that published it (for logs; a node does not hear itself).
+    /// The node that published this envelope (a home never forwards a
+    /// message back to the node that sent it: its devices have it).
     pub origin_node: u16,
-    pub user: Box<str>,
+    pub hop: Hop,
+    pub users: Vec<Box<str>>,
     pub message_id: u64,
     /// The `message` frame's JSON, exactly as local devices got it.
     pub json: Bytes,
 }
 
-impl Deliver {
+/// What a node says about itself, on the fleet's membership subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub node: u16,
+    /// Random per process start: a node that restarted with the same id
+    /// lost the exceptions it held, and the others register again.
+    pub incarnation: u64,
+    /// False when the node is draining or stopping: it leaves at once.
+    pub serving: bool,
+}
+
+/// Every envelope kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Envelope {
+    Deliver(Deliver),
+    Heartbeat(Heartbeat),
+    /// `node` has devices of `user`, whose home receives this: forward to it.
+    /// Sent as a request; the home answers once it will forward.
+    Register {
+        node: u16,
+        user: Box<str>,
+    },
+    /// `node` no longer has devices of `user`.
+    Unregister {
+        node: u16,
+        user: Box<str>,
+    },
+}
+
+impl Envelope {
     pub fn encode(&self) -> Vec<u8> {
-        let mut encoder = Encoder::with_capacity(24 + self.user.len() + self.json.len());
-        encoder
-            .u8(ENVELOPE_VERSION)
-            .u8(KIND_DELIVER)
-            .u16(self.origin_node)
-            .u64(self.message_id)
-            .str(&self.user)
-            .bytes(&self.json);
+        let mut encoder = Encoder::with_capacity(64);
+        encoder.u8(ENVELOPE_VERSION);
+        match self {
+            Envelope::Deliver(deliver) => {
+                let users_len: usize = deliver.users.iter().map(|u| u.len() + 2).sum();
+                encoder.bytes.reserve(users_len + deliver.json.len() + 24);
+                encoder
+                    .u8(KIND_DELIVER)
+                    .u16(deliver.origin_node)
+                    .u8(match deliver.hop {
+                        Hop::ToHome => 0,
+                        Hop::Forwarded => 1,
+                    })
+                    .u64(deliver.message_id)
+                    .u16(u16::try_from(deliver.users.len()).expect("bounded by DELIVER_USERS_MAX"));
+                for user in &deliver.users {
+                    encoder.str(user);
+                }
+                encoder.bytes(&deliver.json);
+            }
+            Envelope::Heartbeat(heartbeat) => {
+                encoder
+                    .u8(KIND_HEARTBEAT)
+                    .u16(heartbeat.node)
+                    .u64(heartbeat.incarnation)
+                    .u8(u8::from(heartbeat.serving));
+            }
+            Envelope::Register { node, user } => {
+                encoder.u8(KIND_REGISTER).u16(*node).str(user);
+            }
+            Envelope::Unregister { node, user } => {
+                encoder.u8(KIND_UNREGISTER).u16(*node).str(user);
+            }
+        }
         encoder.bytes
     }
 
@@ -41,17 +118,52 @@ impl Deliver {
         if decoder.u8()? != ENVELOPE_VERSION {
             return Err(DecodeError("unknown envelope version"));
         }
-        if decoder.u8()? != KIND_DELIVER {
-            return Err(DecodeError("unknown envelope kind"));
-        }
-        let deliver = Deliver {
-            origin_node: decoder.u16()?,
-            message_id: decoder.u64()?,
-            user: decoder.str()?.into(),
-            json: Bytes::copy_from_slice(decoder.bytes()?),
+        let envelope = match decoder.u8()? {
+            KIND_DELIVER => {
+                let origin_node = decoder.u16()?;
+                let hop = match decoder.u8()? {
+                    0 => Hop::ToHome,
+                    1 => Hop::Forwarded,
+                    _ => return Err(DecodeError("unknown hop")),
+                };
+                let message_id = decoder.u64()?;
+                let count = usize::from(decoder.u16()?);
+                if count == 0 || count > DELIVER_USERS_MAX {
+                    return Err(DecodeError("bad user count"));
+                }
+                let mut users = Vec::with_capacity(count);
+                for _ in 0..count {
+                    users.push(decoder.str()?.into());
+                }
+                Envelope::Deliver(Deliver {
+                    origin_node,
+                    hop,
+                    users,
+                    message_id,
+                    json: Bytes::copy_from_slice(decoder.bytes()?),
+                })
+            }
+            KIND_HEARTBEAT => Envelope::Heartbeat(Heartbeat {
+                node: decoder.u16()?,
+                incarnation: decoder.u64()?,
+                serving: match decoder.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError("bad serving flag")),
+                },
+            }),
+            KIND_REGISTER => Envelope::Register {
+                node: decoder.u16()?,
+                user: decoder.str()?.into(),
+            },
+            KIND_UNREGISTER => Envelope::Unregister {
+                node: decoder.u16()?,
+                user: decoder.str()?.into(),
+            },
+            _ => return Err(DecodeError("unknown envelope kind")),
         };
         decoder.finish()?;
-        Ok(deliver)
+        Ok(envelope)
     }
 }
 
@@ -59,22 +171,72 @@ impl Deliver {
 mod tests {
     use super::*;
 
+    fn every_kind() -> Vec<Envelope> {
+        vec![
+            Envelope::Deliver(Deliver {
+                origin_node: 17,
+                hop: Hop::Forwarded,
+                users: vec!["bob".into(), "carol".into()],
+                message_id: 42,
+                json: Bytes::from_static(br#"{"type":"message"}"#),
+            }),
+            Envelope::Heartbeat(Heartbeat {
+                node: 4095,
+                incarnation: u64::MAX - 3,
+                serving: false,
+            }),
+            Envelope::Register {
+                node: 3,
+                user: "bob".into(),
+            },
+            Envelope::Unregister {
+                node: 9,
+                user: "a.b".into(),
+            },
+        ]
+    }
+
     #[test]
-    fn an_envelope_round_trips_and_bad_ones_are_refused() {
-        let deliver = Deliver {
-            origin_node: 17,
-            user: "bob".into(),
-            message_id: 42,
-            json: Bytes::from_static(br#"{"type":"message"}"#),
-        };
-        let bytes = deliver.encode();
-        assert_eq!(Deliver::decode(&bytes), Ok(deliver));
-        let mut other_version = bytes.clone();
-        other_version[0] = 2;
-        assert!(Deliver::decode(&other_version).is_err());
-        assert!(Deliver::decode(&bytes[..bytes.len() - 1]).is_err());
-        let mut trailing = bytes;
-        trailing.push(0);
-        assert!(Deliver::decode(&trailing).is_err());
+    fn every_kind_round_trips_and_damaged_ones_are_refused() {
+        for envelope in every_kind() {
+            let bytes = envelope.encode();
+            assert_eq!(Envelope::decode(&bytes), Ok(envelope.clone()));
+            let mut other_version = bytes.clone();
+            other_version[0] = 1;
+            assert!(Envelope::decode(&other_version).is_err());
+            assert!(Envelope::decode(&bytes[..bytes.len() - 1]).is_err());
+            let mut trailing = bytes.clone();
+            trailing.push(0);
+            assert!(Envelope::decode(&trailing).is_err());
+            let mut other_kind = bytes;
+            other_kind[1] = 99;
+            assert!(Envelope::decode(&other_kind).is_err());
+        }
+        assert!(Envelope::decode(&[]).is_err());
+    }
+
+    #[test]
+    fn a_deliver_with_no_users_or_too_many_is_refused_before_allocating() {
+        let mut encoder = Encoder::default();
+        encoder
+            .u8(ENVELOPE_VERSION)
+            .u8(KIND_DELIVER)
+            .u16(1)
+            .u8(0)
+            .u64(7)
+            .u16(0);
+        assert!(Envelope::decode(&encoder.bytes).is_err());
+        let mut encoder = Encoder::default();
+        encoder
+            .u8(ENVELOPE_VERSION)
+            .u8(KIND_DELIVER)
+            .u16(1)
+            .u8(0)
+            .u64(7)
+            .u16(u16::MAX);
+        assert_eq!(
+            Envelope::decode(&encoder.bytes),
+            Err(DecodeError("bad user count"))
+        );
     }
 }

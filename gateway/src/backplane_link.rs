@@ -2,8 +2,9 @@
 //! it receives to the right shard.
 //!
 //! Owns the `Sink` the bridge thread calls: a message for a user goes to that
-//! user's home shard (as a ready WebSocket frame), a subscription
-//! confirmation likewise, a reconnect to every shard. Never blocks: a full
+//! user's home shard (as a ready WebSocket frame), a registration
+//! confirmation and a moved user's resync likewise, a reconnect to every
+//! shard. Never blocks: a full
 //! shard queue is reported back to the bridge, which retries briefly.
 
 use std::sync::Arc;
@@ -50,6 +51,16 @@ impl Sink for MeshSink {
                         Sender::External,
                         home,
                         ShardMessage::InterestActive(user.clone()),
+                    )
+                    .is_ok()
+            }
+            Inbound::Moved { user } => {
+                let home = ids::home_shard(user, shards);
+                self.mesh
+                    .send(
+                        Sender::External,
+                        home,
+                        ShardMessage::ResyncUser(user.clone()),
                     )
                     .is_ok()
             }
@@ -114,6 +125,7 @@ pub fn start(config: &Config, mesh: &Arc<Mesh>) -> anyhow::Result<Option<Arc<Bac
             shards: config.shards,
             queue_capacity: config.backplane_queue_capacity,
             subject_prefix: config.nats_subject_prefix.clone(),
+            heartbeat_interval: std::time::Duration::from_millis(config.membership_heartbeat_ms),
         },
         Arc::new(MeshSink { mesh: mesh.clone() }),
     )?;

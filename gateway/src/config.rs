@@ -182,6 +182,9 @@ pub struct Config {
     pub backplane_queue_capacity: usize,
     /// When the backplane comes back, devices resync at random moments within this window.
     pub resync_window_ms: u64,
+    /// How often a fleet node says it is live on NATS; unheard for three
+    /// intervals, it leaves every node's membership and its users' homes move.
+    pub membership_heartbeat_ms: u64,
 }
 
 impl Default for Config {
@@ -245,6 +248,7 @@ impl Default for Config {
             nats_subject_prefix: "chat".into(),
             backplane_queue_capacity: 64 * 1024,
             resync_window_ms: 2_000,
+            membership_heartbeat_ms: 1_000,
         }
     }
 }
@@ -326,6 +330,7 @@ overrides! {
     nats_subject_prefix: String,
     backplane_queue_capacity: usize,
     resync_window_ms: u64,
+    membership_heartbeat_ms: u64,
 }
 
 /// The `--config` file and the flags over it.
@@ -414,6 +419,9 @@ impl Config {
         }
         if self.devices_per_user_max == 0 || self.devices_per_user_max > DEVICES_PER_USER_MAX {
             bail!("devices_per_user_max must be 1-{DEVICES_PER_USER_MAX} (a per-device send carries at most {} ciphertexts, for both users' devices)", chat_protocol::limits::BODIES_DEVICES_MAX);
+        }
+        if !(100..=60_000).contains(&self.membership_heartbeat_ms) {
+            bail!("membership_heartbeat_ms must be 100-60000");
         }
         if self.node_id_lease_ttl_ms < 3_000 {
             bail!("node_id_lease_ttl_ms must be at least 3000 (it is refreshed every third)");

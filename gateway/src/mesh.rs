@@ -43,12 +43,15 @@ pub enum ShardMessage {
     GroupChanged(Box<str>),
     /// Stop accepting and close every connection over the drain window.
     Drain,
-    /// The backplane subscription for this user is in place: its devices'
-    /// connect-time syncs may start (they would otherwise race a message
-    /// published just before the subscription).
+    /// Messages for this user reach this node now (it is the user's home,
+    /// or registered there): its devices' connect-time syncs may start
+    /// (they would otherwise race a message published just before).
     InterestActive(Box<str>),
     /// The backplane was away and is back: sync every device, spread out.
     Resync,
+    /// This user's home node moved and the fleet has seen it: its devices
+    /// here sync what a sender using the old home may have sent meanwhile.
+    ResyncUser(Box<str>),
 }
 
 /// An authenticated connection in transit to its user's home shard. The 101

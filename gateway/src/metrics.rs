@@ -554,13 +554,49 @@ fn render_backplane(out: &mut String, backplane: &Backplane, shards: usize) {
         (
             "gateway_backplane_subscriptions",
             "gauge",
-            "Users with a device here, subscribed on the backplane.",
+            "NATS subscriptions this node holds (a constant: per node, not per user).",
             stats.subscriptions.load(Relaxed),
+        ),
+        (
+            "gateway_backplane_nodes_live",
+            "gauge",
+            "Nodes in this node's membership (itself included), heard within the liveness timeout.",
+            stats.nodes_live.load(Relaxed),
+        ),
+        (
+            "gateway_backplane_exceptions_held",
+            "gauge",
+            "(user, node) registrations held here as the users' home: messages this node forwards.",
+            stats.exceptions_held.load(Relaxed),
+        ),
+        (
+            "gateway_backplane_exceptions_here",
+            "gauge",
+            "Users with a device here whose home is another node.",
+            stats.exceptions_here.load(Relaxed),
+        ),
+        (
+            "gateway_backplane_forwarded_total",
+            "counter",
+            "Envelopes this node forwarded as a home (one per message per node).",
+            stats.forwarded.load(Relaxed),
+        ),
+        (
+            "gateway_backplane_homes_moved_total",
+            "counter",
+            "Users with a device here whose home moved (each resyncs once the fleet has seen it).",
+            stats.homes_moved.load(Relaxed),
+        ),
+        (
+            "gateway_backplane_registrations_failed_total",
+            "counter",
+            "Registrations at a home that failed or timed out (retried; the user resyncs after).",
+            stats.registrations_failed.load(Relaxed),
         ),
         (
             "gateway_backplane_published_total",
             "counter",
-            "Envelopes published (one per user per message).",
+            "Envelopes published (one per node per message, heartbeats aside).",
             stats.published.load(Relaxed),
         ),
         (

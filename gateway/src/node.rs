@@ -100,8 +100,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .spawn(move || shard::run(setup))?;
         threads.push(thread);
     }
-    admin::spawn(admin_listener, node.clone(), mesh.clone(), backplane)?;
-    spawn_signal_handler(node.clone(), mesh.clone())?;
+    admin::spawn(
+        admin_listener,
+        node.clone(),
+        mesh.clone(),
+        backplane.clone(),
+    )?;
+    spawn_signal_handler(node.clone(), mesh.clone(), backplane.clone())?;
 
     while node.shards_ready.load(Relaxed) < config.shards
         && !threads.iter().any(|t| t.is_finished())
@@ -209,7 +214,11 @@ fn bind_shard_listeners(address: SocketAddr, shards: usize) -> anyhow::Result<Ve
 }
 
 /// First SIGTERM or SIGINT: drain. Second: exit at once.
-fn spawn_signal_handler(node: Arc<NodeState>, mesh: Arc<Mesh>) -> anyhow::Result<()> {
+fn spawn_signal_handler(
+    node: Arc<NodeState>,
+    mesh: Arc<Mesh>,
+    backplane: Option<Arc<backplane_bridge::Backplane>>,
+) -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
     std::thread::Builder::new()
         .name("signals".into())
@@ -224,6 +233,11 @@ fn spawn_signal_handler(node: Arc<NodeState>, mesh: Arc<Mesh>) -> anyhow::Result
                     "draining: no new connections; clients told to reconnect (1012)"
                 );
                 systemd_notify::stopping();
+                // Home to nobody from now: the users' homes move while this
+                // node still serves them, so they miss nothing live.
+                if let Some(backplane) = &backplane {
+                    backplane.stop_serving();
+                }
                 for shard in 0..mesh.shard_count() {
                     if mesh
                         .send(Sender::External, shard, ShardMessage::Drain)

@@ -93,6 +93,12 @@ fn handle(shard: &Rc<Shard>, message: ShardMessage) {
             shard.groups.borrow_mut().clear();
             monoio::spawn(resync(shard.clone()));
         }
+        ShardMessage::ResyncUser(user) => {
+            let devices = shard.users.borrow().devices_of(&user);
+            for conn in devices.iter().filter(|conn| !conn.is_closing()) {
+                sync::begin(shard, conn, None);
+            }
+        }
         ShardMessage::Drain => {
             if !shard.draining.replace(true) {
                 shard.drain_started.fire();

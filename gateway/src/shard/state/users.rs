@@ -207,6 +207,14 @@ impl UserTable {
         others.len()
     }
 
+    /// The connections of `user_id`'s devices here.
+    pub fn devices_of(&self, user_id: &str) -> Vec<Rc<Conn>> {
+        self.users
+            .get(user_id)
+            .map(|entry| entry.devices.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Whether `user_id` has a device here.
     pub fn is_online(&self, user_id: &str) -> bool {
         self.users.contains_key(user_id)
