@@ -57,6 +57,17 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(1);
 const REGISTRATIONS_IN_FLIGHT_MAX: usize = 512;
 /// A node gone this long has its registrations dropped (it was not just slow).
 const GONE_FORGET_MS: u64 = 60_000;
+/// How much earlier than the moment a message could first have gone astray
+/// a resync starts: the clock difference between two nodes it tolerates
+/// (message ids carry the sending node's clock).
+const RESYNC_CLOCK_MARGIN_MS: u64 = 1_000;
+
+/// Wall-clock milliseconds (message ids are made from it).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
 
 #[derive(Debug, Clone)]
 pub struct BackplaneConfig {
@@ -116,11 +127,15 @@ pub enum Inbound {
     },
     /// Messages for `user` reach this node now: its devices may sync.
     InterestActive { user: Box<str> },
-    /// The backplane was away and is back: devices may have missed messages.
-    Reconnected,
-    /// `user`'s home moved (or its registration there was late) and every
-    /// node has seen it now: its devices here sync what they may have missed.
-    Moved { user: Box<str> },
+    /// The backplane was away and is back: devices may have missed messages
+    /// made since `since_unix_ms`.
+    Reconnected { since_unix_ms: u64 },
+    /// `user`'s home moved (or its registration there was late, or a
+    /// message for it was dropped) and every node has seen it now: its
+    /// devices here sync every message made since `since_unix_ms`. A device
+    /// may have acknowledged a later message that arrived live (acks are
+    /// cumulative), so the sync is from a time, not from its cursor.
+    Moved { user: Box<str>, since_unix_ms: u64 },
     /// Another node changed this group's membership.
     GroupChanged { group: Box<str> },
 }
@@ -240,8 +255,9 @@ struct Local {
     in_flight: Option<u16>,
     /// The shard waits for `InterestActive` before the connect-time sync.
     owed_active: bool,
-    /// A registration failed meanwhile: resync once one succeeds.
-    missed: bool,
+    /// A registration failed at this time (unix ms): resync from it once
+    /// one succeeds.
+    missed_since: Option<u64>,
 }
 
 /// A registration's answer.
@@ -266,8 +282,9 @@ struct Router {
     /// Local users with no registration and none in flight (retried each tick).
     unregistered: HashSet<Box<str>>,
     in_flight: usize,
-    /// Users whose devices resync at a time (ms since start).
-    resync_due: BTreeMap<u64, Vec<Box<str>>>,
+    /// Users whose devices resync at a time (ms since start), each from a
+    /// wall-clock time (unix ms).
+    resync_due: BTreeMap<u64, Vec<(Box<str>, u64)>>,
     /// When to drop registrations of users no longer homed here.
     sweep_at: Option<u64>,
     started: Instant,
@@ -276,6 +293,8 @@ struct Router {
     /// interval and a half after the first connect): a table of this node
     /// alone would make it home to everyone.
     warm_at_ms: Option<u64>,
+    /// When NATS was lost (unix ms), until the reconnect.
+    disconnected_at_unix_ms: Option<u64>,
 }
 
 async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
@@ -322,7 +341,13 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
     // Ours, the membership, group changes, and the request inbox.
     backplane.stats.subscriptions.store(4, Relaxed);
     let (to_shards, from_router) = mpsc::channel(LOCAL_QUEUE);
-    tokio::spawn(hand_to_shards(backplane.clone(), sink.clone(), from_router));
+    let (dropped_tx, mut dropped_rx) = mpsc::channel(LOCAL_QUEUE);
+    tokio::spawn(hand_to_shards(
+        backplane.clone(),
+        sink.clone(),
+        from_router,
+        dropped_tx,
+    ));
     let (registered_tx, mut registered_rx) = mpsc::channel(REGISTRATIONS_IN_FLIGHT_MAX);
     let timeout_ms = backplane.config.liveness_timeout().as_millis() as u64;
     let mut router = Router {
@@ -343,6 +368,7 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
         started: Instant::now(),
         last_heartbeat_ms: None,
         warm_at_ms: None,
+        disconnected_at_unix_ms: None,
     };
     router.stats_update();
     let mut tick = tokio::time::interval(TICK);
@@ -354,6 +380,7 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
             Some(message) = node_messages.next() => router.on_node_message(message).await,
             Some(message) = heartbeats.next() => router.on_heartbeat(&message.payload),
             Some(registered) = registered_rx.recv() => router.on_registered(registered).await,
+            Some((user, since)) = dropped_rx.recv() => router.resync_at_settle(user, since),
             _ = tick.tick() => router.housekeeping().await,
             Some(event) = events.recv() => match event {
                 async_nats::Event::Connected => {
@@ -361,7 +388,11 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
                     if ever_connected {
                         backplane.stats.reconnects.fetch_add(1, Relaxed);
                         tracing::info!("backplane reconnected; devices resync");
-                        router.after_an_outage();
+                        let since = router
+                            .disconnected_at_unix_ms
+                            .take()
+                            .unwrap_or_else(|| unix_ms().saturating_sub(router.settle_ms()));
+                        router.after_an_outage(since);
                     } else {
                         tracing::info!(url = %backplane.config.url, node = me, "backplane connected");
                         let interval = backplane.config.heartbeat_interval.as_millis() as u64;
@@ -371,6 +402,7 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
                     ever_connected = true;
                 }
                 async_nats::Event::Disconnected => {
+                    router.disconnected_at_unix_ms.get_or_insert_with(unix_ms);
                     backplane.stats.connected.store(false, Relaxed);
                     tracing::warn!("backplane down: local delivery continues; remote users get their messages on sync");
                 }
@@ -564,11 +596,17 @@ impl Router {
                     message_id,
                     json: json.clone(),
                 };
-                if self.to_shards.try_send(inbound).is_err() {
-                    // Durable: the device gets it on its next sync.
+                if let Err(error) = self.to_shards.try_send(inbound) {
                     self.stats().inbound_dropped.fetch_add(1, Relaxed);
+                    if let Inbound::Deliver {
+                        user, message_id, ..
+                    } = error.into_inner()
+                    {
+                        self.resync_later(user, message_id);
+                    }
                 }
             } else if hop == Hop::Forwarded {
+                // (Not a drop: no device of the user is here.)
                 // The home still thinks this node has devices of the user.
                 let unregister = Envelope::Unregister {
                     node: self.me,
@@ -606,10 +644,11 @@ impl Router {
                 // it (a stalled process): what they routed meanwhile went
                 // elsewhere, and homes may have dropped its registrations.
                 tracing::warn!(
-                    silent_ms = now - last,
+                    silent_ms = now.saturating_sub(last),
                     "backplane: this node's heartbeats stalled; devices resync"
                 );
-                self.after_an_outage();
+                let silent_ms = now - last;
+                self.after_an_outage(unix_ms().saturating_sub(silent_ms));
             }
         }
         self.last_heartbeat_ms = Some(now);
@@ -682,9 +721,13 @@ impl Router {
             if *entry.key() > now {
                 break;
             }
-            for user in entry.remove() {
+            for (user, since_unix_ms) in entry.remove() {
                 if self.local.contains_key(&user) {
-                    let _ = self.to_shards.try_send(Inbound::Moved { user });
+                    let moved = Inbound::Moved {
+                        user,
+                        since_unix_ms,
+                    };
+                    let _ = self.to_shards.try_send(moved);
                 }
             }
         }
@@ -711,6 +754,9 @@ impl Router {
         };
         let now = self.now_ms();
         let due = now + self.settle_ms();
+        // A message could have gone to a stale home from a settle time
+        // before now (the dead node's last heartbeat, plus skew).
+        let since = unix_ms().saturating_sub(self.settle_ms() + RESYNC_CLOCK_MARGIN_MS);
         self.sweep_at = Some(due);
         tracing::info!(nodes = ?after.nodes(), "backplane: membership changed");
         let mut moved = Vec::new();
@@ -732,8 +778,24 @@ impl Router {
             }
         }
         if !moved.is_empty() {
-            self.resync_due.entry(due).or_default().extend(moved);
+            let entry = self.resync_due.entry(due).or_default();
+            entry.extend(moved.into_iter().map(|user| (user, since)));
         }
+    }
+
+    /// Resyncs `user` from `message_id`'s time, a settle time from now (a
+    /// message for it could not be handed to its shard).
+    fn resync_later(&mut self, user: Box<str>, message_id: u64) {
+        if let Some(since) = resync_since(message_id) {
+            self.resync_at_settle(user, since);
+        }
+    }
+
+    /// Resyncs `user`'s devices here from `since` (unix ms), once every
+    /// node has had a settle time to see what this node sees now.
+    fn resync_at_settle(&mut self, user: Box<str>, since: u64) {
+        let due = self.now_ms() + self.settle_ms();
+        self.resync_due.entry(due).or_default().push((user, since));
     }
 
     /// A device of `user` is here now.
@@ -841,7 +903,9 @@ impl Router {
                 .stats
                 .registrations_failed
                 .fetch_add(1, Relaxed);
-            local.missed = true;
+            let since = unix_ms()
+                .saturating_sub(REGISTER_TIMEOUT.as_millis() as u64 + RESYNC_CLOCK_MARGIN_MS);
+            local.missed_since.get_or_insert(since);
             // The connect-time sync must not wait forever: it runs, and
             // the user resyncs once a registration succeeds.
             if std::mem::take(&mut local.owed_active) {
@@ -863,17 +927,25 @@ impl Router {
                 .sink
                 .deliver(&Inbound::InterestActive { user: user.clone() });
         }
-        if std::mem::take(&mut local.missed) {
-            let _ = self.to_shards.try_send(Inbound::Moved { user });
+        if let Some(since_unix_ms) = local.missed_since.take() {
+            let _ = self.to_shards.try_send(Inbound::Moved {
+                user,
+                since_unix_ms,
+            });
         }
     }
 
     /// After NATS was away (or this node was silent too long): register
     /// every exception again and resync every device.
-    fn after_an_outage(&mut self) {
+    /// `since_unix_ms`: when messages could first have gone astray.
+    fn after_an_outage(&mut self, since_unix_ms: u64) {
+        let since_unix_ms = since_unix_ms.saturating_sub(RESYNC_CLOCK_MARGIN_MS);
         for (user, local) in &mut self.local {
             if local.registered != Some(self.me) {
                 local.registered = None;
+                // Resynced again once registered: messages may go astray
+                // until the home knows this node again.
+                local.missed_since = Some(since_unix_ms);
                 if local.in_flight.is_none() {
                     self.unregistered.insert(user.clone());
                 }
@@ -885,7 +957,7 @@ impl Router {
             // The server has this node's subscriptions once a round trip
             // after the reconnect; then every shard resyncs its devices.
             let _ = tokio::time::timeout(SUBSCRIBE_CONFIRM, client.flush()).await;
-            while !sink.deliver(&Inbound::Reconnected) {
+            while !sink.deliver(&Inbound::Reconnected { since_unix_ms }) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         });
@@ -903,24 +975,51 @@ impl Router {
 }
 
 /// Hands messages to the shards, retrying a full shard queue briefly (off
-/// the routing loop, so one full shard never stalls routing).
+/// the routing loop, so one full shard never stalls routing). A durable
+/// message that cannot be handed over is resynced later: the device may
+/// acknowledge a later one first, which would hide the gap from its cursor.
 async fn hand_to_shards(
     backplane: Arc<Backplane>,
     sink: Arc<dyn Sink>,
     mut from_router: mpsc::Receiver<Inbound>,
+    dropped: mpsc::Sender<(Box<str>, u64)>,
 ) {
     while let Some(inbound) = from_router.recv().await {
         let mut tries = 0;
         while !sink.deliver(&inbound) {
             tries += 1;
             if tries > INBOUND_RETRIES {
-                // Durable: the device gets it on its next sync.
                 backplane.stats.inbound_dropped.fetch_add(1, Relaxed);
+                if let Inbound::Deliver {
+                    user, message_id, ..
+                } = inbound
+                {
+                    resync_after_a_drop(&dropped, user, message_id);
+                }
                 break;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
+}
+
+/// Asks the routing loop to resync `user` from `message_id`'s time.
+fn resync_after_a_drop(dropped: &mpsc::Sender<(Box<str>, u64)>, user: Box<str>, message_id: u64) {
+    if let Some(since) = resync_since(message_id) {
+        // A full channel means many resyncs are queued already.
+        let _ = dropped.try_send((user, since));
+    }
+}
+
+/// Where a resync for a lost `message_id` starts (unix ms); `None` for an
+/// ephemeral one (never stored, nothing to resync).
+fn resync_since(message_id: u64) -> Option<u64> {
+    use chat_protocol::snowflake;
+    (message_id != snowflake::EPHEMERAL_ID).then(|| {
+        snowflake::decode(message_id)
+            .unix_ms
+            .saturating_sub(RESYNC_CLOCK_MARGIN_MS)
+    })
 }
 
 /// Hands every membership change another node announces to the gateway.

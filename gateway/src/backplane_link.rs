@@ -54,15 +54,16 @@ impl Sink for MeshSink {
                     )
                     .is_ok()
             }
-            Inbound::Moved { user } => {
+            Inbound::Moved {
+                user,
+                since_unix_ms,
+            } => {
                 let home = ids::home_shard(user, shards);
-                self.mesh
-                    .send(
-                        Sender::External,
-                        home,
-                        ShardMessage::ResyncUser(user.clone()),
-                    )
-                    .is_ok()
+                let resync = ShardMessage::ResyncUser {
+                    user: user.clone(),
+                    since_unix_ms: *since_unix_ms,
+                };
+                self.mesh.send(Sender::External, home, resync).is_ok()
             }
             Inbound::GroupChanged { group } => {
                 for shard in 0..shards {
@@ -71,12 +72,13 @@ impl Sink for MeshSink {
                 }
                 true
             }
-            Inbound::Reconnected => {
+            Inbound::Reconnected { since_unix_ms } => {
                 for shard in 0..shards {
                     // A shard whose queue is full now gets the next resync.
-                    let _ = self
-                        .mesh
-                        .send(Sender::External, shard, ShardMessage::Resync);
+                    let resync = ShardMessage::Resync {
+                        since_unix_ms: *since_unix_ms,
+                    };
+                    let _ = self.mesh.send(Sender::External, shard, resync);
                 }
                 true
             }

@@ -47,11 +47,13 @@ pub enum ShardMessage {
     /// or registered there): its devices' connect-time syncs may start
     /// (they would otherwise race a message published just before).
     InterestActive(Box<str>),
-    /// The backplane was away and is back: sync every device, spread out.
-    Resync,
+    /// The backplane was away and is back: sync every device, spread out,
+    /// from the messages made since `since_unix_ms`.
+    Resync { since_unix_ms: u64 },
     /// This user's home node moved and the fleet has seen it: its devices
-    /// here sync what a sender using the old home may have sent meanwhile.
-    ResyncUser(Box<str>),
+    /// here sync every message made since `since_unix_ms` (a sender using
+    /// the old home may have sent some meanwhile).
+    ResyncUser { user: Box<str>, since_unix_ms: u64 },
 }
 
 /// An authenticated connection in transit to its user's home shard. The 101

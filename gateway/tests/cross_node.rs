@@ -4,111 +4,15 @@
 
 use testkit::gateway as support;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::postgres::Postgres;
-use support::{Client, Gateway, Next, WAIT};
-use testkit::nats::NatsServer;
-
-struct Fleet {
-    nodes: Vec<Gateway>,
-    _database: Postgres,
-    nats: NatsServer,
-}
-
-fn node_flags(database: &Postgres, nats: &NatsServer, node_id: u16) -> Vec<String> {
-    let mut flags = database.writer_flags();
-    flags.extend([
-        "--node-id".into(),
-        node_id.to_string(),
-        "--nats-url".into(),
-        nats.url(),
-        "--resync-window-ms".into(),
-        "200".into(),
-        "--presence-interval-ms".into(),
-        "400".into(),
-    ]);
-    flags
-}
-
-fn start_node(database: &Postgres, nats: &NatsServer, node_id: u16) -> Gateway {
-    let flags = node_flags(database, nats, node_id);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let gateway = Gateway::start(&flags);
-    gateway.wait_metric("gateway_backplane_connected", &[], 1);
-    gateway
-}
+use support::{Client, Next};
+use testkit::fleet::{await_sent, bodies, receive, Fleet};
 
 fn fleet() -> Fleet {
-    let database = Postgres::start();
-    let nats = NatsServer::start();
-    let nodes = (1..=3).map(|id| start_node(&database, &nats, id)).collect();
-    Fleet {
-        nodes,
-        _database: database,
-        nats,
-    }
-}
-
-/// Reads until `count` distinct messages arrived (acknowledging each) or the
-/// wait ends. Returns (message id → body) in arrival order of first receipt,
-/// and how many arrived twice.
-fn receive(client: &mut Client, count: usize, seen: &mut Vec<(String, String)>) -> usize {
-    let mut duplicates = 0;
-    let deadline = Instant::now() + WAIT;
-    client.set_timeout(Duration::from_millis(200));
-    while seen.len() < count && Instant::now() < deadline {
-        match client.next_frame() {
-            Next::Json(frame) if frame["type"] == "message" => {
-                let id = frame["message_id"].as_str().unwrap().to_owned();
-                let body = frame["body"].as_str().unwrap().to_owned();
-                if seen.iter().any(|(seen_id, _)| *seen_id == id) {
-                    duplicates += 1;
-                } else {
-                    seen.push((id.clone(), body));
-                }
-                client.send(json!({"type": "ack", "message_id": id}));
-            }
-            Next::Json(_) | Next::Silent => {}
-            other => panic!("connection ended: {other:?}"),
-        }
-    }
-    client.set_timeout(WAIT);
-    duplicates
-}
-
-fn bodies(seen: &[(String, String)]) -> Vec<&str> {
-    seen.iter().map(|(_, body)| body.as_str()).collect()
-}
-
-/// Waits for `count` `sent` frames; messages that arrive meanwhile are
-/// acknowledged and kept in `seen` (a sender is often a recipient too).
-fn await_sent(
-    client: &mut Client,
-    count: usize,
-    seen: &mut Vec<(String, String)>,
-) -> BTreeMap<String, String> {
-    let mut sent = BTreeMap::new();
-    while sent.len() < count {
-        let frame = client.recv();
-        match frame["type"].as_str() {
-            Some("sent") => {
-                sent.insert(
-                    frame["id"].as_str().unwrap().to_owned(),
-                    frame["message_id"].as_str().unwrap().to_owned(),
-                );
-            }
-            Some("message") => {
-                let id = frame["message_id"].as_str().unwrap().to_owned();
-                client.send(json!({"type": "ack", "message_id": id}));
-                seen.push((id, frame["body"].as_str().unwrap().to_owned()));
-            }
-            _ => {}
-        }
-    }
-    sent
+    Fleet::start(3)
 }
 
 #[test]

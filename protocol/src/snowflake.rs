@@ -28,6 +28,10 @@ pub const SEQUENCE_BITS: u32 = 5;
 const _: () = assert!(TIME_BITS + NODE_BITS + SHARD_BITS + SEQUENCE_BITS == 63);
 
 /// Highest node id (4,095): a fleet of up to 4,096 gateway nodes.
+/// Stands for "not stored" where an id is carried (typing, presence): no
+/// id made after the epoch is 0.
+pub const EPHEMERAL_ID: u64 = 0;
+
 pub const NODE_ID_MAX: u16 = (1 << NODE_BITS) - 1;
 /// Highest shard id (31): up to 32 cores per gateway process.
 pub const SHARD_ID_MAX: u16 = (1 << SHARD_BITS) - 1;

@@ -20,7 +20,7 @@ use crate::keys::Bundle;
 pub use crate::limits::{READ_FRAME_BYTES_MAX, READ_USERS_MAX};
 
 /// The read path's version. 2: postcard bodies (1 was a hand-laid layout).
-pub const READ_PATH_VERSION: u16 = 2;
+pub const READ_PATH_VERSION: u16 = 3;
 
 /// Where a sync page starts in a user's inbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,8 +33,12 @@ pub enum SyncFrom {
     /// acknowledged (the next page of a `Cursor` sync).
     AfterSeq(u64),
     /// After this inbox sequence number, acknowledged or not (the next page
-    /// of an `AfterMessage` sync).
+    /// of an `AfterMessage` or `MadeSince` sync).
     AfterSeqAll(u64),
+    /// Every message with an id of at least this one (made at or after its
+    /// time), acknowledged or not: a resync after the backplane may have
+    /// lost messages that the device's cumulative acks then covered.
+    MadeSince(u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -319,6 +323,7 @@ mod tests {
             SyncFrom::AfterMessage(5),
             SyncFrom::AfterSeq(9),
             SyncFrom::AfterSeqAll(11),
+            SyncFrom::MadeSince(13),
         ] {
             round_trip_request(Request::Sync {
                 req: 1,

@@ -177,30 +177,12 @@ impl Gateway {
     /// Connects as `user`/`device`, waits for `hello`, then reads the
     /// connect-time sync up to `synced` (its messages are in `client.synced`).
     pub fn connect(&self, user: &str, device: &str) -> Client {
-        let mut client = self.connect_unsynced(user, device);
-        loop {
-            let frame = client.recv();
-            match frame["type"].as_str() {
-                Some("synced") => break,
-                Some("message" | "receipts") => client.synced.push(frame),
-                _ => panic!("unexpected frame during the connect-time sync: {frame}"),
-            }
-        }
-        client
+        connect_at(self.ws, user, device)
     }
 
     /// Connects and waits for `hello` only.
     pub fn connect_unsynced(&self, user: &str, device: &str) -> Client {
-        let mut client = self
-            .connect_with_token(&token(user, device))
-            .expect("upgrade accepted");
-        let hello = client.recv();
-        assert_eq!(hello["type"], "hello", "first frame is hello: {hello}");
-        assert_eq!(
-            (hello["user"].as_str(), hello["device"].as_str()),
-            (Some(user), Some(device))
-        );
-        client
+        connect_unsynced_at(self.ws, user, device)
     }
 
     pub fn pid(&self) -> u32 {
@@ -220,28 +202,7 @@ impl Gateway {
         bearer: Option<&str>,
         stream: TcpStream,
     ) -> Result<Client, u16> {
-        stream.set_read_timeout(Some(WAIT)).unwrap();
-        let mut request = tungstenite::client::IntoClientRequest::into_client_request(format!(
-            "ws://{}{path}",
-            self.ws
-        ))
-        .unwrap();
-        if let Some(token) = bearer {
-            request
-                .headers_mut()
-                .insert("Authorization", format!("Bearer {token}").parse().unwrap());
-        }
-        match tungstenite::client(request, stream) {
-            Ok((socket, _response)) => Ok(Client {
-                socket,
-                synced: Vec::new(),
-            }),
-            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
-                Err(response.status().as_u16())
-            }
-            // No HTTP answer at all (reset, closed listener): status 0.
-            Err(_) => Err(0),
-        }
+        upgrade_at(self.ws, path, bearer, stream)
     }
 
     /// `kill -9`: no drain, no goodbye.
@@ -449,6 +410,64 @@ impl Client {
 }
 
 /// Users whose home shards differ on a 2-shard node: (on shard 0, on shard 1).
+/// `Gateway::connect` on the node listening at `ws` (for threads that hold
+/// an address, not the `Gateway`).
+pub fn connect_at(ws: SocketAddr, user: &str, device: &str) -> Client {
+    let mut client = connect_unsynced_at(ws, user, device);
+    loop {
+        let frame = client.recv();
+        match frame["type"].as_str() {
+            Some("synced") => break,
+            Some("message" | "receipts") => client.synced.push(frame),
+            _ => panic!("unexpected frame during the connect-time sync: {frame}"),
+        }
+    }
+    client
+}
+
+/// `Gateway::connect_unsynced` on the node listening at `ws`.
+pub fn connect_unsynced_at(ws: SocketAddr, user: &str, device: &str) -> Client {
+    let stream = TcpStream::connect(ws).unwrap();
+    let mut client =
+        upgrade_at(ws, "/ws", Some(&token(user, device)), stream).expect("upgrade accepted");
+    let hello = client.recv();
+    assert_eq!(hello["type"], "hello", "first frame is hello: {hello}");
+    assert_eq!(
+        (hello["user"].as_str(), hello["device"].as_str()),
+        (Some(user), Some(device))
+    );
+    client
+}
+
+/// `Gateway::upgrade` on the node listening at `ws`.
+pub fn upgrade_at(
+    ws: SocketAddr,
+    path: &str,
+    bearer: Option<&str>,
+    stream: TcpStream,
+) -> Result<Client, u16> {
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut request =
+        tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{ws}{path}"))
+            .unwrap();
+    if let Some(token) = bearer {
+        request
+            .headers_mut()
+            .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    match tungstenite::client(request, stream) {
+        Ok((socket, _response)) => Ok(Client {
+            socket,
+            synced: Vec::new(),
+        }),
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+            Err(response.status().as_u16())
+        }
+        // No HTTP answer at all (reset, closed listener): status 0.
+        Err(_) => Err(0),
+    }
+}
+
 pub fn users_on_different_shards(prefix: &str) -> (String, String) {
     let mut on = [None, None];
     for index in 0..1000 {

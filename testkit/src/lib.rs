@@ -2,9 +2,10 @@
 //!
 //! Owns starting the real processes the tests need on loopback (the gateway
 //! and its client in `gateway`, the storage-writer in `writer`, PostgreSQL,
-//! nats-server), picking free ports, killing what a test started, signals,
+//! nats-server, a fleet of nodes in `fleet`), picking free ports, killing what a test started, signals,
 //! and reading a fake systemd notify socket. Never used by a shipped binary.
 
+pub mod fleet;
 pub mod gateway;
 pub mod nats;
 pub mod postgres;

@@ -1,6 +1,7 @@
 //! A private nats-server for a test: its own loopback port and JetStream
 //! store directory (kept across a restart, as a real server's disk is),
 //! stoppable and restartable on the same port (to test a backplane outage),
+//! with its monitoring endpoint on another (to read what each client holds),
 //! killed when dropped.
 
 use std::process::{Child, Command, Stdio};
@@ -13,6 +14,8 @@ const WAIT: Duration = Duration::from_secs(10);
 pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
+    /// The HTTP monitoring port (`-m`): `/connz`, `/subsz`.
+    pub monitor_port: u16,
     dir: tempfile::TempDir,
 }
 
@@ -22,6 +25,7 @@ impl NatsServer {
         let mut server = NatsServer {
             child: None,
             port: free_port(),
+            monitor_port: free_port(),
             dir: tempfile::tempdir().unwrap(),
         };
         server.restart();
@@ -46,6 +50,7 @@ impl NatsServer {
         let child = Command::new("nats-server")
             // JetStream: gateways lease their node ids from it.
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js"])
+            .args(["-m", &self.monitor_port.to_string()])
             .arg("--store_dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -58,6 +63,46 @@ impl NatsServer {
             assert!(Instant::now() < deadline, "nats-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+impl NatsServer {
+    /// GET on the monitoring endpoint, parsed as JSON.
+    pub fn monitor(&self, path: &str) -> serde_json::Value {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.monitor_port))
+            .expect("the monitoring port answers");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: nats\r\n\r\n").unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).unwrap();
+        let response = String::from_utf8(response).expect("monitoring answers in UTF-8");
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.contains(" 200 "), "{path}: {head}");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    }
+
+    /// The subscriptions each named client connection holds on this server
+    /// (from `/connz?subs=1`), by connection name.
+    pub fn subscriptions_by_client(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        let connz = self.monitor("/connz?subs=1&limit=1024");
+        connz["connections"]
+            .as_array()
+            .expect("connz lists connections")
+            .iter()
+            .filter_map(|conn| {
+                let name = conn["name"].as_str()?.to_owned();
+                let subs = conn["subscriptions_list"]
+                    .as_array()
+                    .map(|list| {
+                        list.iter()
+                            .filter_map(|s| s.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Some((name, subs))
+            })
+            .collect()
     }
 }
 

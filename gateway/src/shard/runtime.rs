@@ -88,15 +88,18 @@ fn handle(shard: &Rc<Shard>, message: ShardMessage) {
         ShardMessage::GroupChanged(group) => shard.groups.borrow_mut().forget(&group),
         ShardMessage::Adopt(handoff) => accept::adopt_handoff(shard, *handoff),
         ShardMessage::InterestActive(user) => shard.interest_active(&user),
-        ShardMessage::Resync => {
+        ShardMessage::Resync { since_unix_ms } => {
             // Group changes may have been missed while away.
             shard.groups.borrow_mut().clear();
-            monoio::spawn(resync(shard.clone()));
+            monoio::spawn(resync(shard.clone(), since_unix_ms));
         }
-        ShardMessage::ResyncUser(user) => {
+        ShardMessage::ResyncUser {
+            user,
+            since_unix_ms,
+        } => {
             let devices = shard.users.borrow().devices_of(&user);
             for conn in devices.iter().filter(|conn| !conn.is_closing()) {
-                sync::begin(shard, conn, None);
+                sync::resync(shard, conn, since_unix_ms);
             }
         }
         ShardMessage::Drain => {
@@ -322,10 +325,10 @@ async fn drain(shard: Rc<Shard>) {
     shard.finished.fire();
 }
 
-/// After the backplane was away: every device syncs (it may have missed
-/// messages from other nodes), at random moments within `resync_window_ms`
-/// so storage is not hit by all of them at once.
-async fn resync(shard: Rc<Shard>) {
+/// After the backplane was away: every device syncs what was made since it
+/// went (it may have missed messages from other nodes), at random moments
+/// within `resync_window_ms` so storage is not hit by all of them at once.
+async fn resync(shard: Rc<Shard>, since_unix_ms: u64) {
     let window_ms = shard.config.resync_window_ms.max(1);
     tracing::info!(
         shard = shard.id,
@@ -335,7 +338,7 @@ async fn resync(shard: Rc<Shard>) {
     let syncing = shard.clone();
     over_window(&shard, window_ms, move |conn| {
         if !conn.is_closing() {
-            sync::begin(&syncing, &conn, None);
+            sync::resync(&syncing, &conn, since_unix_ms);
         }
     })
     .await;

@@ -117,7 +117,7 @@ async fn start(shard: &Rc<Shard>, conn: &Rc<Conn>) {
         return;
     }
     shard.interest_ready(&conn.user_id).await;
-    sync::start(shard, conn, None);
+    sync::start(shard, conn, chat_protocol::store_wire::SyncFrom::Cursor);
 }
 
 /// The connection's life: write what is queued, read what arrives, until a

@@ -58,6 +58,7 @@ on_every_backend!(
     a_group_message_reaches_each_listed_inbox_and_is_stored_without_the_list,
     membership_changes_update_both_directions_in_order,
     presence_is_told_only_to_users_who_share_a_conversation,
+    a_sync_made_since_an_id_offers_what_a_cumulative_ack_passed,
 );
 
 /// A message of group `group` from `from`, to `recipients`, with an optional event.
@@ -280,6 +281,67 @@ fn synced_ids(fixture: &Fixture, user: &str, device: &str) -> Vec<u64> {
                 .message_id
         })
         .collect()
+}
+
+fn a_sync_made_since_an_id_offers_what_a_cumulative_ack_passed(fixture: &Fixture) {
+    // Bob's laptop got 1-40 and 42-60 live, never 41 (lost on its way), and
+    // acknowledged 60, which covers 41 too.
+    let messages: Vec<Vec<u8>> = (1..=60)
+        .map(|id| message(id * 1_000, "alice", "phone", "bob"))
+        .collect();
+    run(fixture, &messages, false);
+    run(fixture, &[ack("bob", "laptop", 60_000)], false);
+    assert!(
+        synced_ids(fixture, "bob", "laptop").is_empty(),
+        "41 is hidden by the ack"
+    );
+    let made_since = |first: u64| -> Vec<u64> {
+        let mut reader = fixture.backend.reader().unwrap();
+        let from = SyncFrom::MadeSince(first);
+        let page = sync_page(&mut *reader, "bob", "laptop", from, 100, 1 << 20).unwrap();
+        page.entries
+            .iter()
+            .map(|e| {
+                chat_protocol::records::decode_message(&e.record)
+                    .unwrap()
+                    .message_id
+            })
+            .collect()
+    };
+    let expected: Vec<u64> = (41..=60).map(|id| id * 1_000).collect();
+    assert_eq!(
+        made_since(41_000),
+        expected,
+        "from the first id at or after"
+    );
+    assert_eq!(made_since(40_500), expected, "an id between two messages");
+    assert_eq!(
+        made_since(1).len(),
+        60,
+        "older than every message: all of them"
+    );
+    assert!(
+        made_since(61_000).is_empty(),
+        "newer than every message: none"
+    );
+    // A device that never acknowledged anything: the search still starts
+    // at the right place.
+    let mut reader = fixture.backend.reader().unwrap();
+    let from = SyncFrom::MadeSince(55_000);
+    let page = sync_page(&mut *reader, "bob", "tablet", from, 100, 1 << 20).unwrap();
+    assert_eq!(page.entries.len(), 6);
+    drop(reader);
+    // The sender's own device gets none of its own sends, as in any sync.
+    let mut reader = fixture.backend.reader().unwrap();
+    let page = sync_page(
+        &mut *reader,
+        "alice",
+        "phone",
+        SyncFrom::MadeSince(1),
+        100,
+        1 << 20,
+    );
+    assert!(page.unwrap().entries.is_empty());
 }
 
 fn a_replayed_batch_stores_nothing_twice(fixture: &Fixture) {

@@ -69,22 +69,36 @@ pub async fn warm_idempotency(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Result<(), 
 
 /// Starts the sync of a device whose sync hold has begun (at registration,
 /// before its client could see `hello`).
-pub fn start(shard: &Rc<Shard>, conn: &Rc<Conn>, after: Option<u64>) {
-    monoio::spawn(sync_device(shard.clone(), conn.clone(), after));
+pub fn start(shard: &Rc<Shard>, conn: &Rc<Conn>, from: SyncFrom) {
+    monoio::spawn(sync_device(shard.clone(), conn.clone(), from));
 }
 
 /// Starts a sync unless one is running on the connection; false if one is.
-pub fn begin(shard: &Rc<Shard>, conn: &Rc<Conn>, after: Option<u64>) -> bool {
+pub fn begin(shard: &Rc<Shard>, conn: &Rc<Conn>, from: SyncFrom) -> bool {
     let begun = conn.begin_sync();
     if begun {
-        start(shard, conn, after);
+        start(shard, conn, from);
     }
     begun
 }
 
+/// A resync of every message made since `since_unix_ms`, which the node
+/// asks for when the backplane may have lost some: now, or right after the
+/// sync that runs. From a time, not from the device's cursor: the device
+/// may have acknowledged a later message that did arrive, and acks are
+/// cumulative per conversation. What it had already is sent again, and the
+/// client drops it by `message_id`.
+pub fn resync(shard: &Rc<Shard>, conn: &Rc<Conn>, since_unix_ms: u64) {
+    let first = chat_protocol::snowflake::first_id_at(since_unix_ms);
+    if !conn.queue_resync(first) {
+        begin(shard, conn, SyncFrom::MadeSince(first));
+    }
+}
+
 /// `sync` (or `sync` with `after`), asked by the client.
 pub fn on_request(shard: &Rc<Shard>, conn: &Rc<Conn>, after: Option<u64>) {
-    if !begin(shard, conn, after) {
+    let from = after.map_or(SyncFrom::Cursor, SyncFrom::AfterMessage);
+    if !begin(shard, conn, from) {
         let message = "a sync is already running on this connection";
         reply::overloaded(shard, conn, None, message);
     }
@@ -104,11 +118,11 @@ pub fn on_ack(shard: &Shard, conn: &Conn, message_id: u64) {
     }
 }
 
-/// Sends the device what it has not acknowledged (or everything after
-/// `after`), then `synced`, then what arrived live meanwhile. The caller has
+/// Sends the device what it has not acknowledged (or everything from
+/// `from`), then `synced`, then what arrived live meanwhile. The caller has
 /// started the device's sync hold.
-async fn sync_device(shard: Rc<Shard>, conn: Rc<Conn>, after: Option<u64>) {
-    match sync_pages(&shard, &conn, after).await {
+async fn sync_device(shard: Rc<Shard>, conn: Rc<Conn>, from: SyncFrom) {
+    match sync_pages(&shard, &conn, from).await {
         Ok((last, count, more)) => {
             reply::send_json(&conn, &frames::encode_synced(last, count, more));
             bump(&shard.metrics().syncs, 1);
@@ -116,7 +130,11 @@ async fn sync_device(shard: Rc<Shard>, conn: Rc<Conn>, after: Option<u64>) {
         Err(SyncError::Closed) => {}
         Err(SyncError::Store(error)) => reply::storage_error(&shard, &conn, "sync", error),
     }
-    conn.end_sync();
+    if let Some(first) = conn.end_sync() {
+        if !conn.is_closing() {
+            begin(&shard, &conn, SyncFrom::MadeSince(first));
+        }
+    }
 }
 
 enum SyncError {
@@ -127,12 +145,8 @@ enum SyncError {
 async fn sync_pages(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    after: Option<u64>,
+    mut from: SyncFrom,
 ) -> Result<(Option<u64>, u64, bool), SyncError> {
-    let mut from = match after {
-        Some(message_id) => SyncFrom::AfterMessage(message_id),
-        None => SyncFrom::Cursor,
-    };
     let mut last = None;
     let mut count = 0u64;
     let half_queue = shard.config.send_queue_bytes_max / 2;
@@ -190,9 +204,11 @@ async fn sync_pages(
         if count >= u64::from(shard.config.sync_messages_max) {
             return Ok((last, count, true));
         }
-        from = match after {
-            Some(_) => SyncFrom::AfterSeqAll(last_seq),
-            None => SyncFrom::AfterSeq(last_seq),
+        from = match from {
+            SyncFrom::Cursor | SyncFrom::AfterSeq(_) => SyncFrom::AfterSeq(last_seq),
+            SyncFrom::AfterMessage(_) | SyncFrom::MadeSince(_) | SyncFrom::AfterSeqAll(_) => {
+                SyncFrom::AfterSeqAll(last_seq)
+            }
         };
     }
 }

@@ -59,12 +59,15 @@ struct SyncHold {
     held_bytes: usize,
     /// Message ids the sync sent, so a held live copy is not sent twice.
     synced: HashSet<u64, FnvBuildHasher>,
+    /// A resync asked for while this sync ran: it runs next, from the
+    /// messages made since this id.
+    then_from: Option<u64>,
 }
 
 type FnvBuildHasher = std::hash::BuildHasherDefault<fnv::FnvHasher>;
 
 /// The message id of frames that are never stored (typing).
-pub const EPHEMERAL: u64 = 0;
+pub const EPHEMERAL: u64 = chat_protocol::snowflake::EPHEMERAL_ID;
 
 impl Conn {
     pub fn new(
@@ -159,15 +162,27 @@ impl Conn {
     }
 
     /// Ends the sync: queues the held live messages it did not already send.
-    pub fn end_sync(&self) {
-        let Some(hold) = self.sync.take() else {
-            return;
-        };
+    /// Ends the sync: queues the held live messages it did not send.
+    /// Returns the first id of a resync asked for meanwhile.
+    pub fn end_sync(&self) -> Option<u64> {
+        let hold = self.sync.take()?;
         for (message_id, frame) in hold.held {
             if !hold.synced.contains(&message_id) && !self.enqueue(frame) {
-                return;
+                break;
             }
         }
+        hold.then_from
+    }
+
+    /// A resync of messages from id `first` while a sync runs: it runs once
+    /// this one ends (from the earliest such id). False when no sync runs.
+    pub fn queue_resync(&self, first: u64) -> bool {
+        let Some(mut hold) = self.sync.take() else {
+            return false;
+        };
+        hold.then_from = Some(hold.then_from.map_or(first, |then| then.min(first)));
+        self.sync.set(Some(hold));
+        true
     }
 
     /// Bytes waiting to be written to the socket.
