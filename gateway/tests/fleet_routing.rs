@@ -206,8 +206,12 @@ fn a_user_with_devices_on_two_nodes_neither_its_home_gets_everything_live_on_bot
 struct Receiver {
     user: String,
     expected: Arc<AtomicUsize>,
-    thread: std::thread::JoinHandle<(Vec<(String, String)>, usize, u32)>,
+    thread: std::thread::JoinHandle<Received>,
 }
+
+/// What a receiver got: (message id, body) in order of first arrival, how
+/// many arrived again, how often it reconnected.
+type Received = (Vec<(String, String)>, usize, u32);
 
 fn spawn_receiver(
     user: String,
