@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use futures_util::StreamExt;
@@ -34,6 +35,7 @@ use tokio::sync::{mpsc, Notify};
 use crate::envelope::{Deliver, Envelope, Heartbeat, Hop, DELIVER_USERS_MAX};
 use crate::exceptions::Exceptions;
 use crate::membership::{Membership, Rebuilt};
+use crate::routing::HomeTable;
 
 /// Outbound items taken per shard per turn (fairness between shards).
 const TURN_BUDGET: usize = 256;
@@ -82,6 +84,10 @@ pub struct BackplaneConfig {
     /// How often this node says it is live; it counts as gone after
     /// `HEARTBEATS_MISSED_MAX` intervals unheard.
     pub heartbeat_interval: Duration,
+    /// Where clients reach this node (e.g. `wss://node7.chat.example/ws`),
+    /// told to devices of users homed here that connect elsewhere; empty
+    /// when not advertised.
+    pub public_url: String,
 }
 
 impl BackplaneConfig {
@@ -178,7 +184,17 @@ pub struct Backplane {
     queues: Vec<ArrayQueue<Outbound>>,
     notify: Notify,
     serving: AtomicBool,
+    /// What the shards may read of the routing state (at connect, never
+    /// per message): replaced whole when the membership changes.
+    homes: ArcSwap<Homes>,
     pub stats: BackplaneStats,
+}
+
+/// The home table and the nodes' advertised URLs, as one snapshot.
+struct Homes {
+    me: u16,
+    table: Arc<HomeTable>,
+    urls: HashMap<u16, Arc<str>>,
 }
 
 impl Backplane {
@@ -186,7 +202,19 @@ impl Backplane {
     pub fn start(config: BackplaneConfig, sink: Arc<dyn Sink>) -> anyhow::Result<Arc<Self>> {
         anyhow::ensure!(config.shards > 0 && config.queue_capacity > 0);
         anyhow::ensure!(!config.heartbeat_interval.is_zero());
+        anyhow::ensure!(
+            config.public_url.len() <= crate::envelope::URL_BYTES_MAX,
+            "public_url is longer than {} bytes",
+            crate::envelope::URL_BYTES_MAX
+        );
+        let me = config.node_id;
+        let homes = Homes {
+            me,
+            table: Arc::new(HomeTable::new(&[me]).expect("one node")),
+            urls: HashMap::new(),
+        };
         let backplane = Arc::new(Self {
+            homes: ArcSwap::from_pointee(homes),
             queues: (0..config.shards)
                 .map(|_| ArrayQueue::new(config.queue_capacity))
                 .collect(),
@@ -210,6 +238,18 @@ impl Backplane {
     /// Items waiting in `shard`'s outbound queue.
     pub fn depth(&self, shard: usize) -> usize {
         self.queues[shard].len()
+    }
+
+    /// Where a device of `user` should reconnect: its home's `public_url`,
+    /// when another node is the home and advertises one. Reads a snapshot
+    /// (no lock); for `hello`, never per message.
+    pub fn home_url(&self, user: &str) -> Option<Arc<str>> {
+        let homes = self.homes.load();
+        let home = homes.table.home(user);
+        if home == homes.me {
+            return None;
+        }
+        homes.urls.get(&home).cloned()
     }
 
     /// A draining node stops being anyone's home at once (it says so in a
@@ -659,6 +699,7 @@ impl Router {
             node: self.me,
             incarnation: self.incarnation,
             serving: self.membership.serving(),
+            url: self.backplane.config.public_url.as_str().into(),
         });
         let subject = nodes_subject(self.prefix());
         let _ = self
@@ -691,6 +732,10 @@ impl Router {
         self.membership.expire(now);
         if self.warm() {
             self.rebuild().await;
+            let (urls, changed) = self.membership.urls();
+            if changed {
+                self.publish_homes(urls);
+            }
             // Queued before the node was warm, or the notify was missed.
             if self.backplane.queues.iter().any(|q| !q.is_empty()) {
                 self.backplane.notify.notify_one();
@@ -752,6 +797,8 @@ impl Router {
         else {
             return;
         };
+        let (urls, _) = self.membership.urls();
+        self.publish_homes(urls);
         let now = self.now_ms();
         let due = now + self.settle_ms();
         // A message could have gone to a stale home from a settle time
@@ -796,6 +843,15 @@ impl Router {
     fn resync_at_settle(&mut self, user: Box<str>, since: u64) {
         let due = self.now_ms() + self.settle_ms();
         self.resync_due.entry(due).or_default().push((user, since));
+    }
+
+    /// Hands the shards a new snapshot of the homes and URLs.
+    fn publish_homes(&self, urls: HashMap<u16, Arc<str>>) {
+        self.backplane.homes.store(Arc::new(Homes {
+            me: self.me,
+            table: self.membership.table().clone(),
+            urls,
+        }));
     }
 
     /// A device of `user` is here now.
@@ -1069,6 +1125,7 @@ mod tests {
             queue_capacity: 16,
             subject_prefix: "chat".into(),
             heartbeat_interval: Duration::from_millis(1_000),
+            public_url: String::new(),
         };
         assert_eq!(config.liveness_timeout(), Duration::from_millis(3_000));
         assert_eq!(config.settle_time(), Duration::from_millis(4_000));

@@ -46,7 +46,7 @@ pub struct Deliver {
 }
 
 /// What a node says about itself, on the fleet's membership subject.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Heartbeat {
     pub node: u16,
     /// Random per process start: a node that restarted with the same id
@@ -54,7 +54,12 @@ pub struct Heartbeat {
     pub incarnation: u64,
     /// False when the node is draining or stopping: it leaves at once.
     pub serving: bool,
+    /// Where clients reach this node (`public_url`); empty when not set.
+    pub url: Box<str>,
 }
+
+/// Longest `public_url` a heartbeat carries.
+pub const URL_BYTES_MAX: usize = 512;
 
 /// Every envelope kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,7 +106,8 @@ impl Envelope {
                     .u8(KIND_HEARTBEAT)
                     .u16(heartbeat.node)
                     .u64(heartbeat.incarnation)
-                    .u8(u8::from(heartbeat.serving));
+                    .u8(u8::from(heartbeat.serving))
+                    .str(&heartbeat.url);
             }
             Envelope::Register { node, user } => {
                 encoder.u8(KIND_REGISTER).u16(*node).str(user);
@@ -151,6 +157,10 @@ impl Envelope {
                     1 => true,
                     _ => return Err(DecodeError("bad serving flag")),
                 },
+                url: match decoder.str()? {
+                    url if url.len() <= URL_BYTES_MAX => url.into(),
+                    _ => return Err(DecodeError("url too long")),
+                },
             }),
             KIND_REGISTER => Envelope::Register {
                 node: decoder.u16()?,
@@ -184,6 +194,7 @@ mod tests {
                 node: 4095,
                 incarnation: u64::MAX - 3,
                 serving: false,
+                url: "wss://node-4095.chat.example:443/ws".into(),
             }),
             Envelope::Register {
                 node: 3,

@@ -9,20 +9,22 @@
 //! milliseconds and does all I/O; never a hand-kept list of nodes.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::envelope::Heartbeat;
 use crate::routing::HomeTable;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Peer {
     heard_ms: u64,
     incarnation: u64,
+    url: Arc<str>,
 }
 
 /// A rebuilt table and the one it replaces.
 pub struct Rebuilt {
-    pub before: HomeTable,
-    pub after: HomeTable,
+    pub before: Arc<HomeTable>,
+    pub after: Arc<HomeTable>,
     /// Nodes that restarted (a new incarnation) since the last rebuild: the
     /// exceptions they held are lost even if their users' homes did not move.
     pub restarted: Vec<u16>,
@@ -36,7 +38,9 @@ pub struct Membership {
     /// Nodes not live now, with when they stopped being live.
     departed: HashMap<u16, u64>,
     restarted: Vec<u16>,
-    table: HomeTable,
+    /// A peer's URL changed (or it joined with one) since the last look.
+    urls_changed: bool,
+    table: Arc<HomeTable>,
 }
 
 impl Membership {
@@ -49,7 +53,8 @@ impl Membership {
             peers: HashMap::new(),
             departed: HashMap::new(),
             restarted: Vec::new(),
-            table: HomeTable::new(&[me]).expect("one node"),
+            urls_changed: false,
+            table: Arc::new(HomeTable::new(&[me]).expect("one node")),
         }
     }
 
@@ -80,19 +85,26 @@ impl Membership {
             }
             return;
         }
+        if let Some(peer) = self.peers.get_mut(&heartbeat.node) {
+            peer.heard_ms = now_ms;
+            if peer.incarnation != heartbeat.incarnation {
+                peer.incarnation = heartbeat.incarnation;
+                self.restarted.push(heartbeat.node);
+            }
+            if *peer.url != *heartbeat.url {
+                peer.url = heartbeat.url.into();
+                self.urls_changed = true;
+            }
+            return;
+        }
+        self.departed.remove(&heartbeat.node);
+        self.urls_changed |= !heartbeat.url.is_empty();
         let peer = Peer {
             heard_ms: now_ms,
             incarnation: heartbeat.incarnation,
+            url: heartbeat.url.into(),
         };
-        match self.peers.insert(heartbeat.node, peer) {
-            Some(before) if before.incarnation != heartbeat.incarnation => {
-                self.restarted.push(heartbeat.node);
-            }
-            Some(_) => {}
-            None => {
-                self.departed.remove(&heartbeat.node);
-            }
-        }
+        self.peers.insert(heartbeat.node, peer);
     }
 
     /// Drops nodes not heard within the timeout.
@@ -125,7 +137,7 @@ impl Membership {
             return None;
         }
         // A node that serves nobody still routes: its last table stands in.
-        let after = HomeTable::new(&live)?;
+        let after = Arc::new(HomeTable::new(&live)?);
         let before = std::mem::replace(&mut self.table, after.clone());
         Some(Rebuilt {
             before,
@@ -139,8 +151,20 @@ impl Membership {
         self.table.home(user)
     }
 
-    pub fn table(&self) -> &HomeTable {
+    pub fn table(&self) -> &Arc<HomeTable> {
         &self.table
+    }
+
+    /// Each live peer's `public_url` (those that set one), and whether any
+    /// changed since the last call.
+    pub fn urls(&mut self) -> (HashMap<u16, Arc<str>>, bool) {
+        let urls = self
+            .peers
+            .iter()
+            .filter(|(_, peer)| !peer.url.is_empty())
+            .map(|(node, peer)| (*node, peer.url.clone()))
+            .collect();
+        (urls, std::mem::take(&mut self.urls_changed))
     }
 
     /// Nodes that have been gone for longer than `for_ms` (their
@@ -171,6 +195,7 @@ mod tests {
             node,
             incarnation,
             serving,
+            url: format!("ws://node{node}:8080/ws").into(),
         }
     }
 

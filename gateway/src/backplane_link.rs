@@ -128,6 +128,7 @@ pub fn start(config: &Config, mesh: &Arc<Mesh>) -> anyhow::Result<Option<Arc<Bac
             queue_capacity: config.backplane_queue_capacity,
             subject_prefix: config.nats_subject_prefix.clone(),
             heartbeat_interval: std::time::Duration::from_millis(config.membership_heartbeat_ms),
+            public_url: config.public_url.clone(),
         },
         Arc::new(MeshSink { mesh: mesh.clone() }),
     )?;

@@ -185,6 +185,11 @@ pub struct Config {
     /// How often a fleet node says it is live on NATS; unheard for three
     /// intervals, it leaves every node's membership and its users' homes move.
     pub membership_heartbeat_ms: u64,
+    /// Where clients reach this node from outside (`ws://` or `wss://` URL),
+    /// advertised to the fleet: a device that connects to another node is
+    /// told in `hello` to reconnect here if this is its user's home. Empty:
+    /// not advertised (devices are served wherever they land).
+    pub public_url: String,
 }
 
 impl Default for Config {
@@ -249,6 +254,7 @@ impl Default for Config {
             backplane_queue_capacity: 64 * 1024,
             resync_window_ms: 2_000,
             membership_heartbeat_ms: 1_000,
+            public_url: String::new(),
         }
     }
 }
@@ -331,6 +337,7 @@ overrides! {
     backplane_queue_capacity: usize,
     resync_window_ms: u64,
     membership_heartbeat_ms: u64,
+    public_url: String,
 }
 
 /// The `--config` file and the flags over it.
@@ -419,6 +426,19 @@ impl Config {
         }
         if self.devices_per_user_max == 0 || self.devices_per_user_max > DEVICES_PER_USER_MAX {
             bail!("devices_per_user_max must be 1-{DEVICES_PER_USER_MAX} (a per-device send carries at most {} ciphertexts, for both users' devices)", chat_protocol::limits::BODIES_DEVICES_MAX);
+        }
+        if !self.public_url.is_empty()
+            && (!(self.public_url.starts_with("ws://") || self.public_url.starts_with("wss://"))
+                || self.public_url.len() > backplane_bridge::envelope::URL_BYTES_MAX
+                || self
+                    .public_url
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control()))
+        {
+            bail!(
+                "public_url must be a ws:// or wss:// URL of at most {} bytes",
+                backplane_bridge::envelope::URL_BYTES_MAX
+            );
         }
         if !(100..=60_000).contains(&self.membership_heartbeat_ms) {
             bail!("membership_heartbeat_ms must be 100-60000");

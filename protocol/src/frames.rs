@@ -747,6 +747,11 @@ pub struct HelloFrame<'a> {
     pub heartbeat_timeout_ms: u64,
     pub body_bytes_max: usize,
     pub message_bytes_max: usize,
+    /// In a fleet, when another node is this user's home and says where it
+    /// is: reconnect there, at a random moment (this node serves the device
+    /// fully meanwhile).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub home: Option<&'a str>,
 }
 
 #[derive(Serialize)]

@@ -32,8 +32,9 @@ impl Fleet {
             database,
             nats,
         };
-        for _ in 0..count {
-            let node = fleet.start_node(&[]);
+        for index in 0..count {
+            let url = public_url(index);
+            let node = fleet.start_node(&["--public-url", &url]);
             fleet.nodes.push(node);
         }
         fleet
@@ -87,6 +88,12 @@ impl Fleet {
 /// The fleet tests' heartbeat interval: membership changes settle in four
 /// intervals (a liveness timeout of three, plus one of skew).
 pub const MEMBERSHIP_HEARTBEAT_MS: u64 = 300;
+
+/// The `public_url` the `index`th node of `Fleet::start` advertises (a
+/// name, never resolved: tests read it from `hello`).
+pub fn public_url(index: usize) -> String {
+    format!("ws://fleet-node-{index}.invalid/ws")
+}
 
 /// A node's leased id, as it reports it.
 pub fn node_id(node: &Gateway) -> u16 {

@@ -249,6 +249,8 @@ pub struct Client {
     pub socket: WebSocket<TcpStream>,
     /// Messages the connect-time sync delivered (see `Gateway::connect`).
     pub synced: Vec<Value>,
+    /// The `hello` frame (`Value::Null` until read by a connect helper).
+    pub hello: Value,
 }
 
 /// What the server said next.
@@ -436,6 +438,7 @@ pub fn connect_unsynced_at(ws: SocketAddr, user: &str, device: &str) -> Client {
         (hello["user"].as_str(), hello["device"].as_str()),
         (Some(user), Some(device))
     );
+    client.hello = hello;
     client
 }
 
@@ -459,6 +462,7 @@ pub fn upgrade_at(
         Ok((socket, _response)) => Ok(Client {
             socket,
             synced: Vec::new(),
+            hello: Value::Null,
         }),
         Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
             Err(response.status().as_u16())

@@ -325,6 +325,10 @@ pub fn adopt(
         conns.insert(conn.clone());
         conn
     };
+    let home = shard
+        .backplane
+        .as_ref()
+        .and_then(|backplane| backplane.home_url(&conn.user_id));
     let hello = frames::encode_hello(&HelloFrame {
         kind: "hello",
         protocol: PROTOCOL_VERSION,
@@ -334,6 +338,7 @@ pub fn adopt(
         heartbeat_timeout_ms: shard.config.heartbeat_timeout_ms,
         body_bytes_max: shard.config.body_bytes_max,
         message_bytes_max: shard.config.message_bytes_max,
+        home: home.as_deref(),
     });
     conn.enqueue(Bytes::from(handshake::switching_protocols(accept_key)));
     conn.enqueue(Bytes::from(ws::text_frame(&hello)));
