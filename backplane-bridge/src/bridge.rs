@@ -21,7 +21,7 @@
 //! change of homes lose a message silently (the devices of a moved user
 //! resync once every node has seen the change).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -335,6 +335,9 @@ struct Router {
     warm_at_ms: Option<u64>,
     /// When NATS was lost (unix ms), until the reconnect.
     disconnected_at_unix_ms: Option<u64>,
+    started_unix_ms: u64,
+    /// Messages kept while this node could not route them.
+    held: VecDeque<Outbound>,
 }
 
 async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
@@ -409,6 +412,8 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
         last_heartbeat_ms: None,
         warm_at_ms: None,
         disconnected_at_unix_ms: None,
+        started_unix_ms: unix_ms(),
+        held: VecDeque::new(),
     };
     router.stats_update();
     let mut tick = tokio::time::interval(TICK);
@@ -435,14 +440,22 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
                         router.after_an_outage(since);
                     } else {
                         tracing::info!(url = %backplane.config.url, node = me, "backplane connected");
-                        let interval = backplane.config.heartbeat_interval.as_millis() as u64;
-                        router.warm_at_ms = Some(router.now_ms() + interval * 3 / 2);
+                        if !router.local.is_empty() {
+                            // Devices were served before NATS was reachable.
+                            router.after_an_outage(router.started_unix_ms);
+                        }
                     }
+                    // Others may have dropped this node meanwhile, and it
+                    // may have dropped them: learn the membership again
+                    // before routing.
+                    let interval = backplane.config.heartbeat_interval.as_millis() as u64;
+                    router.warm_at_ms = Some(router.now_ms() + interval * 3 / 2);
                     router.heartbeat().await;
                     ever_connected = true;
                 }
                 async_nats::Event::Disconnected => {
                     router.disconnected_at_unix_ms.get_or_insert_with(unix_ms);
+                    router.warm_at_ms = None;
                     backplane.stats.connected.store(false, Relaxed);
                     tracing::warn!("backplane down: local delivery continues; remote users get their messages on sync");
                 }
@@ -450,7 +463,7 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
             },
         }
         // More may have arrived while this turn ran.
-        if router.warm() && backplane.queues.iter().any(|q| !q.is_empty()) {
+        if backplane.queues.iter().any(|q| !q.is_empty()) {
             backplane.notify.notify_one();
         }
     }
@@ -508,11 +521,17 @@ impl Router {
         }
     }
 
+    /// Connected, and the membership is known: messages can be routed.
+    fn routable(&self) -> bool {
+        self.stats().connected.load(Relaxed) && self.warm()
+    }
+
     async fn drain_outbound(&mut self) {
-        if !self.warm() {
-            return;
+        let routable = self.routable();
+        if routable {
+            self.check_serving().await;
+            self.flush_held().await;
         }
-        self.check_serving().await;
         let backplane = self.backplane.clone();
         for queue in &backplane.queues {
             for _ in 0..TURN_BUDGET {
@@ -520,45 +539,65 @@ impl Router {
                     break;
                 };
                 match item {
-                    Outbound::Publish {
-                        users,
-                        message_id,
-                        json,
-                    } => self.publish(users, message_id, json).await,
-                    Outbound::GroupChanged { group } => {
-                        if !self.stats().connected.load(Relaxed) {
-                            // Other nodes' caches expire (`group_cache_ms`).
-                            self.stats().publish_dropped.fetch_add(1, Relaxed);
-                            continue;
-                        }
-                        let subject = groups_subject(self.prefix());
-                        let payload = Bytes::copy_from_slice(group.as_bytes());
-                        match self.client.publish(subject, payload).await {
-                            Ok(()) => self.stats().published.fetch_add(1, Relaxed),
-                            Err(_) => self.stats().publish_dropped.fetch_add(1, Relaxed),
-                        };
-                    }
-                    Outbound::Interest { user, active } => {
-                        if active {
-                            self.interest_on(user);
-                        } else {
-                            self.interest_off(&user).await;
-                        }
-                    }
+                    Outbound::Interest { user, active: true } => self.interest_on(user),
+                    Outbound::Interest {
+                        user,
+                        active: false,
+                    } => self.interest_off(&user).await,
+                    other if routable => self.route(other).await,
+                    other => self.hold(other),
                 }
             }
         }
         self.stats_update();
     }
 
+    /// Keeps a message while this node cannot route (NATS away, or the
+    /// membership not known yet), up to one shard queue's capacity; beyond
+    /// that it is dropped and counted (recipients on other nodes get it on
+    /// their next sync).
+    fn hold(&mut self, item: Outbound) {
+        if self.held.len() < self.backplane.config.queue_capacity {
+            self.held.push_back(item);
+        } else {
+            self.stats().publish_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Routes what was held, oldest first.
+    async fn flush_held(&mut self) {
+        while let Some(item) = self.held.pop_front() {
+            self.route(item).await;
+        }
+    }
+
+    async fn route(&mut self, item: Outbound) {
+        match item {
+            Outbound::Publish {
+                users,
+                message_id,
+                json,
+            } => self.publish(users, message_id, json).await,
+            Outbound::GroupChanged { group } => {
+                let subject = groups_subject(self.prefix());
+                let payload = Bytes::copy_from_slice(group.as_bytes());
+                match self.client.publish(subject, payload).await {
+                    Ok(()) => self.stats().published.fetch_add(1, Relaxed),
+                    Err(_) => self.stats().publish_dropped.fetch_add(1, Relaxed),
+                };
+            }
+            Outbound::Interest { user, active: true } => self.interest_on(user),
+            Outbound::Interest {
+                user,
+                active: false,
+            } => self.interest_off(&user).await,
+        }
+    }
+
     /// Routes a message from this node's shards: each user's home gets it
     /// (one envelope per home), and for users homed here the registered
     /// nodes get it directly.
     async fn publish(&mut self, users: Vec<Box<str>>, message_id: u64, json: Bytes) {
-        if !self.stats().connected.load(Relaxed) {
-            self.stats().publish_dropped.fetch_add(1, Relaxed);
-            return;
-        }
         let mut batches: HashMap<(u16, bool), Vec<Box<str>>> = HashMap::new();
         for user in users {
             let home = self.membership.home(&user);
@@ -736,10 +775,13 @@ impl Router {
             if changed {
                 self.publish_homes(urls);
             }
-            // Queued before the node was warm, or the notify was missed.
-            if self.backplane.queues.iter().any(|q| !q.is_empty()) {
-                self.backplane.notify.notify_one();
-            }
+        }
+        if self.routable() {
+            self.flush_held().await;
+        }
+        // The notify may have been missed.
+        if self.backplane.queues.iter().any(|q| !q.is_empty()) {
+            self.backplane.notify.notify_one();
         }
         for node in self.membership.gone_for(GONE_FORGET_MS, now) {
             self.exceptions.forget_node(node);
@@ -893,13 +935,33 @@ impl Router {
     /// this node is the home, else a request to it (answered once it will).
     fn register(&mut self, user: &str) {
         let home = self.membership.home(user);
-        let can_ask = self.in_flight < REGISTRATIONS_IN_FLIGHT_MAX
-            && self.stats().connected.load(Relaxed)
-            && self.warm();
+        let connected = self.stats().connected.load(Relaxed);
+        let warm = self.warm();
+        let can_ask = self.in_flight < REGISTRATIONS_IN_FLIGHT_MAX;
         let Some(local) = self.local.get_mut(user) else {
             self.unregistered.remove(user);
             return;
         };
+        if !connected {
+            // Nothing is routed now; the device syncs at once, and again
+            // from now once this node is back and the home knows it.
+            if std::mem::take(&mut local.owed_active) {
+                let _ = self
+                    .sink
+                    .deliver(&Inbound::InterestActive { user: user.into() });
+            }
+            local
+                .missed_since
+                .get_or_insert_with(|| unix_ms().saturating_sub(RESYNC_CLOCK_MARGIN_MS));
+            self.unregistered.insert(user.into());
+            return;
+        }
+        if !warm {
+            // The membership is not known yet: the connect-time sync waits
+            // (at most until warm, 1.5 heartbeat intervals).
+            self.unregistered.insert(user.into());
+            return;
+        }
         if home == self.me {
             local.registered = Some(home);
             self.unregistered.remove(user);
@@ -907,6 +969,13 @@ impl Router {
                 let _ = self
                     .sink
                     .deliver(&Inbound::InterestActive { user: user.into() });
+            }
+            if let Some(since_unix_ms) = local.missed_since.take() {
+                let moved = Inbound::Moved {
+                    user: user.into(),
+                    since_unix_ms,
+                };
+                let _ = self.to_shards.try_send(moved);
             }
             return;
         }

@@ -32,6 +32,11 @@ pub struct CrossNodeArgs {
     pub nats_server: String,
     #[arg(long, env = "GATEWAY_AUTH_SECRET", hide_env_values = true)]
     pub secret: String,
+    /// Gateway nodes: senders on the first, cross-node recipients spread
+    /// over the others. With 3 or more, a recipient's home is often neither
+    /// node, and its messages take two hops (sender → home → recipient).
+    #[arg(long, default_value_t = 2)]
+    pub nodes: u16,
     /// Sender-recipient pairs in each group (same node, cross node).
     #[arg(long, default_value_t = 50)]
     pub pairs: usize,
@@ -48,6 +53,7 @@ pub struct CrossNodeArgs {
 
 #[derive(Debug, serde::Serialize)]
 pub struct CrossNodeReport {
+    pub nodes: u16,
     pub pairs_per_group: usize,
     pub rate_per_s: u64,
     pub sent: u64,
@@ -102,9 +108,10 @@ pub fn run(args: &CrossNodeArgs) -> anyhow::Result<()> {
         args.pairs >= 1 && args.rate >= 1,
         "need 1+ pairs and a rate"
     );
+    anyhow::ensure!((2..=8).contains(&args.nodes), "--nodes must be 2-8");
     let nats = NatsServer::start(&args.nats_server)?;
     let mut nodes = Vec::new();
-    for node_id in [1u16, 2] {
+    for node_id in 1..=args.nodes {
         let ws: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let mut extra = args.gateway_args.clone();
         extra.extend([
@@ -118,14 +125,23 @@ pub fn run(args: &CrossNodeArgs) -> anyhow::Result<()> {
             GatewayProcess::start(&args.gateway, &args.secret, &extra, ws)?,
         ));
     }
-    let (node_a, node_b) = (nodes[0].0, nodes[1].0);
+    for (_, process) in &nodes {
+        // A settled membership: no home moves during the run.
+        process.wait_metric("gateway_backplane_nodes_live", u64::from(args.nodes))?;
+    }
+    let node_a = nodes[0].0;
+    let others: Vec<std::net::SocketAddr> = nodes[1..].iter().map(|(ws, _)| *ws).collect();
 
     // Recipients first (each waits for its subscription), then senders on node 1.
     let mut readers = Vec::new();
     let measure_from_ns = monotonic_ns() + 3_000_000_000 + args.warmup_s * 1_000_000_000;
     let end_ns = measure_from_ns + args.duration_s * 1_000_000_000;
-    for (group, node) in [("s", node_a), ("x", node_b)] {
+    for group in ["s", "x"] {
         for pair in 0..args.pairs {
+            let node = match group {
+                "s" => node_a,
+                _ => others[pair % others.len()],
+            };
             let (stream, rest) = open_synced(node, &args.secret, &format!("cn-{group}r{pair}"))?;
             readers.push(std::thread::spawn(move || {
                 read_deliveries(stream, rest, measure_from_ns, end_ns)
@@ -184,6 +200,7 @@ pub fn run(args: &CrossNodeArgs) -> anyhow::Result<()> {
     drop(nats);
 
     let report = CrossNodeReport {
+        nodes: args.nodes,
         pairs_per_group: args.pairs,
         rate_per_s: args.rate,
         sent: total,
@@ -193,8 +210,13 @@ pub fn run(args: &CrossNodeArgs) -> anyhow::Result<()> {
         environment: report::environment(),
     };
     println!(
-        "cross-node: {} msgs/s for {} s ({} sent, {} late), {} pairs per group",
-        report.rate_per_s, args.duration_s, report.sent, report.late_sends, report.pairs_per_group
+        "cross-node: {} nodes, {} msgs/s for {} s ({} sent, {} late), {} pairs per group",
+        report.nodes,
+        report.rate_per_s,
+        args.duration_s,
+        report.sent,
+        report.late_sends,
+        report.pairs_per_group
     );
     println!("  latency         p50      p90      p99    p99.9      max     count");
     for (name, p) in [

@@ -112,6 +112,14 @@ impl GatewayTarget {
                         GatewayProcess::start(binary, &self.secret, &args, address)
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
+                if nats.is_some() {
+                    // Measure a settled fleet: every node knows every other
+                    // (a membership change mid-run moves homes and resyncs).
+                    for process in &spawned {
+                        process
+                            .wait_metric("gateway_backplane_nodes_live", spawned.len() as u64)?;
+                    }
+                }
                 ResolvedTarget {
                     address,
                     pids: spawned.iter().map(GatewayProcess::pid).collect(),
@@ -181,6 +189,7 @@ impl GatewayTarget {
 
 pub struct GatewayProcess {
     child: Child,
+    admin: SocketAddr,
     _data_dir: TempDir,
 }
 
@@ -230,6 +239,7 @@ impl GatewayProcess {
             .with_context(|| format!("starting {binary}"))?;
         let mut gateway = GatewayProcess {
             child,
+            admin,
             _data_dir: data_dir,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -248,22 +258,41 @@ impl GatewayProcess {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Waits (at most 15 s) until the unlabelled metric `name` reads `value`.
+    pub fn wait_metric(&self, name: &str, value: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let body = admin_get(self.admin, "/metrics").unwrap_or_default();
+            let current = body.lines().find_map(|line| {
+                let (metric, number) = line.split_once(' ')?;
+                (metric == name).then(|| number.trim().parse::<u64>().ok())?
+            });
+            if current == Some(value) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{name} stayed at {current:?}, not {value}, for 15 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// GET on an admin listener: the whole response, or `None`.
+fn admin_get(admin: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(1)).ok()?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    Some(response)
 }
 
 fn ready(admin: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&admin, Duration::from_secs(1)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    if stream
-        .write_all(b"GET /readyz HTTP/1.1\r\nHost: admin\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response.starts_with("HTTP/1.1 200")
+    admin_get(admin, "/readyz").is_some_and(|response| response.starts_with("HTTP/1.1 200"))
 }
 
 impl Drop for GatewayProcess {
