@@ -22,7 +22,7 @@
 //! resync once every node has seen the change).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -313,6 +313,8 @@ struct Router {
     client: async_nats::Client,
     sink: Arc<dyn Sink>,
     to_shards: mpsc::Sender<Inbound>,
+    /// Deliveries queued for `hand_to_shards` and not yet handed over.
+    retrying: Arc<AtomicUsize>,
     registered_tx: mpsc::Sender<Registered>,
     me: u16,
     incarnation: u64,
@@ -384,12 +386,14 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
     // Ours, the membership, group changes, and the request inbox.
     backplane.stats.subscriptions.store(4, Relaxed);
     let (to_shards, from_router) = mpsc::channel(LOCAL_QUEUE);
+    let retrying = Arc::new(AtomicUsize::new(0));
     let (dropped_tx, mut dropped_rx) = mpsc::channel(LOCAL_QUEUE);
     tokio::spawn(hand_to_shards(
         backplane.clone(),
         sink.clone(),
         from_router,
         dropped_tx,
+        retrying.clone(),
     ));
     let (registered_tx, mut registered_rx) = mpsc::channel(REGISTRATIONS_IN_FLIGHT_MAX);
     let timeout_ms = backplane.config.liveness_timeout().as_millis() as u64;
@@ -398,6 +402,7 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
         client,
         sink,
         to_shards,
+        retrying,
         registered_tx,
         me,
         incarnation: fastrand::u64(..),
@@ -675,11 +680,16 @@ impl Router {
                     message_id,
                     json: json.clone(),
                 };
-                if let Err(error) = self.to_shards.try_send(inbound) {
+                // At once when nothing waits for a retry (so a user's
+                // messages keep their order), else behind the retries.
+                if self.retrying.load(Relaxed) == 0 && self.sink.deliver(&inbound) {
+                    continue;
+                }
+                if let Err(inbound) = self.queue_to_shards(inbound) {
                     self.stats().inbound_dropped.fetch_add(1, Relaxed);
                     if let Inbound::Deliver {
                         user, message_id, ..
-                    } = error.into_inner()
+                    } = inbound
                     {
                         self.resync_later(user, message_id);
                     }
@@ -814,7 +824,7 @@ impl Router {
                         user,
                         since_unix_ms,
                     };
-                    let _ = self.to_shards.try_send(moved);
+                    let _ = self.queue_to_shards(moved);
                 }
             }
         }
@@ -870,6 +880,16 @@ impl Router {
             let entry = self.resync_due.entry(due).or_default();
             entry.extend(moved.into_iter().map(|user| (user, since)));
         }
+    }
+
+    /// Queues `inbound` for `hand_to_shards` (which retries full shard
+    /// queues); hands it back when that queue is full.
+    fn queue_to_shards(&self, inbound: Inbound) -> Result<(), Inbound> {
+        self.retrying.fetch_add(1, Relaxed);
+        self.to_shards.try_send(inbound).map_err(|error| {
+            self.retrying.fetch_sub(1, Relaxed);
+            error.into_inner()
+        })
     }
 
     /// Resyncs `user` from `message_id`'s time, a settle time from now (a
@@ -975,7 +995,7 @@ impl Router {
                     user: user.into(),
                     since_unix_ms,
                 };
-                let _ = self.to_shards.try_send(moved);
+                let _ = self.queue_to_shards(moved);
             }
             return;
         }
@@ -1053,7 +1073,7 @@ impl Router {
                 .deliver(&Inbound::InterestActive { user: user.clone() });
         }
         if let Some(since_unix_ms) = local.missed_since.take() {
-            let _ = self.to_shards.try_send(Inbound::Moved {
+            let _ = self.queue_to_shards(Inbound::Moved {
                 user,
                 since_unix_ms,
             });
@@ -1108,6 +1128,7 @@ async fn hand_to_shards(
     sink: Arc<dyn Sink>,
     mut from_router: mpsc::Receiver<Inbound>,
     dropped: mpsc::Sender<(Box<str>, u64)>,
+    retrying: Arc<AtomicUsize>,
 ) {
     while let Some(inbound) = from_router.recv().await {
         let mut tries = 0;
@@ -1125,6 +1146,7 @@ async fn hand_to_shards(
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        retrying.fetch_sub(1, Relaxed);
     }
 }
 

@@ -153,6 +153,9 @@ pub struct ConnectReport {
     pub user_space_bytes_per_connection: Option<f64>,
     pub kernel_tcp_buffer_bytes_per_connection: Option<f64>,
     pub kernel_slab_bytes_per_connection_both_ends: Option<f64>,
+    /// The backplane's nats-server (`--backplane`): before and after.
+    pub nats_before: Option<procfs::ProcessMemory>,
+    pub nats_after: Option<procfs::ProcessMemory>,
 }
 
 pub fn run(args: &ConnectArgs) -> anyhow::Result<()> {
@@ -161,6 +164,7 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<()> {
     }
     let gateway = args.gateway.resolve()?;
     let before = gateway.memory()?;
+    let nats_before = gateway.nats_memory();
     let tcp_pages_before = procfs::tcp_memory_pages().ok();
     let slab_before = procfs::slab_bytes().ok();
 
@@ -190,6 +194,8 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<()> {
         open_rate_per_s: held_count as f64 / open_seconds,
         gateway_before: before,
         gateway_after: after,
+        nats_before,
+        nats_after: gateway.nats_memory(),
         ..ConnectReport::default()
     };
     if let (Some(before), Some(after)) = (before, after) {
@@ -221,6 +227,13 @@ pub fn run(args: &ConnectArgs) -> anyhow::Result<()> {
             "  gateway anonymous memory {:.1} MiB -> {:.1} MiB (rss {:.1} MiB)",
             before.anonymous_bytes as f64 / 1048576.0,
             after.anonymous_bytes as f64 / 1048576.0,
+            after.rss_bytes as f64 / 1048576.0
+        );
+    }
+    if let (Some(before), Some(after)) = (report.nats_before, report.nats_after) {
+        println!(
+            "  backplane nats-server rss {:.1} MiB -> {:.1} MiB",
+            before.rss_bytes as f64 / 1048576.0,
             after.rss_bytes as f64 / 1048576.0
         );
     }

@@ -4,19 +4,22 @@
 //! Owns the simulation: users spread over `--nodes` by `HomeTable` (the
 //! table every node computes from the live membership), how many users'
 //! homes move when one node leaves and when one joins, the NATS
-//! subscriptions per server (per-node subjects against today's per-user
-//! ones), and the rate each node subject carries at `--rate` messages/s
-//! between random users. Prints a table and writes JSON. Never starts a
-//! process or opens a socket.
+//! subscriptions per server (per-node subjects against per-user ones), the
+//! devices away from home (`--away-share`) and the exceptions their homes
+//! hold, the rate each node subject carries at `--rate` messages/s between
+//! random users (one publish to the home, one more forward for a device
+//! away from it), and the heartbeats each node hears. Prints a table and
+//! writes JSON. Never starts a process or opens a socket.
 
 use std::time::Instant;
 
 use backplane_bridge::routing::{user_hash, HomeTable};
 use serde_json::json;
 
-/// Subjects each node subscribes to under per-node routing: its own node
-/// subject, the membership heartbeats, and group-membership changes.
-const SUBJECTS_PER_NODE: u64 = 3;
+/// Subscriptions each node holds under per-node routing: its own node
+/// subject, the membership heartbeats, group-membership changes, and
+/// async-nats's request inbox (measured: `fleet_routing.rs`).
+const SUBJECTS_PER_NODE: u64 = 4;
 /// nats-server 2.9.10 per subscription on these machines (500,000 `SUB`s on
 /// distinct subjects: RSS 11.8 MB to 420.2 MB).
 const NATS_BYTES_PER_SUBSCRIPTION: f64 = 817.0;
@@ -35,6 +38,15 @@ pub struct FleetArgs {
     /// Messages sampled between random users for the per-subject rates.
     #[arg(long, default_value_t = 5_000_000)]
     pub messages: u64,
+    /// Share of devices on a node other than their user's home. Default
+    /// (negative): a uniformly random node, as behind a least-connections
+    /// load balancer with clients that ignore `hello.home` (1 - 1/nodes).
+    /// 0: every client follows `hello.home`.
+    #[arg(long, default_value_t = -1.0, allow_hyphen_values = true)]
+    pub away_share: f64,
+    /// The membership heartbeat interval (`membership_heartbeat_ms`).
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
     /// Write the summary here as JSON.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -75,18 +87,65 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
     let joined = HomeTable::new(&joined_nodes).expect("nodes");
     let moved_on_join = moved(&hashes, &homes, &joined);
 
-    // Per-node subjects: a message goes to its recipient's home node (the
-    // sender's other devices are on the sender's home, where it is sent).
-    let mut per_subject = vec![0u64; usize::from(args.nodes)];
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    for _ in 0..args.messages {
+    // Where each user's device is: at home, or (with the away share) on
+    // another node, picked at random.
+    let away_share = if args.away_share < 0.0 {
+        1.0 - 1.0 / f64::from(args.nodes)
+    } else {
+        args.away_share.min(1.0)
+    };
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
         state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let recipient = (splitmix(state) % args.users) as usize;
-        per_subject[usize::from(homes[recipient])] += 1;
+        splitmix(state)
+    };
+    let devices: Vec<u16> = homes
+        .iter()
+        .map(|home| {
+            if (next() % 1_000_000) as f64 >= away_share * 1e6 {
+                return *home;
+            }
+            let other = (next() % u64::from(args.nodes - 1)) as u16;
+            if other >= *home {
+                other + 1
+            } else {
+                other
+            }
+        })
+        .collect();
+    let mut exceptions = vec![0u64; usize::from(args.nodes)];
+    for (home, device) in homes.iter().zip(&devices) {
+        if home != device {
+            exceptions[usize::from(*home)] += 1;
+        }
+    }
+    let exceptions_max = exceptions.iter().max().copied().unwrap_or(0);
+    let exceptions_mean = exceptions.iter().sum::<u64>() as f64 / f64::from(args.nodes);
+
+    // A message from a device on node S to a user homed on H whose device
+    // is on D: one publish to H unless S is H, and one forward from H to D
+    // unless D is H or S.
+    let mut per_subject = vec![0u64; usize::from(args.nodes)];
+    let mut publishes = 0u64;
+    for _ in 0..args.messages {
+        let sender = devices[(next() % args.users) as usize];
+        let recipient = (next() % args.users) as usize;
+        let (home, device) = (homes[recipient], devices[recipient]);
+        if home != sender {
+            per_subject[usize::from(home)] += 1;
+            publishes += 1;
+        }
+        if device != home && device != sender {
+            per_subject[usize::from(device)] += 1;
+            publishes += 1;
+        }
     }
     let scale = args.rate as f64 / args.messages as f64;
     let subject_max = *per_subject.iter().max().unwrap_or(&0) as f64 * scale;
-    let subject_mean = args.rate as f64 / f64::from(args.nodes);
+    let subject_mean = publishes as f64 * scale / f64::from(args.nodes);
+    let publishes_per_message = publishes as f64 / args.messages as f64;
+    let heartbeats_per_node_s =
+        f64::from(args.nodes - 1) * 1000.0 / args.heartbeat_ms.max(1) as f64;
 
     let subscriptions_per_node_routing = SUBJECTS_PER_NODE * u64::from(args.nodes);
     let subscriptions_per_user_routing = args.users;
@@ -116,8 +175,16 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
         subscriptions_per_user_routing as f64 * NATS_BYTES_PER_SUBSCRIPTION / 1e9
     );
     println!(
-        "  per node subject    mean {subject_mean:.0} msgs/s  max {subject_max:.0} msgs/s ({} messages sampled)",
+        "  devices away        {:.1}% of users; exceptions per home max {exceptions_max}  mean {exceptions_mean:.1}",
+        away_share * 100.0
+    );
+    println!(
+        "  per node subject    mean {subject_mean:.0} msgs/s  max {subject_max:.0} msgs/s; {publishes_per_message:.3} publishes per message ({} messages sampled)",
         args.messages
+    );
+    println!(
+        "  heartbeats          {heartbeats_per_node_s:.0} received per node per second (every {} ms)",
+        args.heartbeat_ms
     );
     if let Some(path) = &args.json {
         let summary = json!({
@@ -133,7 +200,11 @@ pub fn run(args: &FleetArgs) -> anyhow::Result<()> {
                 "per_user_routing": subscriptions_per_user_routing,
                 "bytes_per_subscription": NATS_BYTES_PER_SUBSCRIPTION,
             },
+            "away_share": away_share,
+            "exceptions_per_home": {"max": exceptions_max, "mean": exceptions_mean},
             "per_node_subject_msgs_per_s": {"mean": subject_mean, "max": subject_max},
+            "publishes_per_message": publishes_per_message,
+            "heartbeats_per_node_per_s": heartbeats_per_node_s,
             "messages_sampled": args.messages,
         });
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)?;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::child::{die_with_this_thread, free_port};
+use crate::procfs;
 
 /// Which gateway a scenario talks to, and how clients reach it. Shared by every scenario.
 #[derive(clap::Args, Debug, Clone)]
@@ -62,6 +63,12 @@ pub struct ResolvedTarget {
 }
 
 impl ResolvedTarget {
+    /// The backplane's nats-server's memory (`--backplane` only).
+    pub fn nats_memory(&self) -> Option<procfs::ProcessMemory> {
+        let nats = self._nats.as_ref()?;
+        procfs::process_memory(nats.pid()).ok()
+    }
+
     /// Summed memory of every gateway process.
     pub fn memory(&self) -> anyhow::Result<Option<crate::procfs::ProcessMemory>> {
         if self.pids.is_empty() {

@@ -483,9 +483,44 @@ fn fleet_simulates_the_real_routing_and_its_figures_add_up() {
         let share = report["moved_share"][moved].as_f64().unwrap();
         assert!(share > 0.01 && share < 0.2, "{moved}: {share}");
     }
-    assert_eq!(report["nats_subscriptions"]["per_node_routing"], 150);
+    assert_eq!(report["nats_subscriptions"]["per_node_routing"], 200);
     assert_eq!(report["nats_subscriptions"]["per_user_routing"], 100000);
+    // Devices on a random node: 49 in 50 are away from home, so a message
+    // is a publish to the home and, nearly always, a forward.
+    assert_eq!(report["away_share"], 0.98);
+    let publishes = report["publishes_per_message"].as_f64().unwrap();
+    assert!((1.9..1.98).contains(&publishes), "{publishes}");
+    let exceptions = &report["exceptions_per_home"];
+    let mean = exceptions["mean"].as_f64().unwrap();
+    assert!((1900.0..2000.0).contains(&mean), "{exceptions}");
     let per_subject = &report["per_node_subject_msgs_per_s"];
-    assert_eq!(per_subject["mean"], 2000.0);
-    assert!(per_subject["max"].as_f64().unwrap() >= 2000.0);
+    let subject_mean = per_subject["mean"].as_f64().unwrap();
+    assert!(
+        (subject_mean - publishes * 2000.0).abs() < 1.0,
+        "{per_subject}"
+    );
+    assert!(per_subject["max"].as_f64().unwrap() >= subject_mean);
+    assert_eq!(report["heartbeats_per_node_per_s"], 49.0);
+
+    // Every client at home: one publish per message, unless the sender is
+    // on the recipient's home (1 in 50), and no exceptions.
+    bench_as_is(&[
+        "fleet",
+        "--nodes",
+        "50",
+        "--users",
+        "100000",
+        "--messages",
+        "100000",
+        "--rate",
+        "100000",
+        "--away-share",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let report = report_at(&json);
+    assert_eq!(report["exceptions_per_home"]["max"], 0);
+    let publishes = report["publishes_per_message"].as_f64().unwrap();
+    assert!((0.97..0.99).contains(&publishes), "{publishes}");
 }

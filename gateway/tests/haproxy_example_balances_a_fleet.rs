@@ -116,4 +116,3 @@ fn the_haproxy_example_spreads_clients_and_moves_them_off_a_draining_node() {
         assert_eq!(bodies(&seen), ["after the drain"]);
     }
 }
-
