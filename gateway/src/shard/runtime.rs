@@ -97,10 +97,18 @@ fn handle(shard: &Rc<Shard>, message: ShardMessage) {
             user,
             since_unix_ms,
         } => {
-            let devices = shard.users.borrow().devices_of(&user);
-            for conn in devices.iter().filter(|conn| !conn.is_closing()) {
-                sync::resync(shard, conn, since_unix_ms);
-            }
+            // A node's death moves many users at once: spread their syncs
+            // over the resync window, as after an outage.
+            let delay =
+                Duration::from_millis(fastrand::u64(0..shard.config.resync_window_ms.max(1)));
+            let shard = shard.clone();
+            monoio::spawn(async move {
+                monoio::time::sleep(delay).await;
+                let devices = shard.users.borrow().devices_of(&user);
+                for conn in devices.iter().filter(|conn| !conn.is_closing()) {
+                    sync::resync(&shard, conn, since_unix_ms);
+                }
+            });
         }
         ShardMessage::Drain => {
             if !shard.draining.replace(true) {
