@@ -228,25 +228,20 @@ mod tests {
 
     #[test]
     fn a_deliver_with_no_users_or_too_many_is_refused_before_allocating() {
-        let mut encoder = Encoder::default();
-        encoder
-            .u8(ENVELOPE_VERSION)
-            .u8(KIND_DELIVER)
-            .u16(1)
-            .u8(0)
-            .u64(7)
-            .u16(0);
-        assert!(Envelope::decode(&encoder.bytes).is_err());
-        let mut encoder = Encoder::default();
-        encoder
-            .u8(ENVELOPE_VERSION)
-            .u8(KIND_DELIVER)
-            .u16(1)
-            .u8(0)
-            .u64(7)
-            .u16(u16::MAX);
+        let with_count = |count: u16| {
+            let mut encoder = Encoder::default();
+            encoder
+                .u8(ENVELOPE_VERSION)
+                .u8(KIND_DELIVER)
+                .u16(1)
+                .u8(0)
+                .u64(7)
+                .u16(count);
+            encoder.bytes
+        };
+        assert!(Envelope::decode(&with_count(0)).is_err());
         assert_eq!(
-            Envelope::decode(&encoder.bytes),
+            Envelope::decode(&with_count(u16::MAX)),
             Err(DecodeError("bad user count"))
         );
     }

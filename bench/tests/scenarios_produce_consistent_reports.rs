@@ -456,19 +456,24 @@ fn cross_node_measures_both_paths_in_one_run() {
 fn fleet_simulates_the_real_routing_and_its_figures_add_up() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("fleet.json");
-    let table = bench_as_is(&[
-        "fleet",
-        "--nodes",
-        "50",
-        "--users",
-        "100000",
-        "--messages",
-        "100000",
-        "--rate",
-        "100000",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let fleet = |extra: &[&str]| {
+        let mut args = vec![
+            "fleet",
+            "--nodes",
+            "50",
+            "--users",
+            "100000",
+            "--messages",
+            "100000",
+            "--rate",
+            "100000",
+            "--json",
+        ];
+        args.push(json.to_str().unwrap());
+        args.extend(extra);
+        bench_as_is(&args)
+    };
+    let table = fleet(&[]);
     assert!(table.contains("users per node"), "{table}");
     let report = report_at(&json);
     let users = &report["users_per_node"];
@@ -504,21 +509,7 @@ fn fleet_simulates_the_real_routing_and_its_figures_add_up() {
 
     // Every client at home: one publish per message, unless the sender is
     // on the recipient's home (1 in 50), and no exceptions.
-    bench_as_is(&[
-        "fleet",
-        "--nodes",
-        "50",
-        "--users",
-        "100000",
-        "--messages",
-        "100000",
-        "--rate",
-        "100000",
-        "--away-share",
-        "0",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    fleet(&["--away-share", "0"]);
     let report = report_at(&json);
     assert_eq!(report["exceptions_per_home"]["max"], 0);
     let publishes = report["publishes_per_message"].as_f64().unwrap();
