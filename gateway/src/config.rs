@@ -190,6 +190,11 @@ pub struct Config {
     /// told in `hello` to reconnect here if this is its user's home. Empty:
     /// not advertised (devices are served wherever they land).
     pub public_url: String,
+    /// Serve the browser chat client at `/` on the client listener.
+    pub web_client: bool,
+    /// Development only: `/dev/sign-in` mints a token for any user name, so
+    /// anyone who reaches the listener can sign in as anyone. Off by default.
+    pub dev_sign_in: bool,
 }
 
 impl Default for Config {
@@ -255,6 +260,8 @@ impl Default for Config {
             resync_window_ms: 2_000,
             membership_heartbeat_ms: 1_000,
             public_url: String::new(),
+            web_client: true,
+            dev_sign_in: false,
         }
     }
 }
@@ -338,6 +345,8 @@ overrides! {
     resync_window_ms: u64,
     membership_heartbeat_ms: u64,
     public_url: String,
+    web_client: bool,
+    dev_sign_in: bool,
 }
 
 /// The `--config` file and the flags over it.

@@ -22,6 +22,7 @@ mod sock;
 #[allow(unsafe_code)] // process syscalls; see its header
 mod sys;
 mod systemd_notify;
+mod web;
 mod writer_process;
 
 use std::time::Duration;

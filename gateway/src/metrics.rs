@@ -54,6 +54,8 @@ pub struct ShardMetrics {
     /// Entries in the idempotency table (refreshed each heartbeat sweep).
     pub idempotency_entries: AtomicU64,
     pub handshakes_accepted: AtomicU64,
+    /// Plain GETs of the web client's pages answered.
+    pub pages_served: AtomicU64,
     pub handshakes_refused: [AtomicU64; REFUSALS.len()],
     pub handoffs_sent: AtomicU64,
     pub handoffs_received: AtomicU64,
@@ -233,6 +235,12 @@ const SHARD_METRICS: &[(&str, &str, &str, ShardField)] = &[
         "counter",
         "Upgrades accepted.",
         |m| &m.handshakes_accepted,
+    ),
+    (
+        "gateway_pages_served_total",
+        "counter",
+        "Requests for the web client's pages (and dev sign-in) answered.",
+        |m| &m.pages_served,
     ),
     (
         "gateway_handoffs_sent_total",

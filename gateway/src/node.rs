@@ -83,6 +83,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         Vec::new()
     };
 
+    let web = Arc::new(crate::web::WebClient::new(
+        config.web_client,
+        config.dev_sign_in,
+        &secret,
+    ));
+    if config.web_client && config.dev_sign_in {
+        tracing::warn!("dev_sign_in is on: anyone who reaches the listener can sign in as anyone (development only)");
+    }
     let mut threads = Vec::with_capacity(config.shards);
     for (id, listener) in listeners.into_iter().enumerate() {
         let setup = ShardSetup {
@@ -91,6 +99,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             node: node.clone(),
             mesh: mesh.clone(),
             secret: secret.clone(),
+            web: web.clone(),
             listener,
             core: cores.get(id % cores.len().max(1)).copied(),
             backplane: backplane.clone(),

@@ -1,8 +1,10 @@
 //! The HTTP/1.1 upgrade that opens a WebSocket, parsed and answered without I/O.
 //!
 //! Owns request validation (method, path, upgrade headers, version), token
-//! extraction (`Authorization: Bearer` or `?token=`) and the response bytes.
-//! Never verifies the token itself (that is `token`) and never reads a socket.
+//! extraction (`Authorization: Bearer` or `?token=`), telling a page request
+//! (a plain `GET` of another path: the web client) from an upgrade, and the
+//! response bytes. Never verifies the token itself (that is `token`), never
+//! decides what a page holds, and never reads a socket.
 
 use crate::limits::UPGRADE_HEADERS_MAX;
 
@@ -42,14 +44,44 @@ impl HandshakeError {
     }
 }
 
-/// Parses the request at the start of `input`. `Ok(None)` means more bytes are
-/// needed; `Ok(Some((request, length)))` gives the request and how many bytes
-/// it took (anything after it is the client's first WebSocket frames).
+/// A plain `GET` of a path other than the WebSocket's.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PageRequest {
+    pub path: String,
+    /// The query string, without `?` (empty when there is none).
+    pub query: String,
+}
+
+/// What a complete request asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Request {
+    Upgrade(UpgradeRequest),
+    Page(PageRequest),
+}
+
+/// Parses an upgrade request at the start of `input` (any other path is
+/// `NotFound`). `Ok(None)` means more bytes are needed; `Ok(Some((request,
+/// length)))` gives the request and how many bytes it took (anything after
+/// it is the client's first WebSocket frames).
 pub fn parse_upgrade(
     input: &[u8],
     ws_path: &str,
     request_bytes_max: usize,
 ) -> Result<Option<(UpgradeRequest, usize)>, HandshakeError> {
+    match parse_request(input, ws_path, request_bytes_max)? {
+        None => Ok(None),
+        Some((Request::Upgrade(upgrade), length)) => Ok(Some((upgrade, length))),
+        Some((Request::Page(_), _)) => Err(HandshakeError::NotFound),
+    }
+}
+
+/// Parses the request at the start of `input`: an upgrade on `ws_path`, or
+/// a page request for any other path (the caller answers it or says 404).
+pub fn parse_request(
+    input: &[u8],
+    ws_path: &str,
+    request_bytes_max: usize,
+) -> Result<Option<(Request, usize)>, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; UPGRADE_HEADERS_MAX];
     let mut request = httparse::Request::new(&mut headers);
     let length = match request.parse(input) {
@@ -76,7 +108,11 @@ pub fn parse_upgrade(
     let target = request.path.unwrap_or("");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if path != ws_path {
-        return Err(HandshakeError::NotFound);
+        let page = PageRequest {
+            path: path.to_owned(),
+            query: query.to_owned(),
+        };
+        return Ok(Some((Request::Page(page), length)));
     }
 
     let header = |name: &str| {
@@ -132,7 +168,8 @@ pub fn parse_upgrade(
             .unwrap_or_default(),
     };
     let accept_key = tungstenite::handshake::derive_accept_key(key.as_bytes());
-    Ok(Some((UpgradeRequest { token, accept_key }, length)))
+    let upgrade = UpgradeRequest { token, accept_key };
+    Ok(Some((Request::Upgrade(upgrade), length)))
 }
 
 /// `101 Switching Protocols` for an accepted upgrade.
@@ -141,6 +178,22 @@ pub fn switching_protocols(accept_key: &str) -> Vec<u8> {
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept_key}\r\n\r\n"
     )
     .into_bytes()
+}
+
+/// A complete `200 OK` answer to a page request; the connection closes
+/// after it. The headers keep a page to this origin (scripts, styles and
+/// WebSocket connections), off other sites' frames, and uncached.
+pub fn page(content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Cache-Control: no-cache\r\nX-Content-Type-Options: nosniff\r\n\
+         Content-Security-Policy: default-src 'self'; connect-src 'self' ws: wss:; frame-ancestors 'none'\r\n\
+         Referrer-Policy: no-referrer\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    response.extend_from_slice(body);
+    response
 }
 
 /// A complete refusal with a short plain-text body; the connection closes after it.
@@ -204,6 +257,34 @@ mod tests {
             parse_upgrade(&input[..20], "/ws", 20),
             Err(HandshakeError::TooLarge)
         );
+    }
+
+    #[test]
+    fn a_plain_get_of_another_path_is_a_page_request_and_answered_whole() {
+        let get = b"GET /app.js?v=2 HTTP/1.1\r\nHost: x\r\n\r\n";
+        let page = PageRequest {
+            path: "/app.js".into(),
+            query: "v=2".into(),
+        };
+        assert_eq!(
+            parse_request(get, "/ws", 8192),
+            Ok(Some((Request::Page(page), get.len())))
+        );
+        let plain_ws = b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(
+            parse_request(plain_ws, "/ws", 8192),
+            Err(HandshakeError::UpgradeRequired)
+        );
+        let answer = String::from_utf8(page_answer()).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.contains("Content-Length: 5\r\n"), "{head}");
+        assert!(head.contains("Content-Security-Policy: default-src 'self'"));
+        assert_eq!(body, "hello");
+    }
+
+    fn page_answer() -> Vec<u8> {
+        page("text/plain", b"hello")
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! bounded, timed handshake read, token verification, the hand-off of an
 //! authenticated socket to its user's home shard, and adoption there
 //! (register the connection, answer 101, say `hello`, start its socket
-//! task). Refusals are HTTP answers (401, 4xx, 503), never a dropped
-//! socket. Never serves WebSocket frames itself (`socket.rs` does).
+//! task). A plain `GET` of another path is answered with what `web` says
+//! (the browser client), within the same time bound. Refusals are HTTP
+//! answers (401, 4xx, 503), never a dropped socket. Never serves WebSocket
+//! frames itself (`socket.rs` does).
 
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chat_protocol::frames::{self, HelloFrame};
-use chat_protocol::handshake::{self, HandshakeError, UpgradeRequest};
+use chat_protocol::handshake::{self, HandshakeError, Request, UpgradeRequest};
 use chat_protocol::{ids, ws, PROTOCOL_VERSION};
 use monoio::net::{TcpListener, TcpStream};
 
@@ -86,6 +88,8 @@ enum ReadError {
     /// The client went away before finishing its request.
     Closed,
     Refused(HandshakeError),
+    /// A page request, answered (or the client left) within the handshake time.
+    Page,
 }
 
 /// Reads and answers one upgrade request; the connection slot is already claimed.
@@ -104,7 +108,7 @@ async fn handshake(shard: Rc<Shard>, stream: TcpStream) {
             "Request Timeout",
             "handshake timed out",
         ),
-        Ok(Err(ReadError::Closed)) => {}
+        Ok(Err(ReadError::Closed | ReadError::Page)) => {}
         Ok(Err(ReadError::Refused(error))) => {
             let (status, reason) = error.status();
             let refusal = match error {
@@ -175,8 +179,14 @@ async fn read_upgrade(
             }
             Err(_) => return Err(ReadError::Closed),
         }
-        match handshake::parse_upgrade(&buffer[..filled], WS_PATH, limit) {
-            Ok(Some((upgrade, length))) => {
+        match handshake::parse_request(&buffer[..filled], WS_PATH, limit) {
+            Ok(Some((Request::Page(page), _))) => {
+                bump(&shard.metrics().pages_served, 1);
+                let answer = shard.web.respond(&page, crate::clock::unix_s());
+                write_all(stream, &answer).await;
+                return Err(ReadError::Page);
+            }
+            Ok(Some((Request::Upgrade(upgrade), length))) => {
                 buffer.truncate(filled);
                 buffer.drain(..length);
                 buffer.shrink_to_fit();
@@ -187,6 +197,27 @@ async fn read_upgrade(
             }
             Ok(None) => {}
             Err(error) => return Err(ReadError::Refused(error)),
+        }
+    }
+}
+
+/// Writes `bytes` whole (a page may not fit the socket buffer at once),
+/// waiting for room; gives up when the client goes away. The caller's
+/// handshake timeout bounds it.
+async fn write_all(stream: &TcpStream, bytes: &[u8]) {
+    let fd = stream.as_raw_fd();
+    let mut written = 0;
+    while written < bytes.len() {
+        match sock::send_vectored(fd, &[std::io::IoSlice::new(&bytes[written..])]) {
+            Ok(0) => return,
+            Ok(count) => written += count,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                if stream.writable(false).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
         }
     }
 }

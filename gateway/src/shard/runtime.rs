@@ -51,6 +51,7 @@ pub struct ShardSetup {
     pub node: Arc<NodeState>,
     pub mesh: Arc<Mesh>,
     pub secret: Arc<Vec<u8>>,
+    pub web: Arc<crate::web::WebClient>,
     pub listener: std::net::TcpListener,
     pub core: Option<core_affinity::CoreId>,
     /// The NATS bridge, when this node is part of a fleet.
@@ -212,6 +213,7 @@ async fn shard_main(setup: ShardSetup, driver: &'static str) -> anyhow::Result<(
     let shard = Rc::new(Shard {
         id: setup.id,
         verifier: TokenVerifier::new(&setup.secret),
+        web: setup.web.clone(),
         users: RefCell::new(UserTable::new(UserLimits {
             sends: Limit {
                 per_s: config.sends_per_s,

@@ -58,6 +58,8 @@ pub struct Shard {
     /// The bounded queues between shards.
     pub mesh: Arc<Mesh>,
     pub verifier: TokenVerifier,
+    /// The pages the listener serves besides `/ws`.
+    pub web: Arc<crate::web::WebClient>,
     /// Users homed here, with their live devices and allowances.
     pub users: RefCell<UserTable>,
     /// Every registered connection, for heartbeat sweeps and draining.

@@ -1,0 +1,379 @@
+// @ts-check
+/**
+ * A client for the chat gateway's WebSocket protocol (docs/protocol.md), for
+ * browsers and Node.js (20 with --experimental-websocket, or 22+).
+ *
+ * Owns one connection at a time and what survives its loss: the outbox
+ * (every send not yet answered `sent`, resent with its same `id` after a
+ * reconnect, so the server's idempotency makes it exactly once), the ids
+ * of recent messages (a repeat after a resync or a retry is never shown
+ * twice), acknowledgements, heartbeats, and reconnection with exponential
+ * back-off and full jitter that follows the gateway's close codes. Never
+ * decrypts or encrypts: `body` is whatever the application passes.
+ */
+
+/** Close codes the gateway uses (docs/protocol.md, "Close codes"). */
+export const CloseCode = Object.freeze({
+  NORMAL: 1000,
+  POLICY: 1008,
+  TOO_BIG: 1009,
+  RESTART: 1012,
+  TRY_AGAIN: 1013,
+  HEARTBEAT: 4000,
+  SLOW_CONSUMER: 4001,
+});
+
+/** Errors after which the same send is retried (after `retry_after_ms`). */
+const RETRYABLE = new Set(['rate_limited', 'overloaded', 'unavailable']);
+
+/**
+ * How long to wait before reconnecting after a close with `code`, on the
+ * `attempt`-th try in a row. Full jitter: a uniformly random delay up to
+ * the exponential bound, so a fleet of clients never reconnects in step.
+ * @param {number} code
+ * @param {number} attempt
+ * @param {{baseMs: number, maxMs: number, drainSpreadMs: number, penaltyMs: number}} backoff
+ * @param {() => number} [random]
+ */
+export function reconnectDelay(code, attempt, backoff, random = Math.random) {
+  const bound = (base) => Math.min(backoff.maxMs, base * 2 ** Math.min(attempt, 16));
+  switch (code) {
+    case CloseCode.RESTART:
+      // A drain: the node closes its clients over a window; spread again.
+      return random() * backoff.drainSpreadMs;
+    case CloseCode.POLICY:
+    case CloseCode.SLOW_CONSUMER:
+    case CloseCode.TOO_BIG:
+      // This client misbehaved or could not keep up: back off for longer.
+      return backoff.penaltyMs + random() * bound(backoff.penaltyMs);
+    default:
+      return random() * bound(backoff.baseMs);
+  }
+}
+
+let counter = 0;
+/** A client message id: unique per device across restarts of the page. */
+function newId() {
+  counter += 1;
+  const random = Math.floor(Math.random() * 2 ** 32).toString(36);
+  return `c-${Date.now().toString(36)}-${random}-${counter}`;
+}
+
+/**
+ * @typedef {object} ClientOptions
+ * @property {string} url the WebSocket endpoint, e.g. `wss://chat.example/ws`
+ * @property {string | (() => string | Promise<string>)} token a token, or a
+ *   function asked for one before every connect (so it can be refreshed)
+ * @property {typeof WebSocket} [WebSocket] the WebSocket class (default: the global one)
+ * @property {Partial<{baseMs: number, maxMs: number, drainSpreadMs: number, penaltyMs: number}>} [backoff]
+ * @property {number} [seenMax] message ids remembered to drop repeats (default 5,000)
+ * @property {boolean} [receipts] acknowledge with a delivered receipt (default true)
+ */
+
+export class ChatClient extends EventTarget {
+  /** @param {ClientOptions} options */
+  constructor(options) {
+    super();
+    if (!options || !options.url) throw new TypeError('ChatClient needs a url');
+    this.url = options.url;
+    const token = options.token;
+    this.getToken = typeof token === 'function' ? token : async () => token;
+    this.WebSocketClass = options.WebSocket ?? globalThis.WebSocket;
+    if (!this.WebSocketClass) throw new TypeError('no WebSocket class: pass options.WebSocket');
+    this.backoff = { baseMs: 250, maxMs: 30_000, drainSpreadMs: 5_000, penaltyMs: 5_000, ...options.backoff };
+    this.seenMax = options.seenMax ?? 5_000;
+    this.receipts = options.receipts ?? true;
+    /** @type {Map<string, {frame: object, resolve: (v: any) => void, reject: (e: any) => void, timer?: any}>} */
+    this.outbox = new Map();
+    /** @type {Set<string>} */
+    this.seen = new Set();
+    /** @type {string[]} */
+    this.seenOrder = [];
+    /** @type {WebSocket | null} */
+    this.socket = null;
+    /** @type {any} */
+    this.hello = null;
+    this.state = 'idle';
+    this.attempt = 0;
+    this.stopped = true;
+    this.timers = { reconnect: null, ping: null, silence: null };
+    /** Answers waited for by kind (history by conversation, members by group). */
+    this.waiting = new Map();
+  }
+
+  /** Connects, and keeps reconnecting until `close()`. */
+  start() {
+    if (!this.stopped) return this;
+    this.stopped = false;
+    this.#connect();
+    return this;
+  }
+
+  /** Closes for good (the outbox is kept: `start()` again resends it). */
+  close() {
+    this.stopped = true;
+    clearTimeout(this.timers.reconnect);
+    this.#stopTimers();
+    if (this.socket) this.socket.close(CloseCode.NORMAL, 'bye');
+    this.#setState('closed');
+  }
+
+  /** Resolves once connected (after `hello`). */
+  opened() {
+    if (this.state === 'open') return Promise.resolve(this.hello);
+    return new Promise((resolve) => this.addEventListener('open', (e) => resolve(/** @type {any} */ (e).detail), { once: true }));
+  }
+
+  /**
+   * Sends a message; resolves with the `sent` frame once it is durable.
+   * Kept in the outbox and resent with the same `id` after every reconnect
+   * until then. Rejects on an error that retrying cannot fix.
+   * @param {{to?: string, group?: string, body?: string, bodies?: Record<string, string>, media?: object, id?: string}} message
+   */
+  send(message) {
+    const id = message.id ?? newId();
+    const frame = { type: 'send', id, ...message };
+    return this.#request(id, frame);
+  }
+
+  /** @param {string[]} members */
+  createGroup(members) {
+    const id = newId();
+    return this.#request(id, { type: 'group_create', id, members });
+  }
+
+  /** @param {string} group @param {string[]} members */
+  addMembers(group, members) {
+    const id = newId();
+    return this.#request(id, { type: 'group_add', id, group, members });
+  }
+
+  /** @param {string} group @param {string[]} members */
+  removeMembers(group, members) {
+    const id = newId();
+    return this.#request(id, { type: 'group_remove', id, group, members });
+  }
+
+  /** @param {{to?: string, group?: string}} where */
+  typing(where) {
+    this.#send({ type: 'typing', ...where });
+  }
+
+  /**
+   * Everything up to `upTo` in `conversation` was read (a read receipt to `from`).
+   * @param {string} conversation @param {string} upTo @param {string} from
+   */
+  read(conversation, upTo, from) {
+    this.#send({ type: 'read', conversation, up_to: upTo, from });
+  }
+
+  /** @param {string[]} users @returns {Promise<any>} the `presence` answer */
+  presence(users) {
+    return this.#ask('presence', '', { type: 'presence', users });
+  }
+
+  /**
+   * A page of `conversation`, newest first.
+   * @param {string} conversation @param {{before?: string, limit?: number}} [page]
+   */
+  history(conversation, page = {}) {
+    return this.#ask('history', conversation, { type: 'history', conversation, ...page });
+  }
+
+  /** @param {string} group */
+  members(group) {
+    return this.#ask('group_members', group, { type: 'group_members', group });
+  }
+
+  /** @param {object} frame */
+  #request(id, frame) {
+    return new Promise((resolve, reject) => {
+      this.outbox.set(id, { frame, resolve, reject });
+      this.#send(frame);
+    });
+  }
+
+  #ask(kind, key, frame) {
+    return new Promise((resolve, reject) => {
+      const list = this.waiting.get(kind + '\u0000' + key) ?? [];
+      list.push({ resolve, reject });
+      this.waiting.set(kind + '\u0000' + key, list);
+      this.#send(frame);
+    });
+  }
+
+  #answer(kind, key, frame) {
+    const slot = kind + '\u0000' + key;
+    const list = this.waiting.get(slot);
+    if (!list || list.length === 0) return false;
+    list.shift().resolve(frame);
+    if (list.length === 0) this.waiting.delete(slot);
+    return true;
+  }
+
+  /** Sends now if open (else the outbox or the caller's retry covers it). */
+  #send(frame) {
+    if (this.socket && this.state === 'open') this.socket.send(JSON.stringify(frame));
+  }
+
+  #setState(state) {
+    if (this.state === state) return;
+    this.state = state;
+    this.dispatchEvent(new CustomEvent('state', { detail: state }));
+  }
+
+  async #connect() {
+    if (this.stopped) return;
+    this.#setState('connecting');
+    let token;
+    try {
+      token = await this.getToken();
+    } catch (error) {
+      this.#emit('error', { code: 'token', message: String(error) });
+      this.#scheduleReconnect(0);
+      return;
+    }
+    if (this.stopped) return;
+    const separator = this.url.includes('?') ? '&' : '?';
+    const socket = new this.WebSocketClass(`${this.url}${separator}token=${encodeURIComponent(token)}`);
+    this.socket = socket;
+    socket.onmessage = (event) => {
+      if (this.socket !== socket) return;
+      this.#heard();
+      let frame;
+      try {
+        frame = JSON.parse(String(event.data));
+      } catch {
+        return;
+      }
+      this.#onFrame(frame);
+    };
+    socket.onclose = (event) => {
+      if (this.socket !== socket) return;
+      this.socket = null;
+      this.#stopTimers();
+      this.#setState(this.stopped ? 'closed' : 'reconnecting');
+      this.#emit('close', { code: event.code, reason: event.reason });
+      if (!this.stopped) this.#scheduleReconnect(event.code);
+    };
+    socket.onerror = () => {};
+  }
+
+  #scheduleReconnect(code) {
+    const delay = reconnectDelay(code, this.attempt, this.backoff);
+    this.attempt += 1;
+    clearTimeout(this.timers.reconnect);
+    this.timers.reconnect = setTimeout(() => this.#connect(), delay);
+  }
+
+  #stopTimers() {
+    clearInterval(this.timers.ping);
+    clearTimeout(this.timers.silence);
+  }
+
+  /** Something arrived: the server is alive. */
+  #heard() {
+    clearTimeout(this.timers.silence);
+    const timeout = this.hello?.heartbeat_timeout_ms;
+    if (!timeout) return;
+    const socket = this.socket;
+    this.timers.silence = setTimeout(() => {
+      // Silent past the timeout: treat the connection as lost.
+      if (socket && this.socket === socket) socket.close(CloseCode.NORMAL, 'silent server');
+    }, timeout);
+  }
+
+  #remember(id) {
+    if (this.seen.has(id)) return false;
+    this.seen.add(id);
+    this.seenOrder.push(id);
+    if (this.seenOrder.length > this.seenMax) this.seen.delete(/** @type {string} */ (this.seenOrder.shift()));
+    return true;
+  }
+
+  #emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  #onFrame(frame) {
+    switch (frame.type) {
+      case 'hello': {
+        this.hello = frame;
+        this.attempt = 0;
+        this.#setState('open');
+        // The server wants activity at least every interval.
+        const every = Math.max(1_000, Math.floor(frame.heartbeat_interval_ms / 2));
+        this.timers.ping = setInterval(() => this.#send({ type: 'ping' }), every);
+        this.#heard();
+        // Everything not yet answered goes again, with its id: the server
+        // answers a repeat with the first answer and stores nothing twice.
+        for (const entry of this.outbox.values()) this.#send(entry.frame);
+        this.#emit('open', frame);
+        break;
+      }
+      case 'message':
+      case 'receipts': {
+        const fresh = this.#remember(frame.message_id);
+        const ack = { type: 'ack', message_id: frame.message_id };
+        if (this.receipts && frame.type === 'message' && frame.conversation && frame.from && frame.from !== this.hello?.user) {
+          Object.assign(ack, { conversation: frame.conversation, from: frame.from });
+        }
+        this.#send(ack);
+        if (fresh) this.#emit(frame.type, frame);
+        break;
+      }
+      case 'sent': {
+        const entry = this.outbox.get(frame.id);
+        if (entry) {
+          clearTimeout(entry.timer);
+          this.outbox.delete(frame.id);
+          entry.resolve(frame);
+        }
+        break;
+      }
+      case 'error': {
+        const entry = frame.id !== undefined ? this.outbox.get(frame.id) : undefined;
+        if (entry && RETRYABLE.has(frame.code)) {
+          clearTimeout(entry.timer);
+          const wait = (frame.retry_after_ms ?? 1_000) + Math.random() * 250;
+          entry.timer = setTimeout(() => this.#send(entry.frame), wait);
+        } else if (entry) {
+          this.outbox.delete(frame.id);
+          entry.reject(Object.assign(new Error(frame.message), { code: frame.code, frame }));
+        } else {
+          this.#failWaiting(frame);
+          this.#emit('error', frame);
+        }
+        break;
+      }
+      case 'synced':
+        if (frame.more && frame.last) this.#send({ type: 'sync', after: frame.last });
+        this.#emit('synced', frame);
+        break;
+      case 'history':
+        if (!this.#answer('history', frame.conversation, frame)) this.#emit('history', frame);
+        break;
+      case 'group_members':
+        if (!this.#answer('group_members', frame.group, frame)) this.#emit('group_members', frame);
+        break;
+      case 'presence':
+        if (!this.#answer('presence', '', frame)) this.#emit('presence', frame);
+        break;
+      case 'pong':
+        break;
+      default:
+        this.#emit(frame.type, frame);
+    }
+  }
+
+  /** An error with no `id` answers the oldest question of its kind, if any. */
+  #failWaiting(frame) {
+    for (const [slot, list] of this.waiting) {
+      if (list.length > 0 && frame.code === 'forbidden') {
+        list.shift().reject(Object.assign(new Error(frame.message), { code: frame.code, frame }));
+        if (list.length === 0) this.waiting.delete(slot);
+        return;
+      }
+    }
+  }
+}
