@@ -265,9 +265,9 @@ async function signIn(user, token) {
 }
 
 async function init() {
-  // Without a name the sign-in answers 400 when it is on, 404 when off.
+  // Without a name the sign-in says whether it is on (404 when off).
   const probe = await fetch('/dev/sign-in').catch(() => null);
-  const dev = probe !== null && probe.status !== 404;
+  const dev = probe !== null && probe.ok;
   $('dev-note').hidden = !dev;
   $('token-note').hidden = dev;
   $('token-label').hidden = dev;

@@ -36,6 +36,11 @@ const FILES: &[(&str, &str, &[u8])] = &[
         "text/javascript; charset=utf-8",
         include_bytes!("../../clients/js/src/index.js"),
     ),
+    (
+        "/favicon.svg",
+        "image/svg+xml",
+        include_bytes!("../../clients/web/favicon.svg"),
+    ),
 ];
 
 /// What the node serves besides `/ws`.
@@ -77,7 +82,8 @@ impl WebClient {
     }
 
     /// `/dev/sign-in?user=<id>&device=<id>`: a token for that device, as
-    /// JSON; 404 unless `dev_sign_in` is on.
+    /// JSON; with no query, whether sign-in is on (the page asks); 404
+    /// unless `dev_sign_in` is on.
     fn dev_sign_in(&self, query: &str, now_unix_s: u64) -> Vec<u8> {
         let Some(secret) = &self.dev_secret else {
             return handshake::refusal(
@@ -92,6 +98,10 @@ impl WebClient {
                 .map(|(_, value)| value.into_owned())
                 .unwrap_or_default()
         };
+        if query.is_empty() {
+            let body = serde_json::json!({ "dev_sign_in": true });
+            return handshake::page("application/json", body.to_string().as_bytes());
+        }
         let (user, device) = (field("user"), field("device"));
         if !is_valid_id(&user) || !is_valid_id(&device) {
             return handshake::refusal(
@@ -152,6 +162,7 @@ mod tests {
             ("alice", "tab-1")
         );
         assert!(get(&dev, "/dev/sign-in?user=bad%20name&device=x").starts_with("HTTP/1.1 400"));
+        assert!(get(&dev, "/dev/sign-in").contains(r#"{"dev_sign_in":true}"#));
 
         let off = WebClient::new(false, true, secret);
         assert!(get(&off, "/").starts_with("HTTP/1.1 404"));
