@@ -1,8 +1,10 @@
 //! `dashboards/chat-gateway.json` (a Grafana dashboard) queries only metric
 //! families a real gateway exports on `/metrics`, and charts every one of
 //! them, so a metric added to the node without a panel (or a panel left
-//! behind by a renamed metric) fails here. The gateway runs in a fleet (real
-//! nats-server) so the backplane's families are exported too.
+//! behind by a renamed metric) fails here. The alert rules
+//! (`dashboards/alerts.yml`) pass `promtool check rules` and name only
+//! exported families. The gateway runs in a fleet (real nats-server) so the
+//! backplane's families are exported too.
 
 use std::collections::BTreeSet;
 
@@ -43,21 +45,8 @@ fn family(identifier: &str) -> &str {
         .unwrap_or(identifier)
 }
 
-#[test]
-fn every_panel_queries_an_exported_family_and_every_family_has_a_panel() {
-    let text = std::fs::read_to_string(repo().join("dashboards/chat-gateway.json")).unwrap();
-    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
-    assert_eq!(dashboard["uid"], "chat-gateway");
-
-    let mut charted = BTreeSet::new();
-    for expr in expressions(&dashboard) {
-        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-            if word.starts_with("gateway_") {
-                charted.insert(family(word).to_owned());
-            }
-        }
-    }
-
+/// The metric families a real node (in a fleet) exports.
+fn exported_families() -> BTreeSet<String> {
     let nats = NatsServer::start();
     let gateway = Gateway::start(&["--nats-url", &nats.url()]);
     let (status, metrics) = gateway.admin_get("/metrics").expect("metrics answer");
@@ -68,7 +57,57 @@ fn every_panel_queries_an_exported_family_and_every_family_has_a_panel() {
         .map(|rest| rest.split(' ').next().unwrap().to_owned())
         .collect();
     assert!(exported.len() > 40, "{exported:?}");
+    exported
+}
 
+/// The `gateway_` families an expression names.
+fn families_in(expr: &str) -> Vec<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("gateway_"))
+        .map(|word| family(word).to_owned())
+        .collect()
+}
+
+#[test]
+fn the_alert_rules_pass_promtool_and_name_only_exported_families() {
+    let path = repo().join("dashboards/alerts.yml");
+    let check = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&path)
+        .output()
+        .expect("promtool is installed (scripts/test installs Debian's prometheus)");
+    assert!(
+        check.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    let named: BTreeSet<String> = text
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("expr:"))
+        .flat_map(families_in)
+        .collect();
+    assert!(named.len() >= 8, "{named:?}");
+    let exported = exported_families();
+    let unknown: Vec<_> = named.difference(&exported).collect();
+    assert!(
+        unknown.is_empty(),
+        "alerts on families no node exports: {unknown:?}"
+    );
+}
+
+#[test]
+fn every_panel_queries_an_exported_family_and_every_family_has_a_panel() {
+    let text = std::fs::read_to_string(repo().join("dashboards/chat-gateway.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    assert_eq!(dashboard["uid"], "chat-gateway");
+
+    let charted: BTreeSet<String> = expressions(&dashboard)
+        .iter()
+        .flat_map(|expr| families_in(expr))
+        .collect();
+    let exported = exported_families();
     let unknown: Vec<_> = charted.difference(&exported).collect();
     assert!(unknown.is_empty(), "charted but not exported: {unknown:?}");
     let uncharted: Vec<_> = exported.difference(&charted).collect();
