@@ -35,6 +35,8 @@ export interface ClientOptions {
   backoff?: Partial<Backoff>;
   seenMax?: number;
   receipts?: boolean;
+  /** Reconnect to `hello.home` within this many ms (default 60,000; 0: never). */
+  followHomeWithinMs?: number;
 }
 
 export interface Hello {
@@ -99,4 +101,5 @@ export declare class ChatClient extends EventTarget {
   presence(users: string[]): Promise<{ type: 'presence'; users: { user: string; online: boolean; last_seen?: number }[] }>;
   history(conversation: string, page?: { before?: string; limit?: number }): Promise<{ type: 'history'; conversation: string; messages: Message[] }>;
   members(group: string): Promise<{ type: 'group_members'; group: string; members: string[] }>;
+  devices(user: string): Promise<{ type: 'devices'; user: string; devices: string[] }>;
 }

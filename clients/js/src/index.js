@@ -68,6 +68,9 @@ function newId() {
  * @property {Partial<{baseMs: number, maxMs: number, drainSpreadMs: number, penaltyMs: number}>} [backoff]
  * @property {number} [seenMax] message ids remembered to drop repeats (default 5,000)
  * @property {boolean} [receipts] acknowledge with a delivered receipt (default true)
+ * @property {number} [followHomeWithinMs] in a fleet, when `hello` names the
+ *   user's home node, reconnect there at a random moment within this many
+ *   milliseconds (default 60,000; 0 never moves)
  */
 
 export class ChatClient extends EventTarget {
@@ -83,6 +86,7 @@ export class ChatClient extends EventTarget {
     this.backoff = { baseMs: 250, maxMs: 30_000, drainSpreadMs: 5_000, penaltyMs: 5_000, ...options.backoff };
     this.seenMax = options.seenMax ?? 5_000;
     this.receipts = options.receipts ?? true;
+    this.followHomeWithinMs = options.followHomeWithinMs ?? 60_000;
     /** @type {Map<string, {frame: object, resolve: (v: any) => void, reject: (e: any) => void, timer?: any}>} */
     this.outbox = new Map();
     /** @type {Set<string>} */
@@ -96,7 +100,7 @@ export class ChatClient extends EventTarget {
     this.state = 'idle';
     this.attempt = 0;
     this.stopped = true;
-    this.timers = { reconnect: null, ping: null, silence: null };
+    this.timers = { reconnect: null, ping: null, silence: null, home: null };
     /** Answers waited for by kind (history by conversation, members by group). */
     this.waiting = new Map();
   }
@@ -178,6 +182,14 @@ export class ChatClient extends EventTarget {
    */
   history(conversation, page = {}) {
     return this.#ask('history', conversation, { type: 'history', conversation, ...page });
+  }
+
+  /**
+   * The devices of `user` that uploaded keys (for per-device `bodies`).
+   * @param {string} user
+   */
+  devices(user) {
+    return this.#ask('devices', user, { type: 'devices', user });
   }
 
   /** @param {string} group */
@@ -269,6 +281,24 @@ export class ChatClient extends EventTarget {
   #stopTimers() {
     clearInterval(this.timers.ping);
     clearTimeout(this.timers.silence);
+    clearTimeout(this.timers.home);
+  }
+
+  /**
+   * This node is not the user's home: move there at a random moment (never
+   * at once: after a deploy every client would move together). The node
+   * serves this device fully meanwhile, so nothing waits for the move.
+   */
+  #followHome(home) {
+    if (!home || this.followHomeWithinMs <= 0 || home === this.url) return;
+    const socket = this.socket;
+    this.timers.home = setTimeout(() => {
+      if (this.socket !== socket || this.stopped) return;
+      this.url = home;
+      this.attempt = 0;
+      // Closing reconnects (after a jittered delay) to the new url.
+      socket.close(CloseCode.NORMAL, 'moving to home node');
+    }, Math.random() * this.followHomeWithinMs);
   }
 
   /** Something arrived: the server is alive. */
@@ -308,6 +338,7 @@ export class ChatClient extends EventTarget {
         // Everything not yet answered goes again, with its id: the server
         // answers a repeat with the first answer and stores nothing twice.
         for (const entry of this.outbox.values()) this.#send(entry.frame);
+        this.#followHome(frame.home);
         this.#emit('open', frame);
         break;
       }
@@ -355,6 +386,9 @@ export class ChatClient extends EventTarget {
         break;
       case 'group_members':
         if (!this.#answer('group_members', frame.group, frame)) this.#emit('group_members', frame);
+        break;
+      case 'devices':
+        if (!this.#answer('devices', frame.user, frame)) this.#emit('devices', frame);
         break;
       case 'presence':
         if (!this.#answer('presence', '', frame)) this.#emit('presence', frame);
