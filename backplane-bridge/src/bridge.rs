@@ -120,6 +120,13 @@ pub enum Outbound {
     /// A group's membership changed (and is durable): every node forgets
     /// its cached member list.
     GroupChanged { group: Box<str> },
+    /// A device of `user` (every device for `None`) was revoked (and is
+    /// durable): the nodes with devices of the user close them. Routed like
+    /// a message: to the user's home, which forwards to its exceptions.
+    Revoke {
+        user: Box<str>,
+        device: Option<Box<str>>,
+    },
 }
 
 /// What the bridge hands the gateway.
@@ -144,6 +151,12 @@ pub enum Inbound {
     Moved { user: Box<str>, since_unix_ms: u64 },
     /// Another node changed this group's membership.
     GroupChanged { group: Box<str> },
+    /// Another node revoked this device of a user with devices here (every
+    /// device for `None`): close their connections.
+    Revoked {
+        user: Box<str>,
+        device: Option<Box<str>>,
+    },
 }
 
 /// Where inbound items go (the gateway routes them to the user's home shard).
@@ -596,6 +609,29 @@ impl Router {
                 user,
                 active: false,
             } => self.interest_off(&user).await,
+            Outbound::Revoke { user, device } => {
+                let home = self.membership.home(&user);
+                let device: Box<str> = device.unwrap_or_default();
+                let targets: Vec<(u16, Hop)> = if home != self.me {
+                    vec![(home, Hop::ToHome)]
+                } else {
+                    self.exceptions
+                        .nodes_of(&user)
+                        .iter()
+                        .filter(|node| **node != self.me)
+                        .map(|node| (*node, Hop::Forwarded))
+                        .collect()
+                };
+                for (node, hop) in targets {
+                    let envelope = Envelope::Revoke {
+                        origin_node: self.me,
+                        hop,
+                        user: user.clone(),
+                        device: device.clone(),
+                    };
+                    self.publish_to(node, &envelope).await;
+                }
+            }
         }
     }
 
@@ -646,6 +682,35 @@ impl Router {
             Envelope::Unregister { node, user } => {
                 self.exceptions.unregister(&user, node);
                 self.stats_update();
+            }
+            Envelope::Revoke {
+                origin_node,
+                hop,
+                user,
+                device,
+            } => {
+                if hop == Hop::ToHome {
+                    let forwards: Vec<u16> = self
+                        .exceptions
+                        .nodes_of(&user)
+                        .iter()
+                        .copied()
+                        .filter(|node| *node != origin_node && *node != self.me)
+                        .collect();
+                    for node in forwards {
+                        let envelope = Envelope::Revoke {
+                            origin_node: self.me,
+                            hop: Hop::Forwarded,
+                            user: user.clone(),
+                            device: device.clone(),
+                        };
+                        self.publish_to(node, &envelope).await;
+                    }
+                }
+                if self.local.contains_key(&user) {
+                    let device = (!device.is_empty()).then_some(device);
+                    let _ = self.queue_to_shards(Inbound::Revoked { user, device });
+                }
             }
             Envelope::Heartbeat(_) => {
                 self.stats().bad_envelopes.fetch_add(1, Relaxed);

@@ -17,6 +17,7 @@ const KIND_DELIVER: u8 = 1;
 const KIND_HEARTBEAT: u8 = 2;
 const KIND_REGISTER: u8 = 3;
 const KIND_UNREGISTER: u8 = 4;
+const KIND_REVOKE: u8 = 5;
 /// Users one `Deliver` may name: a group's members homed on one node, at
 /// most the group size bound (`chat_protocol::limits`), with room to spare.
 pub const DELIVER_USERS_MAX: usize = 4_096;
@@ -77,6 +78,14 @@ pub enum Envelope {
         node: u16,
         user: Box<str>,
     },
+    /// `user`'s `device` (every device when empty) was revoked: close it.
+    /// Travels like a `Deliver` (to the home, which forwards).
+    Revoke {
+        origin_node: u16,
+        hop: Hop,
+        user: Box<str>,
+        device: Box<str>,
+    },
 }
 
 impl Envelope {
@@ -90,10 +99,7 @@ impl Envelope {
                 encoder
                     .u8(KIND_DELIVER)
                     .u16(deliver.origin_node)
-                    .u8(match deliver.hop {
-                        Hop::ToHome => 0,
-                        Hop::Forwarded => 1,
-                    })
+                    .u8(hop_byte(deliver.hop))
                     .u64(deliver.message_id)
                     .u16(u16::try_from(deliver.users.len()).expect("bounded by DELIVER_USERS_MAX"));
                 for user in &deliver.users {
@@ -115,6 +121,19 @@ impl Envelope {
             Envelope::Unregister { node, user } => {
                 encoder.u8(KIND_UNREGISTER).u16(*node).str(user);
             }
+            Envelope::Revoke {
+                origin_node,
+                hop,
+                user,
+                device,
+            } => {
+                encoder
+                    .u8(KIND_REVOKE)
+                    .u16(*origin_node)
+                    .u8(hop_byte(*hop))
+                    .str(user)
+                    .str(device);
+            }
         }
         encoder.bytes
     }
@@ -127,11 +146,7 @@ impl Envelope {
         let envelope = match decoder.u8()? {
             KIND_DELIVER => {
                 let origin_node = decoder.u16()?;
-                let hop = match decoder.u8()? {
-                    0 => Hop::ToHome,
-                    1 => Hop::Forwarded,
-                    _ => return Err(DecodeError("unknown hop")),
-                };
+                let hop = hop_of(decoder.u8()?)?;
                 let message_id = decoder.u64()?;
                 let count = usize::from(decoder.u16()?);
                 if count == 0 || count > DELIVER_USERS_MAX {
@@ -170,10 +185,31 @@ impl Envelope {
                 node: decoder.u16()?,
                 user: decoder.str()?.into(),
             },
+            KIND_REVOKE => Envelope::Revoke {
+                origin_node: decoder.u16()?,
+                hop: hop_of(decoder.u8()?)?,
+                user: decoder.str()?.into(),
+                device: decoder.str()?.into(),
+            },
             _ => return Err(DecodeError("unknown envelope kind")),
         };
         decoder.finish()?;
         Ok(envelope)
+    }
+}
+
+fn hop_byte(hop: Hop) -> u8 {
+    match hop {
+        Hop::ToHome => 0,
+        Hop::Forwarded => 1,
+    }
+}
+
+fn hop_of(byte: u8) -> Result<Hop, DecodeError> {
+    match byte {
+        0 => Ok(Hop::ToHome),
+        1 => Ok(Hop::Forwarded),
+        _ => Err(DecodeError("unknown hop")),
     }
 }
 
@@ -203,6 +239,12 @@ mod tests {
             Envelope::Unregister {
                 node: 9,
                 user: "a.b".into(),
+            },
+            Envelope::Revoke {
+                origin_node: 2,
+                hop: Hop::ToHome,
+                user: "alice".into(),
+                device: "".into(),
             },
         ]
     }

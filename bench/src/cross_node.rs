@@ -64,11 +64,10 @@ pub struct CrossNodeReport {
 }
 
 fn token(secret: &str, user: &str) -> anyhow::Result<String> {
-    let expires = std::time::SystemTime::now()
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 3600;
-    chat_protocol::token::mint(secret.as_bytes(), user, "d0", expires)
+        .as_secs();
+    chat_protocol::token::mint(secret.as_bytes(), user, "d0", now, now + 3600)
         .map_err(|error| anyhow::anyhow!("{error}"))
 }
 

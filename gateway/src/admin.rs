@@ -1,9 +1,12 @@
-//! The admin HTTP listener: /healthz, /readyz and /metrics.
+//! The admin HTTP listener: /healthz, /readyz, /metrics, and the operator's
+//! one write call, `POST /revoke`.
 //!
 //! Owns one plain thread with blocking sockets, far from the shards' hot path;
-//! it only reads atomics the shards publish. Requests are served one at a
-//! time with short timeouts and a size bound: it is for probes and scrapers,
-//! not for the public.
+//! for probes and scrapers it only reads atomics the shards publish. A
+//! revocation needs `Authorization: Bearer <admin_token>` and goes to the
+//! user's home shard, which stores it and answers once it is durable.
+//! Requests are served one at a time with short timeouts and a size bound:
+//! it is for probes, scrapers and operators, not for the public.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -12,7 +15,8 @@ use std::sync::Arc;
 use backplane_bridge::Backplane;
 use std::time::Duration;
 
-use crate::mesh::Mesh;
+use crate::config::Config;
+use crate::mesh::{Mesh, Revocation, RevokeOrder, Sender, ShardMessage};
 use crate::metrics::{render, NodeState};
 
 /// Largest admin request read.
@@ -22,6 +26,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn spawn(
     listener: TcpListener,
+    config: Arc<Config>,
     node: Arc<NodeState>,
     mesh: Arc<Mesh>,
     backplane: Option<Arc<Backplane>>,
@@ -31,7 +36,7 @@ pub fn spawn(
         .spawn(move || {
             for stream in listener.incoming() {
                 match stream {
-                    Ok(stream) => serve(stream, &node, &mesh, backplane.as_deref()),
+                    Ok(stream) => serve(stream, &config, &node, &mesh, backplane.as_deref()),
                     Err(error) => {
                         tracing::debug!(%error, "admin accept failed");
                         std::thread::sleep(Duration::from_millis(50));
@@ -44,6 +49,7 @@ pub fn spawn(
 
 fn serve(
     mut stream: std::net::TcpStream,
+    config: &Config,
     node: &NodeState,
     mesh: &Mesh,
     backplane: Option<&Backplane>,
@@ -52,7 +58,7 @@ fn serve(
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let mut buffer = [0u8; REQUEST_BYTES_MAX];
     let mut filled = 0;
-    let path = loop {
+    let (method, target, bearer) = loop {
         match stream.read(&mut buffer[filled..]) {
             Ok(0) | Err(_) => return,
             Ok(read) => filled += read,
@@ -60,7 +66,20 @@ fn serve(
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut request = httparse::Request::new(&mut headers);
         match request.parse(&buffer[..filled]) {
-            Ok(httparse::Status::Complete(_)) => break request.path.unwrap_or("/").to_owned(),
+            Ok(httparse::Status::Complete(_)) => {
+                let bearer = request
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .and_then(|v| v.trim().strip_prefix("Bearer "))
+                    .map(|t| t.trim().to_owned());
+                break (
+                    request.method.unwrap_or("GET").to_owned(),
+                    request.path.unwrap_or("/").to_owned(),
+                    bearer,
+                );
+            }
             Ok(httparse::Status::Partial) if filled < buffer.len() => {}
             _ => {
                 return respond(
@@ -73,7 +92,12 @@ fn serve(
             }
         }
     };
-    match path.as_str() {
+    let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
+    if path == "/revoke" {
+        let (status, reason, body) = revoke(config, mesh, &method, query, bearer.as_deref());
+        return respond(&mut stream, status, reason, "application/json", &body);
+    }
+    match path {
         "/healthz" => respond(&mut stream, 200, "OK", "text/plain", "ok\n"),
         "/readyz" if node.is_ready() => respond(&mut stream, 200, "OK", "text/plain", "ready\n"),
         "/readyz" => respond(
@@ -92,6 +116,106 @@ fn serve(
         ),
         _ => respond(&mut stream, 404, "Not Found", "text/plain", "not found\n"),
     }
+}
+
+/// `POST /revoke?user=<id>[&device=<id>]`: revokes the device (every
+/// device of the user without `device`). Answers once it is durable.
+fn revoke(
+    config: &Config,
+    mesh: &Mesh,
+    method: &str,
+    query: &str,
+    bearer: Option<&str>,
+) -> (u16, &'static str, String) {
+    let error = |status, reason, message: &str| {
+        let body = serde_json::json!({ "error": message }).to_string();
+        (status, reason, body)
+    };
+    let Some(expected) = config.admin_token.as_deref() else {
+        return error(
+            403,
+            "Forbidden",
+            "the admin API is off: set admin_token (GATEWAY_ADMIN_TOKEN)",
+        );
+    };
+    if !bearer.is_some_and(|given| same_secret(given.as_bytes(), expected.as_bytes())) {
+        return error(
+            401,
+            "Unauthorized",
+            "Authorization: Bearer <admin_token> required",
+        );
+    }
+    if method != "POST" {
+        return error(405, "Method Not Allowed", "use POST");
+    }
+    let field = |name: &str| {
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.into_owned())
+    };
+    let user = field("user").unwrap_or_default();
+    let device = field("device");
+    let valid = chat_protocol::ids::is_valid_id;
+    if !valid(&user) || device.as_deref().is_some_and(|d| !valid(d)) {
+        return error(
+            400,
+            "Bad Request",
+            "`user` (and `device`, if given) must be 1-64 characters of [A-Za-z0-9_.-]",
+        );
+    }
+    let at_unix_ms = crate::clock::unix_ms();
+    let (answer, outcome) = std::sync::mpsc::sync_channel(1);
+    let order = RevokeOrder { at_unix_ms, answer };
+    let revocation = Box::new(Revocation {
+        user: user.as_str().into(),
+        device: device.as_deref().map(Into::into),
+        order: Some(order),
+    });
+    let home = chat_protocol::ids::home_shard(&user, mesh.shard_count());
+    if mesh
+        .send(Sender::External, home, ShardMessage::Revoke(revocation))
+        .is_err()
+    {
+        return error(
+            503,
+            "Service Unavailable",
+            "the user's shard is busy; retry",
+        );
+    }
+    let wait = Duration::from_millis(config.storage_timeout_ms) + Duration::from_secs(1);
+    match outcome.recv_timeout(wait) {
+        Ok(Ok(done)) => {
+            tracing::info!(%user, device = ?device, "revoked");
+            let body = serde_json::json!({
+                "user": user,
+                "device": device,
+                "revoked_at_ms": at_unix_ms,
+                "keys_removed": done.keys_removed,
+                "closed_here": done.closed_here,
+            });
+            (200, "OK", body.to_string())
+        }
+        Ok(Err(message)) => error(
+            503,
+            "Service Unavailable",
+            &format!("not stored: {message}; retry"),
+        ),
+        Err(_) => error(
+            503,
+            "Service Unavailable",
+            "storage did not answer in time; retry",
+        ),
+    }
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+            == 0
 }
 
 fn respond(

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use chat_protocol::{ids, ws};
 
 use crate::config::Config;
-use crate::mesh::{Delivery, Mesh, PerDeviceDelivery, Sender, ShardMessage};
+use crate::mesh::{Delivery, Mesh, PerDeviceDelivery, Revocation, Sender, ShardMessage};
 
 struct MeshSink {
     mesh: Arc<Mesh>,
@@ -64,6 +64,15 @@ impl Sink for MeshSink {
                     since_unix_ms: *since_unix_ms,
                 };
                 self.mesh.send(Sender::External, home, resync).is_ok()
+            }
+            Inbound::Revoked { user, device } => {
+                let home = ids::home_shard(user, shards);
+                let revocation = ShardMessage::Revoke(Box::new(Revocation {
+                    user: user.clone(),
+                    device: device.clone(),
+                    order: None,
+                }));
+                self.mesh.send(Sender::External, home, revocation).is_ok()
             }
             Inbound::GroupChanged { group } => {
                 for shard in 0..shards {

@@ -84,6 +84,10 @@ pub struct Config {
     /// HS256 secret for bearer tokens (at least 32 bytes). Prefer the
     /// GATEWAY_AUTH_SECRET environment variable to writing it here.
     pub auth_secret: Option<String>,
+    /// Bearer token for the admin listener's write calls (`POST /revoke`);
+    /// at least 32 bytes. Unset: those calls are refused (403). Prefer the
+    /// GATEWAY_ADMIN_TOKEN environment variable to writing it here.
+    pub admin_token: Option<String>,
     /// Most simultaneous connections; 0 means as many as RLIMIT_NOFILE allows.
     pub connections_max: usize,
     pub handshake_timeout_ms: u64,
@@ -212,6 +216,7 @@ impl Default for Config {
             io_uring_entries: 4096,
             io_uring_task_run: IoUringTaskRun::Coop,
             auth_secret: None,
+            admin_token: None,
             connections_max: 0,
             handshake_timeout_ms: 5_000,
             handshake_bytes_max: 8 * 1024,
@@ -358,6 +363,9 @@ pub struct ConfigArgs {
     /// HS256 token secret (at least 32 bytes).
     #[arg(long, env = "GATEWAY_AUTH_SECRET", hide_env_values = true)]
     pub auth_secret: Option<String>,
+    /// Bearer token for the admin API's write calls (at least 32 bytes).
+    #[arg(long, env = "GATEWAY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// An argument for a spawned storage-writer (repeat for several); added
     /// after the file's `storage_writer_args`.
     #[arg(long = "storage-writer-arg", allow_hyphen_values = true)]
@@ -376,6 +384,9 @@ impl ConfigArgs {
         self.overrides.apply(&mut config);
         if let Some(secret) = &self.auth_secret {
             config.auth_secret = Some(secret.clone());
+        }
+        if let Some(token) = &self.admin_token {
+            config.admin_token = Some(token.clone());
         }
         config
             .storage_writer_args
@@ -521,6 +532,13 @@ impl Config {
             if secret.len() < 32 {
                 bail!("auth_secret must be at least 32 bytes (HS256 keys shorter than the hash are weak)");
             }
+        }
+        if self
+            .admin_token
+            .as_ref()
+            .is_some_and(|token| token.len() < 32)
+        {
+            bail!("admin_token must be at least 32 bytes");
         }
         Ok(())
     }

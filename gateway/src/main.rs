@@ -66,6 +66,21 @@ enum Command {
         #[arg(long)]
         shards: Option<u64>,
     },
+    /// Revoke a device (or, without --device, every device of the user)
+    /// through a running node's admin API: its tokens stop working, its
+    /// connections close on every node, its keys leave the key directory.
+    /// Needs the node's admin_token (GATEWAY_ADMIN_TOKEN or --config).
+    Revoke {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        device: Option<String>,
+        /// The node's admin listener (default: `admin_listen` of the config).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// Print a bearer token signed with this node's secret.
     Token {
         #[arg(long)]
@@ -111,6 +126,12 @@ fn main() {
             ttl,
             config,
         }) => print_token(&config, &user, &device, ttl),
+        Some(Command::Revoke {
+            user,
+            device,
+            admin,
+            config,
+        }) => revoke(&config, &user, device.as_deref(), admin),
     };
     if let Err(error) = result {
         tracing::error!("{error:#}");
@@ -127,11 +148,51 @@ fn tune_allocator() {
     sys::disable_transparent_huge_pages();
 }
 
+/// `gateway revoke`: one authenticated POST to the admin listener.
+fn revoke(
+    args: &ConfigArgs,
+    user: &str,
+    device: Option<&str>,
+    admin: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let config = args.load()?;
+    let token = config
+        .admin_token
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("no admin_token: set GATEWAY_ADMIN_TOKEN (the node's)"))?;
+    let address = admin.unwrap_or(config.admin_listen);
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.append_pair("user", user);
+    if let Some(device) = device {
+        query.append_pair("device", device);
+    }
+    let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))
+        .map_err(|error| anyhow::anyhow!("connecting to the admin listener {address}: {error}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "POST /revoke?{} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        query.finish()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    println!("{body}");
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200"),
+        "not revoked: {}",
+        head.lines().next().unwrap_or("no answer")
+    );
+    Ok(())
+}
+
 fn print_token(args: &ConfigArgs, user: &str, device: &str, ttl: Duration) -> anyhow::Result<()> {
     let config = args.load()?;
     let secret = secret::resolve(&config)?;
-    let exp = clock::unix_s() + ttl.as_secs();
-    let token = chat_protocol::token::mint(&secret, user, device, exp).map_err(|error| {
+    let now = clock::unix_s();
+    let exp = now + ttl.as_secs();
+    let token = chat_protocol::token::mint(&secret, user, device, now, exp).map_err(|error| {
         anyhow::anyhow!("{error}: user and device ids are 1-64 characters of [A-Za-z0-9_.-]")
     })?;
     println!("{token}");

@@ -50,10 +50,40 @@ pub enum ShardMessage {
     /// The backplane was away and is back: sync every device, spread out,
     /// from the messages made since `since_unix_ms`.
     Resync { since_unix_ms: u64 },
+    /// Revoke a device (or all of a user's devices) of a user homed on the
+    /// receiver: store it first when `order` is set (an operator asked this
+    /// node), then close the revoked devices' connections here.
+    Revoke(Box<Revocation>),
     /// This user's home node moved and the fleet has seen it: its devices
     /// here sync every message made since `since_unix_ms` (a sender using
     /// the old home may have sent some meanwhile).
     ResyncUser { user: Box<str>, since_unix_ms: u64 },
+}
+
+/// A revocation on its way to the user's home shard.
+#[derive(Debug)]
+pub struct Revocation {
+    pub user: Box<str>,
+    /// `None`: every device of the user.
+    pub device: Option<Box<str>>,
+    /// Present when this node stores the revocation and answers the
+    /// operator; absent when another node stored it (close connections only).
+    pub order: Option<RevokeOrder>,
+}
+
+/// What the admin thread waits for.
+#[derive(Debug)]
+pub struct RevokeOrder {
+    pub at_unix_ms: u64,
+    pub answer: std::sync::mpsc::SyncSender<Result<RevokeOutcome, String>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RevokeOutcome {
+    /// Devices whose keys left the key directory.
+    pub keys_removed: u32,
+    /// Connections of the revoked devices closed on this node.
+    pub closed_here: usize,
 }
 
 /// An authenticated connection in transit to its user's home shard. The 101

@@ -28,9 +28,11 @@ pub enum Refusal {
     Draining,
     Timeout,
     TooManyDevices,
+    Revoked,
+    StorageUnavailable,
 }
 
-const REFUSALS: [(&str, Refusal); 10] = [
+const REFUSALS: [(&str, Refusal); 12] = [
     ("bad_request", Refusal::BadRequest),
     ("unauthorized", Refusal::Unauthorized),
     ("not_found", Refusal::NotFound),
@@ -41,6 +43,8 @@ const REFUSALS: [(&str, Refusal); 10] = [
     ("draining", Refusal::Draining),
     ("timeout", Refusal::Timeout),
     ("too_many_devices", Refusal::TooManyDevices),
+    ("revoked", Refusal::Revoked),
+    ("storage_unavailable", Refusal::StorageUnavailable),
 ];
 
 /// Counters of one shard. Written only by that shard's thread.

@@ -111,6 +111,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
     admin::spawn(
         admin_listener,
+        config.clone(),
         node.clone(),
         mesh.clone(),
         backplane.clone(),

@@ -110,7 +110,13 @@ impl WebClient {
                 "`user` and `device` must be 1-64 characters of [A-Za-z0-9_.-]",
             );
         }
-        match token::mint(secret, &user, &device, now_unix_s + DEV_TOKEN_TTL_S) {
+        match token::mint(
+            secret,
+            &user,
+            &device,
+            now_unix_s,
+            now_unix_s + DEV_TOKEN_TTL_S,
+        ) {
             Ok(token) => {
                 let body = serde_json::json!({
                     "token": token,

@@ -10,12 +10,19 @@ use support::{unix_s, Gateway, SECRET};
 #[test]
 fn bad_tokens_get_401() {
     let gateway = Gateway::start(&[]);
-    let expired =
-        chat_protocol::token::mint(SECRET.as_bytes(), "alice", "phone", unix_s() - 60).unwrap();
+    let expired = chat_protocol::token::mint(
+        SECRET.as_bytes(),
+        "alice",
+        "phone",
+        unix_s() - 120,
+        unix_s() - 60,
+    )
+    .unwrap();
     let foreign = chat_protocol::token::mint(
         b"some-other-secret-0123456789abcdef",
         "alice",
         "phone",
+        unix_s(),
         unix_s() + 60,
     )
     .unwrap();

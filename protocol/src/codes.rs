@@ -100,10 +100,13 @@ pub enum CloseCode {
     HeartbeatTimeout,
     /// 4001: the client did not read fast enough and its send queue filled.
     SlowConsumer,
+    /// 4003: an operator revoked this device (or all of the user's devices):
+    /// its token no longer works; do not reconnect with it.
+    Revoked,
 }
 
 /// Every close code, for metrics.
-pub const CLOSE_CODES: [CloseCode; 11] = [
+pub const CLOSE_CODES: [CloseCode; 12] = [
     CloseCode::Normal,
     CloseCode::ProtocolError,
     CloseCode::UnsupportedData,
@@ -115,6 +118,7 @@ pub const CLOSE_CODES: [CloseCode; 11] = [
     CloseCode::TryAgainLater,
     CloseCode::HeartbeatTimeout,
     CloseCode::SlowConsumer,
+    CloseCode::Revoked,
 ];
 
 impl CloseCode {
@@ -131,6 +135,7 @@ impl CloseCode {
             CloseCode::TryAgainLater => 1013,
             CloseCode::HeartbeatTimeout => 4000,
             CloseCode::SlowConsumer => 4001,
+            CloseCode::Revoked => 4003,
         }
     }
 
@@ -147,6 +152,7 @@ impl CloseCode {
             CloseCode::TryAgainLater => "storage unavailable, reconnect later",
             CloseCode::HeartbeatTimeout => "heartbeat timeout",
             CloseCode::SlowConsumer => "slow consumer",
+            CloseCode::Revoked => "device revoked",
         }
     }
 

@@ -20,7 +20,7 @@ use crate::keys::Bundle;
 pub use crate::limits::{READ_FRAME_BYTES_MAX, READ_USERS_MAX};
 
 /// The read path's version. 2: postcard bodies (1 was a hand-laid layout).
-pub const READ_PATH_VERSION: u16 = 3;
+pub const READ_PATH_VERSION: u16 = 4;
 
 /// Where a sync page starts in a user's inbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +103,22 @@ pub enum Request {
         req: u32,
         asker: String,
         users: Vec<String>,
+    },
+    /// Revoke `user`'s `device` (every device when `None`) as of
+    /// `at_unix_ms`: tokens issued earlier are refused from now on, and the
+    /// revoked devices' keys leave the key directory. Durable before the
+    /// answer.
+    Revoke {
+        req: u32,
+        user: String,
+        device: Option<String>,
+        at_unix_ms: u64,
+    },
+    /// When `user`'s `device` was last revoked (itself or all the user's).
+    RevokedAt {
+        req: u32,
+        user: String,
+        device: String,
     },
 }
 
@@ -188,6 +204,16 @@ pub enum Response {
     Devices {
         req: u32,
         devices: Vec<(String, String)>,
+    },
+    /// The revocation is stored; `keys_removed` devices left the key directory.
+    Revoked {
+        req: u32,
+        keys_removed: u32,
+    },
+    /// The answer to `RevokedAt`: `None` when never revoked.
+    RevokedAt {
+        req: u32,
+        at_unix_ms: Option<u64>,
     },
     /// The read was not answered. `retryable`: storage is behind or failing
     /// (try again later); otherwise the request itself is wrong.
@@ -412,6 +438,31 @@ mod tests {
                 ("bob".into(), "phone".into()),
                 ("alice".into(), "laptop".into()),
             ],
+        });
+        round_trip_request(Request::Revoke {
+            req: 14,
+            user: "alice".into(),
+            device: Some("phone".into()),
+            at_unix_ms: 1_800_000_000_000,
+        });
+        round_trip_request(Request::Revoke {
+            req: 15,
+            user: "alice".into(),
+            device: None,
+            at_unix_ms: 1,
+        });
+        round_trip_request(Request::RevokedAt {
+            req: 16,
+            user: "alice".into(),
+            device: "phone".into(),
+        });
+        round_trip_response(Response::Revoked {
+            req: 14,
+            keys_removed: 2,
+        });
+        round_trip_response(Response::RevokedAt {
+            req: 16,
+            at_unix_ms: Some(7),
         });
         round_trip_request(Request::Presence {
             req: 12,

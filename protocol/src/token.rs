@@ -1,4 +1,5 @@
-//! Bearer tokens: JWTs signed with HS256 whose claims are `sub`, `dev` and `exp`.
+//! Bearer tokens: JWTs signed with HS256 whose claims are `sub`, `dev`, `exp`
+//! and `iat` (issued at: a token issued before its device was revoked is refused).
 //!
 //! Owns minting (for `gateway token` and tests) and verification. Verification
 //! takes the current time as an argument instead of reading a clock, so expiry
@@ -21,6 +22,10 @@ pub struct Claims {
     pub dev: String,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// Issued at, seconds since the Unix epoch; 0 when absent (a token
+    /// without it is older than any revocation).
+    #[serde(default)]
+    pub iat: u64,
 }
 
 /// Why a token was refused. The client is always at fault; retrying the same
@@ -37,11 +42,12 @@ pub enum TokenError {
     BadId,
 }
 
-/// Signs a token. Refuses ids the gateway would refuse.
+/// Signs a token issued at `iat_unix_s`. Refuses ids the gateway would refuse.
 pub fn mint(
     secret: &[u8],
     user_id: &str,
     device_id: &str,
+    iat_unix_s: u64,
     exp_unix_s: u64,
 ) -> Result<String, TokenError> {
     if !is_valid_id(user_id) || !is_valid_id(device_id) {
@@ -51,6 +57,7 @@ pub fn mint(
         sub: user_id.to_owned(),
         dev: device_id.to_owned(),
         exp: exp_unix_s,
+        iat: iat_unix_s,
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -105,14 +112,15 @@ mod tests {
 
     #[test]
     fn a_minted_token_verifies_and_carries_its_claims() {
-        let token = mint(SECRET, "alice", "phone", NOW + 60).unwrap();
+        let token = mint(SECRET, "alice", "phone", NOW, NOW + 60).unwrap();
         let claims = TokenVerifier::new(SECRET).verify(&token, NOW).unwrap();
         assert_eq!(
             claims,
             Claims {
                 sub: "alice".into(),
                 dev: "phone".into(),
-                exp: NOW + 60
+                exp: NOW + 60,
+                iat: NOW,
             }
         );
     }
@@ -123,6 +131,7 @@ mod tests {
             b"another secret entirely, 32 bytes",
             "alice",
             "phone",
+            NOW,
             NOW + 60,
         )
         .unwrap();
@@ -134,7 +143,7 @@ mod tests {
 
     #[test]
     fn an_expired_token_is_refused_after_the_leeway() {
-        let token = mint(SECRET, "alice", "phone", NOW).unwrap();
+        let token = mint(SECRET, "alice", "phone", NOW - 60, NOW).unwrap();
         let verifier = TokenVerifier::new(SECRET);
         assert!(verifier.verify(&token, NOW + EXPIRY_LEEWAY_S).is_ok());
         assert_eq!(
@@ -163,12 +172,16 @@ mod tests {
 
     #[test]
     fn ids_outside_the_grammar_are_refused_at_mint_and_at_verify() {
-        assert_eq!(mint(SECRET, "al ice", "phone", NOW), Err(TokenError::BadId));
+        assert_eq!(
+            mint(SECRET, "al ice", "phone", NOW, NOW),
+            Err(TokenError::BadId)
+        );
         // A validly signed token whose sub breaks the grammar (minted by another issuer).
         let claims = Claims {
             sub: "al ice".into(),
             dev: "phone".into(),
             exp: NOW + 60,
+            iat: NOW,
         };
         let token = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),

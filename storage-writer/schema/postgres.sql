@@ -65,6 +65,15 @@ CREATE TABLE IF NOT EXISTS prekeys (
     PRIMARY KEY (user_id, device_id, key_id)
 );
 
+-- Revoked devices: tokens issued before `at_ms` are refused. `device_id`
+-- is '' for a revocation of all of the user's devices.
+CREATE TABLE IF NOT EXISTS revocations (
+    user_id   TEXT   NOT NULL,
+    device_id TEXT   NOT NULL,
+    at_ms     BIGINT NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+);
+
 -- Group membership (one row per member; changes arrive as records in ring
 -- order, so adding an existing or removing an absent member is a no-op).
 CREATE TABLE IF NOT EXISTS group_members (

@@ -176,11 +176,31 @@ impl Server {
             | Request::SendOf { req, .. }
             | Request::Members { req, .. }
             | Request::Devices { req, .. }
-            | Request::Presence { req, .. } => *req,
+            | Request::Presence { req, .. }
+            | Request::Revoke { req, .. }
+            | Request::RevokedAt { req, .. } => *req,
             Request::Hello { .. } => 0,
         };
-        // The key directory is not fed by the rings: no barrier to wait for.
+        // The key directory and revocations are not fed by the rings: no
+        // barrier to wait for.
         let request = match request {
+            Request::Revoke {
+                req,
+                user,
+                device,
+                at_unix_ms,
+            } => {
+                let revoked = tables.revoke(&user, device.as_deref(), at_unix_ms);
+                return refused_or(req, revoked, |keys_removed| Response::Revoked {
+                    req,
+                    keys_removed,
+                });
+            }
+            Request::RevokedAt { req, user, device } => {
+                return refused_or(req, tables.revoked_at(&user, &device), |at_unix_ms| {
+                    Response::RevokedAt { req, at_unix_ms }
+                });
+            }
             Request::KeysUpload {
                 req,
                 user,
@@ -294,7 +314,9 @@ impl Server {
             Request::Hello { .. }
             | Request::KeysUpload { .. }
             | Request::KeysFetch { .. }
-            | Request::Devices { .. } => {
+            | Request::Devices { .. }
+            | Request::Revoke { .. }
+            | Request::RevokedAt { .. } => {
                 unreachable!("answered above")
             }
         };

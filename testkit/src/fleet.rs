@@ -25,6 +25,11 @@ pub struct Fleet {
 impl Fleet {
     /// `count` nodes, each with a node id leased from NATS.
     pub fn start(count: usize) -> Fleet {
+        Self::start_with(count, &[])
+    }
+
+    /// `start`, with `extra` flags for every node.
+    pub fn start_with(count: usize, extra: &[&str]) -> Fleet {
         let database = Postgres::start();
         let nats = NatsServer::start();
         let mut fleet = Fleet {
@@ -34,7 +39,9 @@ impl Fleet {
         };
         for index in 0..count {
             let url = public_url(index);
-            let node = fleet.start_node(&["--public-url", &url]);
+            let mut flags = vec!["--public-url", url.as_str()];
+            flags.extend_from_slice(extra);
+            let node = fleet.start_node(&flags);
             fleet.nodes.push(node);
         }
         fleet

@@ -32,7 +32,7 @@ pub fn unix_s() -> u64 {
 }
 
 pub fn token(user: &str, device: &str) -> String {
-    chat_protocol::token::mint(SECRET.as_bytes(), user, device, unix_s() + 3600).unwrap()
+    chat_protocol::token::mint(SECRET.as_bytes(), user, device, unix_s(), unix_s() + 3600).unwrap()
 }
 
 /// A running gateway process; killed when dropped.

@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chat_protocol::frames::{self, HelloFrame};
-use chat_protocol::handshake::{self, HandshakeError, Request, UpgradeRequest};
+use chat_protocol::handshake::{self, HandshakeError, UpgradeRequest};
+use chat_protocol::store_wire::{Request, Response};
 use chat_protocol::{ids, ws, PROTOCOL_VERSION};
 use monoio::net::{TcpListener, TcpStream};
 
@@ -126,6 +127,30 @@ async fn handshake(shard: Rc<Shard>, stream: TcpStream) {
                 .verify(&upgrade.token, crate::clock::unix_s())
             {
                 Ok(claims) => {
+                    match revocation(&shard, &claims).await {
+                        Ok(()) => {}
+                        Err(Refusal::Revoked) => {
+                            refuse(
+                                Refusal::Revoked,
+                                401,
+                                "Unauthorized",
+                                "this device was revoked: sign in again for a new token",
+                            );
+                            drop(stream);
+                            shard.node.release_connection();
+                            return;
+                        }
+                        Err(refusal) => {
+                            shard.metrics().refused(refusal);
+                            sock::send_best_effort(
+                                fd,
+                                &refusal_503("storage cannot confirm this device is not revoked"),
+                            );
+                            drop(stream);
+                            shard.node.release_connection();
+                            return;
+                        }
+                    }
                     route_to_home(
                         &shard,
                         stream,
@@ -180,13 +205,13 @@ async fn read_upgrade(
             Err(_) => return Err(ReadError::Closed),
         }
         match handshake::parse_request(&buffer[..filled], WS_PATH, limit) {
-            Ok(Some((Request::Page(page), _))) => {
+            Ok(Some((handshake::Request::Page(page), _))) => {
                 bump(&shard.metrics().pages_served, 1);
                 let answer = shard.web.respond(&page, crate::clock::unix_s());
                 write_all(stream, &answer).await;
                 return Err(ReadError::Page);
             }
-            Ok(Some((Request::Upgrade(upgrade), length))) => {
+            Ok(Some((handshake::Request::Upgrade(upgrade), length))) => {
                 buffer.truncate(filled);
                 buffer.drain(..length);
                 buffer.shrink_to_fit();
@@ -198,6 +223,25 @@ async fn read_upgrade(
             Ok(None) => {}
             Err(error) => return Err(ReadError::Refused(error)),
         }
+    }
+}
+
+/// Whether `claims`' device may connect: refused when an operator revoked
+/// it (or all of its user's devices) after its token was issued. Asked of
+/// storage before the upgrade, so a revoked device never sees `hello`.
+async fn revocation(shard: &Shard, claims: &chat_protocol::token::Claims) -> Result<(), Refusal> {
+    let request = |req| Request::RevokedAt {
+        req,
+        user: claims.sub.clone(),
+        device: claims.dev.clone(),
+    };
+    match shard.store.request(request, shard.storage_timeout()).await {
+        Ok(Response::RevokedAt {
+            at_unix_ms: Some(at),
+            ..
+        }) if claims.iat.saturating_mul(1_000) <= at => Err(Refusal::Revoked),
+        Ok(Response::RevokedAt { .. }) => Ok(()),
+        _ => Err(Refusal::StorageUnavailable),
     }
 }
 

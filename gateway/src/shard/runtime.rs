@@ -27,7 +27,7 @@ use chat_protocol::ws;
 use slab::Slab;
 
 use super::accept;
-use super::features::{presence, receipts, sync};
+use super::features::{presence, receipts, revocation, sync};
 use super::state::conn::Conn;
 use super::state::durable::Durability;
 use super::state::idempotency::IdempotencyTable;
@@ -111,6 +111,7 @@ fn handle(shard: &Rc<Shard>, message: ShardMessage) {
                 }
             });
         }
+        ShardMessage::Revoke(revocation) => revocation::on_revoke(shard, *revocation),
         ShardMessage::Drain => {
             if !shard.draining.replace(true) {
                 shard.drain_started.fire();

@@ -51,6 +51,8 @@ pub struct Embedded {
     members: PartitionHandle,
     member_of: PartitionHandle,
     presence: PartitionHandle,
+    /// (user, device or "" for all) → revoked at, unix ms (big-endian u64).
+    revocations: PartitionHandle,
     /// Serialises taking one-time prekeys (the store has no transactions;
     /// every reader of this node shares it, so no prekey is taken twice).
     keys_lock: std::sync::Arc<std::sync::Mutex<()>>,
@@ -87,6 +89,7 @@ impl Embedded {
             members: open("members")?,
             member_of: open("member_of")?,
             presence: open("presence")?,
+            revocations: open("revocations")?,
             keys_lock: Default::default(),
             keyspace,
             fsync,
@@ -317,6 +320,43 @@ impl Tables for Embedded {
         }
         self.persist()?;
         Ok(stored + upload.one_time_prekeys.len() as u32)
+    }
+
+    fn revoke(&mut self, user: &str, device: Option<&str>, at_ms: u64) -> Result<u32> {
+        let _serial = self.keys_lock.lock().expect("keys lock");
+        let scope = device.unwrap_or("");
+        let at_key = key(&[user, scope], None);
+        let earlier = match self.revocations.get(&at_key)? {
+            Some(value) => be_u64(&value)?,
+            None => 0,
+        };
+        self.revocations
+            .insert(at_key, at_ms.max(earlier).to_be_bytes())?;
+        // The revoked devices' keys: one device, or every device of the user.
+        let prefix = match device {
+            Some(device) => key(&[user, device], None),
+            None => key(&[user], None),
+        };
+        let mut removed = 0;
+        for item in self.device_keys.prefix(&prefix) {
+            self.device_keys.remove(item?.0)?;
+            removed += 1;
+        }
+        for item in self.prekeys.prefix(&prefix) {
+            self.prekeys.remove(item?.0)?;
+        }
+        self.persist()?;
+        Ok(removed)
+    }
+
+    fn revoked_at(&mut self, user: &str, device: &str) -> Result<Option<u64>> {
+        let mut latest = None;
+        for scope in [device, ""] {
+            if let Some(value) = self.revocations.get(key(&[user, scope], None))? {
+                latest = latest.max(Some(be_u64(&value)?));
+            }
+        }
+        Ok(latest)
     }
 
     fn devices_of(&mut self, user: &str) -> Result<Vec<String>> {

@@ -170,6 +170,21 @@ pub trait Tables {
         anyhow::bail!("this handle does not serve the key directory")
     }
 
+    /// Revokes `user`'s `device` (all of the user's devices for `None`) as
+    /// of `at_ms` (a later revocation of the same scope replaces an earlier
+    /// one), and removes the revoked devices' keys and one-time prekeys from
+    /// the key directory. Durable before it returns. Returns how many
+    /// devices left the directory.
+    fn revoke(&mut self, _user: &str, _device: Option<&str>, _at_ms: u64) -> Result<u32> {
+        anyhow::bail!("this handle does not serve revocations")
+    }
+
+    /// The latest revocation that covers `user`'s `device` (its own, or all
+    /// the user's devices), in unix ms.
+    fn revoked_at(&mut self, _user: &str, _device: &str) -> Result<Option<u64>> {
+        anyhow::bail!("this handle does not serve revocations")
+    }
+
     /// Makes `members` members of `group` (those already in stay).
     fn add_members(&mut self, group: &str, members: &[&str]) -> Result<()>;
     /// Removes `members` from `group` (absent ones are ignored).

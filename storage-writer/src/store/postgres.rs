@@ -316,6 +316,37 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         Ok(())
     }
 
+    fn revoke(&mut self, user: &str, device: Option<&str>, at_ms: u64) -> Result<u32> {
+        let store = self.prepared(
+            "INSERT INTO revocations (user_id, device_id, at_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (user_id, device_id) DO UPDATE SET \
+             at_ms = GREATEST(revocations.at_ms, EXCLUDED.at_ms)",
+        )?;
+        // '' matches every device of the user.
+        let keys = self.prepared(
+            "DELETE FROM device_keys WHERE user_id = $1 AND ($2 = '' OR device_id = $2)",
+        )?;
+        let prekeys = self
+            .prepared("DELETE FROM prekeys WHERE user_id = $1 AND ($2 = '' OR device_id = $2)")?;
+        let scope = device.unwrap_or("");
+        let at_ms = i64::try_from(at_ms)?;
+        let mut transaction = self.client.transaction()?;
+        transaction.execute(&store, &[&user, &scope, &at_ms])?;
+        let removed = transaction.execute(&keys, &[&user, &scope])?;
+        transaction.execute(&prekeys, &[&user, &scope])?;
+        transaction.commit()?;
+        Ok(u32::try_from(removed).unwrap_or(u32::MAX))
+    }
+
+    fn revoked_at(&mut self, user: &str, device: &str) -> Result<Option<u64>> {
+        let statement = self.prepared(
+            "SELECT max(at_ms) FROM revocations WHERE user_id = $1 AND device_id IN ($2, '')",
+        )?;
+        let row = self.client.query_one(&statement, &[&user, &device])?;
+        let at: Option<i64> = row.get(0);
+        Ok(at.map(|at| at.max(0) as u64))
+    }
+
     fn devices_of(&mut self, user: &str) -> Result<Vec<String>> {
         let statement = self.prepared(
             "SELECT device_id FROM device_keys WHERE user_id = $1 ORDER BY device_id LIMIT 1024",

@@ -63,6 +63,10 @@ struct Statements {
     groups_of: PreparedStatement,
     put_presence: PreparedStatement,
     presence: PreparedStatement,
+    put_revocation: PreparedStatement,
+    revocations: PreparedStatement,
+    delete_device_keys: PreparedStatement,
+    delete_prekeys: PreparedStatement,
 }
 
 pub struct ScyllaBackend {
@@ -156,6 +160,10 @@ impl ScyllaBackend {
                 put_cursor: prepare(format!("INSERT INTO {k}.cursors (user_id, device_id, state) VALUES (?, ?, ?)")).await?,
                 put_device_keys: prepare(format!("INSERT INTO {k}.device_keys (user_id, device_id, identity_key, signed_prekey, signed_prekey_signature) VALUES (?, ?, ?, ?, ?)")).await?,
                 device_keys: prepare(format!("SELECT device_id, identity_key, signed_prekey, signed_prekey_signature FROM {k}.device_keys WHERE user_id = ?")).await?,
+                put_revocation: prepare(format!("INSERT INTO {k}.revocations (user_id, device_id, at_ms) VALUES (?, ?, ?) USING TIMESTAMP ?")).await?,
+                revocations: prepare(format!("SELECT device_id, at_ms FROM {k}.revocations WHERE user_id = ?")).await?,
+                delete_device_keys: prepare(format!("DELETE FROM {k}.device_keys WHERE user_id = ? AND device_id = ?")).await?,
+                delete_prekeys: prepare(format!("DELETE FROM {k}.prekeys WHERE user_id = ? AND device_id = ?")).await?,
                 put_prekey: prepare(format!("INSERT INTO {k}.prekeys (user_id, device_id, key_id, prekey) VALUES (?, ?, ?, ?)")).await?,
                 first_prekey: prepare(format!("SELECT key_id, prekey FROM {k}.prekeys WHERE user_id = ? AND device_id = ? LIMIT 1")).await?,
                 last_prekey: prepare(format!("SELECT key_id FROM {k}.prekeys WHERE user_id = ? AND device_id = ? ORDER BY key_id DESC LIMIT 1")).await?,
@@ -443,6 +451,40 @@ impl Tables for Scylla {
         let rows: Vec<(String, String, String, String)> =
             self.rows(&self.statements.device_keys, (user,))?;
         Ok(rows.into_iter().map(|(device, ..)| device).collect())
+    }
+
+    fn revoke(&mut self, user: &str, device: Option<&str>, at_ms: u64) -> Result<u32> {
+        let at = i64::try_from(at_ms)?;
+        let scope = device.unwrap_or("");
+        // Microseconds, as CQL write timestamps are: a later revocation wins.
+        let written_at = at.saturating_mul(1_000);
+        self.execute(
+            &self.statements.put_revocation,
+            (user, scope, at, written_at),
+        )?;
+        let devices = match device {
+            Some(device) => vec![device.to_owned()],
+            None => self.devices_of(user)?,
+        };
+        let listed = self.devices_of(user)?;
+        let mut removed = 0;
+        for device in &devices {
+            if listed.contains(device) {
+                removed += 1;
+            }
+            self.execute(&self.statements.delete_device_keys, (user, device.as_str()))?;
+            self.execute(&self.statements.delete_prekeys, (user, device.as_str()))?;
+        }
+        Ok(removed)
+    }
+
+    fn revoked_at(&mut self, user: &str, device: &str) -> Result<Option<u64>> {
+        let rows: Vec<(String, i64)> = self.rows(&self.statements.revocations, (user,))?;
+        Ok(rows
+            .into_iter()
+            .filter(|(scope, _)| scope.is_empty() || scope == device)
+            .map(|(_, at)| at.max(0) as u64)
+            .max())
     }
 
     fn add_members(&mut self, group: &str, members: &[&str]) -> Result<()> {

@@ -59,6 +59,7 @@ on_every_backend!(
     membership_changes_update_both_directions_in_order,
     presence_is_told_only_to_users_who_share_a_conversation,
     a_sync_made_since_an_id_offers_what_a_cumulative_ack_passed,
+    a_revocation_is_kept_and_takes_the_devices_keys_with_it,
 );
 
 /// A message of group `group` from `from`, to `recipients`, with an optional event.
@@ -324,6 +325,53 @@ fn a_sync_made_since_an_id_offers_what_a_cumulative_ack_passed(fixture: &Fixture
     // The sender's own device gets none of its own sends, as in any sync.
     let from = SyncFrom::MadeSince(1);
     assert!(synced_ids_from(fixture, "alice", "phone", from).is_empty());
+}
+
+fn a_revocation_is_kept_and_takes_the_devices_keys_with_it(fixture: &Fixture) {
+    let mut tables = fixture.backend.reader().unwrap();
+    let prekeys = vec!["k1".to_owned(), "k2".to_owned()];
+    for device in ["phone", "laptop", "tablet"] {
+        let upload = super::DeviceKeys {
+            user: "alice",
+            device,
+            identity_key: "i",
+            signed_prekey: "s",
+            signed_prekey_signature: "g",
+            one_time_prekeys: &prekeys,
+        };
+        tables.put_device_keys(&upload).unwrap();
+    }
+    assert_eq!(tables.revoked_at("alice", "phone").unwrap(), None);
+    assert_eq!(tables.revoke("alice", Some("phone"), 5_000).unwrap(), 1);
+    assert_eq!(tables.revoked_at("alice", "phone").unwrap(), Some(5_000));
+    assert_eq!(tables.revoked_at("alice", "laptop").unwrap(), None);
+    assert_eq!(tables.devices_of("alice").unwrap(), ["laptop", "tablet"]);
+    // An earlier revocation of the same scope does not move it back.
+    tables.revoke("alice", Some("phone"), 4_000).unwrap();
+    assert_eq!(tables.revoked_at("alice", "phone").unwrap(), Some(5_000));
+    // All devices: every device is covered, the latest revocation counts.
+    assert_eq!(tables.revoke("alice", None, 9_000).unwrap(), 2);
+    assert!(tables.devices_of("alice").unwrap().is_empty());
+    for device in ["phone", "laptop", "never-seen"] {
+        assert_eq!(tables.revoked_at("alice", device).unwrap(), Some(9_000));
+    }
+    assert_eq!(tables.revoked_at("bob", "phone").unwrap(), None);
+    // A device uploads keys again after it is enrolled anew: no prekey of
+    // the revoked one is handed out.
+    let fresh = vec!["new".to_owned()];
+    let upload = super::DeviceKeys {
+        user: "alice",
+        device: "phone",
+        identity_key: "i2",
+        signed_prekey: "s2",
+        signed_prekey_signature: "g2",
+        one_time_prekeys: &fresh,
+    };
+    assert_eq!(tables.put_device_keys(&upload).unwrap(), 1);
+    drop(tables);
+    // Durable: a new handle (a restarted writer) still knows.
+    let mut again = fixture.backend.reader().unwrap();
+    assert_eq!(again.revoked_at("alice", "laptop").unwrap(), Some(9_000));
 }
 
 fn a_replayed_batch_stores_nothing_twice(fixture: &Fixture) {

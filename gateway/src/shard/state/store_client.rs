@@ -258,6 +258,8 @@ async fn read_loop<O: ReadPathOwner>(
                 | Response::Members { req, .. }
                 | Response::Devices { req, .. }
                 | Response::Presence { req, .. }
+                | Response::Revoked { req, .. }
+                | Response::RevokedAt { req, .. }
                 | Response::Failed { req, .. } => shard.read_path().complete(req, response),
             }
         }

@@ -1,0 +1,202 @@
+//! Revocation with the real processes: an operator revokes a device through
+//! the admin API (or `gateway revoke`); its connection closes with 4003, its
+//! token is refused at the upgrade from then on (also after a `kill -9` of
+//! the node), its keys leave the key directory, a fresh token enrolls it
+//! again; revoking every device of a user closes them on every node.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use testkit::fleet::{node_id, Fleet};
+use testkit::gateway::{connect_at, token, Client, Gateway, Next, WAIT};
+
+const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789abcdef";
+
+/// `POST` (or another method) on the admin listener: (status, JSON body).
+fn admin(address: SocketAddr, method: &str, target: &str, bearer: Option<&str>) -> (u16, Value) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let auth = bearer
+        .map(|b| format!("Authorization: Bearer {b}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {target} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head[9..12].parse().unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Reads until the connection closes; its close code.
+fn closed_with(client: &mut Client) -> Option<u16> {
+    let deadline = Instant::now() + WAIT;
+    client.set_timeout(Duration::from_millis(200));
+    loop {
+        match client.next_frame() {
+            Next::Closed(code) => return code,
+            Next::Gone => return None,
+            Next::Json(_) | Next::Silent => {
+                assert!(Instant::now() < deadline, "the connection stayed open");
+            }
+        }
+    }
+}
+
+fn upload_keys(client: &mut Client) {
+    client.send(
+        json!({"type": "keys_upload", "identity_key": "i", "signed_prekey": "s",
+                       "signed_prekey_signature": "g", "one_time_prekeys": ["k1", "k2"]}),
+    );
+    client.recv_type("keys_uploaded");
+}
+
+/// A token issued after every revocation so far (tokens carry seconds).
+fn fresh_token(user: &str, device: &str) -> String {
+    std::thread::sleep(Duration::from_millis(1_100));
+    token(user, device)
+}
+
+#[test]
+fn a_revoked_device_is_closed_refused_and_loses_its_keys_and_the_revocation_lasts() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().to_str().unwrap();
+    let flags = ["--data-dir", dir, "--admin-token", ADMIN_TOKEN];
+    let mut gateway = Gateway::start(&flags);
+    let mut phone = gateway.connect("alice", "phone");
+    let mut laptop = gateway.connect("alice", "laptop");
+    upload_keys(&mut phone);
+    upload_keys(&mut laptop);
+
+    // Only the operator may revoke.
+    let revoke_phone = "/revoke?user=alice&device=phone";
+    assert_eq!(admin(gateway.admin, "POST", revoke_phone, None).0, 401);
+    let wrong = "admin-token-for-tests-0123456789abcdeX";
+    assert_eq!(
+        admin(gateway.admin, "POST", revoke_phone, Some(wrong)).0,
+        401
+    );
+    assert_eq!(
+        admin(gateway.admin, "GET", revoke_phone, Some(ADMIN_TOKEN)).0,
+        405
+    );
+    let bad = admin(
+        gateway.admin,
+        "POST",
+        "/revoke?user=al%20ice",
+        Some(ADMIN_TOKEN),
+    );
+    assert_eq!(bad.0, 400, "{}", bad.1);
+
+    let (status, answer) = admin(gateway.admin, "POST", revoke_phone, Some(ADMIN_TOKEN));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["keys_removed"], 1);
+    assert_eq!(answer["closed_here"], 1);
+    assert_eq!(closed_with(&mut phone), Some(4003));
+    // The other device is untouched, and the key directory lists only it.
+    laptop.send(json!({"type": "devices", "user": "alice"}));
+    assert_eq!(laptop.recv_type("devices")["devices"], json!(["laptop"]));
+    // The phone's token no longer opens a connection.
+    assert_eq!(
+        gateway.connect_with_token(&token("alice", "phone")).err(),
+        Some(401)
+    );
+    assert_eq!(
+        gateway.metric("gateway_handshakes_refused_total", &["reason=\"revoked\""]),
+        1
+    );
+
+    // Enrolled again with a token issued after the revocation.
+    let renewed = fresh_token("alice", "phone");
+    let mut phone = gateway
+        .connect_with_token(&renewed)
+        .expect("a fresh token works");
+    assert_eq!(phone.recv()["type"], "hello");
+
+    // Every device, with the operator command.
+    let status = std::process::Command::new(testkit::workspace_binary("gateway"))
+        .args([
+            "revoke",
+            "--user",
+            "alice",
+            "--admin",
+            &gateway.admin.to_string(),
+        ])
+        .env("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env_remove("GATEWAY_AUTH_SECRET")
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(printed["device"], Value::Null);
+    assert_eq!(printed["closed_here"], 2);
+    assert_eq!(closed_with(&mut laptop), Some(4003));
+    assert_eq!(closed_with(&mut phone), Some(4003));
+
+    // Durable: after a kill -9 the node still refuses them.
+    gateway.kill9();
+    let gateway = Gateway::start(&flags);
+    for device in ["phone", "laptop", "tablet"] {
+        assert_eq!(
+            gateway.connect_with_token(&token("alice", device)).err(),
+            Some(401),
+            "{device}"
+        );
+    }
+    let mut bob = gateway.connect("bob", "phone");
+    bob.ping();
+}
+
+#[test]
+fn the_revocation_api_is_off_without_an_admin_token() {
+    let gateway = Gateway::start(&[]);
+    let (status, body) = admin(
+        gateway.admin,
+        "POST",
+        "/revoke?user=alice",
+        Some(ADMIN_TOKEN),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("admin_token"));
+}
+
+#[test]
+fn revoking_a_user_closes_their_devices_on_every_node() {
+    let fleet = Fleet::start_with(2, &["--admin-token", ADMIN_TOKEN]);
+    let nodes: Vec<&Gateway> = fleet.nodes.iter().collect();
+    fleet.wait_membership(&nodes, 2);
+    let mut on_a = fleet.nodes[0].connect("carol", "phone");
+    let mut on_b = connect_at(fleet.nodes[1].ws, "carol", "laptop");
+    let mut dave = fleet.nodes[1].connect("dave", "phone");
+    assert_ne!(node_id(&fleet.nodes[0]), node_id(&fleet.nodes[1]));
+
+    let (status, answer) = admin(
+        fleet.nodes[0].admin,
+        "POST",
+        "/revoke?user=carol",
+        Some(ADMIN_TOKEN),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(closed_with(&mut on_a), Some(4003));
+    assert_eq!(
+        closed_with(&mut on_b),
+        Some(4003),
+        "closed on the other node too"
+    );
+    for node in &fleet.nodes {
+        assert_eq!(
+            node.connect_with_token(&token("carol", "laptop")).err(),
+            Some(401)
+        );
+    }
+    dave.ping();
+}
