@@ -8,6 +8,7 @@ export declare const CloseCode: Readonly<{
   TRY_AGAIN: 1013;
   HEARTBEAT: 4000;
   SLOW_CONSUMER: 4001;
+  REVOKED: 4003;
 }>;
 
 export interface Backoff {

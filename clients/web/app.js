@@ -250,6 +250,7 @@ async function signIn(user, token) {
       };
   client = new ChatClient({ url: wsUrl, token: getToken });
   client.addEventListener('state', (e) => ($('connection').textContent = e.detail));
+  client.addEventListener('revoked', () => ($('connection').textContent = 'this device was revoked'));
   client.addEventListener('open', (e) => {
     me = e.detail.user;
     $('me').textContent = e.detail.user;

@@ -21,6 +21,7 @@ export const CloseCode = Object.freeze({
   TRY_AGAIN: 1013,
   HEARTBEAT: 4000,
   SLOW_CONSUMER: 4001,
+  REVOKED: 4003,
 });
 
 /** Errors after which the same send is retried (after `retry_after_ms`). */
@@ -44,6 +45,7 @@ export function reconnectDelay(code, attempt, backoff, random = Math.random) {
     case CloseCode.POLICY:
     case CloseCode.SLOW_CONSUMER:
     case CloseCode.TOO_BIG:
+    case CloseCode.REVOKED:
       // This client misbehaved or could not keep up: back off for longer.
       return backoff.penaltyMs + random() * bound(backoff.penaltyMs);
     default:
@@ -80,7 +82,8 @@ export class ChatClient extends EventTarget {
     if (!options || !options.url) throw new TypeError('ChatClient needs a url');
     this.url = options.url;
     const token = options.token;
-    this.getToken = typeof token === 'function' ? token : async () => token;
+    this.refreshable = typeof token === 'function';
+    this.getToken = this.refreshable ? token : async () => token;
     this.WebSocketClass = options.WebSocket ?? globalThis.WebSocket;
     if (!this.WebSocketClass) throw new TypeError('no WebSocket class: pass options.WebSocket');
     this.backoff = { baseMs: 250, maxMs: 30_000, drainSpreadMs: 5_000, penaltyMs: 5_000, ...options.backoff };
@@ -266,6 +269,16 @@ export class ChatClient extends EventTarget {
       this.#stopTimers();
       this.#setState(this.stopped ? 'closed' : 'reconnecting');
       this.#emit('close', { code: event.code, reason: event.reason });
+      if (event.code === CloseCode.REVOKED) {
+        // The operator revoked this device: the same token will never work
+        // again. Only a token function (which may sign in anew) retries.
+        this.#emit('revoked', { reason: event.reason });
+        if (!this.refreshable) {
+          this.stopped = true;
+          this.#setState('closed');
+          return;
+        }
+      }
       if (!this.stopped) this.#scheduleReconnect(event.code);
     };
     socket.onerror = () => {};
