@@ -107,8 +107,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, conn: Rc<Conn>, early_by
 }
 
 /// Before the device's frames are read: load its recent sends (idempotency
-/// after a restart), wait for this node's backplane subscription to its user
-/// (so the sync cannot miss a message published just before it), then start
+/// after a restart), wait until the backplane routes its user's messages to
+/// this node (so the sync cannot miss a message published just before it), then start
 /// its sync. Storage not answering closes with 1013.
 async fn start(shard: &Rc<Shard>, conn: &Rc<Conn>) {
     if let Err(error) = sync::warm_idempotency(shard, conn).await {

@@ -84,8 +84,9 @@ pub struct Shard {
     pub store: StoreClient,
     /// The NATS bridge, when this node is part of a fleet.
     pub backplane: Option<Arc<Backplane>>,
-    /// Users whose backplane subscription is being set up, with the
-    /// connections waiting for it before their connect-time sync.
+    /// Users for whom the backplane is not routing to this node yet (their
+    /// home has not confirmed it), with the connections waiting for it
+    /// before their connect-time sync.
     pub interest_pending: RefCell<HashMap<Rc<str>, Rc<Waiters>>>,
     /// Group member lists loaded from storage.
     pub groups: RefCell<GroupCache>,
@@ -162,7 +163,8 @@ impl Shard {
         }
     }
 
-    /// Subscribes or unsubscribes this node for `user` on the backplane.
+    /// Tells the backplane this node now has (or no longer has) a device of
+    /// `user`, so messages for the user are routed here (or no longer).
     fn interest(&self, user: &Rc<str>, active: bool) {
         let Some(backplane) = &self.backplane else {
             return;
@@ -186,7 +188,8 @@ impl Shard {
         }
     }
 
-    /// The bridge says this node's subscription for `user` is in place.
+    /// The bridge says messages for `user` reach this node now (it is the
+    /// user's home, or the home confirmed its registration).
     pub fn interest_active(&self, user: &str) {
         let waiters = self.interest_pending.borrow_mut().remove(user);
         if let Some(waiters) = waiters {
@@ -194,9 +197,8 @@ impl Shard {
         }
     }
 
-    /// Waits (bounded) until this node's backplane subscription for `user` is
-    /// in place, so a sync that starts after it cannot miss a message that
-    /// was published before it.
+    /// Waits (bounded) until messages for `user` reach this node, so a sync
+    /// that starts after it cannot miss a message published before it.
     pub async fn interest_ready(&self, user: &str) {
         let waiters = self.interest_pending.borrow().get(user).cloned();
         if let Some(waiters) = waiters {
