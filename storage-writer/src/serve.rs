@@ -159,7 +159,22 @@ impl Server {
                 // to the next one and sends its open requests again.
                 _ if self.stop.load(Ordering::Relaxed) => return Ok(()),
                 request => {
-                    let response = self.answer(&mut *tables, request);
+                    let mut response = self.answer(&mut *tables, request.clone());
+                    if matches!(
+                        response,
+                        Response::Failed {
+                            retryable: true,
+                            ..
+                        }
+                    ) {
+                        // The backend's connection may be gone (PostgreSQL
+                        // restarted): take a new handle and try once more,
+                        // so one outage does not fail this session forever.
+                        if let Ok(fresh) = self.backend.reader() {
+                            tables = fresh;
+                            response = self.answer(&mut *tables, request);
+                        }
+                    }
                     sessions::send(writer, &response.encode())?;
                 }
             }

@@ -189,6 +189,19 @@ impl Gateway {
         self.child.id()
     }
 
+    /// The pid of the storage-writer this gateway spawned, once it runs.
+    pub fn writer_pid(&self) -> Option<u32> {
+        // Any of the gateway's threads may have spawned it.
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).ok()?;
+        tasks.flatten().find_map(|task| {
+            let children = std::fs::read_to_string(task.path().join("children")).ok()?;
+            children.split_whitespace().find_map(|child| {
+                let comm = std::fs::read_to_string(format!("/proc/{child}/comm")).ok()?;
+                (comm.trim() == "storage-writer").then(|| child.parse().ok())?
+            })
+        })
+    }
+
     /// Attempts an upgrade with `token` in the Authorization header. Err is the HTTP status.
     pub fn connect_with_token(&self, token: &str) -> Result<Client, u16> {
         self.upgrade("/ws", Some(token), TcpStream::connect(self.ws).unwrap())

@@ -1,6 +1,7 @@
 //! A private PostgreSQL server for a test: its own data directory and a free
 //! loopback port, initialised with `initdb` (as the `postgres` user when the
-//! test runs as root, which initdb requires) and stopped when dropped.
+//! test runs as root, which initdb requires), stoppable and restartable on
+//! the same port and data (a database outage), and stopped when dropped.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,8 +13,9 @@ use crate::free_port;
 const WAIT: Duration = Duration::from_secs(30);
 
 pub struct Postgres {
-    child: Child,
+    child: Option<Child>,
     _dir: tempfile::TempDir,
+    data: std::path::PathBuf,
     pub port: u16,
 }
 
@@ -85,36 +87,73 @@ impl Postgres {
             String::from_utf8_lossy(&output.stderr)
         );
         let port = free_port();
+        let mut server = Postgres {
+            child: None,
+            _dir: dir,
+            data,
+            port,
+        };
+        server.restart();
+        server
+    }
+
+    /// Starts the server (again) on its data directory and port, and waits
+    /// until it accepts connections.
+    pub fn restart(&mut self) {
+        let bin = bin_dir();
         let child = as_postgres(&bin.join("postgres"))
             .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
-            .arg(dir.path())
+            .arg(&self.data)
+            .args(["-p", &self.port.to_string(), "-h", "127.0.0.1", "-k"])
+            .arg(self._dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut server = Postgres {
-            child,
-            _dir: dir,
-            port,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + WAIT;
         loop {
             let ready = Command::new(bin.join("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "chat"])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "chat",
+                ])
                 .stdout(Stdio::null())
                 .status()
                 .unwrap();
             if ready.success() {
-                return server;
+                return;
             }
-            if let Some(status) = server.child.try_wait().unwrap() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("postgres exited: {status}");
             }
             assert!(Instant::now() < deadline, "postgres not ready");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Stops the server (fast shutdown: clients are cut off, nothing
+    /// committed is lost), or kills it if it will not stop.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     pub fn url(&self) -> String {
@@ -137,20 +176,6 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        // Fast shutdown: SIGINT.
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = Command::new("kill")
-            .args(["-KILL", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
