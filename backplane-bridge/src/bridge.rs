@@ -610,19 +610,8 @@ impl Router {
                 active: false,
             } => self.interest_off(&user).await,
             Outbound::Revoke { user, device } => {
-                let home = self.membership.home(&user);
                 let device: Box<str> = device.unwrap_or_default();
-                let targets: Vec<(u16, Hop)> = if home != self.me {
-                    vec![(home, Hop::ToHome)]
-                } else {
-                    self.exceptions
-                        .nodes_of(&user)
-                        .iter()
-                        .filter(|node| **node != self.me)
-                        .map(|node| (*node, Hop::Forwarded))
-                        .collect()
-                };
-                for (node, hop) in targets {
+                for (node, hop) in self.route_targets(&user) {
                     let envelope = Envelope::Revoke {
                         origin_node: self.me,
                         hop,
@@ -635,24 +624,44 @@ impl Router {
         }
     }
 
+    /// Where something for `user` that starts on this node goes: to the
+    /// user's home, or (when this node is the home) straight to the nodes
+    /// registered with devices of the user.
+    fn route_targets(&self, user: &str) -> Vec<(u16, Hop)> {
+        let home = self.membership.home(user);
+        if home != self.me {
+            return vec![(home, Hop::ToHome)];
+        }
+        let forwards = self.forward_targets(user, self.me);
+        forwards
+            .into_iter()
+            .map(|node| (node, Hop::Forwarded))
+            .collect()
+    }
+
+    /// The nodes a home forwards to for `user`: those registered with
+    /// devices of the user, except `from` (its devices have it) and itself.
+    fn forward_targets(&self, user: &str, from: u16) -> Vec<u16> {
+        self.exceptions
+            .nodes_of(user)
+            .iter()
+            .copied()
+            .filter(|node| *node != from && *node != self.me)
+            .collect()
+    }
+
     /// Routes a message from this node's shards: each user's home gets it
     /// (one envelope per home), and for users homed here the registered
     /// nodes get it directly.
     async fn publish(&mut self, users: Vec<Box<str>>, message_id: u64, json: Bytes) {
         let mut batches: HashMap<(u16, bool), Vec<Box<str>>> = HashMap::new();
         for user in users {
-            let home = self.membership.home(&user);
-            if home != self.me {
-                batches.entry((home, true)).or_default().push(user);
-                continue;
-            }
-            for node in self.exceptions.nodes_of(&user) {
-                if *node != self.me {
-                    batches
-                        .entry((*node, false))
-                        .or_default()
-                        .push(user.clone());
-                }
+            for (node, hop) in self.route_targets(&user) {
+                let to_home = hop == Hop::ToHome;
+                batches
+                    .entry((node, to_home))
+                    .or_default()
+                    .push(user.clone());
             }
         }
         let forwarded = batches.keys().filter(|(_, to_home)| !to_home).count();
@@ -690,14 +699,7 @@ impl Router {
                 device,
             } => {
                 if hop == Hop::ToHome {
-                    let forwards: Vec<u16> = self
-                        .exceptions
-                        .nodes_of(&user)
-                        .iter()
-                        .copied()
-                        .filter(|node| *node != origin_node && *node != self.me)
-                        .collect();
-                    for node in forwards {
+                    for node in self.forward_targets(&user, origin_node) {
                         let envelope = Envelope::Revoke {
                             origin_node: self.me,
                             hop: Hop::Forwarded,
@@ -730,13 +732,11 @@ impl Router {
         let mut forwards: HashMap<(u16, bool), Vec<Box<str>>> = HashMap::new();
         for user in users {
             if hop == Hop::ToHome {
-                for node in self.exceptions.nodes_of(&user) {
-                    if *node != origin_node && *node != self.me {
-                        forwards
-                            .entry((*node, false))
-                            .or_default()
-                            .push(user.clone());
-                    }
+                for node in self.forward_targets(&user, origin_node) {
+                    forwards
+                        .entry((node, false))
+                        .or_default()
+                        .push(user.clone());
                 }
             }
             if self.local.contains_key(&user) {
