@@ -627,27 +627,27 @@ impl Router {
     /// Where something for `user` that starts on this node goes: to the
     /// user's home, or (when this node is the home) straight to the nodes
     /// registered with devices of the user.
-    fn route_targets(&self, user: &str) -> Vec<(u16, Hop)> {
+    /// (Per message and user: nothing is allocated.)
+    fn route_targets<'a>(&'a self, user: &'a str) -> impl Iterator<Item = (u16, Hop)> + 'a {
         let home = self.membership.home(user);
-        if home != self.me {
-            return vec![(home, Hop::ToHome)];
-        }
-        let forwards = self.forward_targets(user, self.me);
-        forwards
-            .into_iter()
-            .map(|node| (node, Hop::Forwarded))
-            .collect()
+        let at_home = home == self.me;
+        let to_home = (!at_home).then_some((home, Hop::ToHome));
+        let forwards = self
+            .forward_targets(user, self.me)
+            .filter(move |_| at_home)
+            .map(|node| (node, Hop::Forwarded));
+        to_home.into_iter().chain(forwards)
     }
 
     /// The nodes a home forwards to for `user`: those registered with
     /// devices of the user, except `from` (its devices have it) and itself.
-    fn forward_targets(&self, user: &str, from: u16) -> Vec<u16> {
+    fn forward_targets<'a>(&'a self, user: &str, from: u16) -> impl Iterator<Item = u16> + 'a {
+        let me = self.me;
         self.exceptions
             .nodes_of(user)
             .iter()
             .copied()
-            .filter(|node| *node != from && *node != self.me)
-            .collect()
+            .filter(move |node| *node != from && *node != me)
     }
 
     /// Routes a message from this node's shards: each user's home gets it

@@ -148,11 +148,7 @@ fn revoke(
     if method != "POST" {
         return error(405, "Method Not Allowed", "use POST");
     }
-    let field = |name: &str| {
-        form_urlencoded::parse(query.as_bytes())
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| value.into_owned())
-    };
+    let field = |name: &str| chat_protocol::handshake::query_param(query, name);
     let user = field("user").unwrap_or_default();
     let device = field("device");
     let valid = chat_protocol::ids::is_valid_id;

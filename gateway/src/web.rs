@@ -92,12 +92,7 @@ impl WebClient {
                 "development sign-in is off on this node (dev_sign_in = false): ask for a token",
             );
         };
-        let field = |name: &str| {
-            form_urlencoded::parse(query.as_bytes())
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value.into_owned())
-                .unwrap_or_default()
-        };
+        let field = |name: &str| handshake::query_param(query, name).unwrap_or_default();
         if query.is_empty() {
             let body = serde_json::json!({ "dev_sign_in": true });
             return handshake::page("application/json", body.to_string().as_bytes());

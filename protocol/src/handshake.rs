@@ -162,14 +162,18 @@ pub fn parse_request(
             .strip_prefix("Bearer ")
             .map(|t| t.trim().to_owned())
             .unwrap_or_default(),
-        None => form_urlencoded::parse(query.as_bytes())
-            .find(|(name, _)| name == "token")
-            .map(|(_, value)| value.into_owned())
-            .unwrap_or_default(),
+        None => query_param(query, "token").unwrap_or_default(),
     };
     let accept_key = tungstenite::handshake::derive_accept_key(key.as_bytes());
     let upgrade = UpgradeRequest { token, accept_key };
     Ok(Some((Request::Upgrade(upgrade), length)))
+}
+
+/// The first value of `name` in a URL query string (percent-decoded).
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
 }
 
 /// `101 Switching Protocols` for an accepted upgrade.

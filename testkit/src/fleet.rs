@@ -44,6 +44,10 @@ impl Fleet {
             let node = fleet.start_node(&flags);
             fleet.nodes.push(node);
         }
+        // A settled fleet: every node knows every other before the test
+        // starts (tests of membership changes make their own).
+        let nodes: Vec<&Gateway> = fleet.nodes.iter().collect();
+        fleet.wait_membership(&nodes, count as u64);
         fleet
     }
 

@@ -126,41 +126,32 @@ async fn handshake(shard: Rc<Shard>, stream: TcpStream) {
                 .verifier
                 .verify(&upgrade.token, crate::clock::unix_s())
             {
-                Ok(claims) => {
-                    match revocation(&shard, &claims).await {
-                        Ok(()) => {}
-                        Err(Refusal::Revoked) => {
-                            refuse(
-                                Refusal::Revoked,
-                                401,
-                                "Unauthorized",
-                                "this device was revoked: sign in again for a new token",
-                            );
-                            drop(stream);
-                            shard.node.release_connection();
-                            return;
-                        }
-                        Err(refusal) => {
-                            shard.metrics().refused(refusal);
-                            sock::send_best_effort(
-                                fd,
-                                &refusal_503("storage cannot confirm this device is not revoked"),
-                            );
-                            drop(stream);
-                            shard.node.release_connection();
-                            return;
-                        }
+                Ok(claims) => match revocation(&shard, &claims).await {
+                    Ok(()) => {
+                        route_to_home(
+                            &shard,
+                            stream,
+                            &claims.sub,
+                            &claims.dev,
+                            upgrade.accept_key,
+                            early_bytes,
+                        );
+                        return;
                     }
-                    route_to_home(
-                        &shard,
-                        stream,
-                        &claims.sub,
-                        &claims.dev,
-                        upgrade.accept_key,
-                        early_bytes,
-                    );
-                    return;
-                }
+                    Err(Refusal::Revoked) => refuse(
+                        Refusal::Revoked,
+                        401,
+                        "Unauthorized",
+                        "this device was revoked: sign in again for a new token",
+                    ),
+                    Err(refusal) => {
+                        shard.metrics().refused(refusal);
+                        sock::send_best_effort(
+                            fd,
+                            &refusal_503("storage cannot confirm this device is not revoked"),
+                        );
+                    }
+                },
                 Err(error) => refuse(
                     Refusal::Unauthorized,
                     401,
