@@ -36,6 +36,13 @@ pub struct ConnectArgs {
     /// may hold at most RLIMIT_NOFILE sockets; 20,000 on the build machines).
     #[arg(long, default_value_t = 1)]
     pub processes: usize,
+    /// Connect with `wss://`, trusting the CA certificate(s) in this PEM file
+    /// (the gateway runs with `tls_cert`/`tls_key`).
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The name the TLS client asks for and checks in the certificate.
+    #[arg(long, default_value = "localhost")]
+    pub tls_name: String,
     /// Internal: run as one of `--processes` workers (open, report, hold until stdin closes).
     #[arg(long, hide = true)]
     pub worker: bool,
@@ -49,11 +56,23 @@ struct Opened {
     first_error: Option<String>,
 }
 
+/// A connection held open: its socket, or its TLS session over the socket.
+enum Held {
+    Plain(#[allow(dead_code)] std::net::TcpStream),
+    Tls(#[allow(dead_code)] Box<wsclient::TlsStream>),
+}
+
 /// Opens `args.connections` connections, paced at `args.rate`.
 fn open_connections(
     args: &ConnectArgs,
     target: std::net::SocketAddr,
-) -> anyhow::Result<(Vec<std::net::TcpStream>, Opened)> {
+) -> anyhow::Result<(Vec<Held>, Opened)> {
+    let tls = args
+        .tls_ca
+        .as_deref()
+        .map(wsclient::tls_client_config)
+        .transpose()
+        .context("reading --tls-ca")?;
     let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(600);
@@ -70,8 +89,16 @@ fn open_connections(
         let token = args
             .gateway
             .token(&format!("{}{index}", args.user_prefix))?;
-        match wsclient::open(target, args.gateway.source(index), &token) {
-            Ok((stream, _)) => held.push(stream),
+        let source = args.gateway.source(index);
+        let result = match &tls {
+            None => wsclient::open(target, source, &token).map(|(stream, _)| Held::Plain(stream)),
+            Some(config) => {
+                wsclient::open_tls(target, source, &token, config.clone(), &args.tls_name)
+                    .map(|stream| Held::Tls(Box::new(stream)))
+            }
+        };
+        match result {
+            Ok(stream) => held.push(stream),
             Err(error) => {
                 opened.errors += 1;
                 opened.first_error.get_or_insert(error.to_string());
@@ -121,6 +148,13 @@ fn spawn_workers(
             ])
             .args(["--rate", &(args.rate / processes as u64).max(1).to_string()])
             .args(["--user-prefix", &format!("{}{worker}-", args.user_prefix)])
+            .args(args.tls_ca.iter().flat_map(|ca| {
+                [
+                    std::ffi::OsString::from("--tls-ca"),
+                    ca.clone().into_os_string(),
+                ]
+            }))
+            .args(["--tls-name", &args.tls_name])
             .spawn()?;
         children.push(child);
     }

@@ -12,27 +12,33 @@ use std::time::Duration;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
-/// Upgrades a connection from `source` to `target` at `path` (with a bearer
-/// token if given). Returns the socket and any bytes after the 101 response.
-pub fn upgrade(
-    target: SocketAddr,
-    source: IpAddr,
-    path: &str,
-    bearer: Option<&str>,
-) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+/// A TCP connection from `source` to `target`, Nagle off, reads bounded.
+fn connect_socket(target: SocketAddr, source: IpAddr) -> anyhow::Result<TcpStream> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     socket.bind(&SocketAddr::new(source, 0).into())?;
     socket.connect_timeout(&target.into(), Duration::from_secs(5))?;
-    let mut stream: TcpStream = socket.into();
+    let stream: TcpStream = socket.into();
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(stream)
+}
+
+/// Sends the upgrade request over `stream` and reads the 101. Returns any
+/// bytes after the response.
+fn request_upgrade(
+    stream: &mut impl ReadWrite,
+    host: &str,
+    path: &str,
+    bearer: Option<&str>,
+) -> anyhow::Result<Vec<u8>> {
     let authorization = bearer
         .map(|token| format!("Authorization: Bearer {token}\r\n"))
         .unwrap_or_default();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{authorization}\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{authorization}\r\n"
     )?;
+    stream.flush()?;
     let mut buffer = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -49,7 +55,43 @@ pub fn upgrade(
             "refused: {}",
             head.lines().next().unwrap_or("")
         );
-        return Ok((stream, buffer[end + 4..].to_vec()));
+        return Ok(buffer[end + 4..].to_vec());
+    }
+}
+
+/// A blocking byte stream: a socket or a TLS session over one.
+pub trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// Upgrades a connection from `source` to `target` at `path` (with a bearer
+/// token if given). Returns the socket and any bytes after the 101 response.
+pub fn upgrade(
+    target: SocketAddr,
+    source: IpAddr,
+    path: &str,
+    bearer: Option<&str>,
+) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let mut stream = connect_socket(target, source)?;
+    let rest = request_upgrade(&mut stream, &target.to_string(), path, bearer)?;
+    Ok((stream, rest))
+}
+
+/// Reads from `stream` (after `buffer`) through the server's `hello`;
+/// returns the bytes that followed it.
+fn read_hello(stream: &mut impl Read, mut buffer: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some((ServerFrame::Text(text), used)) = decode(&buffer) {
+            anyhow::ensure!(
+                text.starts_with(br#"{"type":"hello""#),
+                "first frame is not hello"
+            );
+            return Ok(buffer[used..].to_vec());
+        }
+        let read = stream.read(&mut chunk)?;
+        anyhow::ensure!(read > 0, "closed before hello");
+        buffer.extend_from_slice(&chunk[..read]);
+        anyhow::ensure!(buffer.len() < 64 * 1024, "no hello in the first 64 KiB");
     }
 }
 
@@ -60,21 +102,47 @@ pub fn open(
     source: IpAddr,
     token: &str,
 ) -> anyhow::Result<(TcpStream, Vec<u8>)> {
-    let (mut stream, mut buffer) = upgrade(target, source, "/ws", Some(token))?;
-    let mut chunk = [0u8; 1024];
-    loop {
-        if let Some((ServerFrame::Text(text), used)) = decode(&buffer) {
-            anyhow::ensure!(
-                text.starts_with(br#"{"type":"hello""#),
-                "first frame is not hello"
-            );
-            return Ok((stream, buffer[used..].to_vec()));
-        }
-        let read = stream.read(&mut chunk)?;
-        anyhow::ensure!(read > 0, "closed before hello");
-        buffer.extend_from_slice(&chunk[..read]);
-        anyhow::ensure!(buffer.len() < 64 * 1024, "no hello in the first 64 KiB");
+    let (mut stream, buffer) = upgrade(target, source, "/ws", Some(token))?;
+    let rest = read_hello(&mut stream, buffer)?;
+    Ok((stream, rest))
+}
+
+/// A `wss://` connection: the TLS session over its socket.
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// `open` over TLS: the handshake with `config` for `server_name`, then the
+/// upgrade and `hello` inside it.
+pub fn open_tls(
+    target: SocketAddr,
+    source: IpAddr,
+    token: &str,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    server_name: &str,
+) -> anyhow::Result<TlsStream> {
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())?;
+    let session = rustls::ClientConnection::new(config, name)?;
+    let mut stream = rustls::StreamOwned::new(session, connect_socket(target, source)?);
+    let buffer = request_upgrade(&mut stream, server_name, "/ws", Some(token))?;
+    read_hello(&mut stream, buffer)?;
+    Ok(stream)
+}
+
+/// A client configuration trusting the CA certificates in `ca_pem`.
+pub fn tls_client_config(
+    ca_pem: &std::path::Path,
+) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca_pem)? {
+        roots.add(cert?)?;
     }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
 }
 
 /// Appends a masked text frame (clients must mask, RFC 6455 §5.3).

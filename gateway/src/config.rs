@@ -199,6 +199,12 @@ pub struct Config {
     /// Development only: `/dev/sign-in` mints a token for any user name, so
     /// anyone who reaches the listener can sign in as anyone. Off by default.
     pub dev_sign_in: bool,
+    /// PEM certificate chain (leaf first) for `wss://` on `listen`; with
+    /// `tls_key`, the listener speaks only TLS. Empty: plain `ws://`.
+    /// SIGHUP reads both files again.
+    pub tls_cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
+    pub tls_key: PathBuf,
 }
 
 impl Default for Config {
@@ -267,6 +273,8 @@ impl Default for Config {
             public_url: String::new(),
             web_client: true,
             dev_sign_in: false,
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
         }
     }
 }
@@ -352,6 +360,8 @@ overrides! {
     public_url: String,
     web_client: bool,
     dev_sign_in: bool,
+    tls_cert: PathBuf,
+    tls_key: PathBuf,
 }
 
 /// The `--config` file and the flags over it.
@@ -416,6 +426,11 @@ fn read_file(path: &Path) -> anyhow::Result<Config> {
 
 impl Config {
     /// Whether this node leases its id from NATS (a fleet member with leases on).
+    /// Whether the client listener speaks TLS.
+    pub fn tls(&self) -> bool {
+        !self.tls_cert.as_os_str().is_empty()
+    }
+
     pub fn leases_node_id(&self) -> bool {
         !self.nats_url.is_empty() && self.node_id_lease
     }
@@ -459,6 +474,9 @@ impl Config {
                 "public_url must be a ws:// or wss:// URL of at most {} bytes",
                 backplane_bridge::envelope::URL_BYTES_MAX
             );
+        }
+        if self.tls_cert.as_os_str().is_empty() != self.tls_key.as_os_str().is_empty() {
+            bail!("tls_cert and tls_key go together: set both for wss://, or neither for ws://");
         }
         if !(100..=60_000).contains(&self.membership_heartbeat_ms) {
             bail!("membership_heartbeat_ms must be 100-60000");

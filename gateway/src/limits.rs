@@ -65,6 +65,13 @@ pub const STORE_STARTUP_GRACE_MS: u64 = 3_000;
 pub const SYNC_PAGE_BYTES: u32 = 512 * 1024;
 /// How often a sync checks whether the device's outbox has drained.
 pub const SYNC_OUTBOX_POLL_MS: u64 = 5;
+/// A sync that storage failed is tried again after about
+/// this long, doubling per failure up to `SYNC_RETRY_MS_MAX` (jittered by
+/// half, so devices that failed together do not retry together): short
+/// enough that a storage restart costs seconds of delay, long enough that
+/// an outage with many devices is not a request storm.
+pub const SYNC_RETRY_MS: u64 = 500;
+pub const SYNC_RETRY_MS_MAX: u64 = 30_000;
 /// Bytes a history page counts per message on top of its record (the JSON
 /// field names and quoting), when it cuts a page to half a send queue.
 pub const HISTORY_FRAME_OVERHEAD_BYTES: usize = 160;

@@ -12,6 +12,7 @@ mod clock;
 mod config;
 mod doctor;
 mod limits;
+mod link;
 mod mesh;
 mod metrics;
 mod node;
@@ -22,6 +23,7 @@ mod sock;
 #[allow(unsafe_code)] // process syscalls; see its header
 mod sys;
 mod systemd_notify;
+mod tls;
 mod web;
 mod writer_process;
 

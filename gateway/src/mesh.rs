@@ -96,6 +96,8 @@ pub struct Handoff {
     pub accept_key: String,
     /// Bytes the client sent after its upgrade request (its first frames).
     pub early_bytes: Vec<u8>,
+    /// The connection's TLS session, handshake done (`wss://` listener).
+    pub tls: Option<Box<rustls::ServerConnection>>,
 }
 
 #[derive(Debug)]

@@ -30,9 +30,14 @@ pub enum Refusal {
     TooManyDevices,
     Revoked,
     StorageUnavailable,
+    /// Plain bytes on a `wss://` listener (answered with a plain 400).
+    NotTls,
+    /// The TLS handshake failed (the client refused our certificate, or
+    /// offered nothing we accept); rustls sent the alert.
+    TlsHandshake,
 }
 
-const REFUSALS: [(&str, Refusal); 12] = [
+const REFUSALS: [(&str, Refusal); 14] = [
     ("bad_request", Refusal::BadRequest),
     ("unauthorized", Refusal::Unauthorized),
     ("not_found", Refusal::NotFound),
@@ -45,6 +50,8 @@ const REFUSALS: [(&str, Refusal); 12] = [
     ("too_many_devices", Refusal::TooManyDevices),
     ("revoked", Refusal::Revoked),
     ("storage_unavailable", Refusal::StorageUnavailable),
+    ("not_tls", Refusal::NotTls),
+    ("tls_handshake", Refusal::TlsHandshake),
 ];
 
 /// Counters of one shard. Written only by that shard's thread.
@@ -100,6 +107,8 @@ pub struct ShardMetrics {
     /// Acknowledgements dropped on a full ring (the device may get a redelivery).
     pub acks_dropped: AtomicU64,
     pub syncs: AtomicU64,
+    /// Syncs tried again after storage failed them.
+    pub sync_retries: AtomicU64,
     pub synced_messages: AtomicU64,
     /// `sent` frames waiting for the durable watermark (refreshed each sweep).
     pub durable_waiting: AtomicU64,
@@ -156,6 +165,9 @@ pub struct NodeState {
     /// leased id whose lease lapsed may not; a configured id always may).
     pub node_id: u16,
     pub node_id_lease: Option<Arc<LeaseValidity>>,
+    /// Certificate reloads (SIGHUP) that took effect, and that failed (the
+    /// old certificate stays).
+    pub tls_reloads: [AtomicU64; 2],
 }
 
 impl NodeState {
@@ -176,6 +188,7 @@ impl NodeState {
             io_driver: std::sync::OnceLock::new(),
             node_id,
             node_id_lease,
+            tls_reloads: Default::default(),
         }
     }
 
@@ -376,6 +389,12 @@ const SHARD_METRICS: &[(&str, &str, &str, ShardField)] = &[
         &m.syncs
     }),
     (
+        "gateway_sync_retries_total",
+        "counter",
+        "Syncs tried again after storage failed them (a device still gets what it missed).",
+        |m| &m.sync_retries,
+    ),
+    (
         "gateway_synced_messages_total",
         "counter",
         "Messages sent by syncs.",
@@ -459,6 +478,20 @@ pub fn render(node: &NodeState, mesh: &Mesh, backplane: Option<&Backplane>) -> S
         "gateway_node_id_valid {}",
         u8::from(node.may_make_ids())
     );
+
+    family(
+        &mut out,
+        "gateway_tls_reloads_total",
+        "counter",
+        "Certificate reloads on SIGHUP, by result (a failed one keeps the old certificate).",
+    );
+    for (index, result) in ["ok", "failed"].iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "gateway_tls_reloads_total{{result=\"{result}\"}} {}",
+            node.tls_reloads[index].load(Relaxed)
+        );
+    }
 
     for (name, kind, help, field) in SHARD_METRICS {
         per_shard(&mut out, name, kind, help, &|m| field(m).load(Relaxed));

@@ -2,7 +2,8 @@
 //!
 //! Owns the process-wide decisions: how many connections the fd limit allows,
 //! binding one SO_REUSEPORT listener per shard, pinning shards to cores, and
-//! turning SIGTERM/SIGINT into a drain (a second signal exits at once).
+//! turning SIGTERM/SIGINT into a drain (a second signal exits at once) and
+//! SIGHUP into a TLS certificate reload.
 //! Never touches a connection: shards own those.
 
 use std::net::{SocketAddr, TcpListener};
@@ -10,12 +11,13 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use anyhow::Context;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::config::{Config, WriterMode};
 use crate::mesh::{Mesh, Sender, ShardMessage};
 use crate::metrics::NodeState;
 use crate::shard::{self, ShardSetup};
+use crate::tls::Tls;
 use crate::{admin, backplane_link, secret, systemd_notify, writer_process};
 use backplane_bridge::lease::{LeaseConfig, NodeIdLease};
 
@@ -27,6 +29,12 @@ const FD_RESERVE_PER_SHARD: u64 = 8;
 
 pub fn run(config: Config) -> anyhow::Result<()> {
     let secret = Arc::new(secret::resolve(&config)?);
+    // Before anything starts: a bad certificate or key is a start-up error.
+    let tls = if config.tls() {
+        Some(Arc::new(Tls::load(&config.tls_cert, &config.tls_key)?))
+    } else {
+        None
+    };
     let connections_max = connection_budget(&config)?;
 
     let listeners = bind_shard_listeners(config.listen, config.shards)?;
@@ -100,6 +108,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             mesh: mesh.clone(),
             secret: secret.clone(),
             web: web.clone(),
+            tls: tls.as_ref().map(|tls| tls.server_config()),
             listener,
             core: cores.get(id % cores.len().max(1)).copied(),
             backplane: backplane.clone(),
@@ -116,7 +125,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         mesh.clone(),
         backplane.clone(),
     )?;
-    spawn_signal_handler(node.clone(), mesh.clone(), backplane.clone())?;
+    spawn_signal_handler(node.clone(), mesh.clone(), backplane.clone(), tls)?;
 
     while node.shards_ready.load(Relaxed) < config.shards
         && !threads.iter().any(|t| t.is_finished())
@@ -129,7 +138,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         systemd_notify::ready(&format!(
             "serving {listen}, up to {connections_max} connections"
         ));
-        tracing::info!(%listen, %admin_listen, shards = config.shards, node_id = config.node_id,
+        tracing::info!(%listen, %admin_listen, tls = config.tls(), shards = config.shards, node_id = config.node_id,
             driver = node.io_driver.get().copied().unwrap_or("?"), connections_max, "gateway ready");
     }
 
@@ -223,17 +232,23 @@ fn bind_shard_listeners(address: SocketAddr, shards: usize) -> anyhow::Result<Ve
     Ok(listeners)
 }
 
-/// First SIGTERM or SIGINT: drain. Second: exit at once.
+/// First SIGTERM or SIGINT: drain. Second: exit at once. SIGHUP: read the
+/// TLS certificate and key again (open connections keep their sessions).
 fn spawn_signal_handler(
     node: Arc<NodeState>,
     mesh: Arc<Mesh>,
     backplane: Option<Arc<backplane_bridge::Backplane>>,
+    tls: Option<Arc<Tls>>,
 ) -> anyhow::Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for signal in signals.forever() {
+                if signal == SIGHUP {
+                    reload_tls(tls.as_deref(), &node);
+                    continue;
+                }
                 if node.draining.swap(true, Relaxed) {
                     tracing::warn!(signal, "second signal: exiting now");
                     std::process::exit(1);
@@ -259,4 +274,25 @@ fn spawn_signal_handler(
             }
         })?;
     Ok(())
+}
+
+/// SIGHUP: the certificate and key are read again; a bad file keeps the
+/// current ones (and says why).
+fn reload_tls(tls: Option<&Tls>, node: &NodeState) {
+    let Some(tls) = tls else {
+        tracing::info!("SIGHUP: no TLS configured; nothing to reload");
+        return;
+    };
+    match tls.reload() {
+        Ok(()) => {
+            node.tls_reloads[0].fetch_add(1, Relaxed);
+            tracing::info!("SIGHUP: TLS certificate reloaded; new handshakes present it");
+        }
+        Err(error) => {
+            node.tls_reloads[1].fetch_add(1, Relaxed);
+            tracing::error!(
+                "SIGHUP: TLS certificate not reloaded, the current one stays: {error:#}"
+            );
+        }
+    }
 }

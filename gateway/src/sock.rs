@@ -31,6 +31,27 @@ pub fn recv(fd: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
     Ok(read as usize)
 }
 
+/// The first byte waiting on the socket, left there (MSG_PEEK): how the TLS
+/// listener tells a TLS client from a plain one. `Ok(None)` is end of stream.
+pub fn peek_byte(fd: RawFd) -> io::Result<Option<u8>> {
+    let mut byte = 0u8;
+    // SAFETY: `byte` is a valid, exclusively borrowed 1-byte region for the
+    // call; `fd` is owned by the caller's live TcpStream.
+    let read = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_DONTWAIT | libc::MSG_PEEK,
+        )
+    };
+    match read {
+        r if r < 0 => Err(io::Error::last_os_error()),
+        0 => Ok(None),
+        _ => Ok(Some(byte)),
+    }
+}
+
 /// Writes as much of `slices` as the socket takes now, without SIGPIPE.
 pub fn send_vectored(fd: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize> {
     // SAFETY: a zeroed msghdr is a valid empty header; we then point it at

@@ -2,12 +2,16 @@
 //! kernel picked, and adopting the socket on its user's home shard.
 //!
 //! Owns the accept loop (capacity check, back-off on fd exhaustion), the
-//! bounded, timed handshake read, token verification, the hand-off of an
+//! TLS handshake on a `wss://` listener (through `link`, whose session then
+//! travels with the socket), the bounded, timed handshake read, token
+//! verification, the hand-off of an
 //! authenticated socket to its user's home shard, and adoption there
 //! (register the connection, answer 101, say `hello`, start its socket
 //! task). A plain `GET` of another path is answered with what `web` says
 //! (the browser client), within the same time bound. Refusals are HTTP
-//! answers (401, 4xx, 503), never a dropped socket. Never serves WebSocket
+//! answers (401, 4xx, 503; plain bytes on the TLS port get a plain 400),
+//! never a dropped socket, except a failed TLS handshake (rustls's alert
+//! is the answer). Never serves WebSocket
 //! frames itself (`socket.rs` does).
 
 use std::os::fd::AsRawFd;
@@ -26,6 +30,7 @@ use super::state::conn::Conn;
 use super::state::token_bucket::TokenBucket;
 use super::state::Shard;
 use crate::limits::FD_EXHAUSTED_PAUSE_MS;
+use crate::link::{Handshake, Link};
 use crate::mesh::{Handoff, Sender, ShardMessage};
 use crate::metrics::{bump, Refusal};
 use crate::sock;
@@ -56,10 +61,13 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                 exhausted_logged = false;
                 if !shard.node.try_claim_connection() {
                     shard.metrics().refused(Refusal::AtCapacity);
-                    sock::send_best_effort(
-                        stream.as_raw_fd(),
-                        &refusal_503("node at connection capacity"),
-                    );
+                    // On TLS a plain answer would be noise: the socket just closes.
+                    if shard.tls.is_none() {
+                        sock::send_best_effort(
+                            stream.as_raw_fd(),
+                            &refusal_503("node at connection capacity"),
+                        );
+                    }
                     continue;
                 }
                 monoio::spawn(handshake(shard.clone(), stream));
@@ -91,25 +99,64 @@ enum ReadError {
     Refused(HandshakeError),
     /// A page request, answered (or the client left) within the handshake time.
     Page,
+    /// Plain bytes on the TLS listener.
+    NotTls,
+    /// The TLS handshake failed (rustls sent the alert).
+    Tls,
 }
+
+/// The first byte of a TLS record carrying a handshake (RFC 8446 §5.1).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Reads and answers one upgrade request; the connection slot is already claimed.
 async fn handshake(shard: Rc<Shard>, stream: TcpStream) {
     let fd = stream.as_raw_fd();
+    let mut link = match shard.tls.as_ref() {
+        None => Link::plain(fd),
+        Some(config) => match rustls::ServerConnection::new(config.clone()) {
+            Ok(session) => Link::new(fd, Some(Box::new(session))),
+            Err(error) => {
+                tracing::warn!(%error, "could not start a TLS session");
+                drop(stream);
+                shard.node.release_connection();
+                return;
+            }
+        },
+    };
     let timeout = Duration::from_millis(shard.config.handshake_timeout_ms);
-    let outcome = monoio::time::timeout(timeout, read_upgrade(&shard, &stream)).await;
-    let refuse = |refusal: Refusal, status: u16, reason: &str, body: &str| {
+    let outcome = monoio::time::timeout(timeout, async {
+        if link.is_tls() {
+            tls_handshake(&stream, &mut link).await?;
+        }
+        read_upgrade(&shard, &stream, &mut link).await
+    })
+    .await;
+    let refuse = |link: &mut Link, refusal: Refusal, status: u16, reason: &str, body: &str| {
         shard.metrics().refused(refusal);
-        sock::send_best_effort(fd, &handshake::refusal(status, reason, body));
+        link.send_best_effort(&handshake::refusal(status, reason, body));
     };
     match outcome {
         Err(_elapsed) => refuse(
+            &mut link,
             Refusal::Timeout,
             408,
             "Request Timeout",
             "handshake timed out",
         ),
         Ok(Err(ReadError::Closed | ReadError::Page)) => {}
+        Ok(Err(ReadError::NotTls)) => {
+            shard.metrics().refused(Refusal::NotTls);
+            // Answered in plain HTTP, which is what the client speaks.
+            sock::send_best_effort(
+                fd,
+                &handshake::refusal(
+                    400,
+                    "Bad Request",
+                    "this listener speaks TLS: use wss:// (or https:// for the web client)",
+                ),
+            );
+        }
+        Ok(Err(ReadError::Tls)) => shard.metrics().refused(Refusal::TlsHandshake),
         Ok(Err(ReadError::Refused(error))) => {
             let (status, reason) = error.status();
             let refusal = match error {
@@ -119,7 +166,7 @@ async fn handshake(shard: Rc<Shard>, stream: TcpStream) {
                 HandshakeError::NotFound => Refusal::NotFound,
                 HandshakeError::UpgradeRequired => Refusal::UpgradeRequired,
             };
-            refuse(refusal, status, reason, &error.to_string());
+            refuse(&mut link, refusal, status, reason, &error.to_string());
         }
         Ok(Ok((upgrade, early_bytes))) => {
             match shard
@@ -131,6 +178,7 @@ async fn handshake(shard: Rc<Shard>, stream: TcpStream) {
                         route_to_home(
                             &shard,
                             stream,
+                            link.into_session(),
                             &claims.sub,
                             &claims.dev,
                             upgrade.accept_key,
@@ -139,6 +187,7 @@ async fn handshake(shard: Rc<Shard>, stream: TcpStream) {
                         return;
                     }
                     Err(Refusal::Revoked) => refuse(
+                        &mut link,
                         Refusal::Revoked,
                         401,
                         "Unauthorized",
@@ -146,13 +195,13 @@ async fn handshake(shard: Rc<Shard>, stream: TcpStream) {
                     ),
                     Err(refusal) => {
                         shard.metrics().refused(refusal);
-                        sock::send_best_effort(
-                            fd,
-                            &refusal_503("storage cannot confirm this device is not revoked"),
-                        );
+                        link.send_best_effort(&refusal_503(
+                            "storage cannot confirm this device is not revoked",
+                        ));
                     }
                 },
                 Err(error) => refuse(
+                    &mut link,
                     Refusal::Unauthorized,
                     401,
                     "Unauthorized",
@@ -165,41 +214,74 @@ async fn handshake(shard: Rc<Shard>, stream: TcpStream) {
     shard.node.release_connection();
 }
 
+/// Runs the TLS handshake to its end. Plain bytes (an `http://` or `ws://`
+/// client on this port) are told apart by their first byte before rustls
+/// sees them, so they get an answer they can read.
+async fn tls_handshake(stream: &TcpStream, link: &mut Link) -> Result<(), ReadError> {
+    loop {
+        match sock::peek_byte(stream.as_raw_fd()) {
+            Ok(None) => return Err(ReadError::Closed),
+            Ok(Some(TLS_HANDSHAKE_RECORD)) => break,
+            Ok(Some(_)) => return Err(ReadError::NotTls),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                stream
+                    .readable(false)
+                    .await
+                    .map_err(|_| ReadError::Closed)?;
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(ReadError::Closed),
+        }
+    }
+    loop {
+        let ready = match link.handshake_step() {
+            Ok(Handshake::Done) => return Ok(()),
+            Ok(Handshake::WantsRead) => stream.readable(false).await,
+            Ok(Handshake::WantsWrite) => stream.writable(false).await,
+            Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+                tracing::debug!(%error, "TLS handshake failed");
+                return Err(ReadError::Tls);
+            }
+            Err(_) => return Err(ReadError::Closed),
+        };
+        ready.map_err(|_| ReadError::Closed)?;
+    }
+}
+
 /// Reads until a complete upgrade request is buffered (bounded by
 /// `handshake_bytes_max`). Returns it with any bytes that followed it.
 async fn read_upgrade(
     shard: &Shard,
     stream: &TcpStream,
+    link: &mut Link,
 ) -> Result<(UpgradeRequest, Vec<u8>), ReadError> {
     let limit = shard.config.handshake_bytes_max;
     let mut buffer = vec![0u8; 1024.min(limit)];
     let mut filled = 0;
     loop {
-        stream
-            .readable(false)
-            .await
-            .map_err(|_| ReadError::Closed)?;
         if filled == buffer.len() {
             buffer.resize((buffer.len() * 2).min(limit), 0);
         }
-        match sock::recv(stream.as_raw_fd(), &mut buffer[filled..]) {
+        // Read before waiting: TLS may already hold the request, decrypted
+        // with the handshake's last bytes, and the socket would not signal it.
+        match link.recv(&mut buffer[filled..]) {
             Ok(0) => return Err(ReadError::Closed),
             Ok(read) => filled += read,
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                stream
+                    .readable(false)
+                    .await
+                    .map_err(|_| ReadError::Closed)?;
+                continue;
             }
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return Err(ReadError::Closed),
         }
         match handshake::parse_request(&buffer[..filled], WS_PATH, limit) {
             Ok(Some((handshake::Request::Page(page), _))) => {
                 bump(&shard.metrics().pages_served, 1);
                 let answer = shard.web.respond(&page, crate::clock::unix_s());
-                write_all(stream, &answer).await;
+                write_all(stream, link, &answer).await;
                 return Err(ReadError::Page);
             }
             Ok(Some((handshake::Request::Upgrade(upgrade), length))) => {
@@ -237,13 +319,26 @@ async fn revocation(shard: &Shard, claims: &chat_protocol::token::Claims) -> Res
 }
 
 /// Writes `bytes` whole (a page may not fit the socket buffer at once),
-/// waiting for room; gives up when the client goes away. The caller's
-/// handshake timeout bounds it.
-async fn write_all(stream: &TcpStream, bytes: &[u8]) {
-    let fd = stream.as_raw_fd();
+/// waiting for room, and ends a TLS stream with close_notify; gives up when
+/// the client goes away. The caller's handshake timeout bounds it.
+async fn write_all(stream: &TcpStream, link: &mut Link, bytes: &[u8]) {
     let mut written = 0;
-    while written < bytes.len() {
-        match sock::send_vectored(fd, &[std::io::IoSlice::new(&bytes[written..])]) {
+    let mut close_notify_queued = !link.is_tls();
+    loop {
+        let result = if written < bytes.len() {
+            link.send_vectored(&[std::io::IoSlice::new(&bytes[written..])])
+        } else if !close_notify_queued {
+            link.close_notify();
+            close_notify_queued = true;
+            continue;
+        } else {
+            match link.write_pending() {
+                Ok(true) => return,
+                Ok(false) => Err(std::io::ErrorKind::WouldBlock.into()),
+                Err(error) => Err(error),
+            }
+        };
+        match result {
             Ok(0) => return,
             Ok(count) => written += count,
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
@@ -261,6 +356,7 @@ async fn write_all(stream: &TcpStream, bytes: &[u8]) {
 fn route_to_home(
     shard: &Rc<Shard>,
     stream: TcpStream,
+    tls: Option<Box<rustls::ServerConnection>>,
     user_id: &str,
     device_id: &str,
     accept_key: String,
@@ -268,17 +364,23 @@ fn route_to_home(
 ) {
     let home = ids::home_shard(user_id, shard.mesh.shard_count());
     if home == shard.id {
-        adopt(shard, stream, user_id, device_id, &accept_key, early_bytes);
+        adopt(
+            shard,
+            stream,
+            tls,
+            user_id,
+            device_id,
+            &accept_key,
+            early_bytes,
+        );
         return;
     }
     let socket = match sock::duplicate(stream.as_raw_fd()) {
         Ok(socket) => socket,
         Err(error) => {
             tracing::warn!(%error, "could not duplicate a socket for hand-off");
-            sock::send_best_effort(
-                stream.as_raw_fd(),
-                &refusal_503("node out of file descriptors"),
-            );
+            Link::new(stream.as_raw_fd(), tls)
+                .send_best_effort(&refusal_503("node out of file descriptors"));
             shard.node.release_connection();
             return;
         }
@@ -291,6 +393,7 @@ fn route_to_home(
         device_id: device_id.to_owned(),
         accept_key,
         early_bytes,
+        tls,
     });
     match shard
         .mesh
@@ -300,10 +403,8 @@ fn route_to_home(
         Err(refused) => {
             shard.metrics().refused(Refusal::AtCapacity);
             if let ShardMessage::Adopt(handoff) = refused {
-                sock::send_best_effort(
-                    handoff.socket.as_raw_fd(),
-                    &refusal_503("home shard queue full"),
-                );
+                Link::new(handoff.socket.as_raw_fd(), handoff.tls)
+                    .send_best_effort(&refusal_503("home shard queue full"));
             }
             shard.node.release_connection();
         }
@@ -319,11 +420,13 @@ pub fn adopt_handoff(shard: &Rc<Shard>, handoff: Handoff) {
         device_id,
         accept_key,
         early_bytes,
+        tls,
     } = handoff;
     match TcpStream::from_std(socket) {
         Ok(socket) => adopt(
             shard,
             socket,
+            tls,
             &user_id,
             &device_id,
             &accept_key,
@@ -341,27 +444,25 @@ pub fn adopt_handoff(shard: &Rc<Shard>, handoff: Handoff) {
 pub fn adopt(
     shard: &Rc<Shard>,
     socket: TcpStream,
+    tls: Option<Box<rustls::ServerConnection>>,
     user_id: &str,
     device_id: &str,
     accept_key: &str,
     early_bytes: Vec<u8>,
 ) {
+    let fd = socket.as_raw_fd();
     if shard.draining.get() {
         shard.metrics().refused(Refusal::Draining);
-        sock::send_best_effort(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            &refusal_503("node is draining"),
-        );
+        Link::new(fd, tls).send_best_effort(&refusal_503("node is draining"));
         shard.node.release_connection();
         return;
     }
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
     let devices_max = shard.config.devices_per_user_max;
     if shard.users.borrow().other_devices(user_id, device_id) >= devices_max {
         shard.metrics().refused(Refusal::TooManyDevices);
         let body =
             format!("this user already has {devices_max} devices connected; close one first");
-        sock::send_best_effort(fd, &handshake::refusal(403, "Forbidden", &body));
+        Link::new(fd, tls).send_best_effort(&handshake::refusal(403, "Forbidden", &body));
         shard.node.release_connection();
         return;
     }
@@ -414,5 +515,5 @@ pub fn adopt(
     conn.begin_sync();
     shard.register(&conn);
     bump(&shard.metrics().handshakes_accepted, 1);
-    monoio::spawn(socket::serve(shard.clone(), socket, conn, early_bytes));
+    monoio::spawn(socket::serve(shard.clone(), socket, tls, conn, early_bytes));
 }

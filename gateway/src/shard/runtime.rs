@@ -52,6 +52,8 @@ pub struct ShardSetup {
     pub mesh: Arc<Mesh>,
     pub secret: Arc<Vec<u8>>,
     pub web: Arc<crate::web::WebClient>,
+    /// The listener's TLS configuration, when it serves `wss://`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub listener: std::net::TcpListener,
     pub core: Option<core_affinity::CoreId>,
     /// The NATS bridge, when this node is part of a fleet.
@@ -215,6 +217,7 @@ async fn shard_main(setup: ShardSetup, driver: &'static str) -> anyhow::Result<(
         id: setup.id,
         verifier: TokenVerifier::new(&setup.secret),
         web: setup.web.clone(),
+        tls: setup.tls,
         users: RefCell::new(UserTable::new(UserLimits {
             sends: Limit {
                 per_s: config.sends_per_s,

@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io::{self, ErrorKind, IoSlice};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::task::Poll;
@@ -29,6 +29,7 @@ use super::send::reply;
 use super::state::conn::Conn;
 use super::state::Shard;
 use crate::limits::{IOVECS_PER_WRITE_MAX, PARTIAL_READ_BYTES, READS_PER_WAKE_MAX};
+use crate::link::Link;
 use crate::metrics::bump;
 use crate::sock;
 
@@ -56,7 +57,15 @@ struct Reader {
 }
 
 /// Serves one registered connection until it closes, then unregisters it.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream, conn: Rc<Conn>, early_bytes: Vec<u8>) {
+/// `tls` is the connection's TLS session (handshake done) on a `wss://` listener.
+pub async fn serve(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    tls: Option<Box<rustls::ServerConnection>>,
+    conn: Rc<Conn>,
+    early_bytes: Vec<u8>,
+) {
+    let mut link = Link::new(stream.as_raw_fd(), tls);
     let mut reader = Reader {
         decoder: WsDecoder::default(),
         partial: Vec::new(),
@@ -66,7 +75,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, conn: Rc<Conn>, early_by
     let mut front_written = 0usize;
     // `hello` goes out now; the device's frames are read only once its recent
     // sends are loaded, so a retry after a gateway restart is recognised.
-    let _ = flush(stream.as_raw_fd(), &shard, &conn, &mut front_written);
+    let _ = flush(&mut link, &shard, &conn, &mut front_written);
     // One boxed future for the whole start: the storage request's future is
     // large and short-lived; inline, it would size the connection's task for
     // as long as the connection lives.
@@ -84,6 +93,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, conn: Rc<Conn>, early_by
     let ending = Box::pin(serve_until_closing(
         &shard,
         &stream,
+        &mut link,
         &conn,
         &mut reader,
         &mut front_written,
@@ -96,6 +106,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, conn: Rc<Conn>, early_by
         Box::pin(close_gracefully(
             &shard,
             &stream,
+            &mut link,
             &conn,
             code,
             front_written,
@@ -125,11 +136,11 @@ async fn start(shard: &Rc<Shard>, conn: &Rc<Conn>) {
 async fn serve_until_closing(
     shard: &Rc<Shard>,
     stream: &TcpStream,
+    link: &mut Link,
     conn: &Rc<Conn>,
     reader: &mut Reader,
     front_written: &mut usize,
 ) -> Ending {
-    let fd = stream.as_raw_fd();
     let mut read_ready = pin!(stream.readable(false));
     let mut write_ready: Option<Pin<Box<dyn Future<Output = io::Result<()>> + '_>>> = None;
 
@@ -137,8 +148,8 @@ async fn serve_until_closing(
         if reader.stalled && !conn.is_paused() {
             process_stalled(shard, conn, reader);
         }
-        if write_ready.is_none() && conn.has_outbound() {
-            match flush(fd, shard, conn, front_written) {
+        if write_ready.is_none() && (conn.has_outbound() || link.wants_write()) {
+            match flush(link, shard, conn, front_written) {
                 Ok(true) => {}
                 Ok(false) => write_ready = Some(Box::pin(stream.writable(false))),
                 Err(_) => break Ending::Lost,
@@ -147,6 +158,8 @@ async fn serve_until_closing(
         if let Some(code) = conn.close_code() {
             break Ending::Close(code);
         }
+        // TLS may hold decrypted bytes the socket will not signal again.
+        let input_buffered = link.has_buffered_input();
         let event = poll_fn(|cx| {
             conn.register(cx.waker());
             if conn.is_closing() || (write_ready.is_none() && conn.has_outbound()) {
@@ -161,6 +174,9 @@ async fn serve_until_closing(
             if conn.is_paused() || reader.stalled {
                 return Poll::Pending;
             }
+            if input_buffered {
+                return Poll::Ready(Event::Readable(Ok(())));
+            }
             read_ready.as_mut().poll(cx).map(Event::Readable)
         })
         .await;
@@ -169,7 +185,7 @@ async fn serve_until_closing(
             Event::Writable(Ok(())) => write_ready = None,
             Event::Readable(Ok(())) => {
                 read_ready.set(stream.readable(false));
-                if !read_available(shard, conn, fd, reader) {
+                if !read_available(shard, conn, link, reader) {
                     break Ending::Lost;
                 }
                 // Frames after a pausing one wait in `partial` for the resume.
@@ -192,15 +208,20 @@ fn process_stalled(shard: &Rc<Shard>, conn: &Rc<Conn>, reader: &mut Reader) {
 }
 
 /// Reads what the socket has and processes it. False when the peer is gone.
-fn read_available(shard: &Rc<Shard>, conn: &Rc<Conn>, fd: RawFd, reader: &mut Reader) -> bool {
+fn read_available(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    link: &mut Link,
+    reader: &mut Reader,
+) -> bool {
     for _ in 0..READS_PER_WAKE_MAX {
         if conn.is_closing() || conn.is_paused() {
             return true;
         }
         let result = if reader.partial.is_empty() {
-            read_into_scratch(shard, conn, fd, reader)
+            read_into_scratch(shard, conn, link, reader)
         } else {
-            read_into_partial(shard, conn, fd, reader)
+            read_into_partial(shard, conn, link, reader)
         };
         match result {
             Ok(ReadResult::Drained) => return true,
@@ -227,11 +248,11 @@ enum ReadResult {
 fn read_into_scratch(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    fd: RawFd,
+    link: &mut Link,
     reader: &mut Reader,
 ) -> io::Result<ReadResult> {
     let mut scratch = shard.scratch.take();
-    let result = sock::recv(fd, &mut scratch);
+    let result = link.recv(&mut scratch);
     let outcome = match result {
         Ok(0) => Ok(ReadResult::Eof),
         Ok(read) => {
@@ -261,7 +282,7 @@ fn read_into_scratch(
 fn read_into_partial(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    fd: RawFd,
+    link: &mut Link,
     reader: &mut Reader,
 ) -> io::Result<ReadResult> {
     let have = reader.partial.len();
@@ -272,7 +293,7 @@ fn read_into_partial(
         _ => have + PARTIAL_READ_BYTES,
     };
     reader.partial.resize(want, 0);
-    let result = sock::recv(fd, &mut reader.partial[have..]);
+    let result = link.recv(&mut reader.partial[have..]);
     let read = match result {
         Ok(read) => read,
         Err(error) => {
@@ -333,8 +354,14 @@ fn process(shard: &Rc<Shard>, conn: &Rc<Conn>, decoder: &mut WsDecoder, input: &
     }
 }
 
-/// Writes queued bytes until the queue is empty (true) or the socket is full (false).
-fn flush(fd: RawFd, shard: &Shard, conn: &Conn, front_written: &mut usize) -> io::Result<bool> {
+/// Writes queued bytes until the queue is empty (true) or the socket is full
+/// (false). On TLS, empty also means every encrypted byte left.
+fn flush(
+    link: &mut Link,
+    shard: &Shard,
+    conn: &Conn,
+    front_written: &mut usize,
+) -> io::Result<bool> {
     loop {
         let sent = {
             let outbox = conn.outbox.borrow();
@@ -342,7 +369,7 @@ fn flush(fd: RawFd, shard: &Shard, conn: &Conn, front_written: &mut usize) -> io
                 drop(outbox);
                 // An idle connection keeps no queue capacity (memory budget).
                 *conn.outbox.borrow_mut() = VecDeque::new();
-                return Ok(true);
+                return link.write_pending();
             }
             let mut slices = [IoSlice::new(&[]); IOVECS_PER_WRITE_MAX];
             let mut count = 0;
@@ -351,7 +378,7 @@ fn flush(fd: RawFd, shard: &Shard, conn: &Conn, front_written: &mut usize) -> io
                 slices[index] = IoSlice::new(&bytes[start..]);
                 count += 1;
             }
-            match sock::send_vectored(fd, &slices[..count]) {
+            match link.send_vectored(&slices[..count]) {
                 Ok(sent) => sent,
                 Err(error) if error.kind() == ErrorKind::WouldBlock => return Ok(false),
                 Err(error) if error.kind() == ErrorKind::Interrupted => continue,
@@ -387,6 +414,7 @@ fn flush(fd: RawFd, shard: &Shard, conn: &Conn, front_written: &mut usize) -> io
 async fn close_gracefully(
     shard: &Shard,
     stream: &TcpStream,
+    link: &mut Link,
     conn: &Conn,
     code: CloseCode,
     mut front_written: usize,
@@ -404,8 +432,14 @@ async fn close_gracefully(
         outbox.push_back(close);
     }
     let deadline = Instant::now() + Duration::from_millis(shard.config.close_grace_ms);
+    let mut close_notify_queued = !link.is_tls();
     loop {
-        match flush(fd, shard, conn, &mut front_written) {
+        match flush(link, shard, conn, &mut front_written) {
+            // TLS ends with close_notify after the close frame.
+            Ok(true) if !close_notify_queued => {
+                link.close_notify();
+                close_notify_queued = true;
+            }
             Ok(true) => break,
             Ok(false) => {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -421,7 +455,8 @@ async fn close_gracefully(
         }
     }
     sock::shutdown_write(fd);
-    // Read and discard until the client closes (EOF) or the grace period ends.
+    // Read and discard until the client closes (EOF) or the grace period
+    // ends (TLS records too: nothing more is decrypted).
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {

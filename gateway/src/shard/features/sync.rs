@@ -19,7 +19,10 @@ use chat_protocol::records::{decode_message, AckRecord, MessageRecord};
 use chat_protocol::store_wire::{Request, Response, SyncFrom};
 use chat_protocol::{ids, render, ws};
 
-use crate::limits::{HISTORY_FRAME_OVERHEAD_BYTES, SYNC_OUTBOX_POLL_MS, SYNC_PAGE_BYTES};
+use crate::limits::{
+    HISTORY_FRAME_OVERHEAD_BYTES, SYNC_OUTBOX_POLL_MS, SYNC_PAGE_BYTES, SYNC_RETRY_MS,
+    SYNC_RETRY_MS_MAX,
+};
 use crate::metrics::bump;
 use crate::shard::send::members::members;
 use crate::shard::send::reply;
@@ -70,7 +73,7 @@ pub async fn warm_idempotency(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Result<(), 
 /// Starts the sync of a device whose sync hold has begun (at registration,
 /// before its client could see `hello`).
 pub fn start(shard: &Rc<Shard>, conn: &Rc<Conn>, from: SyncFrom) {
-    monoio::spawn(sync_device(shard.clone(), conn.clone(), from));
+    monoio::spawn(sync_device(shard.clone(), conn.clone(), from, 0));
 }
 
 /// Starts a sync unless one is running on the connection; false if one is.
@@ -121,19 +124,65 @@ pub fn on_ack(shard: &Shard, conn: &Conn, message_id: u64) {
 /// Sends the device what it has not acknowledged (or everything from
 /// `from`), then `synced`, then what arrived live meanwhile. The caller has
 /// started the device's sync hold.
-async fn sync_device(shard: Rc<Shard>, conn: Rc<Conn>, from: SyncFrom) {
+/// `attempt` counts the failures before this try (0 for a first try).
+async fn sync_device(shard: Rc<Shard>, conn: Rc<Conn>, from: SyncFrom, attempt: u32) {
+    let mut failed = false;
     match sync_pages(&shard, &conn, from).await {
         Ok((last, count, more)) => {
             reply::send_json(&conn, &frames::encode_synced(last, count, more));
             bump(&shard.metrics().syncs, 1);
         }
         Err(SyncError::Closed) => {}
-        Err(SyncError::Store(error)) => reply::storage_error(&shard, &conn, "sync", error),
-    }
-    if let Some(first) = conn.end_sync() {
-        if !conn.is_closing() {
-            begin(&shard, &conn, SyncFrom::MadeSince(first));
+        Err(SyncError::Store(error)) => {
+            reply::storage_error(&shard, &conn, "sync", error);
+            failed = true;
         }
+    }
+    let then_from = conn.end_sync();
+    if conn.is_closing() {
+        return;
+    }
+    if failed {
+        // The node's own syncs (on connect, after an outage or a move) are
+        // how a device gets what it missed: one that storage failed is tried
+        // again, spread and backing off, until it succeeds or the device leaves.
+        monoio::spawn(retry(shard, conn, from, then_from, attempt + 1));
+    } else if let Some(first) = then_from {
+        begin(&shard, &conn, SyncFrom::MadeSince(first));
+    }
+}
+
+/// Tries a failed sync again after a jittered, growing delay; a resync that
+/// was asked for meanwhile joins it.
+async fn retry(
+    shard: Rc<Shard>,
+    conn: Rc<Conn>,
+    from: SyncFrom,
+    then_from: Option<u64>,
+    attempt: u32,
+) {
+    let ceiling = SYNC_RETRY_MS
+        .saturating_mul(1 << attempt.min(16))
+        .min(SYNC_RETRY_MS_MAX);
+    let delay = ceiling / 2 + fastrand::u64(0..=ceiling / 2);
+    monoio::time::sleep(Duration::from_millis(delay)).await;
+    if conn.is_closing() {
+        return;
+    }
+    // Both the failed sync and any resync queued behind it: the earlier start.
+    let from = match (from, then_from) {
+        (SyncFrom::MadeSince(first), Some(then)) => SyncFrom::MadeSince(first.min(then)),
+        (from, _) => from,
+    };
+    if conn.begin_sync() {
+        if let (Some(then), false) = (then_from, matches!(from, SyncFrom::MadeSince(_))) {
+            conn.queue_resync(then);
+        }
+        bump(&shard.metrics().sync_retries, 1);
+        monoio::spawn(sync_device(shard, conn, from, attempt));
+    } else if let SyncFrom::MadeSince(first) = from {
+        // A sync started meanwhile (the client asked): this one follows it.
+        conn.queue_resync(first);
     }
 }
 

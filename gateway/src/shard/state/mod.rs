@@ -60,6 +60,8 @@ pub struct Shard {
     pub verifier: TokenVerifier,
     /// The pages the listener serves besides `/ws`.
     pub web: Arc<crate::web::WebClient>,
+    /// The listener's TLS configuration (`wss://`); `None` for plain `ws://`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Users homed here, with their live devices and allowances.
     pub users: RefCell<UserTable>,
     /// Every registered connection, for heartbeat sweeps and draining.
