@@ -71,7 +71,7 @@ pub const SYNC_OUTBOX_POLL_MS: u64 = 5;
 /// enough that a storage restart costs seconds of delay, long enough that
 /// an outage with many devices is not a request storm.
 pub const SYNC_RETRY_MS: u64 = 500;
-pub const SYNC_RETRY_MS_MAX: u64 = 30_000;
+pub const SYNC_RETRY_MS_MAX: u64 = 10_000;
 /// Bytes a history page counts per message on top of its record (the JSON
 /// field names and quoting), when it cuts a page to half a send queue.
 pub const HISTORY_FRAME_OVERHEAD_BYTES: usize = 160;

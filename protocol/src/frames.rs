@@ -67,6 +67,17 @@ pub enum ClientFrame<'a> {
         before: Option<u64>,
         limit: u16,
     },
+    /// `{"type":"push_register","id":...,"push":{"kind":...}}`: wake this
+    /// device through `target` while it is not connected (replacing any
+    /// earlier target). The shape is checked; `problem` is the node's policy.
+    PushRegister {
+        client_id: Cow<'a, str>,
+        target: crate::push::PushTarget,
+    },
+    /// `{"type":"push_unregister","id":...}`: no more pushes to this device.
+    PushUnregister {
+        client_id: Cow<'a, str>,
+    },
 }
 
 /// Whom a receipt is about: the sender `from` of messages of `conversation`
@@ -207,6 +218,9 @@ struct RawFrame<'a> {
     from: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     bodies: Option<std::collections::BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
+    /// `push_register`'s target, checked in `decode_push_register`.
+    #[serde(default)]
+    push: Option<serde_json::Value>,
 }
 
 /// Exactly one of `to` (a user) and `group`: the target and whether it is a group.
@@ -346,6 +360,11 @@ pub fn decode_client_frame(
         Some("keys_upload") => decode_keys_upload(raw),
         Some("devices") => user_field(raw).map(|user| ClientFrame::Devices { user }),
         Some("keys_fetch") => user_field(raw).map(|user| ClientFrame::KeysFetch { user }),
+        Some("push_register") => decode_push_register(raw),
+        Some("push_unregister") => match raw.id {
+            Some(id) if is_valid_id(&id) => Ok(ClientFrame::PushUnregister { client_id: id }),
+            _ => Err(invalid(ID_RULE)),
+        },
         Some(other) => Err((
             ErrorCode::UnknownType,
             format!("unknown frame type `{}`", truncate(other)),
@@ -540,6 +559,28 @@ fn decode_keys_upload(raw: RawFrame<'_>) -> Result<ClientFrame<'_>, Refused> {
         Some(problem) => Err(invalid(problem)),
         None => Ok(ClientFrame::KeysUpload(upload)),
     }
+}
+
+/// `push_register`: an `id` and a `push` object whose `kind` is `apns`,
+/// `fcm` or `webpush`, with that kind's fields and no others.
+fn decode_push_register(raw: RawFrame<'_>) -> Result<ClientFrame<'_>, Refused> {
+    let id = raw.id.ok_or_else(|| invalid("`id` is required"))?;
+    if !is_valid_id(&id) {
+        return Err(invalid(ID_RULE));
+    }
+    let push = raw.push.ok_or_else(|| {
+        invalid("`push` is required: {\"kind\":\"apns\"|\"fcm\"|\"webpush\", ...}")
+    })?;
+    let target: crate::push::PushTarget = serde_json::from_value(push).map_err(|error| {
+        invalid(format!(
+            "`push` must be {{\"kind\":\"apns\",\"token\",\"topic\",\"sandbox\"}}, {{\"kind\":\"fcm\",\"token\"}} or {{\"kind\":\"webpush\",\"endpoint\",\"p256dh\",\"auth\"}}: {}",
+            truncate(&error.to_string())
+        ))
+    })?;
+    Ok(ClientFrame::PushRegister {
+        client_id: id,
+        target,
+    })
 }
 
 /// The `user` of `devices` and `keys_fetch`.

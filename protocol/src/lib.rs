@@ -28,6 +28,7 @@ pub mod ids;
 pub mod keys;
 pub mod limits;
 pub mod media;
+pub mod push;
 pub mod records;
 pub mod render;
 pub mod snowflake;

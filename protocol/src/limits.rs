@@ -73,3 +73,15 @@ pub const WS_HEADER_BYTES_MAX: usize = 14;
 pub const WS_CONTROL_PAYLOAD_MAX: u64 = 125;
 /// Most HTTP headers an upgrade request may carry. Browsers send 10-20.
 pub const UPGRADE_HEADERS_MAX: usize = 32;
+
+// --- push targets (`push_register`) --------------------------------------
+
+/// Longest APNs device token, in hex characters. Tokens are 32 bytes (64
+/// hex characters) today; Apple says they may grow, so up to 100 bytes.
+pub const PUSH_APNS_TOKEN_CHARS_MAX: usize = 200;
+/// Longest APNs topic (a bundle id, with an optional `.voip`-style suffix).
+pub const PUSH_TOPIC_CHARS_MAX: usize = 255;
+/// Longest FCM registration token (about 160 characters today).
+pub const PUSH_FCM_TOKEN_CHARS_MAX: usize = 4096;
+/// Longest Web Push endpoint URL (browsers' push services use 150-500 bytes).
+pub const PUSH_ENDPOINT_BYTES_MAX: usize = 1024;

@@ -20,7 +20,7 @@ use crate::keys::Bundle;
 pub use crate::limits::{READ_FRAME_BYTES_MAX, READ_USERS_MAX};
 
 /// The read path's version. 2: postcard bodies (1 was a hand-laid layout).
-pub const READ_PATH_VERSION: u16 = 4;
+pub const READ_PATH_VERSION: u16 = 5;
 
 /// Where a sync page starts in a user's inbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +120,15 @@ pub enum Request {
         user: String,
         device: String,
     },
+    /// Set (or with `None`, remove) the device's push target: a
+    /// `push::PushTarget` in its stored form. Durable before the answer.
+    PutPushTarget {
+        req: u32,
+        user: String,
+        device: String,
+        #[serde(with = "serde_bytes")]
+        target: Option<Vec<u8>>,
+    },
 }
 
 /// What storage knows of one user's presence, for one asker.
@@ -214,6 +223,10 @@ pub enum Response {
     RevokedAt {
         req: u32,
         at_unix_ms: Option<u64>,
+    },
+    /// The push target is stored (or removed).
+    PushTargetStored {
+        req: u32,
     },
     /// The read was not answered. `retryable`: storage is behind or failing
     /// (try again later); otherwise the request itself is wrong.
@@ -451,6 +464,19 @@ mod tests {
             device: None,
             at_unix_ms: 1,
         });
+        round_trip_request(Request::PutPushTarget {
+            req: 12,
+            user: "alice".into(),
+            device: "phone".into(),
+            target: Some(br#"{"kind":"fcm","token":"t"}"#.to_vec()),
+        });
+        round_trip_request(Request::PutPushTarget {
+            req: 13,
+            user: "alice".into(),
+            device: "phone".into(),
+            target: None,
+        });
+        round_trip_response(Response::PushTargetStored { req: 13 });
         round_trip_request(Request::RevokedAt {
             req: 16,
             user: "alice".into(),

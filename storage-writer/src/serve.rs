@@ -193,7 +193,8 @@ impl Server {
             | Request::Devices { req, .. }
             | Request::Presence { req, .. }
             | Request::Revoke { req, .. }
-            | Request::RevokedAt { req, .. } => *req,
+            | Request::RevokedAt { req, .. }
+            | Request::PutPushTarget { req, .. } => *req,
             Request::Hello { .. } => 0,
         };
         // The key directory and revocations are not fed by the rings: no
@@ -215,6 +216,15 @@ impl Server {
                 return refused_or(req, tables.revoked_at(&user, &device), |at_unix_ms| {
                     Response::RevokedAt { req, at_unix_ms }
                 });
+            }
+            Request::PutPushTarget {
+                req,
+                user,
+                device,
+                target,
+            } => {
+                let stored = tables.put_push_target(&user, &device, target.as_deref());
+                return refused_or(req, stored, |()| Response::PushTargetStored { req });
             }
             Request::KeysUpload {
                 req,
@@ -331,7 +341,8 @@ impl Server {
             | Request::KeysFetch { .. }
             | Request::Devices { .. }
             | Request::Revoke { .. }
-            | Request::RevokedAt { .. } => {
+            | Request::RevokedAt { .. }
+            | Request::PutPushTarget { .. } => {
                 unreachable!("answered above")
             }
         };

@@ -53,6 +53,8 @@ pub struct Embedded {
     presence: PartitionHandle,
     /// (user, device or "" for all) → revoked at, unix ms (big-endian u64).
     revocations: PartitionHandle,
+    /// (user, device) → the device's push target (its stored form).
+    push_targets: PartitionHandle,
     /// Serialises taking one-time prekeys (the store has no transactions;
     /// every reader of this node shares it, so no prekey is taken twice).
     keys_lock: std::sync::Arc<std::sync::Mutex<()>>,
@@ -77,6 +79,7 @@ impl Embedded {
                 .open_partition(name, PartitionCreateOptions::default())
                 .with_context(|| format!("opening partition {name}"))
         };
+        let meta = open("meta")?;
         Ok(Self {
             messages: open("messages")?,
             sends: open("sends")?,
@@ -90,10 +93,45 @@ impl Embedded {
             member_of: open("member_of")?,
             presence: open("presence")?,
             revocations: open("revocations")?,
+            push_targets: open("push_targets")?,
             keys_lock: Default::default(),
             keyspace,
             fsync,
-        })
+        }
+        .migrated(meta)?)
+    }
+
+    /// Records the layout's version in `meta` (refusing a store written by
+    /// a newer build). The partitions above are created when missing, so
+    /// the steps so far move no data; a later step that does runs here.
+    fn migrated(self, meta: PartitionHandle) -> Result<Self> {
+        const VERSION_KEY: &[u8] = b"schema_version";
+        let applied = match meta.get(VERSION_KEY)? {
+            Some(value) => u32::from_be_bytes(
+                value
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| anyhow::anyhow!("the store's schema_version is not 4 bytes"))?,
+            ),
+            // A store from before versions, or a new one: the first layout.
+            None => 1,
+        };
+        if applied > super::migrations::EMBEDDED_VERSION {
+            anyhow::bail!(
+                "the embedded store's schema is at version {applied}, newer than this storage-writer knows ({}): run a newer build",
+                super::migrations::EMBEDDED_VERSION
+            );
+        }
+        if applied < super::migrations::EMBEDDED_VERSION {
+            meta.insert(VERSION_KEY, super::migrations::EMBEDDED_VERSION.to_be_bytes())?;
+            self.persist()?;
+            tracing::info!(
+                from = applied,
+                to = super::migrations::EMBEDDED_VERSION,
+                "embedded store migrated"
+            );
+        }
+        Ok(self)
     }
 
     pub fn writer(&self) -> EmbeddedWriter {
@@ -345,8 +383,34 @@ impl Tables for Embedded {
         for item in self.prekeys.prefix(&prefix) {
             self.prekeys.remove(item?.0)?;
         }
+        for item in self.push_targets.prefix(&prefix) {
+            self.push_targets.remove(item?.0)?;
+        }
         self.persist()?;
         Ok(removed)
+    }
+
+    fn put_push_target(&mut self, user: &str, device: &str, target: Option<&[u8]>) -> Result<()> {
+        let at = key(&[user, device], None);
+        match target {
+            Some(target) => self.push_targets.insert(at, target)?,
+            None => self.push_targets.remove(at)?,
+        }
+        self.persist()
+    }
+
+    fn push_targets(&mut self, user: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut targets = Vec::new();
+        let prefix = key(&[user], None);
+        for item in self
+            .push_targets
+            .prefix(&prefix)
+            .take(super::PUSH_TARGETS_PER_USER_MAX)
+        {
+            let (k, v) = item?;
+            targets.push((text(&k[prefix.len()..k.len() - 1])?, v.to_vec()));
+        }
+        Ok(targets)
     }
 
     fn revoked_at(&mut self, user: &str, device: &str) -> Result<Option<u64>> {
@@ -523,5 +587,11 @@ impl Tables for EmbeddedWriter {
     }
     fn presence(&mut self, user: &str) -> Result<Vec<Presence>> {
         self.store.presence_of(user)
+    }
+    fn put_push_target(&mut self, user: &str, device: &str, target: Option<&[u8]>) -> Result<()> {
+        self.store.put_push_target(user, device, target)
+    }
+    fn push_targets(&mut self, user: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        self.store.push_targets(user)
     }
 }

@@ -23,6 +23,7 @@
 
 pub mod cursor;
 pub mod embedded;
+pub mod migrations;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "scylla")]
@@ -39,6 +40,17 @@ use chat_protocol::snowflake;
 use chat_protocol::store_wire::{PresenceAnswer, RecentSend, SyncEntry, SyncFrom};
 
 pub use self::cursor::Cursor;
+
+/// Most push targets read for one user (a user has at most 16 devices
+/// connected; targets of devices not seen for long stay until pruned).
+pub const PUSH_TARGETS_PER_USER_MAX: usize = 64;
+
+/// Now, for the time a row was written (not for ordering: that is ids).
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
 
 #[cfg(test)]
 mod tests;
@@ -184,6 +196,13 @@ pub trait Tables {
     fn revoked_at(&mut self, _user: &str, _device: &str) -> Result<Option<u64>> {
         anyhow::bail!("this handle does not serve revocations")
     }
+    /// Sets the device's push target (its stored form, `push::PushTarget`),
+    /// replacing any; `None` removes it. Durable when it returns.
+    fn put_push_target(&mut self, user: &str, device: &str, target: Option<&[u8]>) -> Result<()>;
+
+    /// Every device of `user` that has a push target, with it.
+    fn push_targets(&mut self, user: &str) -> Result<Vec<(String, Vec<u8>)>>;
+
 
     /// Makes `members` members of `group` (those already in stay).
     fn add_members(&mut self, group: &str, members: &[&str]) -> Result<()>;

@@ -1,7 +1,8 @@
 //! The PostgreSQL backend: small clusters, and several nodes sharing one database.
 //!
-//! Owns the schema (`schema/postgres.sql`, applied under an advisory lock so
-//! writers starting together do not race), one transaction per batch, and
+//! Owns applying the schema's migrations (`schema/postgres/`, one
+//! transaction per step, under an advisory lock so writers starting together
+//! do not race; the applied steps in `schema_migrations`), one transaction per batch, and
 //! the per-user inbox counter (`inbox_heads`), whose row lock keeps sequences
 //! gap-free when writers on several nodes append to one user's inbox. Never
 //! reads or writes outside a statement's parameters (no string-built SQL).
@@ -19,7 +20,6 @@ use chat_protocol::keys::{Bundle, STORED_PREKEYS_MAX};
 
 use super::{Backend, BatchWriter, Cursor, DeviceKeys, InboxEntry, Presence, ReadRefused, Tables};
 
-const SCHEMA: &str = include_str!("../../schema/postgres.sql");
 /// Arbitrary, fixed: serialises schema set-up across writers.
 const SCHEMA_LOCK: i64 = 0x63_68_61_74;
 
@@ -31,13 +31,39 @@ impl PostgresBackend {
     pub fn connect(url: &str) -> Result<Self> {
         let mut client = Client::connect(url, NoTls).context("connecting to PostgreSQL")?;
         client.execute("SELECT pg_advisory_lock($1)", &[&SCHEMA_LOCK])?;
-        let applied = client.batch_execute(SCHEMA);
+        let applied = migrate(&mut client);
         client.execute("SELECT pg_advisory_unlock($1)", &[&SCHEMA_LOCK])?;
-        applied.context("applying schema/postgres.sql")?;
+        applied?;
         Ok(Self {
             url: url.to_owned(),
         })
     }
+}
+
+/// Applies the steps this database lacks, each in its own transaction with
+/// its version row (a step is all or nothing). The caller holds the lock.
+fn migrate(client: &mut Client) -> Result<()> {
+    client.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (\
+             version    INTEGER PRIMARY KEY,\
+             name       TEXT NOT NULL,\
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )?;
+    let row = client.query_one("SELECT COALESCE(max(version), 0) FROM schema_migrations", &[])?;
+    let applied = u32::try_from(row.get::<_, i32>(0)).unwrap_or(0);
+    for step in super::migrations::pending(super::migrations::POSTGRES, applied)? {
+        let mut transaction = client.transaction()?;
+        transaction
+            .batch_execute(step.statements)
+            .with_context(|| format!("applying migration {} ({})", step.version, step.name))?;
+        transaction.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[&(step.version as i32), &step.name],
+        )?;
+        transaction.commit()?;
+        tracing::info!(version = step.version, name = step.name, "PostgreSQL schema migrated");
+    }
+    Ok(())
 }
 
 impl Backend for PostgresBackend {
@@ -328,12 +354,16 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         )?;
         let prekeys = self
             .prepared("DELETE FROM prekeys WHERE user_id = $1 AND ($2 = '' OR device_id = $2)")?;
+        let push = self.prepared(
+            "DELETE FROM push_targets WHERE user_id = $1 AND ($2 = '' OR device_id = $2)",
+        )?;
         let scope = device.unwrap_or("");
         let at_ms = i64::try_from(at_ms)?;
         let mut transaction = self.client.transaction()?;
         transaction.execute(&store, &[&user, &scope, &at_ms])?;
         let removed = transaction.execute(&keys, &[&user, &scope])?;
         transaction.execute(&prekeys, &[&user, &scope])?;
+        transaction.execute(&push, &[&user, &scope])?;
         transaction.commit()?;
         Ok(u32::try_from(removed).unwrap_or(u32::MAX))
     }
@@ -345,6 +375,39 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         let row = self.client.query_one(&statement, &[&user, &device])?;
         let at: Option<i64> = row.get(0);
         Ok(at.map(|at| at.max(0) as u64))
+    }
+
+    fn put_push_target(&mut self, user: &str, device: &str, target: Option<&[u8]>) -> Result<()> {
+        match target {
+            Some(target) => {
+                let statement = self.prepared(
+                    "INSERT INTO push_targets (user_id, device_id, target, updated_ms) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (user_id, device_id) DO UPDATE \
+                     SET target = EXCLUDED.target, updated_ms = EXCLUDED.updated_ms",
+                )?;
+                let now = super::unix_ms_now() as i64;
+                self.client
+                    .execute(&statement, &[&user, &device, &target, &now])?;
+            }
+            None => {
+                let statement = self
+                    .prepared("DELETE FROM push_targets WHERE user_id = $1 AND device_id = $2")?;
+                self.client.execute(&statement, &[&user, &device])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn push_targets(&mut self, user: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let statement = self.prepared(
+            "SELECT device_id, target FROM push_targets WHERE user_id = $1 ORDER BY device_id",
+        )?;
+        let rows = self.client.query(&statement, &[&user])?;
+        Ok(rows
+            .iter()
+            .take(super::PUSH_TARGETS_PER_USER_MAX)
+            .map(|row| (row.get(0), row.get(1)))
+            .collect())
     }
 
     fn devices_of(&mut self, user: &str) -> Result<Vec<String>> {

@@ -1,6 +1,7 @@
 //! The ScyllaDB backend (feature `scylla`): the reference design's store at scale.
 //!
-//! Owns the CQL schema (`schema/scylla.cql`), prepared statements with the
+//! Owns applying the CQL schema's migrations (`schema/scylla/`, the applied
+//! steps in `schema_migrations`), prepared statements with the
 //! configured consistency, the per-user inbox counter (a lightweight
 //! transaction: compare-and-set on `inbox_heads`), and grouping a batch's
 //! message rows into one unlogged batch per conversation partition, written
@@ -27,7 +28,6 @@ use chat_protocol::keys::{Bundle, STORED_PREKEYS_MAX};
 use super::{Backend, BatchWriter, Cursor, DeviceKeys, InboxEntry, Presence, ReadRefused, Tables};
 use chat_protocol::records::PresenceEntry;
 
-const SCHEMA: &str = include_str!("../../schema/scylla.cql");
 /// Compare-and-set attempts for one inbox sequence before the batch fails (and is retried).
 const CAS_ATTEMPTS: usize = 16;
 
@@ -67,6 +67,10 @@ struct Statements {
     revocations: PreparedStatement,
     delete_device_keys: PreparedStatement,
     delete_prekeys: PreparedStatement,
+    put_push_target: PreparedStatement,
+    delete_push_target: PreparedStatement,
+    delete_push_targets: PreparedStatement,
+    push_targets: PreparedStatement,
 }
 
 pub struct ScyllaBackend {
@@ -94,6 +98,62 @@ fn consistency(name: &str) -> Result<Consistency> {
     })
 }
 
+/// Applies the steps this keyspace lacks. CQL has no transactions: every
+/// statement is idempotent (`IF NOT EXISTS`), so a step cut short is run
+/// again whole; its version row is written after it.
+async fn migrate(session: &Session, keyspace: &str, replication_factor: u8) -> Result<()> {
+    let adapt = |statement: &str| {
+        statement
+            .replace("chat.", &format!("{keyspace}."))
+            .replace("EXISTS chat", &format!("EXISTS {keyspace}"))
+            .replace(
+                "'replication_factor': 3",
+                &format!("'replication_factor': {replication_factor}"),
+            )
+    };
+    let steps = super::migrations::SCYLLA;
+    // The keyspace comes first (step 1 creates it); the version table in it.
+    for statement in super::migrations::split(steps[0].statements).take(1) {
+        session
+            .query_unpaged(adapt(&statement).as_str(), &[])
+            .await
+            .with_context(|| format!("creating keyspace {keyspace}"))?;
+    }
+    session
+        .query_unpaged(
+            format!("CREATE TABLE IF NOT EXISTS {keyspace}.schema_migrations (version int PRIMARY KEY, name text)"),
+            &[],
+        )
+        .await?;
+    let rows = session
+        .query_unpaged(format!("SELECT version FROM {keyspace}.schema_migrations"), &[])
+        .await?
+        .into_rows_result()?;
+    let applied = rows
+        .rows::<(i32,)>()?
+        .filter_map(|row| row.ok())
+        .map(|(version,)| version.max(0) as u32)
+        .max()
+        .unwrap_or(0);
+    for step in super::migrations::pending(steps, applied)? {
+        for statement in super::migrations::split(step.statements) {
+            let statement = adapt(&statement);
+            session
+                .query_unpaged(statement.as_str(), &[])
+                .await
+                .with_context(|| format!("migration {} ({}): {statement}", step.version, step.name))?;
+        }
+        session
+            .query_unpaged(
+                format!("INSERT INTO {keyspace}.schema_migrations (version, name) VALUES (?, ?)"),
+                (step.version as i32, step.name),
+            )
+            .await?;
+        tracing::info!(version = step.version, name = step.name, "ScyllaDB schema migrated");
+    }
+    Ok(())
+}
+
 impl ScyllaBackend {
     pub fn connect(
         uri: &str,
@@ -109,26 +169,7 @@ impl ScyllaBackend {
                 .build()
                 .await
                 .with_context(|| format!("connecting to ScyllaDB at {uri}"))?;
-            for statement in SCHEMA.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                let statement = statement
-                    .lines()
-                    .filter(|line| !line.trim_start().starts_with("--"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-                    .replace("chat.", &format!("{keyspace}."))
-                    .replace("EXISTS chat", &format!("EXISTS {keyspace}"))
-                    .replace(
-                        "'replication_factor': 3",
-                        &format!("'replication_factor': {replication_factor}"),
-                    );
-                if statement.trim().is_empty() {
-                    continue;
-                }
-                session
-                    .query_unpaged(statement.as_str(), &[])
-                    .await
-                    .with_context(|| format!("applying schema: {statement}"))?;
-            }
+            migrate(&session, keyspace, replication_factor).await?;
             let prepare = |cql: String| {
                 let session = &session;
                 async move {
@@ -164,6 +205,10 @@ impl ScyllaBackend {
                 revocations: prepare(format!("SELECT device_id, at_ms FROM {k}.revocations WHERE user_id = ?")).await?,
                 delete_device_keys: prepare(format!("DELETE FROM {k}.device_keys WHERE user_id = ? AND device_id = ?")).await?,
                 delete_prekeys: prepare(format!("DELETE FROM {k}.prekeys WHERE user_id = ? AND device_id = ?")).await?,
+                put_push_target: prepare(format!("INSERT INTO {k}.push_targets (user_id, device_id, target, updated_ms) VALUES (?, ?, ?, ?)")).await?,
+                delete_push_target: prepare(format!("DELETE FROM {k}.push_targets WHERE user_id = ? AND device_id = ?")).await?,
+                delete_push_targets: prepare(format!("DELETE FROM {k}.push_targets WHERE user_id = ?")).await?,
+                push_targets: prepare(format!("SELECT device_id, target FROM {k}.push_targets WHERE user_id = ?")).await?,
                 put_prekey: prepare(format!("INSERT INTO {k}.prekeys (user_id, device_id, key_id, prekey) VALUES (?, ?, ?, ?)")).await?,
                 first_prekey: prepare(format!("SELECT key_id, prekey FROM {k}.prekeys WHERE user_id = ? AND device_id = ? LIMIT 1")).await?,
                 last_prekey: prepare(format!("SELECT key_id FROM {k}.prekeys WHERE user_id = ? AND device_id = ? ORDER BY key_id DESC LIMIT 1")).await?,
@@ -475,7 +520,30 @@ impl Tables for Scylla {
             self.execute(&self.statements.delete_device_keys, (user, device.as_str()))?;
             self.execute(&self.statements.delete_prekeys, (user, device.as_str()))?;
         }
+        match device {
+            Some(device) => self.execute(&self.statements.delete_push_target, (user, device))?,
+            None => self.execute(&self.statements.delete_push_targets, (user,))?,
+        }
         Ok(removed)
+    }
+
+    fn put_push_target(&mut self, user: &str, device: &str, target: Option<&[u8]>) -> Result<()> {
+        match target {
+            Some(target) => {
+                let now = super::unix_ms_now() as i64;
+                self.execute(
+                    &self.statements.put_push_target,
+                    (user, device, target, now),
+                )
+            }
+            None => self.execute(&self.statements.delete_push_target, (user, device)),
+        }
+    }
+
+    fn push_targets(&mut self, user: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut rows: Vec<(String, Vec<u8>)> = self.rows(&self.statements.push_targets, (user,))?;
+        rows.truncate(super::PUSH_TARGETS_PER_USER_MAX);
+        Ok(rows)
     }
 
     fn revoked_at(&mut self, user: &str, device: &str) -> Result<Option<u64>> {

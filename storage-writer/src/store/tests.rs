@@ -49,6 +49,7 @@ macro_rules! on_every_backend {
 }
 
 on_every_backend!(
+    push_targets_are_kept_per_device_replaced_removed_and_revoked,
     a_replayed_batch_stores_nothing_twice,
     the_senders_other_devices_sync_what_it_sent_and_the_sender_does_not,
     an_ack_is_cumulative_per_conversation_and_passes_own_sends,
@@ -461,4 +462,109 @@ fn a_replay_superseded_by_a_retry_elsewhere_is_not_stored(fixture: &Fixture) {
         true,
     );
     assert_eq!(synced_ids(fixture, "bob", "phone"), [20]);
+}
+
+fn push_targets_are_kept_per_device_replaced_removed_and_revoked(fixture: &Fixture) {
+    let mut tables = fixture.backend.reader().unwrap();
+    assert!(tables.push_targets("alice").unwrap().is_empty());
+    tables
+        .put_push_target("alice", "phone", Some(b"first"))
+        .unwrap();
+    tables
+        .put_push_target("alice", "phone", Some(b"second"))
+        .unwrap();
+    tables
+        .put_push_target("alice", "tablet", Some(b"tab"))
+        .unwrap();
+    tables.put_push_target("bob", "phone", Some(b"bob")).unwrap();
+    assert_eq!(
+        tables.push_targets("alice").unwrap(),
+        [
+            ("phone".to_owned(), b"second".to_vec()),
+            ("tablet".to_owned(), b"tab".to_vec())
+        ]
+    );
+    tables.put_push_target("alice", "tablet", None).unwrap();
+    tables.put_push_target("alice", "never", None).unwrap();
+    assert_eq!(tables.push_targets("alice").unwrap().len(), 1);
+    // A revoked device is woken no more; a user-wide revocation takes all.
+    tables.revoke("alice", Some("phone"), 1_000).unwrap();
+    assert!(tables.push_targets("alice").unwrap().is_empty());
+    tables.revoke("bob", None, 1_000).unwrap();
+    assert!(tables.push_targets("bob").unwrap().is_empty());
+    tables
+        .put_push_target("carol", "phone", Some(b"c"))
+        .unwrap();
+    drop(tables);
+    let mut again = fixture.backend.reader().unwrap();
+    assert_eq!(again.push_targets("carol").unwrap().len(), 1, "durable");
+}
+
+#[test]
+fn a_postgres_database_from_before_versions_is_migrated_in_place_once() {
+    let server = testkit::postgres::Postgres::start();
+    // A database an older build made: the first schema, no version table,
+    // and a row in it.
+    let mut client = postgres::Client::connect(&server.url(), postgres::NoTls).unwrap();
+    client
+        .batch_execute(super::migrations::POSTGRES[0].statements)
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO revocations (user_id, device_id, at_ms) VALUES ('old', '', 7)",
+            &[],
+        )
+        .unwrap();
+    for _ in 0..2 {
+        // Twice: the second start finds nothing to do.
+        let backend = super::postgres::PostgresBackend::connect(&server.url()).unwrap();
+        let mut tables = backend.reader().unwrap();
+        assert_eq!(tables.revoked_at("old", "phone").unwrap(), Some(7), "kept");
+        tables.put_push_target("old", "phone", Some(b"t")).unwrap();
+    }
+    let versions: Vec<i32> = client
+        .query("SELECT version FROM schema_migrations ORDER BY version", &[])
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(versions, [1, 2]);
+    // A database a newer build migrated further is refused, not damaged.
+    client
+        .execute(
+            "INSERT INTO schema_migrations (version, name) VALUES (99, 'future')",
+            &[],
+        )
+        .unwrap();
+    let Err(error) = super::postgres::PostgresBackend::connect(&server.url()) else {
+        panic!("a newer schema was accepted");
+    };
+    let error = format!("{error:#}");
+    assert!(error.contains("newer than this storage-writer"), "{error}");
+}
+
+#[test]
+fn the_embedded_store_records_its_version_and_refuses_a_newer_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    drop(Embedded::open(&path, 1 << 20, Fsync::Batch).unwrap());
+    drop(Embedded::open(&path, 1 << 20, Fsync::Batch).unwrap());
+    {
+        let keyspace = fjall::Config::new(&path).open().unwrap();
+        let meta = keyspace
+            .open_partition("meta", fjall::PartitionCreateOptions::default())
+            .unwrap();
+        let version = meta.get(b"schema_version").unwrap().unwrap();
+        assert_eq!(
+            u32::from_be_bytes(version.as_ref().try_into().unwrap()),
+            super::migrations::EMBEDDED_VERSION
+        );
+        meta.insert(b"schema_version", 99u32.to_be_bytes()).unwrap();
+        keyspace.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let Err(error) = Embedded::open(&path, 1 << 20, Fsync::Batch) else {
+        panic!("a newer layout was accepted");
+    };
+    let error = format!("{error:#}");
+    assert!(error.contains("newer than this storage-writer"), "{error}");
 }

@@ -1,5 +1,5 @@
--- The storage-writer's PostgreSQL schema (applied at start, idempotently).
--- Ids are 63-bit snowflakes, so they fit BIGINT.
+-- The storage-writer's PostgreSQL schema, migration 1 (the first schema; later
+-- changes are the numbered files after it). Ids are 63-bit snowflakes, so they fit BIGINT.
 
 -- Every message, once, in its conversation.
 CREATE TABLE IF NOT EXISTS messages (

@@ -1,0 +1,109 @@
+//! Versioned schema migrations for every backend: a database records which
+//! numbered steps it has had, and a writer applies the ones it lacks, in
+//! order, once, before it serves.
+//!
+//! Owns the step lists (the files in `schema/postgres/` and `schema/scylla/`,
+//! the embedded store's steps as code), the version rules and the refusal
+//! to run on a database newer than this build. Each backend applies a step
+//! its own way (PostgreSQL: one transaction per step under an advisory lock;
+//! ScyllaDB: idempotent statements, then the version row; the embedded
+//! store: a version key in its `meta` partition). A step is never edited
+//! once released: a change is a new step. Never touches rows a step does
+//! not name.
+
+use anyhow::{bail, Result};
+
+/// One numbered schema change.
+#[derive(Debug)]
+pub struct Migration {
+    pub version: u32,
+    pub name: &'static str,
+    pub statements: &'static str,
+}
+
+/// PostgreSQL's steps (`schema/postgres/NNNN_name.sql`).
+pub const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        statements: include_str!("../../schema/postgres/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "push_targets",
+        statements: include_str!("../../schema/postgres/0002_push_targets.sql"),
+    },
+];
+
+/// ScyllaDB's steps (`schema/scylla/NNNN_name.cql`), keyspace named `chat`
+/// (replaced by `--scylla-keyspace`).
+pub const SCYLLA: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        statements: include_str!("../../schema/scylla/0001_initial.cql"),
+    },
+    Migration {
+        version: 2,
+        name: "push_targets",
+        statements: include_str!("../../schema/scylla/0002_push_targets.cql"),
+    },
+];
+
+/// The embedded store's version: its partitions are opened (created when
+/// missing) by `Embedded::open`, so its steps so far change no data.
+/// 1: the first layout; 2: `push_targets`.
+pub const EMBEDDED_VERSION: u32 = 2;
+
+/// The steps after `applied`, in order. Refuses a database that a newer
+/// build has migrated past what this build knows.
+pub fn pending(steps: &'static [Migration], applied: u32) -> Result<&'static [Migration]> {
+    let newest = newest(steps);
+    if applied > newest {
+        bail!(
+            "the database's schema is at version {applied}, newer than this storage-writer knows ({newest}): run a newer build"
+        );
+    }
+    let first = steps.partition_point(|step| step.version <= applied);
+    Ok(&steps[first..])
+}
+
+pub fn newest(steps: &[Migration]) -> u32 {
+    steps.last().map_or(0, |step| step.version)
+}
+
+/// `statements` split into single statements, comments dropped (for
+/// drivers that run one at a time).
+pub fn split(statements: &str) -> impl Iterator<Item = String> + '_ {
+    statements
+        .split(';')
+        .map(|statement| {
+            statement
+                .lines()
+                .filter(|line| !line.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .filter(|statement| !statement.trim().is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_are_numbered_one_by_one_and_pending_follows_the_applied_version() {
+        for steps in [POSTGRES, SCYLLA] {
+            for (index, step) in steps.iter().enumerate() {
+                assert_eq!(step.version, index as u32 + 1, "{}", step.name);
+                assert!(split(step.statements).count() > 0, "{}", step.name);
+            }
+            assert_eq!(pending(steps, 0).unwrap().len(), steps.len());
+            assert_eq!(pending(steps, 1).unwrap()[0].version, 2);
+            assert!(pending(steps, newest(steps)).unwrap().is_empty());
+            let error = pending(steps, newest(steps) + 1).unwrap_err().to_string();
+            assert!(error.contains("newer than this storage-writer"), "{error}");
+        }
+        assert_eq!(EMBEDDED_VERSION, newest(POSTGRES));
+    }
+}
