@@ -205,6 +205,10 @@ pub struct Config {
     pub tls_cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
     pub tls_key: PathBuf,
+    /// Accept Web Push endpoints that are plain `http://` on a loopback
+    /// host (a push service run locally for development or tests). Off:
+    /// endpoints must be `https://`.
+    pub push_loopback_endpoints: bool,
 }
 
 impl Default for Config {
@@ -275,6 +279,7 @@ impl Default for Config {
             dev_sign_in: false,
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
+            push_loopback_endpoints: false,
         }
     }
 }
@@ -362,6 +367,7 @@ overrides! {
     dev_sign_in: bool,
     tls_cert: PathBuf,
     tls_key: PathBuf,
+    push_loopback_endpoints: bool,
 }
 
 /// The `--config` file and the flags over it.

@@ -13,7 +13,7 @@ use chat_protocol::codes::CloseCode;
 use chat_protocol::frames::{self, ClientFrame};
 use chat_protocol::records::ReceiptStatus;
 
-use super::features::{direct, groups, keys, presence, receipts, sync};
+use super::features::{direct, groups, keys, presence, push, receipts, sync};
 use super::send::reply;
 use super::state::conn::Conn;
 use super::state::Shard;
@@ -61,6 +61,10 @@ pub fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &[u8]) {
         ClientFrame::Devices { user } => keys::on_devices(shard, conn, &user),
         ClientFrame::KeysFetch { user } => keys::on_fetch(shard, conn, &user),
         ClientFrame::Sync { after } => sync::on_request(shard, conn, after),
+        ClientFrame::PushRegister { client_id, target } => {
+            push::on_register(shard, conn, &client_id, target)
+        }
+        ClientFrame::PushUnregister { client_id } => push::on_unregister(shard, conn, &client_id),
         ClientFrame::History {
             conversation,
             before,

@@ -260,6 +260,7 @@ async fn read_loop<O: ReadPathOwner>(
                 | Response::Presence { req, .. }
                 | Response::Revoked { req, .. }
                 | Response::RevokedAt { req, .. }
+                | Response::PushTargetStored { req, .. }
                 | Response::Failed { req, .. } => shard.read_path().complete(req, response),
             }
         }
