@@ -227,7 +227,10 @@ mod tests {
             assert_eq!(target.problem(false), None, "{target:?}");
             assert_eq!(PushTarget::decode(&target.encode()), Some(target));
         }
-        assert_eq!(webpush("http://127.0.0.1:8090/notify/x").problem(true), None);
+        assert_eq!(
+            webpush("http://127.0.0.1:8090/notify/x").problem(true),
+            None
+        );
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct CommitLoop {
     /// How long a batch waits for more records after its first (0: none).
     pub batch_linger: Duration,
     pub stop: Arc<AtomicBool>,
+    /// The push worker's queue, when push is configured.
+    pub push: Option<crate::push::PushHandle>,
 }
 
 impl CommitLoop {
@@ -184,6 +186,14 @@ impl CommitLoop {
             }
             Ok(())
         })?;
+        // Durable now: recipients that did not get it live may be pushed.
+        if let Some(push) = &self.push {
+            for applied in &decoded {
+                if let Record::Message(message) = &applied.record {
+                    push.offer(message);
+                }
+            }
+        }
         Ok(still_pending)
     }
 

@@ -12,6 +12,8 @@
 mod backend;
 mod commit;
 mod lock;
+mod metrics;
+mod push;
 mod rings;
 mod serve;
 mod sessions;
@@ -89,6 +91,12 @@ struct Args {
     /// Log batch statistics this often (0: never).
     #[arg(long, default_value_t = 60)]
     stats_interval_s: u64,
+    /// Serve Prometheus metrics (`GET /metrics`: batches, push) on this
+    /// address. Unset: no listener.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    push: push::PushArgs,
 }
 
 fn main() {
@@ -134,6 +142,14 @@ fn run(args: Args) -> Result<()> {
     rings.attach_dir(&args.ring_dir)?;
     let sessions = Arc::new(sessions::Sessions::default());
     let stats = Arc::new(stats::Stats::default());
+    let push = push::start(&args.push, backend.clone())?;
+    if let Some(address) = args.metrics_listen {
+        metrics::spawn(
+            address,
+            stats.clone(),
+            push.as_ref().map(|p| p.stats.clone()),
+        )?;
+    }
 
     let commit = commit::CommitLoop {
         chunks: chunk_rx,
@@ -144,6 +160,7 @@ fn run(args: Args) -> Result<()> {
         batch_records_max: args.batch_records_max,
         batch_linger: Duration::from_micros(args.batch_linger_us),
         stop: stop.clone(),
+        push,
     };
     let commit_thread = std::thread::Builder::new()
         .name("commit".into())

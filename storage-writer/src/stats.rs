@@ -51,6 +51,47 @@ impl Stats {
     }
 }
 
+/// Upper bounds of `Histogram`'s buckets, in milliseconds (one more bucket
+/// above the last: +Inf).
+pub const LATENCY_BOUNDS_MS: [u64; 12] = [
+    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000,
+];
+
+/// A latency histogram with fixed buckets, Prometheus-style (cumulative when
+/// rendered). Any thread may record; relaxed atomics.
+#[derive(Default)]
+pub struct Histogram {
+    pub buckets: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
+    pub sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn record(&self, took: Duration) {
+        let ms = took.as_millis() as u64;
+        let bucket = LATENCY_BOUNDS_MS.partition_point(|bound| *bound < ms);
+        self.buckets[bucket].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(took.as_micros() as u64, Relaxed);
+    }
+
+    /// `name_bucket{labels,le=...}`, `_sum` and `_count` lines.
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        use std::fmt::Write;
+        let mut cumulative = 0;
+        for (index, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Relaxed);
+            let le = LATENCY_BOUNDS_MS
+                .get(index)
+                .map_or("+Inf".to_owned(), |ms| format!("{}", *ms as f64 / 1000.0));
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {cumulative}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod gateway;
 pub mod nats;
 pub mod postgres;
+pub mod webpush;
 pub mod writer;
 
 use std::net::TcpListener;

@@ -80,7 +80,7 @@ impl Embedded {
                 .with_context(|| format!("opening partition {name}"))
         };
         let meta = open("meta")?;
-        Ok(Self {
+        Self {
             messages: open("messages")?,
             sends: open("sends")?,
             sends_recent: open("sends_recent")?,
@@ -98,7 +98,7 @@ impl Embedded {
             keyspace,
             fsync,
         }
-        .migrated(meta)?)
+        .migrated(meta)
     }
 
     /// Records the layout's version in `meta` (refusing a store written by
@@ -123,7 +123,10 @@ impl Embedded {
             );
         }
         if applied < super::migrations::EMBEDDED_VERSION {
-            meta.insert(VERSION_KEY, super::migrations::EMBEDDED_VERSION.to_be_bytes())?;
+            meta.insert(
+                VERSION_KEY,
+                super::migrations::EMBEDDED_VERSION.to_be_bytes(),
+            )?;
             self.persist()?;
             tracing::info!(
                 from = applied,

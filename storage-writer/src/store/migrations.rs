@@ -35,6 +35,7 @@ pub const POSTGRES: &[Migration] = &[
     },
 ];
 
+#[cfg_attr(not(feature = "scylla"), allow(dead_code))]
 /// ScyllaDB's steps (`schema/scylla/NNNN_name.cql`), keyspace named `chat`
 /// (replaced by `--scylla-keyspace`).
 pub const SCYLLA: &[Migration] = &[
@@ -72,6 +73,7 @@ pub fn newest(steps: &[Migration]) -> u32 {
     steps.last().map_or(0, |step| step.version)
 }
 
+#[cfg_attr(not(feature = "scylla"), allow(dead_code))]
 /// `statements` split into single statements, comments dropped (for
 /// drivers that run one at a time).
 pub fn split(statements: &str) -> impl Iterator<Item = String> + '_ {

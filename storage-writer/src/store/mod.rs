@@ -203,7 +203,6 @@ pub trait Tables {
     /// Every device of `user` that has a push target, with it.
     fn push_targets(&mut self, user: &str) -> Result<Vec<(String, Vec<u8>)>>;
 
-
     /// Makes `members` members of `group` (those already in stay).
     fn add_members(&mut self, group: &str, members: &[&str]) -> Result<()>;
     /// Removes `members` from `group` (absent ones are ignored).

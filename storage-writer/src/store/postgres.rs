@@ -49,7 +49,10 @@ fn migrate(client: &mut Client) -> Result<()> {
              name       TEXT NOT NULL,\
              applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
     )?;
-    let row = client.query_one("SELECT COALESCE(max(version), 0) FROM schema_migrations", &[])?;
+    let row = client.query_one(
+        "SELECT COALESCE(max(version), 0) FROM schema_migrations",
+        &[],
+    )?;
     let applied = u32::try_from(row.get::<_, i32>(0)).unwrap_or(0);
     for step in super::migrations::pending(super::migrations::POSTGRES, applied)? {
         let mut transaction = client.transaction()?;
@@ -61,7 +64,11 @@ fn migrate(client: &mut Client) -> Result<()> {
             &[&(step.version as i32), &step.name],
         )?;
         transaction.commit()?;
-        tracing::info!(version = step.version, name = step.name, "PostgreSQL schema migrated");
+        tracing::info!(
+            version = step.version,
+            name = step.name,
+            "PostgreSQL schema migrated"
+        );
     }
     Ok(())
 }

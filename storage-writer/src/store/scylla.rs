@@ -126,7 +126,10 @@ async fn migrate(session: &Session, keyspace: &str, replication_factor: u8) -> R
         )
         .await?;
     let rows = session
-        .query_unpaged(format!("SELECT version FROM {keyspace}.schema_migrations"), &[])
+        .query_unpaged(
+            format!("SELECT version FROM {keyspace}.schema_migrations"),
+            &[],
+        )
         .await?
         .into_rows_result()?;
     let applied = rows
@@ -141,7 +144,9 @@ async fn migrate(session: &Session, keyspace: &str, replication_factor: u8) -> R
             session
                 .query_unpaged(statement.as_str(), &[])
                 .await
-                .with_context(|| format!("migration {} ({}): {statement}", step.version, step.name))?;
+                .with_context(|| {
+                    format!("migration {} ({}): {statement}", step.version, step.name)
+                })?;
         }
         session
             .query_unpaged(
@@ -149,7 +154,11 @@ async fn migrate(session: &Session, keyspace: &str, replication_factor: u8) -> R
                 (step.version as i32, step.name),
             )
             .await?;
-        tracing::info!(version = step.version, name = step.name, "ScyllaDB schema migrated");
+        tracing::info!(
+            version = step.version,
+            name = step.name,
+            "ScyllaDB schema migrated"
+        );
     }
     Ok(())
 }

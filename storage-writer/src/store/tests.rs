@@ -476,7 +476,9 @@ fn push_targets_are_kept_per_device_replaced_removed_and_revoked(fixture: &Fixtu
     tables
         .put_push_target("alice", "tablet", Some(b"tab"))
         .unwrap();
-    tables.put_push_target("bob", "phone", Some(b"bob")).unwrap();
+    tables
+        .put_push_target("bob", "phone", Some(b"bob"))
+        .unwrap();
     assert_eq!(
         tables.push_targets("alice").unwrap(),
         [
@@ -523,7 +525,10 @@ fn a_postgres_database_from_before_versions_is_migrated_in_place_once() {
         tables.put_push_target("old", "phone", Some(b"t")).unwrap();
     }
     let versions: Vec<i32> = client
-        .query("SELECT version FROM schema_migrations ORDER BY version", &[])
+        .query(
+            "SELECT version FROM schema_migrations ORDER BY version",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|row| row.get(0))

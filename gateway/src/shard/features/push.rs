@@ -62,7 +62,12 @@ pub fn on_register(shard: &Rc<Shard>, conn: &Rc<Conn>, client_id: &str, target: 
 /// `push_unregister`: the device's target removed, answered `push_unregistered`.
 pub fn on_unregister(shard: &Rc<Shard>, conn: &Rc<Conn>, client_id: &str) {
     if take_allowance(shard, conn, client_id) {
-        monoio::spawn(store(shard.clone(), conn.clone(), client_id.to_owned(), None));
+        monoio::spawn(store(
+            shard.clone(),
+            conn.clone(),
+            client_id.to_owned(),
+            None,
+        ));
     }
 }
 

@@ -1,0 +1,290 @@
+//! Web Push end to end against a real push service (`web-push-testing`,
+//! which checks VAPID and decrypts `aes128gcm`): a device that registered a
+//! subscription and is not connected gets one push for a burst of 50
+//! messages, carrying their count and nothing of their content; a connected
+//! device that acknowledges gets none, nor does the sender's other device;
+//! a device that connects within the wait is not pushed; a subscription the
+//! service expired (410) is removed from storage. Bad registrations get a
+//! clear error.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use base64ct::{Base64UrlUnpadded, Encoding};
+use serde_json::{json, Value};
+use testkit::gateway::{Client, Gateway, Next, WAIT};
+use testkit::webpush::{Subscription, WebPushService};
+
+/// How long a connected device has to acknowledge, and the coalescing
+/// window, in this test.
+const ACK_WAIT_MS: u64 = 400;
+const COALESCE_MS: u64 = 2_500;
+
+struct Node {
+    gateway: Gateway,
+    writer_metrics: SocketAddr,
+    _vapid: tempfile::TempDir,
+    /// The VAPID public key (base64url), for subscribing.
+    application_server_key: String,
+}
+
+fn start_node() -> Node {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("vapid.pem");
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let writer_metrics: SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
+        .parse()
+        .unwrap();
+    let writer_args = [
+        "--push-vapid-key".to_owned(),
+        key_path.display().to_string(),
+        "--push-vapid-subject".into(),
+        "mailto:ops@example.org".into(),
+        "--push-ack-wait-ms".into(),
+        ACK_WAIT_MS.to_string(),
+        "--push-coalesce-ms".into(),
+        COALESCE_MS.to_string(),
+        "--metrics-listen".into(),
+        writer_metrics.to_string(),
+    ];
+    let mut flags: Vec<String> = vec!["--push-loopback-endpoints".into(), "true".into()];
+    flags.extend(
+        writer_args
+            .iter()
+            .map(|arg| format!("--storage-writer-arg={arg}")),
+    );
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    Node {
+        gateway: Gateway::start(&flags),
+        writer_metrics,
+        _vapid: dir,
+        application_server_key: Base64UrlUnpadded::encode_string(key.public_key_raw()),
+    }
+}
+
+/// The storage-writer's metric `name` with `labels`, summed.
+fn writer_metric(node: &Node, name: &str, labels: &[&str]) -> u64 {
+    let mut stream = TcpStream::connect(node.writer_metrics).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: writer\r\n\r\n").unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.split(['{', ' ']).next() == Some(name))
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+fn register(client: &mut Client, id: &str, subscription: &Subscription) {
+    client.send(json!({
+        "type": "push_register",
+        "id": id,
+        "push": {
+            "kind": "webpush",
+            "endpoint": subscription.endpoint,
+            "p256dh": subscription.p256dh,
+            "auth": subscription.auth,
+        }
+    }));
+    let answer = client.recv_type("push_registered");
+    assert_eq!(
+        (answer["id"].as_str(), answer["kind"].as_str()),
+        (Some(id), Some("webpush"))
+    );
+}
+
+/// Reads frames for `quiet`, acknowledging every message (a connected
+/// client does); returns how many it acknowledged.
+fn ack_for(client: &mut Client, quiet: Duration) -> usize {
+    let mut acked = 0;
+    let deadline = std::time::Instant::now() + quiet;
+    client.set_timeout(Duration::from_millis(100));
+    while std::time::Instant::now() < deadline {
+        if let Next::Json(frame) = client.next_frame() {
+            if frame["type"] == "message" {
+                client.send(json!({"type": "ack", "message_id": frame["message_id"]}));
+                acked += 1;
+            }
+        }
+    }
+    client.set_timeout(WAIT);
+    acked
+}
+
+fn send_burst(alice: &mut Client, to: &str, count: usize, tag: &str) {
+    for index in 0..count {
+        alice.send_message(&format!("{tag}-{index}"), to, "secret body");
+    }
+    for _ in 0..count {
+        alice.recv_type("sent");
+    }
+}
+
+#[test]
+fn an_offline_device_gets_one_content_free_push_per_burst_and_connected_ones_none() {
+    let service = WebPushService::start();
+    let node = start_node();
+    let gateway = &node.gateway;
+    let phone = service.subscribe(&node.application_server_key);
+    let tablet = service.subscribe(&node.application_server_key);
+    let laptop = service.subscribe(&node.application_server_key);
+
+    // bob's phone registers and leaves; his tablet registers and stays.
+    let mut bob_phone = gateway.connect("bob", "phone");
+    register(&mut bob_phone, "r1", &phone);
+    bob_phone.close();
+    let mut bob_tablet = gateway.connect("bob", "tablet");
+    register(&mut bob_tablet, "r2", &tablet);
+    // alice's laptop registers and leaves: it gets her sends by sync, never a push.
+    let mut alice_laptop = gateway.connect("alice", "laptop");
+    register(&mut alice_laptop, "r3", &laptop);
+    alice_laptop.close();
+
+    let mut alice = gateway.connect("alice", "phone");
+    send_burst(&mut alice, "bob", 50, "burst");
+    assert_eq!(
+        ack_for(&mut bob_tablet, Duration::from_millis(ACK_WAIT_MS * 3)),
+        50
+    );
+
+    let pushes = service.wait_notifications(&phone, 1);
+    // Past the coalescing window: still one push for the burst.
+    std::thread::sleep(Duration::from_millis(COALESCE_MS + 1_000));
+    let pushes_after = service.notifications(&phone);
+    assert_eq!(
+        pushes_after.len(),
+        1,
+        "one push for 50 messages: {pushes_after:?}"
+    );
+    let payload: Value = serde_json::from_str(pushes[0].as_str().expect("decrypted text"))
+        .expect("the payload is JSON");
+    assert_eq!(payload["type"], "new_messages");
+    assert_eq!(payload["count"], 50, "{payload}");
+    assert!(
+        payload.get("from").is_none(),
+        "content-free by default: {payload}"
+    );
+    assert!(!pushes[0].to_string().contains("secret body"));
+
+    assert!(
+        service.notifications(&tablet).is_empty(),
+        "the connected tablet acknowledged"
+    );
+    assert!(
+        service.notifications(&laptop).is_empty(),
+        "never the sender's own device"
+    );
+    assert_eq!(
+        writer_metric(
+            &node,
+            "storage_writer_push_sent_total",
+            &["provider=\"webpush\""]
+        ),
+        1
+    );
+
+    // The phone connects within the wait after the next message: it syncs
+    // and acknowledges, so its push is cancelled.
+    alice.send_message("while-away", "bob", "x");
+    alice.recv_type("sent");
+    let mut bob_phone = gateway.connect_unsynced("bob", "phone");
+    let synced = ack_for(
+        &mut bob_phone,
+        Duration::from_millis(ACK_WAIT_MS + COALESCE_MS + 500),
+    );
+    assert!(synced >= 51, "the phone syncs what it missed ({synced})");
+    assert_eq!(
+        service.notifications(&phone).len(),
+        1,
+        "no push for what it acknowledged"
+    );
+    bob_phone.close();
+
+    // The service expires the phone's subscription: the next push gets
+    // 410 and the target is removed, so later messages do not try again.
+    service.expire(&phone);
+    std::thread::sleep(Duration::from_millis(COALESCE_MS));
+    alice.send_message("after-expiry", "bob", "x");
+    alice.recv_type("sent");
+    let deadline = std::time::Instant::now() + WAIT;
+    while writer_metric(
+        &node,
+        "storage_writer_push_pruned_total",
+        &["provider=\"webpush\""],
+    ) < 1
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expired subscription was not pruned"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(COALESCE_MS + 500));
+    alice.send_message("after-prune", "bob", "x");
+    alice.recv_type("sent");
+    std::thread::sleep(Duration::from_millis(ACK_WAIT_MS * 3));
+    assert_eq!(
+        writer_metric(
+            &node,
+            "storage_writer_push_failed_total",
+            &["reason=\"invalid_target\""]
+        ),
+        1,
+        "a pruned target is not pushed again"
+    );
+}
+
+#[test]
+fn bad_registrations_get_a_clear_error() {
+    let node = start_node();
+    let mut client = node.gateway.connect("carol", "phone");
+    let cases = [
+        (
+            json!({"type": "push_register", "id": "a"}),
+            "`push` is required",
+        ),
+        (
+            json!({"type": "push_register", "id": "b", "push": {"kind": "pigeon"}}),
+            "`push` must be",
+        ),
+        (
+            json!({"type": "push_register", "id": "c", "push": {"kind": "fcm", "token": "no spaces"}}),
+            "FCM",
+        ),
+        (
+            json!({"type": "push_register", "id": "d", "push": {"kind": "apns", "token": "12", "topic": "org.example"}}),
+            "hex",
+        ),
+        (
+            json!({"type": "push_register", "id": "e", "push": {"kind": "webpush", "endpoint": "http://push.example.org/x", "p256dh": "B".repeat(87), "auth": "a".repeat(22)}}),
+            "https://",
+        ),
+        (
+            json!({"type": "push_register", "id": "f", "push": {"kind": "webpush", "endpoint": "https://push.example.org/x", "p256dh": "short", "auth": "a".repeat(22)}}),
+            "p256dh",
+        ),
+        (
+            json!({"type": "push_register", "id": "g", "push": {"kind": "fcm", "token": "t", "extra": 1}}),
+            "`push` must be",
+        ),
+    ];
+    for (frame, expected) in cases {
+        client.send(frame.clone());
+        let error = client.recv_type("error");
+        assert_eq!(error["code"], "invalid_field", "{frame}: {error}");
+        assert!(
+            error["message"].as_str().unwrap().contains(expected),
+            "{frame}: {error}"
+        );
+        assert_eq!(error["id"], frame["id"], "{error}");
+    }
+    // A good one after all that, and its removal.
+    client.send(json!({"type": "push_register", "id": "ok", "push": {"kind": "fcm", "token": "dXk:APA91b"}}));
+    assert_eq!(client.recv_type("push_registered")["kind"], "fcm");
+    client.send(json!({"type": "push_unregister", "id": "off"}));
+    assert_eq!(client.recv_type("push_unregistered")["id"], "off");
+}

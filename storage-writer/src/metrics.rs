@@ -1,0 +1,177 @@
+//! The writer's Prometheus endpoint (`--metrics-listen`): batch and push
+//! counters as text, over a minimal HTTP/1.1 server on its own thread.
+//!
+//! Owns rendering the counters (`storage_writer_*`) and answering `GET
+//! /metrics` (anything else is 404). Reads atomics only; never touches
+//! storage, the rings or the push queues.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::push::{PushStats, FAILURES, PROVIDERS};
+use crate::stats::Stats;
+
+/// How long one scrape may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub fn spawn(address: SocketAddr, stats: Arc<Stats>, push: Option<Arc<PushStats>>) -> Result<()> {
+    let listener = TcpListener::bind(address)
+        .with_context(|| format!("binding --metrics-listen {address}"))?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut stream = stream;
+                let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+                let mut request = [0u8; 1024];
+                let read = stream.read(&mut request).unwrap_or(0);
+                let head = String::from_utf8_lossy(&request[..read]);
+                let answer = if head.starts_with("GET /metrics ") {
+                    let body = render(&stats, push.as_deref());
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
+                };
+                let _ = stream.write_all(answer.as_bytes());
+            }
+        })?;
+    Ok(())
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+pub fn render(stats: &Stats, push: Option<&PushStats>) -> String {
+    let mut out = String::new();
+    family(
+        &mut out,
+        "storage_writer_batches_total",
+        "counter",
+        "Batches committed.",
+    );
+    let _ = writeln!(
+        out,
+        "storage_writer_batches_total {}",
+        stats.batches.load(Relaxed)
+    );
+    family(
+        &mut out,
+        "storage_writer_records_total",
+        "counter",
+        "Ring records committed.",
+    );
+    let _ = writeln!(
+        out,
+        "storage_writer_records_total {}",
+        stats.records.load(Relaxed)
+    );
+    let Some(push) = push else {
+        return out;
+    };
+    for (name, help, value) in [
+        (
+            "storage_writer_push_offered_total",
+            "Recipients of durable messages offered to the push worker.",
+            &push.offered,
+        ),
+        (
+            "storage_writer_push_dropped_total",
+            "Recipients dropped on a full push queue (they sync when they connect).",
+            &push.dropped,
+        ),
+        (
+            "storage_writer_push_acknowledged_total",
+            "Checks that found the device had the message (no push).",
+            &push.acknowledged,
+        ),
+        (
+            "storage_writer_push_coalesced_total",
+            "Messages folded into a device's pending push.",
+            &push.coalesced,
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", value.load(Relaxed));
+    }
+    for (name, help, value) in [
+        (
+            "storage_writer_push_queue_depth",
+            "Recipients waiting to be checked.",
+            &push.queue_depth,
+        ),
+        (
+            "storage_writer_push_pending",
+            "Devices whose push waits for its coalescing window.",
+            &push.pending,
+        ),
+        (
+            "storage_writer_push_in_flight",
+            "Push requests in flight.",
+            &push.in_flight,
+        ),
+    ] {
+        family(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {}", value.load(Relaxed));
+    }
+    type Field = fn(&crate::push::ProviderStats) -> &std::sync::atomic::AtomicU64;
+    let per_provider: [(&str, &str, Field); 3] = [
+        (
+            "storage_writer_push_sent_total",
+            "Pushes the provider accepted.",
+            |p| &p.sent,
+        ),
+        (
+            "storage_writer_push_pruned_total",
+            "Targets removed because the provider called them invalid.",
+            |p| &p.pruned,
+        ),
+        (
+            "storage_writer_push_retries_total",
+            "Push requests tried again (429, 5xx, a refreshed credential).",
+            |p| &p.retries,
+        ),
+    ];
+    for (name, help, field) in per_provider {
+        family(&mut out, name, "counter", help);
+        for (index, provider) in PROVIDERS.iter().enumerate() {
+            let value = field(&push.providers[index]).load(Relaxed);
+            let _ = writeln!(out, "{name}{{provider=\"{provider}\"}} {value}");
+        }
+    }
+    family(
+        &mut out,
+        "storage_writer_push_failed_total",
+        "counter",
+        "Pushes that failed, by reason.",
+    );
+    for (index, provider) in PROVIDERS.iter().enumerate() {
+        for (reason_index, (reason, _)) in FAILURES.iter().enumerate() {
+            let value = push.providers[index].failed[reason_index].load(Relaxed);
+            let _ = writeln!(out, "storage_writer_push_failed_total{{provider=\"{provider}\",reason=\"{reason}\"}} {value}");
+        }
+    }
+    family(
+        &mut out,
+        "storage_writer_push_latency_seconds",
+        "histogram",
+        "From a message becoming durable to its push being accepted.",
+    );
+    for (index, provider) in PROVIDERS.iter().enumerate() {
+        push.providers[index].latency.render(
+            &mut out,
+            "storage_writer_push_latency_seconds",
+            &format!("provider=\"{provider}\""),
+        );
+    }
+    out
+}
