@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod gateway;
 pub mod nats;
 pub mod postgres;
+pub mod push_standins;
 pub mod webpush;
 pub mod writer;
 
