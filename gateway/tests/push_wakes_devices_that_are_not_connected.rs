@@ -5,7 +5,10 @@
 //! device that acknowledges gets none, nor does the sender's other device;
 //! a device that connects within the wait is not pushed; a subscription the
 //! service expired (410) is removed from storage. Bad registrations get a
-//! clear error.
+//! clear error. In a fleet (three nodes, NATS, PostgreSQL) the node that
+//! stored the message pushes, wherever the recipient's home is; a kill -9
+//! of the storage-writer in a burst takes down nothing, and pushes resume
+//! with the restarted writer.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -13,6 +16,7 @@ use std::time::Duration;
 
 use base64ct::{Base64UrlUnpadded, Encoding};
 use serde_json::{json, Value};
+use testkit::fleet::Fleet;
 use testkit::gateway::{Client, Gateway, Next, WAIT};
 use testkit::webpush::{Subscription, WebPushService};
 
@@ -29,15 +33,14 @@ struct Node {
     application_server_key: String,
 }
 
-fn start_node() -> Node {
+/// A VAPID key in a file, the gateway flags that turn Web Push on with it
+/// (and the writer's metrics on `metrics`, if given), and its public key.
+fn push_flags(metrics: Option<SocketAddr>) -> (tempfile::TempDir, Vec<String>, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let key_path = dir.path().join("vapid.pem");
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    let writer_metrics: SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
-        .parse()
-        .unwrap();
-    let writer_args = [
+    let mut writer_args = vec![
         "--push-vapid-key".to_owned(),
         key_path.display().to_string(),
         "--push-vapid-subject".into(),
@@ -46,21 +49,27 @@ fn start_node() -> Node {
         ACK_WAIT_MS.to_string(),
         "--push-coalesce-ms".into(),
         COALESCE_MS.to_string(),
-        "--metrics-listen".into(),
-        writer_metrics.to_string(),
     ];
+    if let Some(metrics) = metrics {
+        writer_args.extend(["--metrics-listen".into(), metrics.to_string()]);
+    }
     let mut flags: Vec<String> = vec!["--push-loopback-endpoints".into(), "true".into()];
-    flags.extend(
-        writer_args
-            .iter()
-            .map(|arg| format!("--storage-writer-arg={arg}")),
-    );
+    flags.extend(writer_args.iter().map(|arg| format!("--storage-writer-arg={arg}")));
+    let public = Base64UrlUnpadded::encode_string(key.public_key_raw());
+    (dir, flags, public)
+}
+
+fn start_node() -> Node {
+    let writer_metrics: SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
+        .parse()
+        .unwrap();
+    let (dir, flags, application_server_key) = push_flags(Some(writer_metrics));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     Node {
         gateway: Gateway::start(&flags),
         writer_metrics,
         _vapid: dir,
-        application_server_key: Base64UrlUnpadded::encode_string(key.public_key_raw()),
+        application_server_key,
     }
 }
 
@@ -287,4 +296,51 @@ fn bad_registrations_get_a_clear_error() {
     assert_eq!(client.recv_type("push_registered")["kind"], "fcm");
     client.send(json!({"type": "push_unregister", "id": "off"}));
     assert_eq!(client.recv_type("push_unregistered")["id"], "off");
+}
+
+#[test]
+fn in_a_fleet_the_node_that_stored_the_message_pushes_wherever_home_is() {
+    let service = WebPushService::start();
+    let (_vapid, flags, application_server_key) = push_flags(None);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let fleet = Fleet::start_with(3, &flags);
+    let phone = service.subscribe(&application_server_key);
+    let tablet = service.subscribe(&application_server_key);
+    // bob's phone registers on node 1 and leaves; his tablet stays on node 2.
+    let mut bob_phone = fleet.nodes[1].connect("bob", "phone");
+    register(&mut bob_phone, "r1", &phone);
+    bob_phone.close();
+    let mut bob_tablet = fleet.nodes[2].connect("bob", "tablet");
+    register(&mut bob_tablet, "r2", &tablet);
+    let mut alice = fleet.nodes[0].connect("alice", "phone");
+    send_burst(&mut alice, "bob", 5, "fleet");
+    assert_eq!(ack_for(&mut bob_tablet, Duration::from_millis(ACK_WAIT_MS * 3)), 5);
+    let pushes = service.wait_notifications(&phone, 1);
+    let payload: Value = serde_json::from_str(pushes[0].as_str().unwrap()).unwrap();
+    assert_eq!(payload["count"], 5, "{payload}");
+    assert!(service.notifications(&tablet).is_empty(), "the tablet acknowledged across nodes");
+}
+
+#[test]
+fn a_writer_killed_in_a_burst_takes_nothing_down_and_pushes_resume() {
+    let service = WebPushService::start();
+    let node = start_node();
+    let gateway = &node.gateway;
+    let phone = service.subscribe(&node.application_server_key);
+    let mut bob = gateway.connect("bob", "phone");
+    register(&mut bob, "r1", &phone);
+    bob.close();
+    let mut alice = gateway.connect("alice", "phone");
+    // The writer dies while the burst's pushes wait out their ack window.
+    send_burst(&mut alice, "bob", 20, "before");
+    testkit::signal(gateway.writer_pid().expect("a spawned writer"), "KILL");
+    // The gateway restarts it; sends are acknowledged again once it is back.
+    std::thread::sleep(Duration::from_millis(COALESCE_MS));
+    send_burst(&mut alice, "bob", 5, "after");
+    let pushes = service.wait_notifications(&phone, 1);
+    let last: Value = serde_json::from_str(pushes.last().unwrap().as_str().unwrap()).unwrap();
+    // The push after the restart counts everything bob has not acknowledged,
+    // including the burst whose pending push died with the old writer.
+    assert_eq!(last["count"], 25, "{last}");
+    assert_eq!(gateway.admin_get("/healthz").map(|(status, _)| status), Some(200));
 }
