@@ -16,6 +16,7 @@ mod nonblocking;
 mod offline_sync;
 mod one_to_one;
 mod procfs;
+mod push;
 mod reconnect_storm;
 mod report;
 mod schedule;
@@ -60,6 +61,9 @@ enum Scenario {
     /// nodes and millions of users: balance, moves on join and leave, NATS
     /// subscriptions, per-node-subject rates. No processes.
     Fleet(fleet::FleetArgs),
+    /// Offline recipients with Web Push subscriptions, against a local push
+    /// service: durable-to-push latency, pushes/s, memory per pending push.
+    Push(push::PushArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,5 +76,6 @@ fn main() -> anyhow::Result<()> {
         Scenario::CrossNode(args) => cross_node::run(&args),
         Scenario::Group(args) => group::run(&args),
         Scenario::Fleet(args) => fleet::run(&args),
+        Scenario::Push(args) => push::run(&args),
     }
 }

@@ -515,3 +515,32 @@ fn fleet_simulates_the_real_routing_and_its_figures_add_up() {
     let publishes = report["publishes_per_message"].as_f64().unwrap();
     assert!((0.97..0.99).contains(&publishes), "{publishes}");
 }
+
+#[test]
+fn push_pushes_every_offline_recipient_once_then_holds_one_pending_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("push.json");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../clients/js/node_modules/web-push-testing/src/bin/server.js");
+    bench(&[
+        "push",
+        "--users",
+        "20",
+        "--rate",
+        "40",
+        "--senders",
+        "2",
+        "--service-script",
+        script.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let report = report_at(&json);
+    assert_eq!(report["sent"], 20, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["pending"], 20, "{report}");
+    assert!(
+        report["latency_p99_ms_at_most"].as_f64().unwrap()
+            >= report["latency_p50_ms_at_most"].as_f64().unwrap()
+    );
+}

@@ -54,7 +54,11 @@ fn push_flags(metrics: Option<SocketAddr>) -> (tempfile::TempDir, Vec<String>, S
         writer_args.extend(["--metrics-listen".into(), metrics.to_string()]);
     }
     let mut flags: Vec<String> = vec!["--push-loopback-endpoints".into(), "true".into()];
-    flags.extend(writer_args.iter().map(|arg| format!("--storage-writer-arg={arg}")));
+    flags.extend(
+        writer_args
+            .iter()
+            .map(|arg| format!("--storage-writer-arg={arg}")),
+    );
     let public = Base64UrlUnpadded::encode_string(key.public_key_raw());
     (dir, flags, public)
 }
@@ -314,11 +318,17 @@ fn in_a_fleet_the_node_that_stored_the_message_pushes_wherever_home_is() {
     register(&mut bob_tablet, "r2", &tablet);
     let mut alice = fleet.nodes[0].connect("alice", "phone");
     send_burst(&mut alice, "bob", 5, "fleet");
-    assert_eq!(ack_for(&mut bob_tablet, Duration::from_millis(ACK_WAIT_MS * 3)), 5);
+    assert_eq!(
+        ack_for(&mut bob_tablet, Duration::from_millis(ACK_WAIT_MS * 3)),
+        5
+    );
     let pushes = service.wait_notifications(&phone, 1);
     let payload: Value = serde_json::from_str(pushes[0].as_str().unwrap()).unwrap();
     assert_eq!(payload["count"], 5, "{payload}");
-    assert!(service.notifications(&tablet).is_empty(), "the tablet acknowledged across nodes");
+    assert!(
+        service.notifications(&tablet).is_empty(),
+        "the tablet acknowledged across nodes"
+    );
 }
 
 #[test]
@@ -342,5 +352,8 @@ fn a_writer_killed_in_a_burst_takes_nothing_down_and_pushes_resume() {
     // The push after the restart counts everything bob has not acknowledged,
     // including the burst whose pending push died with the old writer.
     assert_eq!(last["count"], 25, "{last}");
-    assert_eq!(gateway.admin_get("/healthz").map(|(status, _)| status), Some(200));
+    assert_eq!(
+        gateway.admin_get("/healthz").map(|(status, _)| status),
+        Some(200)
+    );
 }

@@ -186,16 +186,27 @@ pub struct PushPayload {
     pub conversation: Option<String>,
 }
 
-/// `push_registered` / `push_unregistered`: the answer to a registration.
+/// `push_registered` / `push_unregistered`: the answer to a registration
+/// (`type` first, as in every server frame).
 pub fn encode_push_answer(client_id: &str, kind: Option<&str>) -> Vec<u8> {
-    match kind {
-        Some(kind) => serde_json::to_vec(&serde_json::json!({
-            "type": "push_registered", "id": client_id, "kind": kind,
-        })),
-        None => serde_json::to_vec(&serde_json::json!({
-            "type": "push_unregistered", "id": client_id,
-        })),
+    #[derive(Serialize)]
+    struct Answer<'a> {
+        #[serde(rename = "type")]
+        frame: &'a str,
+        id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        kind: Option<&'a str>,
     }
+    let frame = if kind.is_some() {
+        "push_registered"
+    } else {
+        "push_unregistered"
+    };
+    serde_json::to_vec(&Answer {
+        frame,
+        id: client_id,
+        kind,
+    })
     .expect("an answer always serializes")
 }
 

@@ -53,8 +53,8 @@ impl Stats {
 
 /// Upper bounds of `Histogram`'s buckets, in milliseconds (one more bucket
 /// above the last: +Inf).
-pub const LATENCY_BOUNDS_MS: [u64; 12] = [
-    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000,
+pub const LATENCY_BOUNDS_MS: [u64; 20] = [
+    1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000,
 ];
 
 /// A latency histogram with fixed buckets, Prometheus-style (cumulative when

@@ -1,26 +1,40 @@
 //! Web Push (RFC 8030) with VAPID (RFC 8292) and the `aes128gcm` payload
 //! encryption of RFC 8291, through `web-push-native`.
 //!
-//! Owns the VAPID key (a P-256 PEM file), building one push request (the
+//! Owns the VAPID key (a P-256 PEM file) and its signed header per push
+//! service (reused for an hour), building one push request (the
 //! encrypted payload, `TTL`, `Urgency: high`, a `Topic` per conversation so
 //! the service replaces an undelivered older push) and reading the push
 //! service's answer (201 sent; 404 and 410 the subscription is gone; 429 and
 //! 5xx retried). Never logs the key or an endpoint (endpoints are capabilities).
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use base64ct::{Base64UrlUnpadded, Encoding};
 use web_push_native::jwt_simple::algorithms::ES256KeyPair;
+use web_push_native::vapid::VapidSignature;
 use web_push_native::{p256, Auth, WebPushBuilder};
 
 use super::send::{transient, Job, Outcome};
+
+/// How long a VAPID JWT is valid (RFC 8292 §2: at most 24 hours).
+const VAPID_JWT_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+/// How long one signed VAPID header is reused for a push service (signing
+/// per push would be an ECDSA signature per push for nothing).
+const VAPID_JWT_REUSE: Duration = Duration::from_secs(3600);
+/// Push services (origins) whose VAPID header is kept, at most.
+const VAPID_ORIGINS_MAX: usize = 1024;
 
 pub struct WebPush {
     key: ES256KeyPair,
     subject: String,
     ttl: Duration,
+    /// The signed `Authorization` header per push service origin.
+    signatures: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 impl WebPush {
@@ -41,7 +55,28 @@ impl WebPush {
             key,
             subject: subject.to_owned(),
             ttl: Duration::from_secs(ttl_s),
+            signatures: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The VAPID header for `endpoint`'s push service, signed at most once
+    /// per `VAPID_JWT_REUSE`.
+    fn authorization(&self, endpoint: &http::Uri) -> Option<String> {
+        let origin = format!("{}://{}", endpoint.scheme_str()?, endpoint.authority()?);
+        let mut signatures = self.signatures.lock().expect("vapid cache lock");
+        if let Some((header, made)) = signatures.get(&origin) {
+            if made.elapsed() < VAPID_JWT_REUSE {
+                return Some(header.clone());
+            }
+        }
+        let header =
+            VapidSignature::sign(endpoint, VAPID_JWT_LIFETIME, &self.subject, &self.key).ok()?;
+        let header = header.to_string();
+        if signatures.len() >= VAPID_ORIGINS_MAX {
+            signatures.clear();
+        }
+        signatures.insert(origin, (header.clone(), Instant::now()));
+        Some(header)
     }
 
     pub async fn send(
@@ -90,14 +125,15 @@ impl WebPush {
         if auth.len() != 16 {
             return None;
         }
-        let builder = WebPushBuilder::new(
-            endpoint.parse().ok()?,
-            public,
-            Auth::clone_from_slice(&auth),
-        )
-        .with_valid_duration(self.ttl)
-        .with_vapid(&self.key, &self.subject);
+        let endpoint: http::Uri = endpoint.parse().ok()?;
+        let authorization = self.authorization(&endpoint)?;
+        let builder = WebPushBuilder::new(endpoint, public, Auth::clone_from_slice(&auth))
+            .with_valid_duration(self.ttl);
         let payload = serde_json::to_vec(&job.payload).ok()?;
-        builder.build(payload).ok()
+        let mut request = builder.build(payload).ok()?;
+        request
+            .headers_mut()
+            .insert(http::header::AUTHORIZATION, authorization.parse().ok()?);
+        Some(request)
     }
 }
