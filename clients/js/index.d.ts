@@ -97,6 +97,8 @@ export declare class ChatClient extends EventTarget {
   createGroup(members: string[]): Promise<Sent>;
   addMembers(group: string, members: string[]): Promise<Sent>;
   removeMembers(group: string, members: string[]): Promise<Sent>;
+  /** Makes members admins (only an admin may add, remove and promote). */
+  promote(group: string, members: string[]): Promise<Sent>;
   typing(where: { to?: string; group?: string }): void;
   read(conversation: string, upTo: string, from: string): void;
   presence(users: string[]): Promise<{ type: 'presence'; users: { user: string; online: boolean; last_seen?: number }[] }>;

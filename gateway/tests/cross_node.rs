@@ -205,6 +205,13 @@ fn groups_receipts_and_presence_work_across_nodes() {
     for client in &mut clients[1..5] {
         assert_eq!(client.recv_type("message")["event"]["action"], "created");
     }
+    // Ben (node 2) becomes an admin, to change the group from there below.
+    clients[0]
+        .send(json!({"type": "group_promote", "id": "up-ben", "group": group, "members": ["ben"]}));
+    clients[0].recv_type("sent");
+    for client in &mut clients[1..5] {
+        assert_eq!(client.recv_type("message")["event"]["action"], "promoted");
+    }
 
     // One send reaches every member on every node, once.
     clients[0].send(json!({"type": "send", "id": "g1", "group": group, "body": "across"}));

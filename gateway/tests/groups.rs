@@ -123,6 +123,23 @@ fn only_members_send_read_list_and_type_and_changes_arrive_in_order() {
     alice_laptop.expect_silence(Duration::from_millis(150));
     carol.expect_silence(Duration::from_millis(150));
 
+    // Only admins (the creator, and whom an admin promotes) change the group.
+    bob.send(json!({"type": "group_add", "id": "early", "group": group, "members": ["carol"]}));
+    let refused = bob.recv_type("error");
+    assert_eq!(
+        (refused["code"].as_str(), refused["id"].as_str()),
+        (Some("forbidden"), Some("early"))
+    );
+    assert!(refused["message"].as_str().unwrap().contains("admins"));
+    bob.send(json!({"type": "group_remove", "id": "coup", "group": group, "members": ["alice"]}));
+    assert_eq!(bob.recv_type("error")["code"], "forbidden");
+    alice
+        .send(json!({"type": "group_promote", "id": "up-bob", "group": group, "members": ["bob"]}));
+    assert_eq!(alice.recv_type("sent")["id"], "up-bob");
+    let promoted = bob.recv_type("message");
+    assert_eq!(promoted["event"]["action"], "promoted");
+    assert_eq!(promoted["event"]["members"], json!(["bob"]));
+
     // Bob adds carol: everyone (carol too) sees it, then carol gets messages.
     bob.send(json!({"type": "group_add", "id": "add-carol", "group": group, "members": ["carol"]}));
     assert_eq!(bob.recv_type("sent")["group"], group.as_str());
@@ -185,6 +202,63 @@ fn only_members_send_read_list_and_type_and_changes_arrive_in_order() {
         .collect();
     assert_eq!(
         actions,
-        ["created", "added", "removed", "without bob", "left"]
+        [
+            "created",
+            "promoted",
+            "added",
+            "removed",
+            "without bob",
+            "left"
+        ]
     );
+}
+
+#[test]
+fn a_member_added_later_reads_only_from_when_they_joined() {
+    let gateway = Gateway::start(&[]);
+    let mut alice = gateway.connect("alice", "phone");
+    let mut bob = gateway.connect("bob", "phone");
+    let group = alice.create_group("g", &["bob"]);
+    for body in ["before one", "before two"] {
+        alice.send(
+            json!({"type": "send", "id": body.replace(' ', "-"), "group": group, "body": body}),
+        );
+        alice.recv_type("sent");
+    }
+    bob.messages_until("before two");
+    alice.send(
+        json!({"type": "group_add", "id": "add-carol", "group": group, "members": ["carol"]}),
+    );
+    alice.recv_type("sent");
+    alice.send(json!({"type": "send", "id": "after", "group": group, "body": "after carol"}));
+    alice.recv_type("sent");
+
+    // Carol's history starts at her joining; bob's shows everything.
+    let mut carol = gateway.connect("carol", "phone");
+    let conversation = format!("grp:{group}");
+    let seen: Vec<String> = carol
+        .history(&conversation, None, 50)
+        .iter()
+        .rev()
+        .map(|m| {
+            m["event"]["action"]
+                .as_str()
+                .map(String::from)
+                .unwrap_or_else(|| m["body"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        ["added", "after carol"],
+        "nothing from before she joined"
+    );
+    // Her sync brought the same: what was sent while she was a member.
+    let synced: Vec<&str> = carol
+        .synced
+        .iter()
+        .filter_map(|m| m["body"].as_str())
+        .filter(|b| !b.is_empty())
+        .collect();
+    assert_eq!(synced, ["after carol"]);
+    assert_eq!(bob.history(&conversation, None, 50).len(), 5);
 }

@@ -347,9 +347,10 @@ pub fn decode_client_frame(
         Some("typing") => target(raw.to, raw.group)
             .map(|(to, group)| ClientFrame::Typing { to, group })
             .map_err(invalid),
-        Some(kind @ ("group_create" | "group_add" | "group_remove" | "group_leave")) => {
-            decode_group_change(kind, raw)
-        }
+        Some(
+            kind
+            @ ("group_create" | "group_add" | "group_remove" | "group_leave" | "group_promote"),
+        ) => decode_group_change(kind, raw),
         Some("group_members") => match raw.group {
             Some(group) if is_valid_id(&group) => Ok(ClientFrame::GroupMembers { group }),
             _ => Err(invalid("`group` must be a group id")),
@@ -511,12 +512,13 @@ fn decode_history(raw: RawFrame<'_>) -> Result<ClientFrame<'_>, Refused> {
     })
 }
 
-/// `group_create`, `group_add`, `group_remove`, `group_leave`.
+/// `group_create`, `group_add`, `group_remove`, `group_leave`, `group_promote`.
 fn decode_group_change<'a>(kind: &str, raw: RawFrame<'a>) -> Result<ClientFrame<'a>, Refused> {
     let action = match kind {
         "group_create" => GroupAction::Create,
         "group_add" => GroupAction::Add,
         "group_remove" => GroupAction::Remove,
+        "group_promote" => GroupAction::Promote,
         _ => GroupAction::Leave,
     };
     let id = raw

@@ -75,6 +75,8 @@ pub enum GroupAction {
     Add = 2,
     Remove = 3,
     Leave = 4,
+    /// Members become admins (who may add, remove and promote).
+    Promote = 5,
 }
 
 impl GroupAction {
@@ -84,6 +86,7 @@ impl GroupAction {
             GroupAction::Add => "added",
             GroupAction::Remove => "removed",
             GroupAction::Leave => "left",
+            GroupAction::Promote => "promoted",
         }
     }
 
@@ -98,6 +101,7 @@ impl GroupAction {
             2 => GroupAction::Add,
             3 => GroupAction::Remove,
             4 => GroupAction::Leave,
+            5 => GroupAction::Promote,
             _ => return Err(DecodeError("unknown group action")),
         })
     }

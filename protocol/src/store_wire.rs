@@ -20,7 +20,7 @@ use crate::keys::Bundle;
 pub use crate::limits::{READ_FRAME_BYTES_MAX, READ_USERS_MAX};
 
 /// The read path's version. 2: postcard bodies (1 was a hand-laid layout).
-pub const READ_PATH_VERSION: u16 = 5;
+pub const READ_PATH_VERSION: u16 = 6;
 
 /// Where a sync page starts in a user's inbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +63,9 @@ pub enum Request {
         conversation: String,
         /// Only messages with a smaller id; `None` for the newest.
         before: Option<u64>,
+        /// Only messages with this id or a larger one (a group member's
+        /// history starts where they joined); `None` for no bound.
+        since: Option<u64>,
         limit: u16,
     },
     /// Store a device's public keys (replacing its identity and signed
@@ -95,6 +98,8 @@ pub enum Request {
     },
     /// The current members of a group.
     Members { req: u32, group: String },
+    /// The current members of a group with their roles.
+    MemberRoles { req: u32, group: String },
     /// The devices of each of `users` in the key directory.
     Devices { req: u32, users: Vec<String> },
     /// Presence of `users` as `asker` may see it: only users it shares a
@@ -143,6 +148,17 @@ pub struct PresenceAnswer {
     pub updated_ms: u64,
     /// When it was last seen online (unix ms), if ever.
     pub last_seen_ms: Option<u64>,
+}
+
+/// A group member's role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRole {
+    pub user: String,
+    /// May add, remove and promote members.
+    pub admin: bool,
+    /// The id of the change that added them (their history starts there);
+    /// 0 for members from before roles were recorded.
+    pub joined_id: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +220,11 @@ pub enum Response {
     Members {
         req: u32,
         members: Vec<String>,
+    },
+    /// A group's members with their roles, sorted by user.
+    MemberRoles {
+        req: u32,
+        members: Vec<MemberRole>,
     },
     Presence {
         req: u32,
@@ -377,12 +398,14 @@ mod tests {
             req: 2,
             conversation: "dm:a:b".into(),
             before: Some(77),
+            since: Some(12),
             limit: 50,
         });
         round_trip_request(Request::History {
             req: 2,
             conversation: "dm:a:b".into(),
             before: None,
+            since: None,
             limit: 50,
         });
         round_trip_request(Request::Recent {
@@ -436,6 +459,18 @@ mod tests {
         round_trip_request(Request::Members {
             req: 11,
             group: "g1".into(),
+        });
+        round_trip_request(Request::MemberRoles {
+            req: 9,
+            group: "g1".into(),
+        });
+        round_trip_response(Response::MemberRoles {
+            req: 9,
+            members: vec![MemberRole {
+                user: "alice".into(),
+                admin: true,
+                joined_id: 12,
+            }],
         });
         round_trip_response(Response::Members {
             req: 11,

@@ -190,6 +190,7 @@ impl Server {
             | Request::KeysFetch { req, .. }
             | Request::SendOf { req, .. }
             | Request::Members { req, .. }
+            | Request::MemberRoles { req, .. }
             | Request::Devices { req, .. }
             | Request::Presence { req, .. }
             | Request::Revoke { req, .. }
@@ -299,9 +300,9 @@ impl Server {
                 req,
                 conversation,
                 before,
+                since,
                 limit,
-            } => tables
-                .history(&conversation, before, usize::from(limit))
+            } => store::history(tables, &conversation, before, since, usize::from(limit))
                 .map(|records| Response::Messages { req, records }),
             Request::Recent {
                 req,
@@ -328,6 +329,9 @@ impl Server {
             Request::Members { req, group } => tables
                 .members(&group)
                 .map(|members| Response::Members { req, members }),
+            Request::MemberRoles { req, group } => tables
+                .member_roles(&group)
+                .map(|members| Response::MemberRoles { req, members }),
             Request::Presence { req, asker, users } => {
                 if users.len() > READ_USERS_MAX {
                     Err(ReadRefused("too many users in one presence request").into())

@@ -155,6 +155,12 @@ export class ChatClient extends EventTarget {
     return this.#request(id, { type: 'group_add', id, group, members });
   }
 
+  /** Makes members admins (only an admin may). @param {string} group @param {string[]} members */
+  promote(group, members) {
+    const id = newId();
+    return this.#request(id, { type: 'group_promote', id, group, members });
+  }
+
   /** @param {string} group @param {string[]} members */
   removeMembers(group, members) {
     const id = newId();

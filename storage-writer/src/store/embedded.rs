@@ -19,6 +19,7 @@ use chat_protocol::keys::{Bundle, STORED_PREKEYS_MAX};
 
 use super::{Cursor, DeviceKeys, InboxEntry, Presence, ReadRefused, Tables};
 use chat_protocol::records::PresenceEntry;
+use chat_protocol::store_wire::MemberRole;
 
 mod social;
 
@@ -196,6 +197,18 @@ impl Tables for Embedded {
     }
     fn members(&mut self, group: &str) -> Result<Vec<String>> {
         self.members_of(group)
+    }
+    fn set_roles(
+        &mut self,
+        group: &str,
+        members: &[&str],
+        joined_id: Option<u64>,
+        admin: Option<bool>,
+    ) -> Result<()> {
+        self.set_member_roles(group, members, joined_id, admin)
+    }
+    fn member_roles(&mut self, group: &str) -> Result<Vec<MemberRole>> {
+        self.member_roles_of(group)
     }
     fn groups_of(&mut self, user: &str) -> Result<Vec<String>> {
         self.groups_of_user(user)
@@ -581,6 +594,19 @@ impl Tables for EmbeddedWriter {
     }
     fn members(&mut self, group: &str) -> Result<Vec<String>> {
         self.store.members_of(group)
+    }
+    fn set_roles(
+        &mut self,
+        group: &str,
+        members: &[&str],
+        joined_id: Option<u64>,
+        admin: Option<bool>,
+    ) -> Result<()> {
+        self.store
+            .set_member_roles(group, members, joined_id, admin)
+    }
+    fn member_roles(&mut self, group: &str) -> Result<Vec<MemberRole>> {
+        self.store.member_roles_of(group)
     }
     fn groups_of(&mut self, user: &str) -> Result<Vec<String>> {
         self.store.groups_of_user(user)

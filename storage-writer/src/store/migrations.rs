@@ -33,6 +33,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "push_targets",
         statements: include_str!("../../schema/postgres/0002_push_targets.sql"),
     },
+    Migration {
+        version: 3,
+        name: "group_roles",
+        statements: include_str!("../../schema/postgres/0003_group_roles.sql"),
+    },
 ];
 
 #[cfg_attr(not(feature = "scylla"), allow(dead_code))]
@@ -49,12 +54,18 @@ pub const SCYLLA: &[Migration] = &[
         name: "push_targets",
         statements: include_str!("../../schema/scylla/0002_push_targets.cql"),
     },
+    Migration {
+        version: 3,
+        name: "group_roles",
+        statements: include_str!("../../schema/scylla/0003_group_roles.cql"),
+    },
 ];
 
 /// The embedded store's version: its partitions are opened (created when
 /// missing) by `Embedded::open`, so its steps so far change no data.
-/// 1: the first layout; 2: `push_targets`.
-pub const EMBEDDED_VERSION: u32 = 2;
+/// 1: the first layout; 2: `push_targets`; 3: group roles in `members`'
+/// values (an empty value is a member from before: no admin, joined 0).
+pub const EMBEDDED_VERSION: u32 = 3;
 
 /// The steps after `applied`, in order. Refuses a database that a newer
 /// build has migrated past what this build knows.

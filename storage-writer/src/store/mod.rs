@@ -35,9 +35,9 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 
 use chat_protocol::ids;
-use chat_protocol::records::{AckRecord, Event, MessageRecord, PresenceEntry, Record};
+use chat_protocol::records::{AckRecord, Event, GroupAction, MessageRecord, PresenceEntry, Record};
 use chat_protocol::snowflake;
-use chat_protocol::store_wire::{PresenceAnswer, RecentSend, SyncEntry, SyncFrom};
+use chat_protocol::store_wire::{MemberRole, PresenceAnswer, RecentSend, SyncEntry, SyncFrom};
 
 pub use self::cursor::Cursor;
 
@@ -205,6 +205,19 @@ pub trait Tables {
 
     /// Makes `members` members of `group` (those already in stay).
     fn add_members(&mut self, group: &str, members: &[&str]) -> Result<()>;
+    /// Sets the roles of `members` of `group` (members only; others are
+    /// left alone): when they joined, and whether they are admins. `None`
+    /// leaves a field as it is.
+    fn set_roles(
+        &mut self,
+        group: &str,
+        members: &[&str],
+        joined_id: Option<u64>,
+        admin: Option<bool>,
+    ) -> Result<()>;
+    /// The members of `group` with their roles, sorted by user, at most
+    /// `MEMBERSHIP_READ_MAX`.
+    fn member_roles(&mut self, group: &str) -> Result<Vec<MemberRole>>;
     /// Removes `members` from `group` (absent ones are ignored).
     fn remove_members(&mut self, group: &str, members: &[&str]) -> Result<()>;
     /// The members of `group`, sorted, at most `MEMBERSHIP_READ_MAX`.
@@ -360,11 +373,39 @@ pub fn apply_membership(tables: &mut dyn Tables, message: &MessageRecord<'_>) ->
     let Some(group) = ids::group_of_conversation(message.conversation) else {
         anyhow::bail!("a membership change outside a group conversation");
     };
-    if action.joins() {
-        tables.add_members(group, members)
-    } else {
-        tables.remove_members(group, members)
+    let joined = Some(message.message_id);
+    match action {
+        GroupAction::Create => {
+            tables.add_members(group, members)?;
+            tables.set_roles(group, members, joined, Some(false))?;
+            tables.set_roles(group, &[message.from], None, Some(true))
+        }
+        GroupAction::Add => {
+            tables.add_members(group, members)?;
+            tables.set_roles(group, members, joined, Some(false))
+        }
+        GroupAction::Promote => tables.set_roles(group, members, None, Some(true)),
+        GroupAction::Remove | GroupAction::Leave => tables.remove_members(group, members),
     }
+}
+
+/// A page of `conversation`'s history, newest first, below `before` and
+/// (for a group member) not before `since`: a member reads from where they joined.
+pub fn history(
+    tables: &mut dyn Tables,
+    conversation: &str,
+    before: Option<u64>,
+    since: Option<u64>,
+    limit: usize,
+) -> Result<Vec<Vec<u8>>> {
+    let mut records = tables.history(conversation, before, limit)?;
+    if let Some(since) = since {
+        records.retain(|raw| {
+            chat_protocol::records::decode_message(raw)
+                .is_ok_and(|message| message.message_id >= since)
+        });
+    }
+    Ok(records)
 }
 
 /// The batch through the backend's set-based statements, when it has them:

@@ -8,7 +8,7 @@
 //! reads or writes outside a statement's parameters (no string-built SQL).
 
 use anyhow::{Context, Result};
-use chat_protocol::store_wire::RecentSend;
+use chat_protocol::store_wire::{MemberRole, RecentSend};
 use postgres::{Client, GenericClient, NoTls, Statement};
 
 use std::collections::BTreeMap;
@@ -449,6 +449,39 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         let limit = super::MEMBERSHIP_READ_MAX as i64;
         let rows = self.client.query(&statement, &[&group, &limit])?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    fn set_roles(
+        &mut self,
+        group: &str,
+        members: &[&str],
+        joined_id: Option<u64>,
+        admin: Option<bool>,
+    ) -> Result<()> {
+        let statement = self.prepared(
+            "UPDATE group_members SET joined_id = COALESCE($3, joined_id), admin = COALESCE($4, admin) \
+             WHERE group_id = $1 AND user_id = ANY($2::text[])",
+        )?;
+        let joined = joined_id.map(|id| id as i64);
+        self.client
+            .execute(&statement, &[&group, &members, &joined, &admin])?;
+        Ok(())
+    }
+
+    fn member_roles(&mut self, group: &str) -> Result<Vec<MemberRole>> {
+        let statement = self.prepared(
+            "SELECT user_id, admin, joined_id FROM group_members WHERE group_id = $1 ORDER BY user_id LIMIT $2",
+        )?;
+        let limit = super::MEMBERSHIP_READ_MAX as i64;
+        let rows = self.client.query(&statement, &[&group, &limit])?;
+        Ok(rows
+            .iter()
+            .map(|row| MemberRole {
+                user: row.get(0),
+                admin: row.get(1),
+                joined_id: row.get::<_, i64>(2).max(0) as u64,
+            })
+            .collect())
     }
 
     fn groups_of(&mut self, user: &str) -> Result<Vec<String>> {

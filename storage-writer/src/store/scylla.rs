@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use chat_protocol::store_wire::RecentSend;
+use chat_protocol::store_wire::{MemberRole, RecentSend};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::batch::{Batch, BatchType};
@@ -60,6 +60,9 @@ struct Statements {
     delete_member: PreparedStatement,
     delete_group_of: PreparedStatement,
     members: PreparedStatement,
+    member_roles: PreparedStatement,
+    set_joined: PreparedStatement,
+    set_admin: PreparedStatement,
     groups_of: PreparedStatement,
     put_presence: PreparedStatement,
     presence: PreparedStatement,
@@ -141,12 +144,19 @@ async fn migrate(session: &Session, keyspace: &str, replication_factor: u8) -> R
     for step in super::migrations::pending(steps, applied)? {
         for statement in super::migrations::split(step.statements) {
             let statement = adapt(&statement);
-            session
-                .query_unpaged(statement.as_str(), &[])
-                .await
-                .with_context(|| {
-                    format!("migration {} ({}): {statement}", step.version, step.name)
-                })?;
+            let applied = session.query_unpaged(statement.as_str(), &[]).await;
+            if let Err(error) = applied {
+                // ALTER TABLE ... ADD has no IF NOT EXISTS: a step run
+                // again after being cut short finds its columns there.
+                let again = statement.trim_start().starts_with("ALTER TABLE")
+                    && error.to_string().to_lowercase().contains("exist");
+                if !again {
+                    return Err(anyhow::Error::new(error).context(format!(
+                        "migration {} ({}): {statement}",
+                        step.version, step.name
+                    )));
+                }
+            }
         }
         session
             .query_unpaged(
@@ -228,6 +238,10 @@ impl ScyllaBackend {
                 delete_member: prepare(format!("DELETE FROM {k}.group_members WHERE group_id = ? AND user_id = ?")).await?,
                 delete_group_of: prepare(format!("DELETE FROM {k}.groups_by_member WHERE user_id = ? AND group_id = ?")).await?,
                 members: prepare(format!("SELECT user_id FROM {k}.group_members WHERE group_id = ? LIMIT ?")).await?,
+                member_roles: prepare(format!("SELECT user_id, admin, joined_id FROM {k}.group_members WHERE group_id = ? LIMIT ?")).await?,
+                // IF EXISTS: an UPDATE would otherwise make the row (a member) up.
+                set_joined: prepare(format!("UPDATE {k}.group_members SET joined_id = ? WHERE group_id = ? AND user_id = ? IF EXISTS")).await?,
+                set_admin: prepare(format!("UPDATE {k}.group_members SET admin = ? WHERE group_id = ? AND user_id = ? IF EXISTS")).await?,
                 groups_of: prepare(format!("SELECT group_id FROM {k}.groups_by_member WHERE user_id = ? LIMIT ?")).await?,
                 put_presence: prepare(format!("INSERT INTO {k}.presence (user_id, node_id, online, last_seen_ms) VALUES (?, ?, ?, ?)")).await?,
                 presence: prepare(format!("SELECT online, last_seen_ms FROM {k}.presence WHERE user_id = ? LIMIT ?")).await?,
@@ -578,6 +592,39 @@ impl Tables for Scylla {
             self.execute(&self.statements.delete_group_of, (*member, group))?;
         }
         Ok(())
+    }
+
+    fn set_roles(
+        &mut self,
+        group: &str,
+        members: &[&str],
+        joined_id: Option<u64>,
+        admin: Option<bool>,
+    ) -> Result<()> {
+        for member in members {
+            if let Some(joined) = joined_id {
+                let joined = i64::try_from(joined)?;
+                self.execute(&self.statements.set_joined, (joined, group, *member))?;
+            }
+            if let Some(admin) = admin {
+                self.execute(&self.statements.set_admin, (admin, group, *member))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn member_roles(&mut self, group: &str) -> Result<Vec<MemberRole>> {
+        let limit = super::MEMBERSHIP_READ_MAX as i32;
+        let rows: Vec<(String, Option<bool>, Option<i64>)> =
+            self.rows(&self.statements.member_roles, (group, limit))?;
+        Ok(rows
+            .into_iter()
+            .map(|(user, admin, joined)| MemberRole {
+                user,
+                admin: admin.unwrap_or(false),
+                joined_id: joined.unwrap_or(0).max(0) as u64,
+            })
+            .collect())
     }
 
     fn members(&mut self, group: &str) -> Result<Vec<String>> {

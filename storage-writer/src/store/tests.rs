@@ -49,6 +49,7 @@ macro_rules! on_every_backend {
 }
 
 on_every_backend!(
+    roles_follow_the_changes_and_history_starts_at_joining,
     push_targets_are_kept_per_device_replaced_removed_and_revoked,
     a_replayed_batch_stores_nothing_twice,
     the_senders_other_devices_sync_what_it_sent_and_the_sender_does_not,
@@ -533,7 +534,7 @@ fn a_postgres_database_from_before_versions_is_migrated_in_place_once() {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(versions, [1, 2]);
+    assert_eq!(versions, [1, 2, 3]);
     // A database a newer build migrated further is refused, not damaged.
     client
         .execute(
@@ -572,4 +573,91 @@ fn the_embedded_store_records_its_version_and_refuses_a_newer_one() {
     };
     let error = format!("{error:#}");
     assert!(error.contains("newer than this storage-writer"), "{error}");
+}
+
+fn roles_follow_the_changes_and_history_starts_at_joining(fixture: &Fixture) {
+    let event = |action, members: Vec<&'static str>| Some(Event::Group { action, members });
+    let batch = [
+        group_message(
+            10,
+            "g3",
+            "alice",
+            &["alice", "bob"],
+            event(GroupAction::Create, vec!["alice", "bob"]),
+        ),
+        group_message(11, "g3", "alice", &["alice", "bob"], None),
+        group_message(
+            12,
+            "g3",
+            "alice",
+            &["alice", "bob", "carol"],
+            event(GroupAction::Add, vec!["carol"]),
+        ),
+        group_message(
+            13,
+            "g3",
+            "alice",
+            &["alice", "bob", "carol"],
+            event(GroupAction::Promote, vec!["bob"]),
+        ),
+        group_message(14, "g3", "bob", &["alice", "bob", "carol"], None),
+    ];
+    // The set-based path, then the same replayed row by row: idempotent.
+    run(fixture, &batch, false);
+    run(fixture, &batch, true);
+    let mut reader = fixture.backend.reader().unwrap();
+    let roles: Vec<(String, bool, u64)> = reader
+        .member_roles("g3")
+        .unwrap()
+        .into_iter()
+        .map(|role| (role.user, role.admin, role.joined_id))
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("alice".to_owned(), true, 10),
+            ("bob".to_owned(), true, 10),
+            ("carol".to_owned(), false, 12)
+        ]
+    );
+    let ids = |records: Vec<Vec<u8>>| -> Vec<u64> {
+        records
+            .iter()
+            .map(|raw| {
+                chat_protocol::records::decode_message(raw)
+                    .unwrap()
+                    .message_id
+            })
+            .collect()
+    };
+    let conversation = chat_protocol::ids::group_conversation_id("g3");
+    let everything = super::history(&mut *reader, &conversation, None, None, 50).unwrap();
+    assert_eq!(ids(everything), [14, 13, 12, 11, 10]);
+    let from_joining = super::history(&mut *reader, &conversation, None, Some(12), 50).unwrap();
+    assert_eq!(ids(from_joining), [14, 13, 12]);
+    // Leaving takes the role with the membership; coming back is a fresh start.
+    let batch = [
+        group_message(
+            15,
+            "g3",
+            "bob",
+            &["alice", "bob", "carol"],
+            event(GroupAction::Leave, vec!["bob"]),
+        ),
+        group_message(
+            16,
+            "g3",
+            "alice",
+            &["alice", "bob", "carol"],
+            event(GroupAction::Add, vec!["bob"]),
+        ),
+    ];
+    run(fixture, &batch, false);
+    let bob = reader
+        .member_roles("g3")
+        .unwrap()
+        .into_iter()
+        .find(|role| role.user == "bob")
+        .unwrap();
+    assert_eq!((bob.admin, bob.joined_id), (false, 16));
 }

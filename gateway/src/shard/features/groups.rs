@@ -6,7 +6,10 @@
 //! (before and after) as a recipient, so every device sees changes in order
 //! with the messages; a change is always checked against the list in
 //! storage, never a cached one; after it, this shard's cache holds the new
-//! list and every other shard and node forgets its copy. Storing and
+//! list and every other shard and node forgets its copy. Roles: the
+//! creator is an admin; only admins add, remove and promote (any member of a
+//! group with no admin may); roles are read from storage with the list for
+//! every change. Storing and
 //! answering is the pipeline's. Never imports another feature, and never
 //! holds a `RefCell` borrow across an await.
 
@@ -17,12 +20,13 @@ use backplane_bridge::Outbound;
 use chat_protocol::codes::ErrorCode;
 use chat_protocol::frames::{self, GroupChangeFrame, SendFrame};
 use chat_protocol::records::{Event, GroupAction, MessageRecord};
+use chat_protocol::store_wire::MemberRole;
 use chat_protocol::{ids, social_frames};
 
 use crate::mesh::{Sender, ShardMessage};
 use crate::metrics::bump;
 use crate::shard::send::deliver::deliver_ephemeral;
-use crate::shard::send::members::{cached, members};
+use crate::shard::send::members::{cached, member_roles, members};
 use crate::shard::send::pipeline::{self, HandOff, Outgoing};
 use crate::shard::send::reply;
 use crate::shard::state::conn::Conn;
@@ -125,8 +129,8 @@ async fn change_group(shard: Rc<Shard>, conn: Rc<Conn>, change: GroupChangeFrame
         return;
     }
     let current = match &change.group {
-        None => Ok(Members::from(Vec::new())),
-        Some(group) => members(&shard, group, true).await,
+        None => Ok(Vec::new()),
+        Some(group) => member_roles(&shard, group).await,
     };
     match current {
         Ok(current) => apply_change(&shard, &conn, &change, &current),
@@ -136,7 +140,21 @@ async fn change_group(shard: Rc<Shard>, conn: Rc<Conn>, change: GroupChangeFrame
     conn.resume();
 }
 
-fn apply_change(shard: &Shard, conn: &Rc<Conn>, change: &GroupChangeFrame<'_>, current: &Members) {
+/// Whether `user` may add, remove and promote: an admin, or any member of a
+/// group with no admin (a group from before roles, or whose admins left).
+fn may_manage(current: &[MemberRole], user: &str) -> bool {
+    let has_admins = current.iter().any(|member| member.admin);
+    current
+        .iter()
+        .any(|member| *member.user == *user && (member.admin || !has_admins))
+}
+
+fn apply_change(
+    shard: &Shard,
+    conn: &Rc<Conn>,
+    change: &GroupChangeFrame<'_>,
+    current: &[MemberRole],
+) {
     let client_msg_id = Some(&*change.client_msg_id);
     let fail = |code: ErrorCode, message: &str| {
         reply::send_error(shard, conn, client_msg_id, code, message, None);
@@ -145,11 +163,21 @@ fn apply_change(shard: &Shard, conn: &Rc<Conn>, change: &GroupChangeFrame<'_>, c
         return;
     }
     let user: &str = &conn.user_id;
-    if change.action != GroupAction::Create && !is_member(current, user) {
+    let now: BTreeSet<&str> = current.iter().map(|m| m.user.as_str()).collect();
+    if change.action != GroupAction::Create && !now.contains(user) {
         return fail(ErrorCode::Forbidden, NOT_A_MEMBER);
     }
+    let manages = matches!(
+        change.action,
+        GroupAction::Add | GroupAction::Remove | GroupAction::Promote
+    );
+    if manages && !may_manage(current, user) {
+        return fail(
+            ErrorCode::Forbidden,
+            "only the group's admins add, remove and promote members",
+        );
+    }
     let listed: BTreeSet<&str> = change.members.iter().map(|m| &**m).collect();
-    let now: BTreeSet<&str> = current.iter().map(|m| &**m).collect();
     // Who the event names, and who the group has after it.
     let (named, after): (Vec<&str>, BTreeSet<&str>) = match change.action {
         GroupAction::Create => {
@@ -178,6 +206,26 @@ fn apply_change(shard: &Shard, conn: &Rc<Conn>, change: &GroupChangeFrame<'_>, c
             vec![user],
             now.iter().copied().filter(|m| *m != user).collect(),
         ),
+        GroupAction::Promote => {
+            if let Some(stranger) = listed.iter().find(|m| !now.contains(**m)) {
+                return fail(
+                    ErrorCode::InvalidField,
+                    &format!("{stranger} is not a member"),
+                );
+            }
+            let promoted: Vec<&str> = listed
+                .iter()
+                .copied()
+                .filter(|m| !current.iter().any(|c| c.user == *m && c.admin))
+                .collect();
+            if promoted.is_empty() {
+                return fail(
+                    ErrorCode::InvalidField,
+                    "every listed user is an admin already",
+                );
+            }
+            (promoted, now.clone())
+        }
     };
     let max = shard.config.group_members_max;
     if after.len() > max {

@@ -24,10 +24,9 @@ use crate::limits::{
     SYNC_RETRY_MS_MAX,
 };
 use crate::metrics::bump;
-use crate::shard::send::members::members;
+use crate::shard::send::members::member_roles;
 use crate::shard::send::reply;
 use crate::shard::state::conn::Conn;
-use crate::shard::state::group_cache::is_member;
 use crate::shard::state::idempotency::{self, PriorSend};
 use crate::shard::state::store_client::StoreError;
 use crate::shard::state::Shard;
@@ -287,20 +286,26 @@ async fn history(
     before: Option<u64>,
     limit: u16,
 ) {
-    let member = match ids::group_of_conversation(&conversation) {
-        Some(group) => match members(&shard, group, false).await {
-            Ok(members) => is_member(&members, &conn.user_id),
+    // A group member reads from where they joined: what was said before
+    // (and every ciphertext in it) was never meant for them.
+    let since = match ids::group_of_conversation(&conversation) {
+        Some(group) => match member_roles(&shard, group).await {
+            Ok(roles) => roles
+                .iter()
+                .find(|role| *role.user == *conn.user_id)
+                .map(|role| Some(role.joined_id).filter(|joined| *joined > 0)),
             Err(error) => return reply::storage_error(&shard, &conn, "history", error),
         },
-        None => ids::is_direct_member(&conversation, &conn.user_id),
+        None => ids::is_direct_member(&conversation, &conn.user_id).then_some(None),
     };
-    if !member {
+    let Some(since) = since else {
         return reply::forbidden(&shard, &conn, None, "not a conversation of this user");
-    }
+    };
     let request = |req| Request::History {
         req,
         conversation: conversation.clone(),
         before,
+        since,
         limit,
     };
     let records = match shard.store.request(request, shard.storage_timeout()).await {

@@ -9,7 +9,7 @@
 
 use std::rc::Rc;
 
-use chat_protocol::store_wire::{Request, Response};
+use chat_protocol::store_wire::{MemberRole, Request, Response};
 
 use crate::shard::state::group_cache::Members;
 use crate::shard::state::store_client::StoreError;
@@ -39,6 +39,32 @@ pub async fn members(shard: &Rc<Shard>, group: &str, fresh: bool) -> Result<Memb
         .groups
         .borrow_mut()
         .put(group, members.clone(), shard.monotonic_ms());
+    Ok(members)
+}
+
+/// The members of `group` with their roles, always from storage (for the
+/// decisions roles make: who may change the group, where a member's
+/// history starts); the cache is refreshed with the list on the way.
+pub async fn member_roles(shard: &Rc<Shard>, group: &str) -> Result<Vec<MemberRole>, StoreError> {
+    let request = |req| Request::MemberRoles {
+        req,
+        group: group.to_owned(),
+    };
+    let response = shard
+        .store
+        .request(request, shard.storage_timeout())
+        .await?;
+    let Response::MemberRoles { members, .. } = response else {
+        return Err(StoreError::Unavailable);
+    };
+    let list: Members = members
+        .iter()
+        .map(|member| member.user.clone().into_boxed_str())
+        .collect();
+    shard
+        .groups
+        .borrow_mut()
+        .put(group, list, shard.monotonic_ms());
     Ok(members)
 }
 

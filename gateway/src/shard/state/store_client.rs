@@ -256,6 +256,7 @@ async fn read_loop<O: ReadPathOwner>(
                 | Response::SendOf { req, .. }
                 | Response::Keys { req, .. }
                 | Response::Members { req, .. }
+                | Response::MemberRoles { req, .. }
                 | Response::Devices { req, .. }
                 | Response::Presence { req, .. }
                 | Response::Revoked { req, .. }

@@ -9,8 +9,27 @@
 use anyhow::Result;
 use chat_protocol::records::PresenceEntry;
 
+use chat_protocol::store_wire::MemberRole;
+
 use super::{key, text, Embedded};
 use crate::store::{Presence, MEMBERSHIP_READ_MAX, PRESENCE_NODES_MAX};
+
+/// A member's value: admin (1 byte), joined id (big-endian u64). Empty for
+/// a member written before roles: not an admin, joined 0.
+fn role_value(admin: bool, joined_id: u64) -> [u8; 9] {
+    let mut value = [0u8; 9];
+    value[0] = u8::from(admin);
+    value[1..].copy_from_slice(&joined_id.to_be_bytes());
+    value
+}
+
+fn decode_role(value: &[u8]) -> Result<(bool, u64)> {
+    match value.len() {
+        0 => Ok((false, 0)),
+        9 => Ok((value[0] != 0, u64::from_be_bytes(value[1..].try_into()?))),
+        _ => anyhow::bail!("bad group member value in store"),
+    }
+}
 
 impl Embedded {
     pub(super) fn add_members_to(&self, group: &str, members: &[&str]) -> Result<()> {
@@ -19,6 +38,41 @@ impl Embedded {
             self.member_of.insert(key(&[member, group], None), [])?;
         }
         Ok(())
+    }
+
+    pub(super) fn set_member_roles(
+        &self,
+        group: &str,
+        members: &[&str],
+        joined_id: Option<u64>,
+        admin: Option<bool>,
+    ) -> Result<()> {
+        for member in members {
+            let row = key(&[group, member], None);
+            let Some(value) = self.members.get(&row)? else {
+                continue;
+            };
+            let (was_admin, was_joined) = decode_role(&value)?;
+            let value = role_value(admin.unwrap_or(was_admin), joined_id.unwrap_or(was_joined));
+            self.members.insert(row, value)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn member_roles_of(&self, group: &str) -> Result<Vec<MemberRole>> {
+        let start = key(&[group], None);
+        let mut out = Vec::new();
+        for item in self.members.prefix(&start).take(MEMBERSHIP_READ_MAX) {
+            let (k, value) = item?;
+            let rest = &k[start.len()..];
+            let (admin, joined_id) = decode_role(&value)?;
+            out.push(MemberRole {
+                user: text(rest.strip_suffix(&[0]).unwrap_or(rest))?,
+                admin,
+                joined_id,
+            });
+        }
+        Ok(out)
     }
 
     pub(super) fn remove_members_from(&self, group: &str, members: &[&str]) -> Result<()> {
