@@ -209,6 +209,9 @@ pub struct Config {
     /// host (a push service run locally for development or tests). Off:
     /// endpoints must be `https://`.
     pub push_loopback_endpoints: bool,
+    /// Test only: `/echo` upgrades without a token and echoes every message
+    /// (for the Autobahn conformance run). Never on a node anyone else reaches.
+    pub echo_endpoint: bool,
 }
 
 impl Default for Config {
@@ -280,6 +283,7 @@ impl Default for Config {
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
             push_loopback_endpoints: false,
+            echo_endpoint: false,
         }
     }
 }
@@ -368,6 +372,7 @@ overrides! {
     tls_cert: PathBuf,
     tls_key: PathBuf,
     push_loopback_endpoints: bool,
+    echo_endpoint: bool,
 }
 
 /// The `--config` file and the flags over it.

@@ -179,6 +179,35 @@ impl Link {
         }
     }
 
+    /// Writes `bytes` whole and everything TLS holds, waiting for room on
+    /// `stream` (this link's socket); false when the client went away. The
+    /// caller bounds the time.
+    pub async fn write_all(&mut self, stream: &monoio::net::TcpStream, bytes: &[u8]) -> bool {
+        let mut written = 0;
+        loop {
+            let result = if written < bytes.len() {
+                self.send_vectored(&[IoSlice::new(&bytes[written..])])
+            } else {
+                match self.write_pending() {
+                    Ok(true) => return true,
+                    Ok(false) => Err(ErrorKind::WouldBlock.into()),
+                    Err(error) => Err(error),
+                }
+            };
+            match result {
+                Ok(0) => return false,
+                Ok(count) => written += count,
+                Err(error) if error.kind() == ErrorKind::WouldBlock => {
+                    if stream.writable(false).await.is_err() {
+                        return false;
+                    }
+                }
+                Err(error) if error.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
     /// One attempt to write a short answer (a refusal), never waiting.
     pub fn send_best_effort(&mut self, bytes: &[u8]) {
         match self.tls.as_mut() {

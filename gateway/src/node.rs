@@ -96,6 +96,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         config.dev_sign_in,
         &secret,
     ));
+    if config.echo_endpoint {
+        tracing::warn!("echo_endpoint is on: /echo echoes anything to anyone, without a token (for conformance tests only)");
+    }
     if config.web_client && config.dev_sign_in {
         tracing::warn!("dev_sign_in is on: anyone who reaches the listener can sign in as anyone (development only)");
     }

@@ -19,6 +19,9 @@ pub use crate::limits::{WS_CONTROL_PAYLOAD_MAX, WS_HEADER_BYTES_MAX};
 pub enum WsEvent<'a> {
     /// A whole text message (fragments already joined), not yet checked as UTF-8.
     Text(&'a [u8]),
+    /// A whole binary message (only from a decoder made `with_binary`; the
+    /// chat protocol is text, so its decoder closes with 1003 instead).
+    Binary(&'a [u8]),
     /// A ping; answer with a pong carrying the same payload.
     Ping(&'a [u8]),
     /// A pong (ignored apart from counting as activity and against the
@@ -43,12 +46,24 @@ pub enum Flow {
 /// message is in progress.
 #[derive(Debug, Default)]
 pub struct WsDecoder {
-    /// Payload of a fragmented text message in progress.
+    /// Payload of a fragmented message in progress.
     fragments: Vec<u8>,
     in_fragmented_message: bool,
+    /// The message in progress is binary.
+    fragments_binary: bool,
+    /// Binary messages are accepted (the echo endpoint) instead of refused.
+    binary: bool,
 }
 
 impl WsDecoder {
+    /// A decoder that delivers binary messages too.
+    pub fn with_binary() -> Self {
+        Self {
+            binary: true,
+            ..Self::default()
+        }
+    }
+
     /// Decodes every complete frame at the start of `input`, unmasking in place,
     /// and calls `on_event` for each complete message or control frame.
     /// Returns how many bytes were consumed; the rest is an incomplete frame the
@@ -85,17 +100,25 @@ impl WsDecoder {
             consumed += frame_len;
 
             let flow = match header.opcode {
-                OpCode::Data(Data::Text) if header.is_final => {
+                OpCode::Data(Data::Binary) if !self.binary => {
+                    return Err(CloseCode::UnsupportedData)
+                }
+                OpCode::Data(data @ (Data::Text | Data::Binary)) if header.is_final => {
                     if self.in_fragmented_message {
                         return Err(CloseCode::ProtocolError);
                     }
-                    on_event(WsEvent::Text(payload))
+                    if data == Data::Binary {
+                        on_event(WsEvent::Binary(payload))
+                    } else {
+                        on_event(WsEvent::Text(payload))
+                    }
                 }
-                OpCode::Data(Data::Text) => {
+                OpCode::Data(data @ (Data::Text | Data::Binary)) => {
                     if self.in_fragmented_message {
                         return Err(CloseCode::ProtocolError);
                     }
                     self.in_fragmented_message = true;
+                    self.fragments_binary = data == Data::Binary;
                     self.fragments.extend_from_slice(payload);
                     on_event(WsEvent::Fragment)
                 }
@@ -105,7 +128,11 @@ impl WsDecoder {
                     }
                     self.fragments.extend_from_slice(payload);
                     if header.is_final {
-                        let flow = on_event(WsEvent::Text(&self.fragments));
+                        let flow = if self.fragments_binary {
+                            on_event(WsEvent::Binary(&self.fragments))
+                        } else {
+                            on_event(WsEvent::Text(&self.fragments))
+                        };
                         self.fragments = Vec::new();
                         self.in_fragmented_message = false;
                         flow
@@ -113,7 +140,6 @@ impl WsDecoder {
                         on_event(WsEvent::Fragment)
                     }
                 }
-                OpCode::Data(Data::Binary) => return Err(CloseCode::UnsupportedData),
                 OpCode::Control(Control::Ping) => on_event(WsEvent::Ping(payload)),
                 OpCode::Control(Control::Pong) => on_event(WsEvent::Pong),
                 OpCode::Control(Control::Close) => {
@@ -243,6 +269,24 @@ pub fn text_frame(payload: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// Appends a message's frame to `output`: text, or binary when `binary`
+/// (the echo endpoint sends both back).
+pub fn encode_message(binary: bool, payload: &[u8], output: &mut Vec<u8>) {
+    let data = if binary { Data::Binary } else { Data::Text };
+    encode_frame(OpCode::Data(data), payload, output);
+}
+
+/// A close frame with any valid `code` and no reason.
+pub fn close_frame_code(code: u16) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(4);
+    encode_frame(
+        OpCode::Control(Control::Close),
+        &code.to_be_bytes(),
+        &mut frame,
+    );
+    frame
+}
+
 /// A pong answering a ping with `payload`.
 pub fn pong_frame(payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(2 + payload.len());
@@ -298,6 +342,7 @@ mod tests {
             }
             events.push(match event {
                 WsEvent::Text(text) => format!("text:{}", String::from_utf8_lossy(text)),
+                WsEvent::Binary(data) => format!("binary:{data:?}"),
                 WsEvent::Ping(payload) => format!("ping:{}", String::from_utf8_lossy(payload)),
                 WsEvent::Pong => "pong".into(),
                 WsEvent::Close(code) => format!("close:{code:?}"),
@@ -306,6 +351,17 @@ mod tests {
             Flow::Continue
         });
         (result, events)
+    }
+
+    #[test]
+    fn binary_messages_are_refused_unless_the_decoder_takes_them() {
+        let mut input = client_frame(OpCode::Data(Data::Binary), false, b"\x01");
+        input.extend(client_frame(OpCode::Data(Data::Continue), true, b"\x02"));
+        let (result, _) = decode_all(&mut WsDecoder::default(), &mut input.clone());
+        assert_eq!(result, Err(CloseCode::UnsupportedData));
+        let (result, events) = decode_all(&mut WsDecoder::with_binary(), &mut input);
+        assert_eq!(result, Ok(input.len()));
+        assert_eq!(events, ["binary:[1, 2]"]);
     }
 
     #[test]

@@ -25,10 +25,10 @@ use chat_protocol::store_wire::{Request, Response};
 use chat_protocol::{ids, ws, PROTOCOL_VERSION};
 use monoio::net::{TcpListener, TcpStream};
 
-use super::socket;
 use super::state::conn::Conn;
 use super::state::token_bucket::TokenBucket;
 use super::state::Shard;
+use super::{echo, socket};
 use crate::limits::FD_EXHAUSTED_PAUSE_MS;
 use crate::link::{Handshake, Link};
 use crate::mesh::{Handoff, Sender, ShardMessage};
@@ -37,6 +37,14 @@ use crate::sock;
 
 /// The WebSocket endpoint's path.
 pub const WS_PATH: &str = "/ws";
+/// The test-only echo endpoint's path (`echo_endpoint`, off by default).
+pub const ECHO_PATH: &str = "/echo";
+
+/// Which endpoint an upgrade is for.
+enum Endpoint {
+    Chat,
+    Echo,
+}
 
 /// A 503 refusal, sent when the node is full or draining.
 fn refusal_503(body: &str) -> Vec<u8> {
@@ -168,7 +176,13 @@ async fn handshake(shard: Rc<Shard>, stream: TcpStream) {
             };
             refuse(&mut link, refusal, status, reason, &error.to_string());
         }
-        Ok(Ok((upgrade, early_bytes))) => {
+        Ok(Ok((Endpoint::Echo, upgrade, early_bytes))) => {
+            bump(&shard.metrics().handshakes_accepted, 1);
+            let serve = echo::serve(shard.clone(), stream, link, upgrade.accept_key, early_bytes);
+            monoio::spawn(serve);
+            return;
+        }
+        Ok(Ok((Endpoint::Chat, upgrade, early_bytes))) => {
             match shard
                 .verifier
                 .verify(&upgrade.token, crate::clock::unix_s())
@@ -254,7 +268,7 @@ async fn read_upgrade(
     shard: &Shard,
     stream: &TcpStream,
     link: &mut Link,
-) -> Result<(UpgradeRequest, Vec<u8>), ReadError> {
+) -> Result<(Endpoint, UpgradeRequest, Vec<u8>), ReadError> {
     let limit = shard.config.handshake_bytes_max;
     let mut buffer = vec![0u8; 1024.min(limit)];
     let mut filled = 0;
@@ -278,17 +292,34 @@ async fn read_upgrade(
             Err(_) => return Err(ReadError::Closed),
         }
         match handshake::parse_request(&buffer[..filled], WS_PATH, limit) {
+            Ok(Some((handshake::Request::Page(page), _)))
+                if shard.config.echo_endpoint && page.path == ECHO_PATH =>
+            {
+                match handshake::parse_request(&buffer[..filled], ECHO_PATH, limit) {
+                    Ok(Some((handshake::Request::Upgrade(upgrade), length))) => {
+                        buffer.truncate(filled);
+                        buffer.drain(..length);
+                        return Ok((Endpoint::Echo, upgrade, buffer));
+                    }
+                    Ok(_) => return Err(ReadError::Refused(HandshakeError::UpgradeRequired)),
+                    Err(error) => return Err(ReadError::Refused(error)),
+                }
+            }
             Ok(Some((handshake::Request::Page(page), _))) => {
                 bump(&shard.metrics().pages_served, 1);
                 let answer = shard.web.respond(&page, crate::clock::unix_s());
-                write_all(stream, link, &answer).await;
+                // A page ends the connection (and a TLS one with close_notify).
+                if link.write_all(stream, &answer).await {
+                    link.close_notify();
+                    link.write_all(stream, &[]).await;
+                }
                 return Err(ReadError::Page);
             }
             Ok(Some((handshake::Request::Upgrade(upgrade), length))) => {
                 buffer.truncate(filled);
                 buffer.drain(..length);
                 buffer.shrink_to_fit();
-                return Ok((upgrade, buffer));
+                return Ok((Endpoint::Chat, upgrade, buffer));
             }
             Ok(None) if filled == limit => {
                 return Err(ReadError::Refused(HandshakeError::TooLarge))
@@ -315,40 +346,6 @@ async fn revocation(shard: &Shard, claims: &chat_protocol::token::Claims) -> Res
         }) if claims.iat.saturating_mul(1_000) <= at => Err(Refusal::Revoked),
         Ok(Response::RevokedAt { .. }) => Ok(()),
         _ => Err(Refusal::StorageUnavailable),
-    }
-}
-
-/// Writes `bytes` whole (a page may not fit the socket buffer at once),
-/// waiting for room, and ends a TLS stream with close_notify; gives up when
-/// the client goes away. The caller's handshake timeout bounds it.
-async fn write_all(stream: &TcpStream, link: &mut Link, bytes: &[u8]) {
-    let mut written = 0;
-    let mut close_notify_queued = !link.is_tls();
-    loop {
-        let result = if written < bytes.len() {
-            link.send_vectored(&[std::io::IoSlice::new(&bytes[written..])])
-        } else if !close_notify_queued {
-            link.close_notify();
-            close_notify_queued = true;
-            continue;
-        } else {
-            match link.write_pending() {
-                Ok(true) => return,
-                Ok(false) => Err(std::io::ErrorKind::WouldBlock.into()),
-                Err(error) => Err(error),
-            }
-        };
-        match result {
-            Ok(0) => return,
-            Ok(count) => written += count,
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                if stream.writable(false).await.is_err() {
-                    return;
-                }
-            }
-            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return,
-        }
     }
 }
 

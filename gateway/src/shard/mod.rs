@@ -10,7 +10,7 @@
 //! | features | `features/` | direct messages, groups, receipts, presence, keys, sync/history/ack: what a frame means; never each other |
 //! | dispatch | `dispatch.rs` | a decoded client frame to its feature, nothing else |
 //! | socket | `socket.rs` | one connection's read/write task |
-//! | accept | `accept.rs` | accept, handshake, hand-off to the home shard, adoption |
+//! | accept | `accept.rs`, `echo.rs` | accept, handshake, hand-off to the home shard, adoption; the test-only echo endpoint |
 //! | runtime | `runtime.rs` | the thread, the runtime, the long-lived tasks, drain |
 //!
 //! Everything here is touched only by its shard's thread (`Rc`, `RefCell`,
@@ -18,6 +18,7 @@
 
 mod accept;
 mod dispatch;
+mod echo;
 mod features;
 mod runtime;
 mod send;

@@ -338,6 +338,8 @@ fn process(shard: &Rc<Shard>, conn: &Rc<Conn>, decoder: &mut WsDecoder, input: &
                 reply::take_frame(shard, conn);
             }
             WsEvent::Close(_) => conn.request_close(CloseCode::Normal),
+            // The chat decoder refuses binary frames itself (1003).
+            WsEvent::Binary(_) => conn.request_close(CloseCode::UnsupportedData),
         }
         if conn.is_closing() || conn.is_paused() {
             Flow::Stop
