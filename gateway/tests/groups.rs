@@ -190,16 +190,7 @@ fn only_members_send_read_list_and_type_and_changes_arrive_in_order() {
 
     // History (members only) holds every change and message in order.
     let history = alice.history(&format!("grp:{group}"), None, 50);
-    let actions: Vec<String> = history
-        .iter()
-        .rev()
-        .map(|m| {
-            m["event"]["action"]
-                .as_str()
-                .map(String::from)
-                .unwrap_or_else(|| m["body"].as_str().unwrap().to_owned())
-        })
-        .collect();
+    let actions: Vec<String> = history.iter().rev().map(action_or_body).collect();
     assert_eq!(
         actions,
         [
@@ -240,12 +231,7 @@ fn a_member_added_later_reads_only_from_when_they_joined() {
         .history(&conversation, None, 50)
         .iter()
         .rev()
-        .map(|m| {
-            m["event"]["action"]
-                .as_str()
-                .map(String::from)
-                .unwrap_or_else(|| m["body"].as_str().unwrap().to_owned())
-        })
+        .map(action_or_body)
         .collect();
     assert_eq!(
         seen,
@@ -261,4 +247,12 @@ fn a_member_added_later_reads_only_from_when_they_joined() {
         .collect();
     assert_eq!(synced, ["after carol"]);
     assert_eq!(bob.history(&conversation, None, 50).len(), 5);
+}
+
+/// A history entry as a word: its event's action, or its body.
+fn action_or_body(message: &serde_json::Value) -> String {
+    message["event"]["action"]
+        .as_str()
+        .map(String::from)
+        .unwrap_or_else(|| message["body"].as_str().unwrap().to_owned())
 }

@@ -7,8 +7,7 @@
 //! that the service calls gone (pruned), a 429 with `Retry-After` (retried
 //! and sent), and an expired credential (made anew and sent).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
@@ -130,17 +129,9 @@ fn start_node() -> Node {
 }
 
 fn writer_metric(node: &Node, name: &str, labels: &[&str]) -> u64 {
-    let mut stream = TcpStream::connect(node.writer_metrics).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: writer\r\n\r\n").unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).unwrap();
-    body.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| line.split(['{', ' ']).next() == Some(name))
-        .filter(|line| labels.iter().all(|label| line.contains(label)))
-        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
+    let (_, body) =
+        testkit::gateway::http_get(node.writer_metrics, "/metrics").expect("metrics answer");
+    testkit::gateway::metric_in(&body, name, labels)
 }
 
 fn wait_writer_metric(node: &Node, name: &str, labels: &[&str], at_least: u64) {

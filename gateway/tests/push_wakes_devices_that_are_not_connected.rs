@@ -10,8 +10,7 @@
 //! of the storage-writer in a burst takes down nothing, and pushes resume
 //! with the restarted writer.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64ct::{Base64UrlUnpadded, Encoding};
@@ -79,17 +78,9 @@ fn start_node() -> Node {
 
 /// The storage-writer's metric `name` with `labels`, summed.
 fn writer_metric(node: &Node, name: &str, labels: &[&str]) -> u64 {
-    let mut stream = TcpStream::connect(node.writer_metrics).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: writer\r\n\r\n").unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).unwrap();
-    body.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| line.split(['{', ' ']).next() == Some(name))
-        .filter(|line| labels.iter().all(|label| line.contains(label)))
-        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
+    let (_, body) =
+        testkit::gateway::http_get(node.writer_metrics, "/metrics").expect("metrics answer");
+    testkit::gateway::metric_in(&body, name, labels)
 }
 
 fn register(client: &mut Client, id: &str, subscription: &Subscription) {

@@ -29,8 +29,16 @@ pub fn spawn(address: SocketAddr, stats: Arc<Stats>, push: Option<Arc<PushStats>
             for stream in listener.incoming().flatten() {
                 let mut stream = stream;
                 let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+                // The whole head (up to 1 KiB), so closing never resets a
+                // request still arriving.
                 let mut request = [0u8; 1024];
-                let read = stream.read(&mut request).unwrap_or(0);
+                let mut read = 0;
+                while read < request.len() && !request[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut request[read..]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(count) => read += count,
+                    }
+                }
                 let head = String::from_utf8_lossy(&request[..read]);
                 let answer = if head.starts_with("GET /metrics ") {
                     let body = render(&stats, push.as_deref());

@@ -125,17 +125,7 @@ impl Gateway {
 
     /// GET on the admin listener: (status, body), or None if it did not answer.
     pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
-        let mut stream = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let status = response.split(' ').nth(1)?.parse().ok()?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_owned())
-            .unwrap_or_default();
-        Some((status, body))
+        http_get(self.admin, path)
     }
 
     /// Waits (bounded) until `/readyz` answers `status`.
@@ -150,12 +140,7 @@ impl Gateway {
     /// Sum of every sample of `name` whose labels contain all of `labels`.
     pub fn metric(&self, name: &str, labels: &[&str]) -> u64 {
         let (_, body) = self.admin_get("/metrics").expect("metrics answer");
-        body.lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter(|line| line.split(['{', ' ']).next() == Some(name))
-            .filter(|line| labels.iter().all(|label| line.contains(label)))
-            .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-            .sum()
+        metric_in(&body, name, labels)
     }
 
     /// Waits (bounded) until `metric(name, labels) >= at_least`.
@@ -422,6 +407,34 @@ impl Client {
         }));
         let _ = self.socket.flush();
     }
+}
+
+/// GET `path` on `address`: (status, body), or None if it did not answer.
+pub fn http_get(address: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    // One write: a server that answers after its first read sees it all.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// In Prometheus text `body`: the sum of every sample of `name` whose
+/// labels contain all of `labels`.
+pub fn metric_in(body: &str, name: &str, labels: &[&str]) -> u64 {
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.split(['{', ' ']).next() == Some(name))
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
 }
 
 /// Users whose home shards differ on a 2-shard node: (on shard 0, on shard 1).

@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 
-use super::send::{alert_text, transient, Job, Outcome};
+use super::job::{alert_text, transient, Job, Outcome};
 use super::PushArgs;
 
 /// How long one provider token is used (Apple: refresh between 20 and 60 minutes).

@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 
-use super::send::{transient, Job, Outcome};
+use super::job::{transient, Job, Outcome};
 use super::PushArgs;
 
 const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";

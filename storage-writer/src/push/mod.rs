@@ -12,6 +12,7 @@
 
 mod apns;
 mod fcm;
+mod job;
 mod send;
 mod webpush;
 mod worker;

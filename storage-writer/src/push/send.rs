@@ -11,11 +11,13 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use chat_protocol::push::{PushPayload, PushTarget};
+use chat_protocol::push::PushTarget;
 
+pub use super::job::Job;
+use super::job::Outcome;
 use super::{apns, fcm, webpush, Failure, PushArgs, PushStats};
 
 /// Tries per push (the first and two retries) before it counts as failed.
@@ -31,34 +33,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const JOBS_QUEUED_MAX: usize = 16_384;
 /// Invalid targets waiting for the worker to remove, at most.
 const PRUNES_QUEUED_MAX: usize = 4_096;
-
-/// One push to one device.
-pub struct Job {
-    pub user: String,
-    pub device: String,
-    /// The target as stored (a prune removes it only if it is still this).
-    pub stored: Vec<u8>,
-    pub target: PushTarget,
-    pub payload: PushPayload,
-    /// The same for every push about one conversation (the newest replaces
-    /// the older at the provider).
-    pub collapse: String,
-    pub durable_at: Instant,
-}
-
-/// What a provider said about one push.
-pub enum Outcome {
-    Sent,
-    /// The target is gone: remove it.
-    Invalid,
-    /// Try again after the given time (or a back-off); the failure if the
-    /// tries run out.
-    Retry(Option<Duration>, Failure),
-    /// Our credential was refused; a fresh one is tried once.
-    Auth,
-    /// A refusal that no retry changes.
-    Refused,
-}
 
 /// The providers this writer has credentials for.
 pub struct Providers {
@@ -252,37 +226,5 @@ async fn deliver(
         if let Some(delay) = retry {
             tokio::time::sleep(delay).await;
         }
-    }
-}
-
-/// `Retry-After` in seconds (the form every provider here uses).
-pub fn retry_after(response: &reqwest::Response) -> Option<Duration> {
-    response
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .map(Duration::from_secs)
-}
-
-/// The outcome of a 429 or 5xx answer: retry, when the provider says.
-pub fn transient(response: &reqwest::Response) -> Outcome {
-    let failure = if response.status() == reqwest::StatusCode::TOO_MANY_REQUESTS {
-        Failure::RateLimited
-    } else {
-        Failure::Unavailable
-    };
-    Outcome::Retry(retry_after(response), failure)
-}
-
-/// The notification's text: content-free.
-pub fn alert_text(count: u32) -> String {
-    if count == 1 {
-        "New message".to_owned()
-    } else {
-        format!("{count} new messages")
     }
 }

@@ -19,7 +19,7 @@ use web_push_native::jwt_simple::algorithms::ES256KeyPair;
 use web_push_native::vapid::VapidSignature;
 use web_push_native::{p256, Auth, WebPushBuilder};
 
-use super::send::{transient, Job, Outcome};
+use super::job::{transient, Job, Outcome};
 
 /// How long a VAPID JWT is valid (RFC 8292 §2: at most 24 hours).
 const VAPID_JWT_LIFETIME: Duration = Duration::from_secs(12 * 3600);

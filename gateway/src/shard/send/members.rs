@@ -23,29 +23,19 @@ pub async fn members(shard: &Rc<Shard>, group: &str, fresh: bool) -> Result<Memb
             return Ok(members);
         }
     }
-    let request = |req| Request::Members {
-        req,
-        group: group.to_owned(),
-    };
-    let response = shard
-        .store
-        .request(request, shard.storage_timeout())
-        .await?;
-    let Response::Members { members, .. } = response else {
-        return Err(StoreError::Unavailable);
-    };
-    let members: Members = members.into_iter().map(String::into_boxed_str).collect();
-    shard
-        .groups
-        .borrow_mut()
-        .put(group, members.clone(), shard.monotonic_ms());
-    Ok(members)
+    load(shard, group).await.map(|(_, list)| list)
 }
 
 /// The members of `group` with their roles, always from storage (for the
 /// decisions roles make: who may change the group, where a member's
 /// history starts); the cache is refreshed with the list on the way.
 pub async fn member_roles(shard: &Rc<Shard>, group: &str) -> Result<Vec<MemberRole>, StoreError> {
+    load(shard, group).await.map(|(roles, _)| roles)
+}
+
+/// The one read of a group's members: with their roles, and the list put
+/// in the cache.
+async fn load(shard: &Rc<Shard>, group: &str) -> Result<(Vec<MemberRole>, Members), StoreError> {
     let request = |req| Request::MemberRoles {
         req,
         group: group.to_owned(),
@@ -64,8 +54,8 @@ pub async fn member_roles(shard: &Rc<Shard>, group: &str) -> Result<Vec<MemberRo
     shard
         .groups
         .borrow_mut()
-        .put(group, list, shard.monotonic_ms());
-    Ok(members)
+        .put(group, list.clone(), shard.monotonic_ms());
+    Ok((members, list))
 }
 
 /// The cached members of `group`, if fresh.
