@@ -135,6 +135,12 @@ fn run(args: Args) -> Result<()> {
         scylla_replication_factor: args.scylla_replication_factor,
         scylla_consistency: args.scylla_consistency.clone(),
     })?);
+    // Before anything can say READY: a SIGTERM right after it must find the
+    // handler in place (the default action would kill the batch in hand).
+    let term = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, term.clone())?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(rings::Progress::default());
     let (chunk_tx, chunk_rx) = crossbeam_channel::bounded(64);
@@ -187,7 +193,7 @@ fn run(args: Args) -> Result<()> {
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 
-    wait_for_signal(&stats, args.stats_interval_s)?;
+    wait_for_signal(&term, &stats, args.stats_interval_s);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     stop.store(true, Ordering::Relaxed);
     // Shards reconnect to the next writer; nothing new is read here. (The next
@@ -203,11 +209,7 @@ fn run(args: Args) -> Result<()> {
 
 /// Blocks until SIGTERM or SIGINT, logging statistics and feeding the
 /// systemd watchdog meanwhile.
-fn wait_for_signal(stats: &stats::Stats, interval_s: u64) -> Result<()> {
-    let term = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, term.clone())?;
-    }
+fn wait_for_signal(term: &AtomicBool, stats: &stats::Stats, interval_s: u64) {
     let tick = Duration::from_millis(100);
     let mut ticks = 0u64;
     while !term.load(Ordering::Relaxed) {
@@ -221,7 +223,6 @@ fn wait_for_signal(stats: &stats::Stats, interval_s: u64) -> Result<()> {
         }
     }
     tracing::info!("signal received; finishing the batch in hand");
-    Ok(())
 }
 
 fn log_stats(stats: &stats::Stats) {
