@@ -233,16 +233,10 @@ fn writer_pid(gateway_pid: u32) -> Option<u32> {
 }
 
 /// Sends one message to each recipient, from `senders` connections, paced at `rate`.
-fn send_round(
-    args: &PushArgs,
-    address: SocketAddr,
-    senders: &mut [(TcpStream, Vec<u8>)],
-    round: usize,
-) -> Result<()> {
+fn send_round(args: &PushArgs, senders: &mut [(TcpStream, Vec<u8>)], round: usize) -> Result<()> {
     let interval = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
     let started = Instant::now();
     let deadline = started + PHASE_LIMIT;
-    let _ = address;
     let mut frame = Vec::with_capacity(256);
     for user in 0..args.users {
         let due = started + interval.mul_f64(user as f64);
@@ -372,7 +366,7 @@ pub fn run(args: &PushArgs) -> Result<()> {
     let service_cpu = || procfs::process_cpu_seconds(service.child.id()).unwrap_or(0.0);
     let service_cpu_before = service_cpu();
     let phase1 = Instant::now();
-    send_round(args, gateway.address, &mut senders, 1)?;
+    send_round(args, &mut senders, 1)?;
     let deadline = Instant::now() + PHASE_LIMIT;
     let (sent, failed) = loop {
         let text = writer_metrics(metrics_address)?;
@@ -407,7 +401,7 @@ pub fn run(args: &PushArgs) -> Result<()> {
     let (rss_pending, pending) = if args.no_pending_phase {
         (None, 0)
     } else {
-        send_round(args, gateway.address, &mut senders, 2)?;
+        send_round(args, &mut senders, 2)?;
         let deadline = Instant::now() + PHASE_LIMIT;
         let pending = loop {
             let pending = metric(

@@ -96,8 +96,6 @@ pub enum Request {
         since_unix_ms: u64,
         limit: u16,
     },
-    /// The current members of a group.
-    Members { req: u32, group: String },
     /// The current members of a group with their roles.
     MemberRoles { req: u32, group: String },
     /// The devices of each of `users` in the key directory.
@@ -215,11 +213,6 @@ pub enum Response {
     Keys {
         req: u32,
         bundles: Vec<(Bundle, u32)>,
-    },
-    /// A group's members, sorted; empty when there is no such group.
-    Members {
-        req: u32,
-        members: Vec<String>,
     },
     /// A group's members with their roles, sorted by user.
     MemberRoles {
@@ -456,10 +449,6 @@ mod tests {
                 0,
             )],
         });
-        round_trip_request(Request::Members {
-            req: 11,
-            group: "g1".into(),
-        });
         round_trip_request(Request::MemberRoles {
             req: 9,
             group: "g1".into(),
@@ -471,10 +460,6 @@ mod tests {
                 admin: true,
                 joined_id: 12,
             }],
-        });
-        round_trip_response(Response::Members {
-            req: 11,
-            members: vec!["alice".into(), "bob".into()],
         });
         round_trip_request(Request::Devices {
             req: 13,

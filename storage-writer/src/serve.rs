@@ -189,7 +189,6 @@ impl Server {
             | Request::KeysUpload { req, .. }
             | Request::KeysFetch { req, .. }
             | Request::SendOf { req, .. }
-            | Request::Members { req, .. }
             | Request::MemberRoles { req, .. }
             | Request::Devices { req, .. }
             | Request::Presence { req, .. }
@@ -326,9 +325,6 @@ impl Server {
             } => tables
                 .send_of(&user, &device, &client_msg_id)
                 .map(|message_id| Response::SendOf { req, message_id }),
-            Request::Members { req, group } => tables
-                .members(&group)
-                .map(|members| Response::Members { req, members }),
             Request::MemberRoles { req, group } => tables
                 .member_roles(&group)
                 .map(|members| Response::MemberRoles { req, members }),

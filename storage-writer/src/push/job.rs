@@ -37,6 +37,8 @@ pub enum Outcome {
     Auth,
     /// A refusal that no retry changes.
     Refused,
+    /// This writer has no credential for the target's provider.
+    NotConfigured,
 }
 
 /// `Retry-After` in seconds (the form every provider here uses).

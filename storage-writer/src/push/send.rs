@@ -89,7 +89,7 @@ impl Providers {
                         .send(&self.client, endpoint, p256dh, auth, job)
                         .await
                 }
-                None => Outcome::Retry(None, Failure::NotConfigured),
+                None => Outcome::NotConfigured,
             },
             PushTarget::Apns {
                 token,
@@ -100,11 +100,11 @@ impl Providers {
                     apns.send(&self.client, token, topic, *sandbox, job, fresh_credential)
                         .await
                 }
-                None => Outcome::Retry(None, Failure::NotConfigured),
+                None => Outcome::NotConfigured,
             },
             PushTarget::Fcm { token } => match &self.fcm {
                 Some(fcm) => fcm.send(&self.client, token, job, fresh_credential).await,
-                None => Outcome::Retry(None, Failure::NotConfigured),
+                None => Outcome::NotConfigured,
             },
         }
     }
@@ -207,7 +207,7 @@ async fn deliver(
                 stats.failed(kind, Failure::Auth);
                 return;
             }
-            Outcome::Retry(_, Failure::NotConfigured) => {
+            Outcome::NotConfigured => {
                 stats.failed(kind, Failure::NotConfigured);
                 return;
             }

@@ -195,9 +195,6 @@ impl Tables for Embedded {
     fn remove_members(&mut self, group: &str, members: &[&str]) -> Result<()> {
         self.remove_members_from(group, members)
     }
-    fn members(&mut self, group: &str) -> Result<Vec<String>> {
-        self.members_of(group)
-    }
     fn set_roles(
         &mut self,
         group: &str,
@@ -591,9 +588,6 @@ impl Tables for EmbeddedWriter {
     }
     fn remove_members(&mut self, group: &str, members: &[&str]) -> Result<()> {
         self.store.remove_members_from(group, members)
-    }
-    fn members(&mut self, group: &str) -> Result<Vec<String>> {
-        self.store.members_of(group)
     }
     fn set_roles(
         &mut self,

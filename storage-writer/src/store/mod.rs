@@ -220,8 +220,6 @@ pub trait Tables {
     fn member_roles(&mut self, group: &str) -> Result<Vec<MemberRole>>;
     /// Removes `members` from `group` (absent ones are ignored).
     fn remove_members(&mut self, group: &str, members: &[&str]) -> Result<()>;
-    /// The members of `group`, sorted, at most `MEMBERSHIP_READ_MAX`.
-    fn members(&mut self, group: &str) -> Result<Vec<String>>;
     /// The groups `user` is a member of, at most `MEMBERSHIP_READ_MAX`.
     fn groups_of(&mut self, user: &str) -> Result<Vec<String>>;
     /// Overwrites what `node` says of each user's presence with its entry.

@@ -442,15 +442,6 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         Ok(())
     }
 
-    fn members(&mut self, group: &str) -> Result<Vec<String>> {
-        let statement = self.prepared(
-            "SELECT user_id FROM group_members WHERE group_id = $1 ORDER BY user_id LIMIT $2",
-        )?;
-        let limit = super::MEMBERSHIP_READ_MAX as i64;
-        let rows = self.client.query(&statement, &[&group, &limit])?;
-        Ok(rows.iter().map(|row| row.get(0)).collect())
-    }
-
     fn set_roles(
         &mut self,
         group: &str,

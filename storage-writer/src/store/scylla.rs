@@ -59,7 +59,6 @@ struct Statements {
     put_group_of: PreparedStatement,
     delete_member: PreparedStatement,
     delete_group_of: PreparedStatement,
-    members: PreparedStatement,
     member_roles: PreparedStatement,
     set_joined: PreparedStatement,
     set_admin: PreparedStatement,
@@ -237,7 +236,6 @@ impl ScyllaBackend {
                 put_group_of: prepare(format!("INSERT INTO {k}.groups_by_member (user_id, group_id) VALUES (?, ?)")).await?,
                 delete_member: prepare(format!("DELETE FROM {k}.group_members WHERE group_id = ? AND user_id = ?")).await?,
                 delete_group_of: prepare(format!("DELETE FROM {k}.groups_by_member WHERE user_id = ? AND group_id = ?")).await?,
-                members: prepare(format!("SELECT user_id FROM {k}.group_members WHERE group_id = ? LIMIT ?")).await?,
                 member_roles: prepare(format!("SELECT user_id, admin, joined_id FROM {k}.group_members WHERE group_id = ? LIMIT ?")).await?,
                 // IF EXISTS: an UPDATE would otherwise make the row (a member) up.
                 set_joined: prepare(format!("UPDATE {k}.group_members SET joined_id = ? WHERE group_id = ? AND user_id = ? IF EXISTS")).await?,
@@ -625,12 +623,6 @@ impl Tables for Scylla {
                 joined_id: joined.unwrap_or(0).max(0) as u64,
             })
             .collect())
-    }
-
-    fn members(&mut self, group: &str) -> Result<Vec<String>> {
-        let limit = super::MEMBERSHIP_READ_MAX as i32;
-        let rows: Vec<(String,)> = self.rows(&self.statements.members, (group, limit))?;
-        Ok(rows.into_iter().map(|(member,)| member).collect())
     }
 
     fn groups_of(&mut self, user: &str) -> Result<Vec<String>> {

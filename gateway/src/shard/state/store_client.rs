@@ -255,7 +255,6 @@ async fn read_loop<O: ReadPathOwner>(
                 | Response::KeysUploaded { req, .. }
                 | Response::SendOf { req, .. }
                 | Response::Keys { req, .. }
-                | Response::Members { req, .. }
                 | Response::MemberRoles { req, .. }
                 | Response::Devices { req, .. }
                 | Response::Presence { req, .. }

@@ -95,10 +95,6 @@ impl Embedded {
         Ok(out)
     }
 
-    pub(super) fn members_of(&self, group: &str) -> Result<Vec<String>> {
-        Self::listed(&self.members, group)
-    }
-
     pub(super) fn groups_of_user(&self, user: &str) -> Result<Vec<String>> {
         Self::listed(&self.member_of, user)
     }
