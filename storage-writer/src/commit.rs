@@ -101,11 +101,11 @@ impl CommitLoop {
                         // Nothing in it was acknowledged, and the rings keep
                         // it: the next writer commits it. Retrying forever
                         // would only keep this process from stopping.
-                        tracing::warn!(%error, "stopping with a batch not committed; it stays in the rings for the next writer");
+                        tracing::warn!(error = format!("{error:#}"), "stopping with a batch not committed; it stays in the rings for the next writer");
                         return;
                     }
                     Err(error) => {
-                        tracing::warn!(%error, retry_in = ?backoff, "batch not committed; retrying");
+                        tracing::warn!(error = format!("{error:#}"), retry_in = ?backoff, "batch not committed; retrying");
                         std::thread::sleep(backoff);
                         backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
                     }

@@ -377,7 +377,7 @@ fn refused_or<T>(req: u32, result: Result<T>, answer: impl FnOnce(T) -> Response
                     retryable: false,
                 };
             }
-            tracing::warn!(%error, "storage request failed");
+            tracing::warn!(error = format!("{error:#}"), "storage request failed");
             Response::Failed {
                 req,
                 reason: "storage request failed".into(),
