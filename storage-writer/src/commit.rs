@@ -94,8 +94,9 @@ impl CommitLoop {
             }
             let started = Instant::now();
             let mut backoff = Duration::from_millis(10);
+            let mut retry = false;
             let still_pending = loop {
-                match self.commit(&chunks, &pending) {
+                match self.commit(&chunks, &pending, retry) {
                     Ok(still_pending) => break still_pending,
                     Err(error) if self.stop.load(Ordering::Relaxed) => {
                         // Nothing in it was acknowledged, and the rings keep
@@ -108,6 +109,7 @@ impl CommitLoop {
                         tracing::warn!(error = format!("{error:#}"), retry_in = ?backoff, "batch not committed; retrying");
                         std::thread::sleep(backoff);
                         backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                        retry = true;
                     }
                 }
             };
@@ -118,10 +120,16 @@ impl CommitLoop {
     }
 
     /// Writes one batch. Returns the acknowledgements still waiting.
+    ///
+    /// `retry`: an earlier attempt at this batch failed, and a failure does
+    /// not say the store did not commit it (a database that dies between its
+    /// commit and the answer). Every record is then applied the way a replay
+    /// is: checked first, stored at most once.
     fn commit(
         &mut self,
         chunks: &[Chunk],
         pending: &VecDeque<PendingAck>,
+        retry: bool,
     ) -> Result<VecDeque<PendingAck>> {
         let mut decoded = Vec::with_capacity(chunks.len());
         for chunk in chunks {
@@ -137,7 +145,7 @@ impl CommitLoop {
                 decoded.push(store::Applied {
                     raw: raw.as_slice(),
                     record,
-                    maybe_applied: chunk.maybe_applied,
+                    maybe_applied: chunk.maybe_applied || retry,
                 });
             }
         }
@@ -220,5 +228,95 @@ impl CommitLoop {
         for (_, path, position) in notices {
             self.sessions.durable(&path, position);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::EmbeddedBackend;
+    use crate::store::embedded::{Embedded, Fsync};
+    use crate::store::Backend;
+    use chat_protocol::records::MessageRecord;
+
+    /// Commits each batch, then (the first time) reports a failure: the
+    /// database that went away after its commit, before its answer.
+    struct AnswerLost {
+        inner: Box<dyn BatchWriter>,
+        failed: bool,
+    }
+
+    impl BatchWriter for AnswerLost {
+        fn write_batch(
+            &mut self,
+            work: &mut dyn FnMut(&mut dyn store::Tables) -> Result<()>,
+        ) -> Result<()> {
+            self.inner.write_batch(work)?;
+            if !self.failed {
+                self.failed = true;
+                anyhow::bail!("connection closed before the commit was answered");
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_batch_retried_after_a_lost_commit_answer_is_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Embedded::open(&dir.path().join("store"), 1 << 20, Fsync::None).unwrap();
+        let backend = EmbeddedBackend(store);
+        let (_sender, chunks) = crossbeam_channel::bounded(1);
+        let mut commit = CommitLoop {
+            chunks,
+            writer: Box::new(AnswerLost {
+                inner: backend.writer().unwrap(),
+                failed: false,
+            }),
+            progress: Arc::new(Progress {
+                rings: Default::default(),
+                committed: Default::default(),
+            }),
+            sessions: Default::default(),
+            stats: Default::default(),
+            batch_records_max: 64,
+            batch_linger: Duration::ZERO,
+            stop: Default::default(),
+            push: None,
+        };
+        let record = |id: u64, client: &str| {
+            MessageRecord {
+                message_id: id,
+                ts: id,
+                conversation: "dm:alice:bob",
+                from: "alice",
+                from_device: "phone",
+                to: "bob",
+                client_msg_id: client,
+                body: "x",
+                media: None,
+                event: None,
+                bodies: Vec::new(),
+                recipients: Vec::new(),
+            }
+            .encode()
+        };
+        let batch = [Chunk {
+            ring: 0,
+            maybe_applied: false,
+            records: vec![record(10, "c10"), record(11, "c11")],
+            end: 0,
+        }];
+        let none = VecDeque::new();
+        assert!(commit.commit(&batch, &none, false).is_err());
+        commit.commit(&batch, &none, true).unwrap();
+
+        let mut reader = backend.reader().unwrap();
+        let inbox = reader.inbox_after("bob", 0, 10).unwrap();
+        assert_eq!(
+            inbox.iter().map(|e| e.message_id).collect::<Vec<_>>(),
+            [10, 11],
+            "each message in bob's inbox once"
+        );
+        assert_eq!(reader.history("dm:alice:bob", None, 10).unwrap().len(), 2);
     }
 }

@@ -10,6 +10,11 @@ use std::time::{Duration, Instant};
 use crate::free_port;
 
 const WAIT: Duration = Duration::from_secs(10);
+/// Longest a start may take: a loaded machine (the whole suite in parallel)
+/// has been seen to need more than `WAIT`.
+const START_WAIT: Duration = Duration::from_secs(30);
+/// Fresh ports tried when a new server's port was taken in between.
+const START_ATTEMPTS: usize = 3;
 
 pub struct NatsServer {
     child: Option<Child>,
@@ -28,6 +33,17 @@ impl NatsServer {
             monitor_port: free_port(),
             dir: tempfile::tempdir().unwrap(),
         };
+        for _ in 1..START_ATTEMPTS {
+            match server.spawn() {
+                Ok(()) => return server,
+                // A free port is only free until someone else binds it.
+                Err(log) => {
+                    eprintln!("nats-server exited at start ({log}); trying other ports");
+                    server.port = free_port();
+                    server.monitor_port = free_port();
+                }
+            }
+        }
         server.restart();
         server
     }
@@ -46,7 +62,18 @@ impl NatsServer {
 
     /// Starts it again on the same port and waits until it accepts connections.
     pub fn restart(&mut self) {
+        if let Err(log) = self.spawn() {
+            panic!("nats-server exited at start: {log}");
+        }
+    }
+
+    /// Starts the server and waits until it accepts connections. `Err` with
+    /// its log when it exited instead; panics when it neither exits nor
+    /// answers in `START_WAIT`.
+    fn spawn(&mut self) -> Result<(), String> {
         self.stop();
+        let log_path = self.dir.path().join("nats-server.log");
+        let log = std::fs::File::create(&log_path).expect("a log file in the server's directory");
         let child = Command::new("nats-server")
             // JetStream: gateways lease their node ids from it.
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js"])
@@ -54,15 +81,27 @@ impl NatsServer {
             .arg("--store_dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("nats-server is installed (scripts/test installs it)");
         self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
+        let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        let deadline = Instant::now() + START_WAIT;
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
+            let child = self.child.as_mut().expect("just spawned");
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Err(format!("{status}: {}", log().trim()));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not accept connections on {} within {START_WAIT:?}: {}",
+                self.port,
+                log().trim()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 }
 
