@@ -99,14 +99,15 @@ fn serve(
     }
     match path {
         "/healthz" => respond(&mut stream, 200, "OK", "text/plain", "ok\n"),
-        "/readyz" if node.is_ready() => respond(&mut stream, 200, "OK", "text/plain", "ready\n"),
-        "/readyz" => respond(
-            &mut stream,
-            503,
-            "Service Unavailable",
-            "text/plain",
-            "not ready\n",
-        ),
+        "/readyz" => {
+            let reasons = node.not_ready_because();
+            if reasons.is_empty() {
+                respond(&mut stream, 200, "OK", "text/plain", "ready\n")
+            } else {
+                let body = format!("not ready\n{}\n", reasons.join("\n"));
+                respond(&mut stream, 503, "Service Unavailable", "text/plain", &body)
+            }
+        }
         "/metrics" => respond(
             &mut stream,
             200,

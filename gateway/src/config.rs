@@ -125,6 +125,11 @@ pub struct Config {
     /// batches, new sends are refused with `overloaded`. 0 (the default)
     /// turns it off: on a starved machine slow commits look like load.
     pub sent_wait_ms_max: u64,
+    /// Outage bound: once nothing has become durable for this long while a
+    /// `sent` waits (the writer or its database away, a full disk), new
+    /// sends get `unavailable` with `retry_after_ms` and `/readyz` says
+    /// why; what was accepted rides on the ring. 0: ride out any outage.
+    pub storage_stall_ms_max: u64,
     /// Devices (distinct device ids) one user may have connected to this
     /// node at once; another is refused at the upgrade with 403.
     pub devices_per_user_max: usize,
@@ -248,6 +253,7 @@ impl Default for Config {
             sends_per_s: 20.0,
             sends_burst: 100.0,
             sent_wait_ms_max: 0,
+            storage_stall_ms_max: 5_000,
             devices_per_user_max: DEVICES_PER_USER_MAX,
             typing_per_s: 1.0,
             typing_burst: 5.0,
@@ -337,6 +343,7 @@ overrides! {
     sends_per_s: f32,
     sends_burst: f32,
     sent_wait_ms_max: u64,
+    storage_stall_ms_max: u64,
     devices_per_user_max: usize,
     typing_per_s: f32,
     typing_burst: f32,

@@ -78,6 +78,14 @@ pub struct ShardMetrics {
     pub idempotent_replays: AtomicU64,
     /// Sends refused because `sent` waited past `sent_wait_ms_max`.
     pub sends_refused_lagging: AtomicU64,
+    /// Sends refused because nothing became durable for `storage_stall_ms_max`.
+    pub sends_refused_stalled: AtomicU64,
+    /// How long nothing has become durable while a `sent` waits, in ms (0:
+    /// committing; refreshed each heartbeat sweep).
+    pub storage_stalled_ms: AtomicU64,
+    /// What the storage-writer last said fails (empty: nothing said since
+    /// the last durable watermark). Written on the rare notice only.
+    pub storage_failure: std::sync::Mutex<String>,
     /// Replays answered from storage and delivered again (see `pipeline::deliver_again`).
     pub redeliveries_after_failover: AtomicU64,
     pub errors: [AtomicU64; ERROR_CODES.len()],
@@ -168,6 +176,8 @@ pub struct NodeState {
     /// Certificate reloads (SIGHUP) that took effect, and that failed (the
     /// old certificate stays).
     pub tls_reloads: [AtomicU64; 2],
+    /// `storage_stall_ms_max`: a shard stalled this long makes the node not ready.
+    pub storage_stall_ms_max: u64,
 }
 
 impl NodeState {
@@ -176,6 +186,7 @@ impl NodeState {
         connections_max: usize,
         node_id: u16,
         node_id_lease: Option<Arc<LeaseValidity>>,
+        storage_stall_ms_max: u64,
     ) -> Self {
         Self {
             shards: (0..shard_count)
@@ -189,6 +200,7 @@ impl NodeState {
             node_id,
             node_id_lease,
             tls_reloads: Default::default(),
+            storage_stall_ms_max,
         }
     }
 
@@ -213,15 +225,36 @@ impl NodeState {
         self.connections_open.fetch_sub(1, Relaxed);
     }
 
-    /// Every shard is up and reaches the storage-writer, and the node is not
-    /// draining: new connections can be served (`/readyz`).
-    pub fn is_ready(&self) -> bool {
-        self.shards_ready.load(Relaxed) == self.shards.len()
-            && !self.draining.load(Relaxed)
-            && self
-                .shards
-                .iter()
-                .all(|shard| shard.storage_connected.load(Relaxed) == 1)
+    /// Why the node is not ready, one line each (`/readyz` says them;
+    /// none: every shard is up, reaches the storage-writer and sees its
+    /// sends made durable, and the node is not draining).
+    pub fn not_ready_because(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        let started = self.shards_ready.load(Relaxed);
+        if started < self.shards.len() {
+            reasons.push(format!("{started} of {} shards started", self.shards.len()));
+        }
+        if self.draining.load(Relaxed) {
+            reasons.push("draining".to_owned());
+        }
+        for (id, shard) in self.shards.iter().enumerate() {
+            if shard.storage_connected.load(Relaxed) != 1 {
+                reasons.push(format!("shard {id}: no storage-writer connected"));
+            }
+            let stalled_ms = shard.storage_stalled_ms.load(Relaxed);
+            if self.storage_stall_ms_max > 0 && stalled_ms > self.storage_stall_ms_max {
+                let failure = shard.storage_failure.lock().expect("failure lock");
+                let why = if failure.is_empty() {
+                    "the storage-writer said nothing"
+                } else {
+                    failure.as_str()
+                };
+                reasons.push(format!(
+                    "shard {id}: nothing made durable for {stalled_ms} ms (storage-writer: {why}); sends get `unavailable`"
+                ));
+            }
+        }
+        reasons
     }
 }
 
@@ -312,6 +345,18 @@ const SHARD_METRICS: &[(&str, &str, &str, ShardField)] = &[
         "counter",
         "Sends answered `overloaded` because `sent` already waited past sent_wait_ms_max.",
         |m| &m.sends_refused_lagging,
+    ),
+    (
+        "gateway_sends_refused_stalled_total",
+        "counter",
+        "Sends answered `unavailable` because nothing became durable for storage_stall_ms_max.",
+        |m| &m.sends_refused_stalled,
+    ),
+    (
+        "gateway_storage_stalled_ms",
+        "gauge",
+        "How long nothing has become durable while a `sent` waits (0: storage commits).",
+        |m| &m.storage_stalled_ms,
     ),
     (
         "gateway_redeliveries_after_failover_total",

@@ -81,6 +81,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         connections_max,
         config.node_id,
         lease.as_ref().map(NodeIdLease::validity),
+        config.storage_stall_ms_max,
     ));
     let mesh = Arc::new(Mesh::new(config.shards, config.cross_shard_queue_capacity));
     let backplane = backplane_link::start(&config, &mesh)?;

@@ -20,7 +20,7 @@ use crate::keys::Bundle;
 pub use crate::limits::{READ_FRAME_BYTES_MAX, READ_USERS_MAX};
 
 /// The read path's version. 2: postcard bodies (1 was a hand-laid layout).
-pub const READ_PATH_VERSION: u16 = 6;
+pub const READ_PATH_VERSION: u16 = 7;
 
 /// Where a sync page starts in a user's inbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,6 +248,12 @@ pub enum Response {
         req: u32,
         reason: String,
         retryable: bool,
+    },
+    /// A notice, like `Durable`: the writer's last commit failed and it is
+    /// retrying (a full disk, a database away). Repeated while it fails; the
+    /// next `Durable` says commits go through again.
+    Stalled {
+        reason: String,
     },
 }
 
@@ -560,6 +566,9 @@ mod tests {
             req: 4,
             reason: "store unavailable".into(),
             retryable: true,
+        });
+        round_trip_response(Response::Stalled {
+            reason: "No space left on device (os error 28)".into(),
         });
     }
 

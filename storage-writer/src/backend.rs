@@ -98,6 +98,15 @@ impl BatchWriter for EmbeddedBatchWriter {
         work(&mut self.0)?;
         self.0.persist()
     }
+
+    /// fjall poisons its keyspace when a journal write or fsync fails (a
+    /// full disk, an I/O error): every later write fails until the store is
+    /// opened again, and opening it replays its journal.
+    fn must_restart(&self, error: &anyhow::Error) -> bool {
+        error
+            .chain()
+            .any(|cause| matches!(cause.downcast_ref(), Some(fjall::Error::Poisoned)))
+    }
 }
 
 impl Backend for EmbeddedBackend {

@@ -29,6 +29,9 @@ const PENDING_ACKS_MAX: usize = 65_536;
 /// Longest wait between batches when acknowledgements are pending.
 const PENDING_RETRY: Duration = Duration::from_millis(20);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The exit status when the store can only be opened again (EX_TEMPFAIL):
+/// the gateway, or systemd, starts the writer again.
+pub const EXIT_STORE_MUST_REOPEN: i32 = 75;
 
 struct PendingAck {
     user: String,
@@ -95,6 +98,9 @@ impl CommitLoop {
             let started = Instant::now();
             let mut backoff = Duration::from_millis(10);
             let mut retry = false;
+            // The first failure of this batch: a store that refuses writes
+            // from then on says only that it does.
+            let mut first_failure: Option<String> = None;
             let still_pending = loop {
                 match self.commit(&chunks, &pending, retry) {
                     Ok(still_pending) => break still_pending,
@@ -105,8 +111,23 @@ impl CommitLoop {
                         tracing::warn!(error = format!("{error:#}"), "stopping with a batch not committed; it stays in the rings for the next writer");
                         return;
                     }
+                    Err(error) if self.writer.must_restart(&error) => {
+                        // Like kill -9: the rings keep the batch for the next writer.
+                        let first = first_failure.unwrap_or_else(|| format!("{error:#}"));
+                        let reason = format!("{first}; the store refuses writes until it is opened again, so the writer restarts");
+                        tracing::error!(
+                            error = reason,
+                            "batch not committed; exiting for a restart"
+                        );
+                        self.sessions.stalled(&reason);
+                        std::process::exit(EXIT_STORE_MUST_REOPEN);
+                    }
                     Err(error) => {
-                        tracing::warn!(error = format!("{error:#}"), retry_in = ?backoff, "batch not committed; retrying");
+                        let reason = format!("{error:#}");
+                        tracing::warn!(error = reason, retry_in = ?backoff, "batch not committed; retrying");
+                        self.sessions.stalled(&reason);
+                        self.stats.commit_failed();
+                        first_failure.get_or_insert(reason);
                         std::thread::sleep(backoff);
                         backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
                         retry = true;

@@ -83,6 +83,17 @@ pub fn render(stats: &Stats, push: Option<&PushStats>) -> String {
         "storage_writer_records_total {}",
         stats.records.load(Relaxed)
     );
+    family(
+        &mut out,
+        "storage_writer_commit_failures_total",
+        "counter",
+        "Attempts at a batch that failed (each is retried with back-off: a full disk, a database away).",
+    );
+    let _ = writeln!(
+        out,
+        "storage_writer_commit_failures_total {}",
+        stats.commit_failures.load(Relaxed)
+    );
     let Some(push) = push else {
         return out;
     };

@@ -65,15 +65,37 @@ impl Sessions {
             .get(ring)
             .cloned();
         if let Some(socket) = socket {
-            let frame = Response::Durable { position }.encode();
-            if let Err(error) = send(&socket, &frame) {
-                tracing::warn!(ring = %ring.display(), %error, "shard not reading; dropping its session");
-                let _ = socket
-                    .lock()
-                    .expect("socket lock")
-                    .shutdown(std::net::Shutdown::Both);
-                self.unregister(ring, &socket);
-            }
+            self.notify(ring, &socket, &Response::Durable { position }.encode());
+        }
+    }
+
+    /// Tells every shard that commits fail, and why (they refuse new sends
+    /// and say so on `/readyz` once it lasts).
+    pub fn stalled(&self, reason: &str) {
+        let frame = Response::Stalled {
+            reason: reason.to_owned(),
+        }
+        .encode();
+        let sessions: Vec<(PathBuf, SessionSocket)> = self
+            .by_ring
+            .lock()
+            .expect("sessions lock")
+            .iter()
+            .map(|(ring, socket)| (ring.clone(), socket.clone()))
+            .collect();
+        for (ring, socket) in sessions {
+            self.notify(&ring, &socket, &frame);
+        }
+    }
+
+    fn notify(&self, ring: &Path, socket: &SessionSocket, frame: &[u8]) {
+        if let Err(error) = send(socket, frame) {
+            tracing::warn!(ring = %ring.display(), %error, "shard not reading; dropping its session");
+            let _ = socket
+                .lock()
+                .expect("socket lock")
+                .shutdown(std::net::Shutdown::Both);
+            self.unregister(ring, socket);
         }
     }
 }

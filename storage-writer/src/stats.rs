@@ -15,6 +15,8 @@ pub struct Stats {
     pub batches: AtomicU64,
     pub records: AtomicU64,
     pub commit_ns: AtomicU64,
+    /// Attempts at a batch that failed (it is retried).
+    pub commit_failures: AtomicU64,
     pub sizes: [AtomicU64; SIZE_BUCKETS],
 }
 
@@ -27,6 +29,10 @@ impl Stats {
             let bucket = (usize::BITS - 1 - records.leading_zeros()) as usize;
             self.sizes[bucket.min(SIZE_BUCKETS - 1)].fetch_add(1, Relaxed);
         }
+    }
+
+    pub fn commit_failed(&self) {
+        self.commit_failures.fetch_add(1, Relaxed);
     }
 
     /// "1:12 2-3:40 ..." for the non-empty buckets.

@@ -51,8 +51,19 @@ impl Writer {
     /// Starts the writer on `data_dir` (rings in `data_dir/rings`) and waits
     /// until its socket accepts connections.
     pub fn start(data_dir: &std::path::Path, extra: &[&str]) -> Writer {
+        Writer::start_at(data_dir, data_dir, extra)
+    }
+
+    /// Starts the writer on the rings of the gateway whose data directory is
+    /// `gateway_dir`, with its own store in `data_dir` (a small file system,
+    /// to fill it).
+    pub fn start_at(
+        gateway_dir: &std::path::Path,
+        data_dir: &std::path::Path,
+        extra: &[&str],
+    ) -> Writer {
         ensure_storage_writer_built();
-        let rings = data_dir.join("rings");
+        let rings = gateway_dir.join("rings");
         let socket = rings.join("writer.sock");
         let _ = std::fs::remove_file(&socket);
         let child = Command::new(storage_writer_binary())

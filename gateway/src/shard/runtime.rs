@@ -310,6 +310,15 @@ async fn sweep(shard: Rc<Shard>) {
         metrics
             .durable_waiting
             .store(shard.durability.waiting() as u64, Relaxed);
+        let stalled = shard.durability.stalled_for().unwrap_or_default();
+        metrics
+            .storage_stalled_ms
+            .store(stalled.as_millis() as u64, Relaxed);
+        let failure = shard.durability.failure().unwrap_or_default();
+        let mut said = metrics.storage_failure.lock().expect("failure lock");
+        if *said != failure {
+            *said = failure;
+        }
     }
 }
 

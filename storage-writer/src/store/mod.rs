@@ -59,6 +59,13 @@ mod tests;
 /// durable together, or fails as a whole (the caller retries it).
 pub trait BatchWriter: Send {
     fn write_batch(&mut self, work: &mut dyn FnMut(&mut dyn Tables) -> Result<()>) -> Result<()>;
+
+    /// Whether, after `error`, this process can never commit again and
+    /// must start over (a store that refuses every write once one failed to
+    /// reach its disk). Retrying is for everything else.
+    fn must_restart(&self, _error: &anyhow::Error) -> bool {
+        false
+    }
 }
 
 /// A store the writer can open handles on, from any thread.

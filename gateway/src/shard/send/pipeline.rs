@@ -50,6 +50,10 @@ pub enum Refused {
     /// The writer commits, but `sent` already waits longer than
     /// `sent_wait_ms_max`: accepting more would only lengthen the wait.
     Lagging,
+    /// Nothing has become durable for longer than `storage_stall_ms_max`
+    /// (the writer or its store is away or failing): what waits rides on
+    /// the ring, new sends are told to come back.
+    Stalled,
 }
 
 /// A message ready to be stored, and who gets it.
@@ -84,6 +88,10 @@ pub fn store_and_deliver(shard: &Shard, out: Outgoing<'_>) -> Result<u64, Refuse
     {
         bump(&shard.metrics().sends_refused_lagging, 1);
         return Err(refuse(shard, out.sender, record, Refused::Lagging));
+    }
+    if out.sender.is_some() && shard.storage_stalled() {
+        bump(&shard.metrics().sends_refused_stalled, 1);
+        return Err(refuse(shard, out.sender, record, Refused::Stalled));
     }
     // Checked before the record is stored: after, hand-offs must not fail
     // (this shard is its lanes' only producer, so room now is room then).
@@ -218,6 +226,11 @@ fn refuse(
         }
         Refused::NoNodeId => {
             let message = "this node's id lease could not be renewed; retry (on another node)";
+            let retry = Some(crate::limits::UNAVAILABLE_RETRY_AFTER_MS);
+            send_error(shard, conn, id, ErrorCode::Unavailable, message, retry);
+        }
+        Refused::Stalled => {
+            let message = "storage is not committing (see /readyz); retry this send";
             let retry = Some(crate::limits::UNAVAILABLE_RETRY_AFTER_MS);
             send_error(shard, conn, id, ErrorCode::Unavailable, message, retry);
         }

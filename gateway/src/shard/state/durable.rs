@@ -36,6 +36,8 @@ pub struct Durability {
     /// time it moved before that.
     last_advance: Cell<Instant>,
     previous_advance: Cell<Instant>,
+    /// Why the writer's last commit failed, until the watermark moves again.
+    failure: RefCell<Option<String>>,
 }
 
 impl Durability {
@@ -47,6 +49,7 @@ impl Durability {
             durable: Cell::new(durable),
             last_advance: Cell::new(Instant::now()),
             previous_advance: Cell::new(Instant::now()),
+            failure: RefCell::new(None),
         }
     }
 
@@ -122,6 +125,7 @@ impl Durability {
             return;
         }
         self.durable.set(position);
+        self.failure.borrow_mut().take();
         let now = Instant::now();
         self.previous_advance.set(self.last_advance.replace(now));
         let mut waiting = self.waiting.borrow_mut();
@@ -153,6 +157,27 @@ impl Durability {
         oldest.appended.elapsed() > bound
             && oldest.appended < self.previous_advance.get()
             && self.last_advance.get().elapsed() < bound
+    }
+
+    /// The writer says its commits fail (see `store_wire::Response::Stalled`).
+    pub fn on_stalled(&self, reason: String) {
+        *self.failure.borrow_mut() = Some(reason);
+    }
+
+    /// How long nothing has been made durable while a record waits: the
+    /// writer or its store is away, or failing (a full disk). `None` while
+    /// records become durable or none waits.
+    pub fn stalled_for(&self) -> Option<std::time::Duration> {
+        let waiting = self.waiting.borrow();
+        let oldest = waiting.front()?;
+        let since = oldest.appended.max(self.last_advance.get());
+        Some(since.elapsed())
+    }
+
+    /// What the writer last said was failing, if it said anything since
+    /// the watermark last moved.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.borrow().clone()
     }
 
     /// `sent` frames waiting for durability (a metric).

@@ -118,6 +118,17 @@ impl Shard {
     }
 
     /// How long any one read-path request may take (`storage_timeout_ms`).
+    /// Whether nothing has become durable for longer than
+    /// `storage_stall_ms_max` while a `sent` waits.
+    pub fn storage_stalled(&self) -> bool {
+        let bound = self.config.storage_stall_ms_max;
+        bound > 0
+            && self
+                .durability
+                .stalled_for()
+                .is_some_and(|stalled| stalled > Duration::from_millis(bound))
+    }
+
     pub fn storage_timeout(&self) -> Duration {
         Duration::from_millis(self.config.storage_timeout_ms)
     }
@@ -222,6 +233,10 @@ impl ReadPathOwner for Shard {
     fn on_durable(&self, position: u64) {
         self.durability
             .on_durable(position, self.metrics(), |publish| self.publish(*publish));
+    }
+
+    fn on_stalled(&self, reason: String) {
+        self.durability.on_stalled(reason);
     }
 
     fn set_connected(&self, connected: bool) {

@@ -33,6 +33,8 @@ pub trait ReadPathOwner: 'static {
     fn read_path(&self) -> &StoreClient;
     fn shard_id(&self) -> usize;
     fn on_durable(&self, position: u64);
+    /// The writer's commits fail, for `reason` (until the next `Durable`).
+    fn on_stalled(&self, reason: String);
     fn set_connected(&self, connected: bool);
 }
 
@@ -249,6 +251,7 @@ async fn read_loop<O: ReadPathOwner>(
             consumed += len;
             match response {
                 Response::Durable { position } => shard.on_durable(position),
+                Response::Stalled { reason } => shard.on_stalled(reason),
                 Response::SyncPage { req, .. }
                 | Response::Messages { req, .. }
                 | Response::RecentSends { req, .. }
