@@ -370,7 +370,14 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
                 let _ = events_tx.send(event).await;
             }
         });
-    let client = match options.connect(backplane.config.url.as_str()).await {
+    let servers = match crate::server_addrs(&backplane.config.url) {
+        Ok(servers) => servers,
+        Err(error) => {
+            tracing::error!(%error, "backplane: bad NATS address; cross-node delivery is off");
+            return;
+        }
+    };
+    let client = match options.connect(servers.as_slice()).await {
         Ok(client) => client,
         Err(error) => {
             tracing::error!(url = %backplane.config.url, %error, "backplane: bad NATS address; cross-node delivery is off");

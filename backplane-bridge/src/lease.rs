@@ -33,6 +33,9 @@ pub struct LeaseConfig {
     pub ids: u16,
     /// How long `acquire` may take before start-up fails.
     pub acquire_timeout: Duration,
+    /// Copies of the bucket a JetStream cluster keeps (1 on a single
+    /// server; 3 on a three-server cluster, so losing one keeps the ids).
+    pub replicas: usize,
 }
 
 /// Whether this node may make message ids with its leased node id now.
@@ -230,10 +233,11 @@ async fn take(
         url: config.url.clone(),
         reason,
     };
+    let servers = crate::server_addrs(&config.url).map_err(&unreachable)?;
     let client = async_nats::ConnectOptions::new()
         .name("chat-gateway-node-id-lease")
         .retry_on_initial_connect()
-        .connect(config.url.as_str())
+        .connect(servers.as_slice())
         .await
         .map_err(|error| unreachable(error.to_string()))?;
     let jetstream = async_nats::jetstream::new(client);
@@ -246,6 +250,7 @@ async fn take(
                 description: "node ids of a chat gateway fleet, leased".into(),
                 history: 1,
                 max_age: config.ttl,
+                num_replicas: config.replicas,
                 ..Default::default()
             })
             .await

@@ -30,6 +30,25 @@ pub use bridge::{
     Inbound, Outbound, Sink, HEARTBEATS_MISSED_MAX,
 };
 
+/// The NATS servers in `urls`: one address, or several separated by commas
+/// (the servers of a cluster; the client also learns the others from the
+/// first it reaches). An error names the address that does not parse.
+pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    let addresses: Vec<_> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            url.parse::<async_nats::ServerAddr>()
+                .map_err(|error| format!("NATS address {url:?}: {error}"))
+        })
+        .collect::<Result<_, _>>()?;
+    if addresses.is_empty() {
+        return Err(format!("no NATS address in {urls:?}"));
+    }
+    Ok(addresses)
+}
+
 /// Runs `task` on a new thread named `name`, in a current-thread tokio
 /// runtime of its own: async-nats needs tokio, and the shards (monoio) must
 /// never run or await it.

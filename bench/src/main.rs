@@ -4,6 +4,7 @@
 //! lives in its own module and prints a table plus an optional JSON summary.
 //! Never asserts speed: it measures and reports.
 
+mod chaos;
 mod child;
 mod clock;
 mod connect;
@@ -61,6 +62,10 @@ enum Scenario {
     /// nodes and millions of users: balance, moves on join and leave, NATS
     /// subscriptions, per-node-subject rates. No processes.
     Fleet(fleet::FleetArgs),
+    /// Chaos across a cluster for minutes: kill -9 of gateways, writers and
+    /// NATS servers and PostgreSQL outages at random moments under load,
+    /// then an audit of every acknowledged message.
+    Chaos(chaos::ChaosArgs),
     /// Offline recipients with Web Push subscriptions, against a local push
     /// service: durable-to-push latency, pushes/s, memory per pending push.
     Push(push::PushArgs),
@@ -77,5 +82,6 @@ fn main() -> anyhow::Result<()> {
         Scenario::Group(args) => group::run(&args),
         Scenario::Fleet(args) => fleet::run(&args),
         Scenario::Push(args) => push::run(&args),
+        Scenario::Chaos(args) => chaos::run(&args),
     }
 }

@@ -74,6 +74,9 @@ pub struct Config {
     /// How long a leased id outlives its node's last refresh (a node killed
     /// with `kill -9` frees its id this long after). Refreshed every third.
     pub node_id_lease_ttl_ms: u64,
+    /// Copies JetStream keeps of the lease bucket: 1 for one NATS server,
+    /// 3 for a three-server cluster (a lost server then keeps the ids).
+    pub node_id_lease_replicas: usize,
     pub io_driver: IoDriver,
     /// Pin shard N to core N.
     pub pin_shards: bool,
@@ -229,6 +232,7 @@ impl Default for Config {
             node_id: 0,
             node_id_lease: true,
             node_id_lease_ttl_ms: 15_000,
+            node_id_lease_replicas: 1,
             io_driver: IoDriver::Auto,
             pin_shards: true,
             io_uring_entries: 4096,
@@ -319,6 +323,7 @@ overrides! {
     node_id: u16,
     node_id_lease: bool,
     node_id_lease_ttl_ms: u64,
+    node_id_lease_replicas: usize,
     #[arg(value_enum)]
     io_driver: IoDriver,
     pin_shards: bool,
@@ -498,6 +503,14 @@ impl Config {
         }
         if !(100..=60_000).contains(&self.membership_heartbeat_ms) {
             bail!("membership_heartbeat_ms must be 100-60000");
+        }
+        if !(1..=5).contains(&self.node_id_lease_replicas) {
+            bail!("node_id_lease_replicas must be 1-5 (JetStream's limit)");
+        }
+        if !self.nats_url.is_empty() {
+            if let Err(error) = backplane_bridge::server_addrs(&self.nats_url) {
+                bail!("nats_url: {error}");
+            }
         }
         if self.node_id_lease_ttl_ms < 3_000 {
             bail!("node_id_lease_ttl_ms must be at least 3000 (it is refreshed every third)");

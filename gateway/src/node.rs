@@ -68,6 +68,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             ttl: std::time::Duration::from_millis(config.node_id_lease_ttl_ms),
             ids: chat_protocol::snowflake::NODE_ID_MAX + 1,
             acquire_timeout: std::time::Duration::from_millis(config.storage_timeout_ms.max(5_000)),
+            replicas: config.node_id_lease_replicas,
         })
         .context("leasing this node's id (set node_id_lease = false and a unique node_id to assign it by hand)")?;
         tracing::info!(node_id = lease.node_id, "node id leased from NATS");

@@ -97,7 +97,7 @@ fn a_nats_outage_loses_nothing_acknowledged() {
     receive(&mut bob, 10, &mut seen);
     assert_eq!(seen.len(), 10, "live before the outage");
 
-    fleet.nats.stop();
+    fleet.nats.servers[0].stop();
     fleet.nodes[1].wait_metric("gateway_backplane_connected", &[], 0);
     for index in 10..20 {
         alice.send_message(&format!("m{index}"), "bob", &format!("m{index}"));
@@ -105,7 +105,7 @@ fn a_nats_outage_loses_nothing_acknowledged() {
     // Storage is up: every send is acknowledged during the outage.
     await_sent(&mut alice, 10, &mut Vec::new());
 
-    fleet.nats.restart();
+    fleet.nats.servers[0].restart();
     // The reconnect makes bob's node resync him: the ten he missed arrive.
     receive(&mut bob, 20, &mut seen);
     let mut expected: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();

@@ -22,7 +22,7 @@ use testkit::gateway::{connect_at, connect_unsynced_at, Client, Gateway, Next};
 /// registration, one per connection whatever the users), and how many
 /// request inboxes each holds.
 fn node_subscriptions(fleet: &Fleet) -> BTreeMap<String, (Vec<String>, usize)> {
-    let mut subscriptions = fleet.nats.subscriptions_by_client();
+    let mut subscriptions = fleet.nats.servers[0].subscriptions_by_client();
     subscriptions
         .retain(|name, _| name.starts_with("chat-gateway-node-") && !name.ends_with("-lease"));
     subscriptions

@@ -1,5 +1,6 @@
 //! A fleet on loopback for cross-node tests: gateway nodes (each with its own
-//! storage-writer) sharing one PostgreSQL and one nats-server, and the client
+//! storage-writer) sharing one PostgreSQL and one nats-server (or a cluster
+//! of them), and the client
 //! helpers that count what each device received.
 //!
 //! Owns starting nodes with the fleet's flags, and reading messages while
@@ -12,14 +13,14 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::gateway::{Client, Gateway, Next};
-use crate::nats::NatsServer;
+use crate::nats::NatsCluster;
 use crate::postgres::Postgres;
 use crate::WAIT;
 
 pub struct Fleet {
     pub nodes: Vec<Gateway>,
     pub database: Postgres,
-    pub nats: NatsServer,
+    pub nats: NatsCluster,
 }
 
 impl Fleet {
@@ -30,8 +31,13 @@ impl Fleet {
 
     /// `start`, with `extra` flags for every node.
     pub fn start_with(count: usize, extra: &[&str]) -> Fleet {
+        Self::start_on(NatsCluster::single(), count, extra)
+    }
+
+    /// `start_with`, on the NATS servers `nats` (a cluster: the lease
+    /// bucket is kept on three of them).
+    pub fn start_on(nats: NatsCluster, count: usize, extra: &[&str]) -> Fleet {
         let database = Postgres::start();
-        let nats = NatsServer::start();
         let mut fleet = Fleet {
             nodes: Vec::new(),
             database,
@@ -67,6 +73,9 @@ impl Fleet {
             "--sends-per-s".into(),
             "500".into(),
         ]);
+        if self.nats.servers.len() >= 3 {
+            flags.extend(["--node-id-lease-replicas".into(), "3".into()]);
+        }
         flags.extend(extra.iter().map(|flag| flag.to_string()));
         flags
     }

@@ -41,6 +41,9 @@ pub struct Gateway {
     pub ws: SocketAddr,
     pub admin: SocketAddr,
     pub data_dir: tempfile::TempDir,
+    /// What it was started with, for `restart`.
+    extra: Vec<String>,
+    secret: Option<String>,
 }
 
 impl Gateway {
@@ -65,6 +68,40 @@ impl Gateway {
         let data_dir = tempfile::tempdir().unwrap();
         let ws: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let child = Self::spawn(ws, admin, data_dir.path(), extra, secret);
+        let mut gateway = Gateway {
+            child,
+            ws,
+            admin,
+            data_dir,
+            extra: extra.iter().map(|flag| flag.to_string()).collect(),
+            secret: secret.map(str::to_owned),
+        };
+        gateway.wait_ready().then_some(gateway)
+    }
+
+    /// Starts the process again (after `kill9`) on the same ports and data
+    /// directory, with the same flags, and waits until it is ready.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.child = Self::spawn(
+            self.ws,
+            self.admin,
+            self.data_dir.path(),
+            &extra,
+            self.secret.as_deref(),
+        );
+        assert!(self.wait_ready(), "gateway exited while restarting");
+    }
+
+    fn spawn(
+        ws: SocketAddr,
+        admin: SocketAddr,
+        data_dir: &std::path::Path,
+        extra: &[&str],
+        secret: Option<&str>,
+    ) -> Child {
         let mut command = Command::new(crate::workspace_binary("gateway"));
         command
             .args([
@@ -79,7 +116,7 @@ impl Gateway {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         if !extra.contains(&"--data-dir") {
-            command.args(["--data-dir", data_dir.path().to_str().unwrap()]);
+            command.args(["--data-dir", data_dir.to_str().unwrap()]);
         }
         // Test defaults, unless the test sets them itself.
         for (flag, value) in [
@@ -94,14 +131,7 @@ impl Gateway {
         if let Some(secret) = secret {
             command.env("GATEWAY_AUTH_SECRET", secret);
         }
-        let child = command.spawn().expect("gateway binary starts");
-        let mut gateway = Gateway {
-            child,
-            ws,
-            admin,
-            data_dir,
-        };
-        gateway.wait_ready().then_some(gateway)
+        command.spawn().expect("gateway binary starts")
     }
 
     /// False when the process exited before it was ready.

@@ -3,8 +3,11 @@
 //! Owns starting the real processes the tests need on loopback (the gateway
 //! and its client in `gateway`, the storage-writer in `writer`, PostgreSQL,
 //! nats-server, a fleet of nodes in `fleet`), picking free ports, killing what a test started, signals,
-//! and reading a fake systemd notify socket. Never used by a shipped binary.
+//! and reading a fake systemd notify socket; the chaos scenario (`chaos`),
+//! which `bench chaos` runs for minutes. Never used by the gateway or the
+//! storage-writer.
 
+pub mod chaos;
 pub mod fleet;
 pub mod gateway;
 pub mod nats;
@@ -70,12 +73,18 @@ pub fn run_script(script: &str, args: &[&str]) -> String {
 /// before its integration tests; see `writer::ensure_storage_writer_built`
 /// for another package's.
 pub fn workspace_binary(name: &str) -> PathBuf {
-    let test = std::env::current_exe().expect("the test binary's path");
-    let profile_dir = test
-        .parent()
-        .and_then(Path::parent)
-        .expect("tests run from target/<profile>/deps");
-    profile_dir.join(name)
+    profile_dir().join(name)
+}
+
+/// `target/<profile>`: tests run from its `deps`, `bench` from it.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("this binary's path");
+    let dir = exe.parent().expect("a binary has a directory");
+    if dir.ends_with("deps") {
+        dir.parent().expect("deps is in target/<profile>").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Sends `signal` (a name: TERM, HUP, KILL, ...) to `pid`, a process the test started.

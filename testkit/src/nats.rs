@@ -2,7 +2,8 @@
 //! store directory (kept across a restart, as a real server's disk is),
 //! stoppable and restartable on the same port (to test a backplane outage),
 //! with its monitoring endpoint on another (to read what each client holds),
-//! killed when dropped.
+//! killed when dropped. Also `NatsCluster`: three (or more) such servers
+//! routed to each other, with clustered JetStream.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +23,8 @@ pub struct NatsServer {
     /// The HTTP monitoring port (`-m`): `/connz`, `/subsz`.
     pub monitor_port: u16,
     dir: tempfile::TempDir,
+    /// In a cluster: this server's name, route port, and the others' route ports.
+    cluster: Option<(String, u16, Vec<u16>)>,
 }
 
 impl NatsServer {
@@ -32,6 +35,7 @@ impl NatsServer {
             port: free_port(),
             monitor_port: free_port(),
             dir: tempfile::tempdir().unwrap(),
+            cluster: None,
         };
         for _ in 1..START_ATTEMPTS {
             match server.spawn() {
@@ -80,6 +84,22 @@ impl NatsServer {
             .args(["-m", &self.monitor_port.to_string()])
             .arg("--store_dir")
             .arg(self.dir.path())
+            .args(self.cluster.iter().flat_map(|(name, port, routes)| {
+                let routes: Vec<String> = routes
+                    .iter()
+                    .map(|port| format!("nats://127.0.0.1:{port}"))
+                    .collect();
+                [
+                    "--server_name".to_owned(),
+                    name.clone(),
+                    "--cluster_name".to_owned(),
+                    "chat-test".to_owned(),
+                    "--cluster".to_owned(),
+                    format!("nats://127.0.0.1:{port}"),
+                    "--routes".to_owned(),
+                    routes.join(","),
+                ]
+            }))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -148,5 +168,78 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Servers routed into one cluster with clustered JetStream (a meta leader
+/// elected before `start` returns); each can be stopped and restarted.
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// One server, no cluster (what most fleet tests run on).
+    pub fn single() -> NatsCluster {
+        NatsCluster {
+            servers: vec![NatsServer::start()],
+        }
+    }
+
+    pub fn start(size: usize) -> NatsCluster {
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let mut servers: Vec<NatsServer> = (0..size)
+            .map(|index| NatsServer {
+                child: None,
+                port: free_port(),
+                monitor_port: free_port(),
+                dir: tempfile::tempdir().unwrap(),
+                cluster: Some((
+                    format!("n{index}"),
+                    route_ports[index],
+                    route_ports
+                        .iter()
+                        .enumerate()
+                        .filter(|(other, _)| *other != index)
+                        .map(|(_, port)| *port)
+                        .collect(),
+                )),
+            })
+            .collect();
+        for server in &mut servers {
+            server.restart();
+        }
+        let cluster = NatsCluster { servers };
+        cluster.wait_jetstream();
+        cluster
+    }
+
+    /// Every server's client URL, comma-separated (as `nats_url` takes them).
+    pub fn url(&self) -> String {
+        let urls: Vec<String> = self.servers.iter().map(NatsServer::url).collect();
+        urls.join(",")
+    }
+
+    /// Waits until the running servers agree on a JetStream meta leader.
+    pub fn wait_jetstream(&self) {
+        let deadline = Instant::now() + START_WAIT;
+        loop {
+            let led = self
+                .servers
+                .iter()
+                .filter(|server| server.child.is_some())
+                .all(|server| {
+                    server.monitor("/jsz")["meta_cluster"]["leader"]
+                        .as_str()
+                        .is_some_and(|leader| !leader.is_empty())
+                });
+            if led {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the NATS cluster elected no JetStream leader within {START_WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }

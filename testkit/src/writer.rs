@@ -32,8 +32,10 @@ pub fn ensure_storage_writer_built() {
                 return;
             }
         }
+        let release = crate::profile_dir().ends_with("release");
         let status = Command::new(env!("CARGO"))
             .args(["build", "-q", "-p", "storage-writer"])
+            .args(release.then_some("--release"))
             .current_dir(repo())
             .status()
             .unwrap();
