@@ -35,12 +35,31 @@ pub struct ChaosArgs {
     pub fault_every_min_s: u64,
     #[arg(long, default_value_t = 12)]
     pub fault_every_max_s: u64,
+    /// Which faults to draw from: gateway, writer, nats, postgres.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "gateway,writer,nats,postgres"
+    )]
+    pub faults: Vec<String>,
     /// Seed of the fault schedule (0: a random one, printed).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Writes the report here as JSON.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+}
+
+/// The names `--faults` takes.
+const KINDS: [&str; 4] = ["gateway", "writer", "nats", "postgres"];
+
+fn kind_of(fault: &Fault) -> &'static str {
+    match fault {
+        Fault::KillGateway { .. } => "gateway",
+        Fault::KillWriter { .. } => "writer",
+        Fault::KillNats { .. } => "nats",
+        Fault::StopPostgres { .. } => "postgres",
+    }
 }
 
 pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
@@ -50,6 +69,12 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
         args.fault_every_min_s >= 1 && args.fault_every_min_s <= args.fault_every_max_s,
         "--fault-every-min-s must be at least 1 and at most --fault-every-max-s"
     );
+    for kind in &args.faults {
+        anyhow::ensure!(
+            KINDS.contains(&kind.as_str()),
+            "--faults: {kind:?} is none of {KINDS:?}"
+        );
+    }
     let seed = if args.seed == 0 {
         fastrand::u64(1..)
     } else {
@@ -66,7 +91,11 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
         if at + Duration::from_secs(20) > streaming {
             break;
         }
-        faults.push((pause, Fault::random(&mut rng, args.nodes, args.nats_servers)));
+        let fault =
+            std::iter::repeat_with(|| Fault::random(&mut rng, args.nodes, args.nats_servers))
+                .find(|fault| args.faults.iter().any(|kind| kind == kind_of(fault)))
+                .expect("an endless draw finds an allowed kind");
+        faults.push((pause, fault));
     }
     let plan = Plan {
         nodes: args.nodes,
@@ -89,17 +118,11 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
     let report = chaos::run(&plan);
     let mut counts = std::collections::BTreeMap::<&str, usize>::new();
     for (_, fault) in &report.faults {
-        let kind = match fault {
-            Fault::KillGateway { .. } => "kill -9 gateway",
-            Fault::KillWriter { .. } => "kill -9 storage-writer",
-            Fault::KillNats { .. } => "kill -9 NATS server",
-            Fault::StopPostgres { .. } => "stop PostgreSQL",
-        };
-        *counts.entry(kind).or_default() += 1;
+        *counts.entry(kind_of(fault)).or_default() += 1;
     }
     println!("faults inflicted: {} ({counts:?})", report.faults.len());
     println!(
-        "acknowledged {} in {:.0} s; lost {}, duplicates {}, changed ids {}, out of order {}, undelivered {}, never acknowledged {}",
+        "acknowledged {} in {:.0} s; lost {}, duplicates {}, changed ids {}, out of order {}, undelivered after the final sync {}, never acknowledged {}",
         report.acknowledged,
         report.elapsed.as_secs_f64(),
         report.lost,
@@ -108,6 +131,10 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
         report.out_of_order,
         report.undelivered,
         report.never_acknowledged
+    );
+    println!(
+        "reached an online receiver only on its final sync: {} (acknowledged at: {:?})",
+        report.only_on_final_sync, report.undelivered_examples
     );
     println!(
         "longest wait for `sent`: {:.2} s; sender reconnects {}; refusals (overloaded/unavailable) {}; clean: {}",
@@ -137,6 +164,7 @@ pub fn run(args: &ChaosArgs) -> anyhow::Result<()> {
             "changed_ids": report.changed_ids,
             "out_of_order": report.out_of_order,
             "undelivered": report.undelivered,
+            "only_on_final_sync": report.only_on_final_sync,
             "never_acknowledged": report.never_acknowledged,
             "longest_wait_for_sent_s": report.longest_wait_for_sent.as_secs_f64(),
             "sender_reconnects": report.sender_reconnects,

@@ -63,7 +63,10 @@ export interface Message {
   body: string;
   ts: number;
   media?: { url: string; size: number; sha256: string };
-  event?: { action: 'created' | 'added' | 'removed' | 'left'; members: string[] };
+  event?: {
+    action: 'created' | 'added' | 'removed' | 'left' | 'promoted' | 'restricted' | 'opened';
+    members: string[];
+  };
 }
 
 export interface Sent {
@@ -99,6 +102,10 @@ export declare class ChatClient extends EventTarget {
   removeMembers(group: string, members: string[]): Promise<Sent>;
   /** Makes members admins (only an admin may add, remove and promote). */
   promote(group: string, members: string[]): Promise<Sent>;
+  /** Only admins post in the group from now on (only an admin may). */
+  restrictPosting(group: string): Promise<Sent>;
+  /** Every member posts in the group again (only an admin may). */
+  openPosting(group: string): Promise<Sent>;
   typing(where: { to?: string; group?: string }): void;
   read(conversation: string, upTo: string, from: string): void;
   presence(users: string[]): Promise<{ type: 'presence'; users: { user: string; online: boolean; last_seen?: number }[] }>;

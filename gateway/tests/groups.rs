@@ -205,6 +205,71 @@ fn only_members_send_read_list_and_type_and_changes_arrive_in_order() {
 }
 
 #[test]
+fn only_admins_post_in_a_restricted_group_until_it_is_opened() {
+    let gateway = Gateway::start(&[]);
+    let mut alice = gateway.connect("alice", "phone");
+    let mut bob = gateway.connect("bob", "phone");
+    let group = alice.create_group("g-news", &["bob"]);
+    assert_eq!(bob.recv_type("message")["event"]["action"], "created");
+
+    // Only an admin restricts posting; everyone sees that it happened.
+    bob.send(json!({"type": "group_restrict", "id": "r0", "group": group}));
+    assert_eq!(bob.recv_type("error")["code"], "forbidden");
+    alice.send(json!({"type": "group_restrict", "id": "r1", "group": group}));
+    assert_eq!(alice.recv_type("sent")["id"], "r1");
+    let restricted = bob.recv_type("message");
+    assert_eq!(restricted["event"]["action"], "restricted");
+    assert_eq!(restricted["event"]["members"], json!([]));
+    alice.send(json!({"type": "group_restrict", "id": "r2", "group": group}));
+    assert_eq!(alice.recv_type("error")["code"], "invalid_field");
+
+    // Bob (a member, not an admin) may not post; alice may.
+    bob.send(json!({"type": "send", "id": "b1", "group": group, "body": "may I?"}));
+    let refused = bob.recv_type("error");
+    assert_eq!(
+        (refused["code"].as_str(), refused["id"].as_str()),
+        (Some("forbidden"), Some("b1"))
+    );
+    assert!(refused["message"].as_str().unwrap().contains("admins"));
+    alice.send(json!({"type": "send", "id": "a1", "group": group, "body": "announcement"}));
+    assert_eq!(alice.recv_type("sent")["id"], "a1");
+    assert_eq!(bob.recv_type("message")["body"], "announcement");
+
+    // Promoted, bob posts; opened again, carol (added later) posts too.
+    alice.send(json!({"type": "group_promote", "id": "p1", "group": group, "members": ["bob"]}));
+    assert_eq!(alice.recv_type("sent")["id"], "p1");
+    assert_eq!(bob.recv_type("message")["event"]["action"], "promoted");
+    bob.send(json!({"type": "send", "id": "b2", "group": group, "body": "now I may"}));
+    assert_eq!(bob.recv_type("sent")["id"], "b2");
+    alice.send(json!({"type": "group_add", "id": "add-c", "group": group, "members": ["carol"]}));
+    assert_eq!(alice.recv_type("sent")["id"], "add-c");
+    let mut carol = gateway.connect("carol", "phone");
+    carol.send(json!({"type": "send", "id": "c1", "group": group, "body": "me too?"}));
+    assert_eq!(carol.recv_type("error")["code"], "forbidden");
+    bob.send(json!({"type": "group_open", "id": "o1", "group": group}));
+    assert_eq!(bob.recv_type("sent")["id"], "o1");
+    carol.send(json!({"type": "send", "id": "c2", "group": group, "body": "me too"}));
+    assert_eq!(carol.recv_type("sent")["id"], "c2");
+
+    // The changes are in the history, in order with the messages.
+    let history = alice.history(&format!("grp:{group}"), None, 50);
+    let actions: Vec<String> = history.iter().rev().map(action_or_body).collect();
+    assert_eq!(
+        actions,
+        [
+            "created",
+            "restricted",
+            "announcement",
+            "promoted",
+            "now I may",
+            "added",
+            "opened",
+            "me too"
+        ]
+    );
+}
+
+#[test]
 fn a_member_added_later_reads_only_from_when_they_joined() {
     let gateway = Gateway::start(&[]);
     let mut alice = gateway.connect("alice", "phone");

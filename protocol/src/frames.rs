@@ -348,8 +348,8 @@ pub fn decode_client_frame(
             .map(|(to, group)| ClientFrame::Typing { to, group })
             .map_err(invalid),
         Some(
-            kind
-            @ ("group_create" | "group_add" | "group_remove" | "group_leave" | "group_promote"),
+            kind @ ("group_create" | "group_add" | "group_remove" | "group_leave" | "group_promote"
+            | "group_restrict" | "group_open"),
         ) => decode_group_change(kind, raw),
         Some("group_members") => match raw.group {
             Some(group) if is_valid_id(&group) => Ok(ClientFrame::GroupMembers { group }),
@@ -512,13 +512,16 @@ fn decode_history(raw: RawFrame<'_>) -> Result<ClientFrame<'_>, Refused> {
     })
 }
 
-/// `group_create`, `group_add`, `group_remove`, `group_leave`, `group_promote`.
+/// `group_create`, `group_add`, `group_remove`, `group_leave`,
+/// `group_promote`, `group_restrict`, `group_open`.
 fn decode_group_change<'a>(kind: &str, raw: RawFrame<'a>) -> Result<ClientFrame<'a>, Refused> {
     let action = match kind {
         "group_create" => GroupAction::Create,
         "group_add" => GroupAction::Add,
         "group_remove" => GroupAction::Remove,
         "group_promote" => GroupAction::Promote,
+        "group_restrict" => GroupAction::Restrict,
+        "group_open" => GroupAction::Open,
         _ => GroupAction::Leave,
     };
     let id = raw
@@ -534,7 +537,7 @@ fn decode_group_change<'a>(kind: &str, raw: RawFrame<'a>) -> Result<ClientFrame<
         _ => return Err(invalid("`group` must be a group id")),
     };
     let members = match action {
-        GroupAction::Leave => Ok(Vec::new()),
+        GroupAction::Leave | GroupAction::Restrict | GroupAction::Open => Ok(Vec::new()),
         GroupAction::Create => id_list(raw.members, "members", GROUP_CHANGE_MEMBERS_MAX, true),
         _ => id_list(raw.members, "members", GROUP_CHANGE_MEMBERS_MAX, false),
     }

@@ -77,6 +77,10 @@ pub enum GroupAction {
     Leave = 4,
     /// Members become admins (who may add, remove and promote).
     Promote = 5,
+    /// From now on only admins post in the group (names no members).
+    Restrict = 6,
+    /// Every member posts again (names no members).
+    Open = 7,
 }
 
 impl GroupAction {
@@ -87,6 +91,8 @@ impl GroupAction {
             GroupAction::Remove => "removed",
             GroupAction::Leave => "left",
             GroupAction::Promote => "promoted",
+            GroupAction::Restrict => "restricted",
+            GroupAction::Open => "opened",
         }
     }
 
@@ -102,6 +108,8 @@ impl GroupAction {
             3 => GroupAction::Remove,
             4 => GroupAction::Leave,
             5 => GroupAction::Promote,
+            6 => GroupAction::Restrict,
+            7 => GroupAction::Open,
             _ => return Err(DecodeError("unknown group action")),
         })
     }

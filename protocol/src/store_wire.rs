@@ -214,10 +214,12 @@ pub enum Response {
         req: u32,
         bundles: Vec<(Bundle, u32)>,
     },
-    /// A group's members with their roles, sorted by user.
+    /// A group's members with their roles, sorted by user, and whether
+    /// only its admins post.
     MemberRoles {
         req: u32,
         members: Vec<MemberRole>,
+        admins_only: bool,
     },
     Presence {
         req: u32,
@@ -466,6 +468,7 @@ mod tests {
                 admin: true,
                 joined_id: 12,
             }],
+            admins_only: true,
         });
         round_trip_request(Request::Devices {
             req: 13,

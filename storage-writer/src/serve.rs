@@ -325,9 +325,15 @@ impl Server {
             } => tables
                 .send_of(&user, &device, &client_msg_id)
                 .map(|message_id| Response::SendOf { req, message_id }),
-            Request::MemberRoles { req, group } => tables
-                .member_roles(&group)
-                .map(|members| Response::MemberRoles { req, members }),
+            Request::MemberRoles { req, group } => {
+                tables.member_roles(&group).and_then(|members| {
+                    Ok(Response::MemberRoles {
+                        req,
+                        members,
+                        admins_only: tables.admins_only(&group)?,
+                    })
+                })
+            }
             Request::Presence { req, asker, users } => {
                 if users.len() > READ_USERS_MAX {
                     Err(ReadRefused("too many users in one presence request").into())

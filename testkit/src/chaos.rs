@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::fleet::Fleet;
-use crate::gateway::{connect_unsynced_at, Client, Gateway, Next};
+use crate::gateway::{connect_at, connect_unsynced_at, Client, Gateway, Next};
 use crate::nats::NatsCluster;
 
 /// One thing that goes wrong, and how long before it is put right.
@@ -85,8 +85,15 @@ pub struct Report {
     pub changed_ids: usize,
     /// Adjacent history entries out of send order.
     pub out_of_order: usize,
-    /// Acknowledged, stored, and never seen by the receiver (live or on sync).
+    /// Acknowledged, stored, and never seen by the receiver: not live, not
+    /// on a resync, not on the sync every device makes at the end.
     pub undelivered: usize,
+    /// Seen only on that final sync: stored and acknowledged, but an online
+    /// receiver did not get it until it synced (see `docs/design/backplane.md`).
+    pub only_on_final_sync: usize,
+    /// The first few not seen before the final sync: (pair, body, when it
+    /// was acknowledged).
+    pub undelivered_examples: Vec<(usize, String, Duration)>,
     /// Sends that saw no `sent` within the phase limit (their sender gave up).
     pub never_acknowledged: usize,
     pub longest_wait_for_sent: Duration,
@@ -134,6 +141,8 @@ fn connect_any(nodes: &[SocketAddr], start: usize, user: &str) -> (Client, usize
 struct Sent {
     /// Body → message id, for every acknowledged send.
     acknowledged: BTreeMap<String, String>,
+    /// Body → when it was acknowledged (since the run started).
+    acknowledged_at: BTreeMap<String, Duration>,
     bodies: Vec<String>,
     given_up: usize,
     longest_wait: Duration,
@@ -147,6 +156,7 @@ fn sender(nodes: Vec<SocketAddr>, start: usize, me: String, to: String, plan: Pl
     let (mut client, mut at) = connect_any(&nodes, start, &me);
     let mut sent = Sent {
         acknowledged: BTreeMap::new(),
+        acknowledged_at: BTreeMap::new(),
         bodies: Vec::new(),
         given_up: 0,
         longest_wait: Duration::ZERO,
@@ -174,6 +184,8 @@ fn sender(nodes: Vec<SocketAddr>, start: usize, me: String, to: String, plan: Pl
                 Next::Json(frame) if frame["type"] == "sent" && frame["id"] == id.as_str() => {
                     let message_id = frame["message_id"].as_str().unwrap_or_default().to_owned();
                     sent.acknowledged.insert(id.clone(), message_id);
+                    sent.acknowledged_at
+                        .insert(id.clone(), plan.started.elapsed());
                     sent.longest_wait = sent.longest_wait.max(started.elapsed());
                     break;
                 }
@@ -346,21 +358,42 @@ pub fn run(plan: &Plan) -> Report {
         .map(|r| r.join().expect("a receiver finished"))
         .collect();
     report.elapsed = started.elapsed();
+    // Afterwards every device syncs.
+    let finally: Vec<BTreeSet<String>> = (0..plan.pairs)
+        .map(|pair| final_sync(&addresses, &format!("chaos-r{pair}")))
+        .collect();
 
     let results = std::mem::take(&mut *results.lock().unwrap());
     for (pair, sent) in &results {
-        audit(&fleet.nodes, *pair, sent, &seen[*pair], &mut report);
+        let seen = (&seen[*pair], &finally[*pair]);
+        audit(&fleet.nodes, *pair, sent, seen, &mut report);
     }
     report
 }
 
+/// The message ids a fresh connection of `user`'s device syncs.
+fn final_sync(nodes: &[SocketAddr], user: &str) -> BTreeSet<String> {
+    for address in nodes {
+        let attempt = std::panic::catch_unwind(|| connect_at(*address, user, "phone"));
+        if let Ok(client) = attempt {
+            return client
+                .synced
+                .iter()
+                .filter_map(|frame| frame["message_id"].as_str().map(str::to_owned))
+                .collect();
+        }
+    }
+    panic!("{user} could not sync on any node");
+}
+
 /// Compares what `pair`'s sender had acknowledged with its conversation's
-/// history and with what its receiver saw.
+/// history and with what its receiver saw (live or on resyncs, and on the
+/// final sync).
 fn audit(
     nodes: &[Gateway],
     pair: usize,
     sent: &Sent,
-    seen: &BTreeSet<String>,
+    (seen, finally): (&BTreeSet<String>, &BTreeSet<String>),
     report: &mut Report,
 ) {
     report.longest_wait_for_sent = report.longest_wait_for_sent.max(sent.longest_wait);
@@ -405,7 +438,15 @@ fn audit(
             Some(stored) if stored != message_id => report.changed_ids += 1,
             Some(_) => {
                 if !seen.contains(message_id) {
-                    report.undelivered += 1;
+                    if finally.contains(message_id) {
+                        report.only_on_final_sync += 1;
+                    } else {
+                        report.undelivered += 1;
+                    }
+                    if report.undelivered_examples.len() < 20 {
+                        let at = sent.acknowledged_at[body];
+                        report.undelivered_examples.push((pair, body.clone(), at));
+                    }
                 }
             }
         }

@@ -81,7 +81,9 @@ pub fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("this binary's path");
     let dir = exe.parent().expect("a binary has a directory");
     if dir.ends_with("deps") {
-        dir.parent().expect("deps is in target/<profile>").to_path_buf()
+        dir.parent()
+            .expect("deps is in target/<profile>")
+            .to_path_buf()
     } else {
         dir.to_path_buf()
     }

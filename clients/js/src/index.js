@@ -161,6 +161,18 @@ export class ChatClient extends EventTarget {
     return this.#request(id, { type: 'group_promote', id, group, members });
   }
 
+  /** Only admins post from now on (only an admin may). @param {string} group */
+  restrictPosting(group) {
+    const id = newId();
+    return this.#request(id, { type: 'group_restrict', id, group });
+  }
+
+  /** Every member posts again (only an admin may). @param {string} group */
+  openPosting(group) {
+    const id = newId();
+    return this.#request(id, { type: 'group_open', id, group });
+  }
+
   /** @param {string} group @param {string[]} members */
   removeMembers(group, members) {
     const id = newId();

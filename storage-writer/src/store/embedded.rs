@@ -51,6 +51,8 @@ pub struct Embedded {
     prekeys: PartitionHandle,
     members: PartitionHandle,
     member_of: PartitionHandle,
+    /// group → one byte: only admins post.
+    group_settings: PartitionHandle,
     presence: PartitionHandle,
     /// (user, device or "" for all) → revoked at, unix ms (big-endian u64).
     revocations: PartitionHandle,
@@ -92,6 +94,7 @@ impl Embedded {
             prekeys: open("prekeys")?,
             members: open("members")?,
             member_of: open("member_of")?,
+            group_settings: open("group_settings")?,
             presence: open("presence")?,
             revocations: open("revocations")?,
             push_targets: open("push_targets")?,
@@ -206,6 +209,16 @@ impl Tables for Embedded {
     }
     fn member_roles(&mut self, group: &str) -> Result<Vec<MemberRole>> {
         self.member_roles_of(group)
+    }
+    fn admins_only(&mut self, group: &str) -> Result<bool> {
+        Ok(self
+            .group_settings
+            .get(group)?
+            .is_some_and(|value| value.first() == Some(&1)))
+    }
+    fn set_admins_only(&mut self, group: &str, admins_only: bool) -> Result<()> {
+        self.group_settings.insert(group, [u8::from(admins_only)])?;
+        Ok(())
     }
     fn groups_of(&mut self, user: &str) -> Result<Vec<String>> {
         self.groups_of_user(user)
@@ -601,6 +614,12 @@ impl Tables for EmbeddedWriter {
     }
     fn member_roles(&mut self, group: &str) -> Result<Vec<MemberRole>> {
         self.store.member_roles_of(group)
+    }
+    fn admins_only(&mut self, group: &str) -> Result<bool> {
+        self.store.admins_only(group)
+    }
+    fn set_admins_only(&mut self, group: &str, admins_only: bool) -> Result<()> {
+        self.store.set_admins_only(group, admins_only)
     }
     fn groups_of(&mut self, user: &str) -> Result<Vec<String>> {
         self.store.groups_of_user(user)

@@ -38,6 +38,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "group_roles",
         statements: include_str!("../../schema/postgres/0003_group_roles.sql"),
     },
+    Migration {
+        version: 4,
+        name: "group_settings",
+        statements: include_str!("../../schema/postgres/0004_group_settings.sql"),
+    },
 ];
 
 #[cfg_attr(not(feature = "scylla"), allow(dead_code))]
@@ -59,13 +64,19 @@ pub const SCYLLA: &[Migration] = &[
         name: "group_roles",
         statements: include_str!("../../schema/scylla/0003_group_roles.cql"),
     },
+    Migration {
+        version: 4,
+        name: "group_settings",
+        statements: include_str!("../../schema/scylla/0004_group_settings.cql"),
+    },
 ];
 
 /// The embedded store's version: its partitions are opened (created when
 /// missing) by `Embedded::open`, so its steps so far change no data.
 /// 1: the first layout; 2: `push_targets`; 3: group roles in `members`'
-/// values (an empty value is a member from before: no admin, joined 0).
-pub const EMBEDDED_VERSION: u32 = 3;
+/// values (an empty value is a member from before: no admin, joined 0);
+/// 4: `group_settings`.
+pub const EMBEDDED_VERSION: u32 = 4;
 
 /// The steps after `applied`, in order. Refuses a database that a newer
 /// build has migrated past what this build knows.

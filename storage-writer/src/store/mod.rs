@@ -225,6 +225,10 @@ pub trait Tables {
     /// The members of `group` with their roles, sorted by user, at most
     /// `MEMBERSHIP_READ_MAX`.
     fn member_roles(&mut self, group: &str) -> Result<Vec<MemberRole>>;
+    /// Whether only the admins of `group` post (false for a group never set).
+    fn admins_only(&mut self, group: &str) -> Result<bool>;
+    /// Sets whether only the admins of `group` post.
+    fn set_admins_only(&mut self, group: &str, admins_only: bool) -> Result<()>;
     /// Removes `members` from `group` (absent ones are ignored).
     fn remove_members(&mut self, group: &str, members: &[&str]) -> Result<()>;
     /// The groups `user` is a member of, at most `MEMBERSHIP_READ_MAX`.
@@ -390,6 +394,8 @@ pub fn apply_membership(tables: &mut dyn Tables, message: &MessageRecord<'_>) ->
             tables.set_roles(group, members, joined, Some(false))
         }
         GroupAction::Promote => tables.set_roles(group, members, None, Some(true)),
+        GroupAction::Restrict => tables.set_admins_only(group, true),
+        GroupAction::Open => tables.set_admins_only(group, false),
         GroupAction::Remove | GroupAction::Leave => tables.remove_members(group, members),
     }
 }

@@ -475,6 +475,22 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
             .collect())
     }
 
+    fn admins_only(&mut self, group: &str) -> Result<bool> {
+        let statement =
+            self.prepared("SELECT admins_only FROM group_settings WHERE group_id = $1")?;
+        let row = self.client.query_opt(&statement, &[&group])?;
+        Ok(row.is_some_and(|row| row.get(0)))
+    }
+
+    fn set_admins_only(&mut self, group: &str, admins_only: bool) -> Result<()> {
+        let statement = self.prepared(
+            "INSERT INTO group_settings (group_id, admins_only) VALUES ($1, $2) \
+             ON CONFLICT (group_id) DO UPDATE SET admins_only = EXCLUDED.admins_only",
+        )?;
+        self.client.execute(&statement, &[&group, &admins_only])?;
+        Ok(())
+    }
+
     fn groups_of(&mut self, user: &str) -> Result<Vec<String>> {
         let statement = self.prepared(
             "SELECT group_id FROM group_members WHERE user_id = $1 ORDER BY group_id LIMIT $2",

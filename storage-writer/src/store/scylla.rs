@@ -60,6 +60,8 @@ struct Statements {
     delete_member: PreparedStatement,
     delete_group_of: PreparedStatement,
     member_roles: PreparedStatement,
+    admins_only: PreparedStatement,
+    set_admins_only: PreparedStatement,
     set_joined: PreparedStatement,
     set_admin: PreparedStatement,
     groups_of: PreparedStatement,
@@ -237,6 +239,8 @@ impl ScyllaBackend {
                 delete_member: prepare(format!("DELETE FROM {k}.group_members WHERE group_id = ? AND user_id = ?")).await?,
                 delete_group_of: prepare(format!("DELETE FROM {k}.groups_by_member WHERE user_id = ? AND group_id = ?")).await?,
                 member_roles: prepare(format!("SELECT user_id, admin, joined_id FROM {k}.group_members WHERE group_id = ? LIMIT ?")).await?,
+                admins_only: prepare(format!("SELECT admins_only FROM {k}.group_settings WHERE group_id = ?")).await?,
+                set_admins_only: prepare(format!("INSERT INTO {k}.group_settings (group_id, admins_only) VALUES (?, ?)")).await?,
                 // IF EXISTS: an UPDATE would otherwise make the row (a member) up.
                 set_joined: prepare(format!("UPDATE {k}.group_members SET joined_id = ? WHERE group_id = ? AND user_id = ? IF EXISTS")).await?,
                 set_admin: prepare(format!("UPDATE {k}.group_members SET admin = ? WHERE group_id = ? AND user_id = ? IF EXISTS")).await?,
@@ -623,6 +627,15 @@ impl Tables for Scylla {
                 joined_id: joined.unwrap_or(0).max(0) as u64,
             })
             .collect())
+    }
+
+    fn admins_only(&mut self, group: &str) -> Result<bool> {
+        let rows: Vec<(Option<bool>,)> = self.rows(&self.statements.admins_only, (group,))?;
+        Ok(rows.first().and_then(|(value,)| *value).unwrap_or(false))
+    }
+
+    fn set_admins_only(&mut self, group: &str, admins_only: bool) -> Result<()> {
+        self.execute(&self.statements.set_admins_only, (group, admins_only))
     }
 
     fn groups_of(&mut self, user: &str) -> Result<Vec<String>> {

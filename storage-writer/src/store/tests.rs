@@ -641,6 +641,28 @@ fn roles_follow_the_changes_and_history_starts_at_joining(fixture: &Fixture) {
     assert_eq!(ids(everything), [14, 13, 12, 11, 10]);
     let from_joining = super::history(&mut *reader, &conversation, None, Some(12), 50).unwrap();
     assert_eq!(ids(from_joining), [14, 13, 12]);
+    // Posting restricted to admins, then opened again.
+    assert!(!reader.admins_only("g3").unwrap(), "open until restricted");
+    let everyone = ["alice", "bob", "carol"];
+    let restrict = group_message(
+        20,
+        "g3",
+        "bob",
+        &everyone,
+        event(GroupAction::Restrict, vec![]),
+    );
+    run(fixture, std::slice::from_ref(&restrict), false);
+    run(fixture, &[restrict], true);
+    assert!(reader.admins_only("g3").unwrap());
+    let open = group_message(
+        21,
+        "g3",
+        "alice",
+        &everyone,
+        event(GroupAction::Open, vec![]),
+    );
+    run(fixture, &[open], false);
+    assert!(!reader.admins_only("g3").unwrap());
     // Leaving takes the role with the membership; coming back is a fresh start.
     let batch = [
         group_message(

@@ -7,9 +7,10 @@
 //! with the messages; a change is always checked against the list in
 //! storage, never a cached one; after it, this shard's cache holds the new
 //! list and every other shard and node forgets its copy. Roles: the
-//! creator is an admin; only admins add, remove and promote (any member of a
-//! group with no admin may); roles are read from storage with the list for
-//! every change. Storing and
+//! creator is an admin; only admins add, remove, promote, and restrict
+//! posting to admins or open it again (any member of a group with no admin
+//! may); roles are read from storage with the list for every change; in a
+//! restricted group only admins post. Storing and
 //! answering is the pipeline's. Never imports another feature, and never
 //! holds a `RefCell` borrow across an await.
 
@@ -26,7 +27,7 @@ use chat_protocol::{ids, social_frames};
 use crate::mesh::{Sender, ShardMessage};
 use crate::metrics::bump;
 use crate::shard::send::deliver::deliver_ephemeral;
-use crate::shard::send::members::{cached, member_roles, members};
+use crate::shard::send::members::{cached, cached_posters, member_roles, members, Roles};
 use crate::shard::send::pipeline::{self, HandOff, Outgoing};
 use crate::shard::send::reply;
 use crate::shard::state::conn::Conn;
@@ -90,6 +91,16 @@ fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: &SendFrame<'_>, members: &M
     if !is_member(members, &conn.user_id) {
         return reply::forbidden(shard, conn, Some(&send.client_msg_id), NOT_A_MEMBER);
     }
+    match cached_posters(shard, &send.to) {
+        Some(None) => {}
+        Some(Some(admins)) if is_member(&admins, &conn.user_id) => {}
+        Some(Some(_)) => {
+            let message = "only the group's admins post in this group";
+            return reply::forbidden(shard, conn, Some(&send.client_msg_id), message);
+        }
+        // The entry was loaded just before; gone only if the cache was cleared.
+        None => return reply::not_answered(shard, conn, &send.client_msg_id),
+    }
     let record = record_with(pipeline::next_message_id(shard));
     let out = Outgoing {
         record: &record,
@@ -129,7 +140,10 @@ async fn change_group(shard: Rc<Shard>, conn: Rc<Conn>, change: GroupChangeFrame
         return;
     }
     let current = match &change.group {
-        None => Ok(Vec::new()),
+        None => Ok(Roles {
+            members: Vec::new(),
+            admins_only: false,
+        }),
         Some(group) => member_roles(&shard, group).await,
     };
     match current {
@@ -149,12 +163,8 @@ fn may_manage(current: &[MemberRole], user: &str) -> bool {
         .any(|member| *member.user == *user && (member.admin || !has_admins))
 }
 
-fn apply_change(
-    shard: &Shard,
-    conn: &Rc<Conn>,
-    change: &GroupChangeFrame<'_>,
-    current: &[MemberRole],
-) {
+fn apply_change(shard: &Shard, conn: &Rc<Conn>, change: &GroupChangeFrame<'_>, roles: &Roles) {
+    let current = roles.members.as_slice();
     let client_msg_id = Some(&*change.client_msg_id);
     let fail = |code: ErrorCode, message: &str| {
         reply::send_error(shard, conn, client_msg_id, code, message, None);
@@ -167,14 +177,11 @@ fn apply_change(
     if change.action != GroupAction::Create && !now.contains(user) {
         return fail(ErrorCode::Forbidden, NOT_A_MEMBER);
     }
-    let manages = matches!(
-        change.action,
-        GroupAction::Add | GroupAction::Remove | GroupAction::Promote
-    );
+    let manages = !matches!(change.action, GroupAction::Create | GroupAction::Leave);
     if manages && !may_manage(current, user) {
         return fail(
             ErrorCode::Forbidden,
-            "only the group's admins add, remove and promote members",
+            "only the group's admins add, remove and promote members and restrict posting",
         );
     }
     let listed: BTreeSet<&str> = change.members.iter().map(|m| &**m).collect();
@@ -226,6 +233,18 @@ fn apply_change(
             }
             (promoted, now.clone())
         }
+        GroupAction::Restrict | GroupAction::Open => {
+            let restrict = change.action == GroupAction::Restrict;
+            if roles.admins_only == restrict {
+                let already = if restrict {
+                    "only admins post in this group already"
+                } else {
+                    "every member posts in this group already"
+                };
+                return fail(ErrorCode::InvalidField, already);
+            }
+            (Vec::new(), now.clone())
+        }
     };
     let max = shard.config.group_members_max;
     if after.len() > max {
@@ -271,13 +290,9 @@ fn apply_change(
         return;
     }
     bump(&shard.metrics().group_changes, 1);
-    // This shard knows the new list; the others (and other nodes, once the
-    // change is durable) forget theirs and reload from storage.
-    let after: Members = after.into_iter().map(Box::from).collect();
-    shard
-        .groups
-        .borrow_mut()
-        .put(&group, after, shard.monotonic_ms());
+    // Every shard (and other nodes, once the change is durable) forgets its
+    // list and reloads it, with the roles, from storage.
+    shard.groups.borrow_mut().forget(&group);
     for other in (0..shard.mesh.shard_count()).filter(|s| *s != shard.id) {
         let changed = ShardMessage::GroupChanged(group.as_str().into());
         let _ = shard.mesh.send(Sender::Shard(shard.id), other, changed);

@@ -291,6 +291,7 @@ async fn history(
     let since = match ids::group_of_conversation(&conversation) {
         Some(group) => match member_roles(&shard, group).await {
             Ok(roles) => roles
+                .members
                 .iter()
                 .find(|role| *role.user == *conn.user_id)
                 .map(|role| Some(role.joined_id).filter(|joined| *joined > 0)),

@@ -1,4 +1,4 @@
-//! Group member lists a shard has loaded from storage.
+//! Group member lists a shard has loaded from storage, with who may post.
 //!
 //! Owns the cache (bounded by `GROUP_CACHE_ENTRIES_MAX`; a list is trusted
 //! for `group_cache_ms` or until a change is announced) and the membership
@@ -15,6 +15,9 @@ pub type Members = Rc<[Box<str>]>;
 
 struct Cached {
     members: Members,
+    /// Who may post: `None` for every member, else the admins (a group
+    /// restricted to its admins).
+    posters: Option<Members>,
     loaded_ms: u64,
 }
 
@@ -27,17 +30,39 @@ pub struct GroupCache {
 impl GroupCache {
     /// The list of `group`, if it was loaded less than `ttl_ms` ago.
     pub fn get(&self, group: &str, monotonic_ms: u64, ttl_ms: u64) -> Option<Members> {
-        let cached = self.entries.get(group)?;
-        (monotonic_ms.saturating_sub(cached.loaded_ms) < ttl_ms).then(|| cached.members.clone())
+        self.fresh(group, monotonic_ms, ttl_ms)
+            .map(|cached| cached.members.clone())
     }
 
-    pub fn put(&mut self, group: &str, members: Members, monotonic_ms: u64) {
+    /// Who may post in `group` (`Some(None)`: every member), if its entry
+    /// is fresh.
+    pub fn posters(&self, group: &str, monotonic_ms: u64, ttl_ms: u64) -> Option<Option<Members>> {
+        self.fresh(group, monotonic_ms, ttl_ms)
+            .map(|cached| cached.posters.clone())
+    }
+
+    fn fresh(&self, group: &str, monotonic_ms: u64, ttl_ms: u64) -> Option<&Cached> {
+        let cached = self.entries.get(group)?;
+        (monotonic_ms.saturating_sub(cached.loaded_ms) < ttl_ms).then_some(cached)
+    }
+
+    pub fn put(
+        &mut self,
+        group: &str,
+        members: Members,
+        posters: Option<Members>,
+        monotonic_ms: u64,
+    ) {
         if self.entries.len() >= GROUP_CACHE_ENTRIES_MAX && !self.entries.contains_key(group) {
             self.entries.clear();
         }
         let loaded_ms = monotonic_ms;
-        self.entries
-            .insert(group.into(), Cached { members, loaded_ms });
+        let entry = Cached {
+            members,
+            posters,
+            loaded_ms,
+        };
+        self.entries.insert(group.into(), entry);
     }
 
     pub fn forget(&mut self, group: &str) {
