@@ -19,7 +19,10 @@
 //! dropped, and the recipient gets it on a sync, since it is durable), publish
 //! while disconnected (the reconnect triggers a resync instead), or let a
 //! change of homes lose a message silently (the devices of a moved user
-//! resync once every node has seen the change).
+//! resync once every node has seen the change), or trust a publish made just
+//! before NATS was lost (NATS is at-most-once, and a server killed with the
+//! publish in its buffers loses it: those are published again on the
+//! reconnect, and receivers drop repeats by message id).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -36,6 +39,15 @@ use crate::envelope::{Deliver, Envelope, Heartbeat, Hop, DELIVER_USERS_MAX};
 use crate::exceptions::Exceptions;
 use crate::membership::{Membership, Rebuilt};
 use crate::routing::HomeTable;
+
+/// Publishes made this long before NATS was lost are published again on
+/// the reconnect (a server that dies drops what it had not routed; a dead
+/// server's socket is seen closed within milliseconds, a silent one only
+/// at async-nats's ping interval).
+const REPUBLISH_WINDOW_MS: u64 = 2_000;
+/// The most recent publishes kept for that (beyond, the oldest are
+/// forgotten and counted: their receivers get them on their next sync).
+const REPUBLISH_KEPT_MAX: usize = 16_384;
 
 /// Outbound items taken per shard per turn (fairness between shards).
 const TURN_BUDGET: usize = 256;
@@ -172,6 +184,8 @@ pub struct BackplaneStats {
     pub received: AtomicU64,
     /// Publishes dropped while disconnected (the recipients sync instead).
     pub publish_dropped: AtomicU64,
+    /// Publishes made just before NATS was lost, published again on the reconnect.
+    pub republished: AtomicU64,
     /// Inbound messages dropped because a shard queue stayed full.
     pub inbound_dropped: AtomicU64,
     /// NATS subscriptions this node holds (constant: not one per user).
@@ -353,6 +367,9 @@ struct Router {
     started_unix_ms: u64,
     /// Messages kept while this node could not route them.
     held: VecDeque<Outbound>,
+    /// The last `REPUBLISH_WINDOW_MS` of publishes (unix ms, the publish),
+    /// oldest first, for a reconnect to publish again.
+    recent: VecDeque<(u64, Outbound)>,
 }
 
 async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
@@ -439,6 +456,7 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
         disconnected_at_unix_ms: None,
         started_unix_ms: unix_ms(),
         held: VecDeque::new(),
+        recent: VecDeque::new(),
     };
     router.stats_update();
     let mut tick = tokio::time::interval(TICK);
@@ -462,6 +480,7 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
                             .disconnected_at_unix_ms
                             .take()
                             .unwrap_or_else(|| unix_ms().saturating_sub(router.settle_ms()));
+                        router.republish_since(since.saturating_sub(REPUBLISH_WINDOW_MS));
                         router.after_an_outage(since);
                     } else {
                         tracing::info!(url = %backplane.config.url, node = me, "backplane connected");
@@ -657,10 +676,48 @@ impl Router {
             .filter(move |node| *node != from && *node != me)
     }
 
+    /// Publishes again, ahead of what is held, what was published since
+    /// `since` (unix ms): the server that took it may have died with it.
+    fn republish_since(&mut self, since: u64) {
+        let again: Vec<Outbound> = self
+            .recent
+            .drain(..)
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, publish)| publish)
+            .collect();
+        self.stats()
+            .republished
+            .fetch_add(again.len() as u64, Relaxed);
+        for publish in again.into_iter().rev() {
+            self.held.push_front(publish);
+        }
+    }
+
+    /// Keeps a copy of a publish for `republish_since` (the JSON is shared,
+    /// not copied), forgetting what is older than the window.
+    fn remember_publish(&mut self, users: &[Box<str>], message_id: u64, json: &Bytes) {
+        let now = unix_ms();
+        while self
+            .recent
+            .front()
+            .is_some_and(|(at, _)| *at + REPUBLISH_WINDOW_MS < now)
+            || self.recent.len() >= REPUBLISH_KEPT_MAX
+        {
+            self.recent.pop_front();
+        }
+        let publish = Outbound::Publish {
+            users: users.to_vec(),
+            message_id,
+            json: json.clone(),
+        };
+        self.recent.push_back((now, publish));
+    }
+
     /// Routes a message from this node's shards: each user's home gets it
     /// (one envelope per home), and for users homed here the registered
     /// nodes get it directly.
     async fn publish(&mut self, users: Vec<Box<str>>, message_id: u64, json: Bytes) {
+        self.remember_publish(&users, message_id, &json);
         let mut batches: HashMap<(u16, bool), Vec<Box<str>>> = HashMap::new();
         for user in users {
             for (node, hop) in self.route_targets(&user) {

@@ -66,6 +66,14 @@ pub struct OneToOneArgs {
     /// Latency-by-percentile plot.
     #[arg(long)]
     pub svg: Option<std::path::PathBuf>,
+    /// Samples the resident memory of the gateway and of its storage-writer
+    /// every this many seconds from the first send to the end (a soak; 0:
+    /// not sampled). Single bench process only.
+    #[arg(long, default_value_t = 0)]
+    pub rss_every_s: u64,
+    /// Plots those samples (SVG).
+    #[arg(long)]
+    pub rss_svg: Option<std::path::PathBuf>,
     /// What to measure: our gateway, or nats-server's WebSocket listener.
     #[arg(long, value_enum, default_value = "gateway")]
     pub peer: Peer,
@@ -161,7 +169,20 @@ pub struct OneToOneReport {
     pub bench_cpu_s: Option<f64>,
     pub errors: BTreeMap<String, u64>,
     pub closes: u64,
+    /// `--rss-every-s`: resident memory over the run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rss_samples: Vec<RssSample>,
     pub environment: serde_json::Value,
+}
+
+/// The servers' resident memory at one moment of a run.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct RssSample {
+    /// Seconds since the first send.
+    pub t_s: f64,
+    pub gateway_bytes: u64,
+    /// The gateway's children (its storage-writer).
+    pub writer_bytes: u64,
 }
 
 pub fn run(args: &OneToOneArgs) -> anyhow::Result<()> {
@@ -220,6 +241,30 @@ pub fn run(args: &OneToOneArgs) -> anyhow::Result<()> {
         }
         std::fs::write(path, report::svg(&title, &series))?;
     }
+    if let Some(path) = &args.rss_svg {
+        let samples = &runs[0].0.rss_samples;
+        anyhow::ensure!(!samples.is_empty(), "--rss-svg needs --rss-every-s");
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        let gateway: Vec<(f64, f64)> = samples
+            .iter()
+            .map(|s| (s.t_s, mib(s.gateway_bytes)))
+            .collect();
+        let writer: Vec<(f64, f64)> = samples
+            .iter()
+            .map(|s| (s.t_s, mib(s.writer_bytes)))
+            .collect();
+        let title = format!(
+            "resident memory: {} users, {} msgs/s, {} s",
+            args.users,
+            args.rate,
+            args.warmup_s + args.duration_s
+        );
+        let series = [
+            ("gateway", gateway.as_slice()),
+            ("storage-writer", writer.as_slice()),
+        ];
+        std::fs::write(path, report::line_svg(&title, "MiB", &series))?;
+    }
     Ok(())
 }
 
@@ -275,13 +320,17 @@ fn run_one(
             .sum()
     };
 
+    let mut rss_samples = Vec::new();
     let (totals, server_cpu_s) = if args.processes > 1 {
         run_in_processes(args, peer, address, &server_cpu)?
     } else {
         let per_thread = connect_users(args, peer, address, 0..args.users)?;
         let phase = Phase::starting_soon(args);
         let running = spawn_threads(args, peer, per_thread, &phase)?;
-        let server_cpu_s = sample_server_cpu(&phase, &server_cpu);
+        let every = (args.rss_every_s > 0 && peer == Peer::Gateway)
+            .then(|| Duration::from_secs(args.rss_every_s));
+        let (server_cpu_s, samples) = sample_server(&phase, &server_cpu, &server_pids, every);
+        rss_samples = samples;
         (running.join()?, server_cpu_s)
     };
     let Totals {
@@ -326,6 +375,7 @@ fn run_one(
         bench_cpu_s,
         errors: result.errors,
         closes: result.closes,
+        rss_samples,
         environment: report::environment(),
     };
     Ok((report, delivery, ack))
@@ -519,18 +569,54 @@ impl Running {
 }
 
 /// Server CPU seconds over the measured window only.
-fn sample_server_cpu(phase: &Phase, server_cpu: &dyn Fn() -> Option<f64>) -> Option<f64> {
+/// The servers' CPU seconds over the measured window, and (with `rss_every`)
+/// their resident memory from the first send to the end.
+fn sample_server(
+    phase: &Phase,
+    server_cpu: &dyn Fn() -> Option<f64>,
+    pids: &[u32],
+    rss_every: Option<Duration>,
+) -> (Option<f64>, Vec<RssSample>) {
     let sleep_until = |target_ns: u64| {
         let now = monotonic_ns();
         if target_ns > now {
             std::thread::sleep(Duration::from_nanos(target_ns - now));
         }
     };
-    sleep_until(phase.measure_from_ns);
-    let start = server_cpu();
+    let mut samples = Vec::new();
+    let mut sample_at = |at_ns: u64| {
+        sleep_until(at_ns);
+        let rss = |pid: u32| procfs::process_memory(pid).map_or(0, |m| m.rss_bytes);
+        samples.push(RssSample {
+            t_s: at_ns.saturating_sub(phase.start_ns) as f64 / 1e9,
+            gateway_bytes: pids.iter().map(|pid| rss(*pid)).sum(),
+            writer_bytes: pids
+                .iter()
+                .flat_map(|pid| procfs::children(*pid))
+                .map(rss)
+                .sum(),
+        });
+    };
+    let mut start = None;
+    let mut measured = false;
+    let step = rss_every.map(|every| every.as_nanos() as u64);
+    let mut next = phase.start_ns;
+    loop {
+        let sample_due = step.is_some() && next <= phase.end_ns;
+        if !measured && (!sample_due || phase.measure_from_ns <= next) {
+            sleep_until(phase.measure_from_ns);
+            start = server_cpu();
+            measured = true;
+        }
+        if !sample_due {
+            break;
+        }
+        sample_at(next);
+        next += step.expect("sampling");
+    }
     sleep_until(phase.end_ns);
     let end = server_cpu();
-    start.zip(end).map(|(start, end)| end - start)
+    (start.zip(end).map(|(start, end)| end - start), samples)
 }
 
 /// Worker-process mode: connect this worker's users, say so, wait for the
@@ -629,7 +715,7 @@ fn run_in_processes(
     for child in children.iter_mut() {
         writeln!(child.stdin.as_mut().expect("piped"), "{}", phase.start_ns)?;
     }
-    let server_cpu_s = sample_server_cpu(&phase, server_cpu);
+    let (server_cpu_s, _) = sample_server(&phase, server_cpu, &[], None);
     let mut totals = Totals::default();
     for (child, mut output) in children.iter_mut().zip(outputs) {
         let mut line = String::new();

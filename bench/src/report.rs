@@ -172,6 +172,67 @@ pub fn svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
     out
 }
 
+/// A line plot of time series ((seconds, value) points), values from 0.
+pub fn line_svg(title: &str, unit: &str, series: &[(&str, &[(f64, f64)])]) -> String {
+    const WIDTH: f64 = 760.0;
+    const HEIGHT: f64 = 420.0;
+    const LEFT: f64 = 70.0;
+    const BOTTOM: f64 = 50.0;
+    const COLORS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+    let points = series.iter().flat_map(|(_, points)| points.iter());
+    let max_t = points.clone().map(|p| p.0).fold(1.0, f64::max);
+    let max_v = points.map(|p| p.1).fold(1.0, f64::max) * 1.1;
+    let x = |t: f64| LEFT + t / max_t * (WIDTH - LEFT - 30.0);
+    let y = |v: f64| HEIGHT - BOTTOM - v / max_v * (HEIGHT - BOTTOM - 40.0);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        out,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="{LEFT}" y="20" font-size="14">{title}</text>"#
+    );
+    let _ = writeln!(
+        out,
+        r#"<line x1="{LEFT}" y1="{0}" x2="{1}" y2="{0}" stroke="black"/><line x1="{LEFT}" y1="30" x2="{LEFT}" y2="{0}" stroke="black"/>"#,
+        HEIGHT - BOTTOM,
+        WIDTH - 20.0,
+    );
+    for fraction in [0.0, 0.25, 0.5, 0.75, 1.0] {
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{:.0} s</text><text x="{}" y="{:.1}" text-anchor="end">{:.0} {unit}</text>"#,
+            x(max_t * fraction),
+            HEIGHT - BOTTOM + 18.0,
+            max_t * fraction,
+            LEFT - 6.0,
+            y(max_v * fraction) + 4.0,
+            max_v * fraction,
+        );
+    }
+    for (index, (label, points)) in series.iter().enumerate() {
+        let color = COLORS[index % COLORS.len()];
+        let line: Vec<String> = points
+            .iter()
+            .map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v)))
+            .collect();
+        let _ = writeln!(
+            out,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+            line.join(" ")
+        );
+        let _ = writeln!(
+            out,
+            r#"<text x="{}" y="{}" fill="{color}">{label}</text>"#,
+            LEFT + 10.0,
+            45.0 + 16.0 * index as f64
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
 /// Kernel, CPU, limits and relevant sysctls, for the report's header.
 pub fn environment() -> serde_json::Value {
     let read = |path: &str| {

@@ -702,6 +702,12 @@ fn render_backplane(out: &mut String, backplane: &Backplane, shards: usize) {
             stats.publish_dropped.load(Relaxed),
         ),
         (
+            "gateway_backplane_republished_total",
+            "counter",
+            "Publishes made just before NATS was lost, published again on the reconnect (receivers drop repeats).",
+            stats.republished.load(Relaxed),
+        ),
+        (
             "gateway_backplane_inbound_dropped_total",
             "counter",
             "Received messages dropped on a full shard queue (recipients sync instead).",

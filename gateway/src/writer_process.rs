@@ -58,6 +58,8 @@ pub fn spawn(config: &Config) -> anyhow::Result<WriterChild> {
         .arg(config.ring_dir.join(WRITER_SOCKET))
         .arg("--data-dir")
         .arg(&config.data_dir)
+        .arg("--group-members-max")
+        .arg(config.group_members_max.to_string())
         .args(&config.storage_writer_args)
         // systemd's notifications are the gateway's, not its child's.
         .env_remove("NOTIFY_SOCKET")

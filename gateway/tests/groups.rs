@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{Client, Gateway};
+use support::{Client, Gateway, Writer};
 
 /// Members of the large group (the default and documented maximum).
 const LARGE: usize = 1024;
@@ -267,6 +267,50 @@ fn only_admins_post_in_a_restricted_group_until_it_is_opened() {
             "me too"
         ]
     );
+}
+
+#[test]
+fn the_writer_refuses_a_change_past_its_bound_and_nobody_sees_it() {
+    // The writer's bound (3) below the node's (10): what two nodes checking
+    // against the same list at once would let through, made certain.
+    let data = tempfile::tempdir().unwrap();
+    let _writer = Writer::start(data.path(), &["--group-members-max", "3"]);
+    let dir = data.path().to_str().unwrap();
+    let gateway = Gateway::start(&[
+        "--data-dir",
+        dir,
+        "--storage-writer",
+        "external",
+        "--group-members-max",
+        "10",
+    ]);
+    let mut alice = gateway.connect("alice", "phone");
+    let mut bob = gateway.connect("bob", "phone");
+    let mut dave = gateway.connect("dave", "phone");
+    let group = alice.create_group("g-bound", &["bob"]);
+    assert_eq!(bob.recv_type("message")["event"]["action"], "created");
+    alice.send(json!({"type": "group_add", "id": "add-c", "group": group, "members": ["carol"]}));
+    assert_eq!(alice.recv_type("sent")["id"], "add-c");
+    assert_eq!(bob.recv_type("message")["event"]["action"], "added");
+
+    for _attempt in 0..2 {
+        // A retry with the same id is a new change, refused again.
+        alice
+            .send(json!({"type": "group_add", "id": "add-d", "group": group, "members": ["dave"]}));
+        let refused = alice.recv_type("error");
+        assert_eq!(
+            (refused["code"].as_str(), refused["id"].as_str()),
+            (Some("group_full"), Some("add-d")),
+            "{refused}"
+        );
+    }
+    bob.expect_silence(Duration::from_millis(300));
+    dave.expect_silence(Duration::from_millis(100));
+    dave.send(json!({"type": "send", "id": "d1", "group": group, "body": "am I in?"}));
+    assert_eq!(dave.recv_type("error")["code"], "forbidden");
+    let history = alice.history(&format!("grp:{group}"), None, 50);
+    let actions: Vec<String> = history.iter().rev().map(action_or_body).collect();
+    assert_eq!(actions, ["created", "added"]);
 }
 
 #[test]

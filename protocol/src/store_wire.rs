@@ -257,6 +257,15 @@ pub enum Response {
     Stalled {
         reason: String,
     },
+    /// A notice, sent before the `Durable` that covers the record: the
+    /// message `message_id` of this shard's ring was not stored (a group
+    /// change that would take its group past the bound, checked by the
+    /// writer against every writer's changes). Its sender is told, and it
+    /// is delivered to no one.
+    Refused {
+        message_id: u64,
+        reason: String,
+    },
 }
 
 /// The length of the frame at the front of `buffer`, once its prefix is in.
@@ -572,6 +581,10 @@ mod tests {
         });
         round_trip_response(Response::Stalled {
             reason: "No space left on device (os error 28)".into(),
+        });
+        round_trip_response(Response::Refused {
+            message_id: 1 << 40,
+            reason: "a group has at most 1024 members".into(),
         });
     }
 

@@ -48,6 +48,8 @@ pub struct CommitLoop {
     pub sessions: Arc<Sessions>,
     pub stats: Arc<Stats>,
     pub batch_records_max: usize,
+    /// The most members a group may have: changes past it are refused.
+    pub group_members_max: usize,
     /// How long a batch waits for more records after its first (0: none).
     pub batch_linger: Duration,
     pub stop: Arc<AtomicBool>,
@@ -153,6 +155,8 @@ impl CommitLoop {
         retry: bool,
     ) -> Result<VecDeque<PendingAck>> {
         let mut decoded = Vec::with_capacity(chunks.len());
+        // The ring of each decoded record (to tell its shard of a refusal).
+        let mut rings = Vec::with_capacity(chunks.len());
         for chunk in chunks {
             for raw in &chunk.records {
                 // A record that passed its checksum but does not decode was
@@ -168,6 +172,7 @@ impl CommitLoop {
                     record,
                     maybe_applied: chunk.maybe_applied || retry,
                 });
+                rings.push(chunk.ring);
             }
         }
         let heads = self.progress.barrier();
@@ -176,10 +181,12 @@ impl CommitLoop {
             rings.iter().map(|ring| ring.committed).collect()
         };
         let mut still_pending = VecDeque::new();
+        let mut refused = Vec::new();
         self.writer.write_batch(&mut |tables| {
             still_pending.clear();
-            let unresolved = store::apply(tables, &decoded)?;
-            for index in unresolved {
+            let outcome = store::apply(tables, &decoded, self.group_members_max)?;
+            refused = outcome.refused;
+            for index in outcome.unresolved {
                 if let Record::Ack(ack) = &decoded[index].record {
                     still_pending.push_back(PendingAck {
                         user: ack.user.to_owned(),
@@ -215,9 +222,31 @@ impl CommitLoop {
             }
             Ok(())
         })?;
+        // Before the `Durable` that covers them (`publish`).
+        if !refused.is_empty() {
+            let paths: Vec<std::path::PathBuf> = {
+                let rings = self.progress.rings.lock().expect("progress lock");
+                rings.iter().map(|ring| ring.path.clone()).collect()
+            };
+            let reason = format!("a group has at most {} members", self.group_members_max);
+            for index in &refused {
+                if let Record::Message(message) = &decoded[*index].record {
+                    tracing::info!(
+                        message_id = message.message_id,
+                        group = message.to,
+                        "group change refused: past the bound"
+                    );
+                    self.sessions
+                        .refused(&paths[rings[*index]], message.message_id, &reason);
+                }
+            }
+        }
         // Durable now: recipients that did not get it live may be pushed.
         if let Some(push) = &self.push {
-            for applied in &decoded {
+            for (index, applied) in decoded.iter().enumerate() {
+                if refused.contains(&index) {
+                    continue;
+                }
                 if let Record::Message(message) = &applied.record {
                     push.offer(message);
                 }
@@ -300,6 +329,7 @@ mod tests {
             sessions: Default::default(),
             stats: Default::default(),
             batch_records_max: 64,
+            group_members_max: 1024,
             batch_linger: Duration::ZERO,
             stop: Default::default(),
             push: None,

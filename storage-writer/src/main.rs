@@ -88,6 +88,13 @@ struct Args {
     /// linger trades up to that much latency for fewer, larger batches.
     #[arg(long, default_value_t = 0)]
     batch_linger_us: u64,
+    /// The most members a group may have (the gateway's
+    /// `group_members_max`, which it passes to a writer it starts): a
+    /// membership change that would pass it is not stored and its sender
+    /// is told, even when changes made on two nodes at once each passed
+    /// their node's check.
+    #[arg(long, default_value_t = 1024)]
+    group_members_max: usize,
     /// Log batch statistics this often (0: never).
     #[arg(long, default_value_t = 60)]
     stats_interval_s: u64,
@@ -164,6 +171,7 @@ fn run(args: Args) -> Result<()> {
         sessions: sessions.clone(),
         stats: stats.clone(),
         batch_records_max: args.batch_records_max,
+        group_members_max: args.group_members_max,
         batch_linger: Duration::from_micros(args.batch_linger_us),
         stop: stop.clone(),
         push,

@@ -88,6 +88,23 @@ impl Sessions {
         }
     }
 
+    /// Tells the shard writing `ring` that its message `message_id` was not stored.
+    pub fn refused(&self, ring: &Path, message_id: u64, reason: &str) {
+        let socket = self
+            .by_ring
+            .lock()
+            .expect("sessions lock")
+            .get(ring)
+            .cloned();
+        if let Some(socket) = socket {
+            let frame = Response::Refused {
+                message_id,
+                reason: reason.to_owned(),
+            };
+            self.notify(ring, &socket, &frame.encode());
+        }
+    }
+
     fn notify(&self, ring: &Path, socket: &SessionSocket, frame: &[u8]) {
         if let Err(error) = send(socket, frame) {
             tracing::warn!(ring = %ring.display(), %error, "shard not reading; dropping its session");

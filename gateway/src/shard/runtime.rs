@@ -28,6 +28,7 @@ use slab::Slab;
 
 use super::accept;
 use super::features::{presence, receipts, revocation, sync};
+use super::send::pipeline;
 use super::state::conn::Conn;
 use super::state::durable::Durability;
 use super::state::idempotency::IdempotencyTable;
@@ -255,6 +256,7 @@ async fn shard_main(setup: ShardSetup, driver: &'static str) -> anyhow::Result<(
         groups: RefCell::default(),
         receipts: RefCell::default(),
         presence: RefCell::default(),
+        held_released: Default::default(),
         config,
         node: setup.node,
         mesh: setup.mesh,
@@ -265,6 +267,7 @@ async fn shard_main(setup: ShardSetup, driver: &'static str) -> anyhow::Result<(
     monoio::spawn(store_client::run(shard.clone()));
     monoio::spawn(inbox(shard.clone()));
     monoio::spawn(sweep(shard.clone()));
+    monoio::spawn(release_held(shard.clone()));
     monoio::spawn(receipts::flush_loop(shard.clone()));
     monoio::spawn(presence::write_loop(shard.clone()));
     monoio::spawn(accept::accept_loop(shard.clone(), listener));
@@ -284,6 +287,17 @@ async fn inbox(shard: Rc<Shard>) {
             .drain(shard.id, INBOX_BUDGET, |message| handle(&shard, message));
         if taken == INBOX_BUDGET {
             yield_now().await;
+        }
+    }
+}
+
+/// Delivers held records (group changes) once durable, or tells their
+/// senders the writer refused them.
+async fn release_held(shard: Rc<Shard>) {
+    loop {
+        shard.held_released.wait().await;
+        for released in shard.durability.take_released() {
+            pipeline::release(&shard, released);
         }
     }
 }

@@ -32,7 +32,7 @@ pub mod scylla;
 use anyhow::Result;
 use chat_protocol::keys::Bundle;
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use chat_protocol::ids;
 use chat_protocol::records::{AckRecord, Event, GroupAction, MessageRecord, PresenceEntry, Record};
@@ -225,6 +225,12 @@ pub trait Tables {
     /// The members of `group` with their roles, sorted by user, at most
     /// `MEMBERSHIP_READ_MAX`.
     fn member_roles(&mut self, group: &str) -> Result<Vec<MemberRole>>;
+    /// Serialises membership changes of `groups` with every other writer's
+    /// until this batch commits (PostgreSQL: transaction-scoped advisory
+    /// locks, taken in sorted order). A store with one writer needs none.
+    fn lock_groups(&mut self, _groups: &[&str]) -> Result<()> {
+        Ok(())
+    }
     /// Whether only the admins of `group` post (false for a group never set).
     fn admins_only(&mut self, group: &str) -> Result<bool>;
     /// Sets whether only the admins of `group` post.
@@ -269,17 +275,123 @@ pub struct Applied<'a> {
     pub maybe_applied: bool,
 }
 
-/// Applies decoded records in ring order. Returns the indices of
-/// acknowledgements whose message is not (yet) in the user's inbox: the
-/// caller retries them once the other rings have been read further.
-pub fn apply(tables: &mut dyn Tables, records: &[Applied<'_>]) -> Result<Vec<usize>> {
-    if records.iter().all(|applied| !applied.maybe_applied) {
+/// What applying a batch left to its caller.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Acknowledgements whose message is not (yet) in the user's inbox: the
+    /// caller retries them once the other rings have been read further.
+    pub unresolved: Vec<usize>,
+    /// Membership changes not applied (nor stored) because the group would
+    /// pass `group_members_max`: the caller tells the shard.
+    pub refused: Vec<usize>,
+}
+
+/// Applies decoded records in ring order, except membership changes that
+/// would take a group past `group_members_max` members (two changes made
+/// on two nodes at once were each checked against the same list there).
+pub fn apply(
+    tables: &mut dyn Tables,
+    records: &[Applied<'_>],
+    group_members_max: usize,
+) -> Result<Outcome> {
+    let refused = over_the_bound(tables, records, group_members_max)?;
+    let unresolved = apply_kept(tables, records, &refused)?;
+    Ok(Outcome {
+        unresolved,
+        refused,
+    })
+}
+
+/// The membership changes of `records` that would take their group past
+/// `bound` members, replaying the batch's changes in order over what is
+/// stored (under the groups' locks). Only joins can pass it.
+fn over_the_bound(
+    tables: &mut dyn Tables,
+    records: &[Applied<'_>],
+    bound: usize,
+) -> Result<Vec<usize>> {
+    let changes: Vec<(usize, &str, GroupAction, &[&str])> = records
+        .iter()
+        .enumerate()
+        .filter_map(|(index, applied)| match &applied.record {
+            Record::Message(MessageRecord {
+                event: Some(Event::Group { action, members }),
+                to,
+                ..
+            }) => Some((index, *to, *action, members.as_slice())),
+            _ => None,
+        })
+        .collect();
+    if !changes.iter().any(|(_, _, action, _)| action.joins()) {
+        return Ok(Vec::new());
+    }
+    let mut groups: Vec<&str> = changes.iter().map(|(_, group, ..)| *group).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    tables.lock_groups(&groups)?;
+    let mut members: HashMap<&str, BTreeSet<String>> = HashMap::new();
+    let mut refused = Vec::new();
+    for (index, group, action, listed) in changes {
+        let current = match members.entry(group) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => entry.insert(
+                tables
+                    .member_roles(group)?
+                    .into_iter()
+                    .map(|role| role.user)
+                    .collect(),
+            ),
+        };
+        let from = match &records[index].record {
+            Record::Message(message) => message.from,
+            _ => unreachable!("changes are messages"),
+        };
+        match action {
+            GroupAction::Create | GroupAction::Add => {
+                let mut after = current.clone();
+                after.extend(listed.iter().map(|member| member.to_string()));
+                if action == GroupAction::Create {
+                    after.insert(from.to_owned());
+                }
+                if after.len() > bound {
+                    refused.push(index);
+                } else {
+                    *current = after;
+                }
+            }
+            GroupAction::Remove => {
+                for member in listed {
+                    current.remove(*member);
+                }
+            }
+            GroupAction::Leave => {
+                current.remove(from);
+                for member in listed {
+                    current.remove(*member);
+                }
+            }
+            GroupAction::Promote | GroupAction::Restrict | GroupAction::Open => {}
+        }
+    }
+    Ok(refused)
+}
+
+/// `apply` without the records at the indices in `skip`.
+fn apply_kept(
+    tables: &mut dyn Tables,
+    records: &[Applied<'_>],
+    skip: &[usize],
+) -> Result<Vec<usize>> {
+    if skip.is_empty() && records.iter().all(|applied| !applied.maybe_applied) {
         if let Some(unresolved) = apply_set_based(tables, records)? {
             return Ok(unresolved);
         }
     }
     let mut unresolved = Vec::new();
     for (index, applied) in records.iter().enumerate() {
+        if skip.contains(&index) {
+            continue;
+        }
         match &applied.record {
             Record::Message(message) => {
                 let replay = applied.maybe_applied;

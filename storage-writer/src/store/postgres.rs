@@ -475,6 +475,18 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
             .collect())
     }
 
+    /// Transaction-scoped advisory locks, one per group, in sorted order
+    /// (writers that lock the same groups never wait on each other in a
+    /// cycle); released when the batch commits or rolls back.
+    fn lock_groups(&mut self, groups: &[&str]) -> Result<()> {
+        let statement = self.prepared(
+            "SELECT pg_advisory_xact_lock(hashtextextended(g, 7)) \
+             FROM (SELECT g FROM UNNEST($1::text[]) AS t(g) ORDER BY g) AS sorted",
+        )?;
+        self.client.query(&statement, &[&groups])?;
+        Ok(())
+    }
+
     fn admins_only(&mut self, group: &str) -> Result<bool> {
         let statement =
             self.prepared("SELECT admins_only FROM group_settings WHERE group_id = $1")?;

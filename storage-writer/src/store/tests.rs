@@ -62,6 +62,7 @@ on_every_backend!(
     presence_is_told_only_to_users_who_share_a_conversation,
     a_sync_made_since_an_id_offers_what_a_cumulative_ack_passed,
     a_revocation_is_kept_and_takes_the_devices_keys_with_it,
+    joins_that_each_fit_the_bound_but_not_together_are_refused_past_it,
 );
 
 /// A message of group `group` from `from`, to `recipients`, with an optional event.
@@ -259,6 +260,98 @@ fn ack(user: &str, device: &str, id: u64) -> Vec<u8> {
     .encode()
 }
 
+/// `run` with a group bound; returns the refused indices.
+fn run_bounded(fixture: &Fixture, raws: &[Vec<u8>], bound: usize) -> Vec<usize> {
+    let records: Vec<Applied<'_>> = raws
+        .iter()
+        .map(|raw| Applied {
+            raw,
+            record: Record::decode(raw).unwrap(),
+            maybe_applied: false,
+        })
+        .collect();
+    let mut refused = Vec::new();
+    let mut writer = fixture.backend.writer().unwrap();
+    writer
+        .write_batch(&mut |tables| {
+            refused = apply(tables, &records, bound)?.refused;
+            Ok(())
+        })
+        .unwrap();
+    refused
+}
+
+fn joins_that_each_fit_the_bound_but_not_together_are_refused_past_it(fixture: &Fixture) {
+    let event = |action, members: Vec<&'static str>| Some(Event::Group { action, members });
+    let create = group_message(
+        30,
+        "g9",
+        "alice",
+        &["alice", "bob"],
+        event(GroupAction::Create, vec!["alice", "bob"]),
+    );
+    assert!(run_bounded(fixture, &[create], 3).is_empty());
+    // Two nodes each checked their add against {alice, bob}: both fit a
+    // bound of 3 alone. In ring order the second passes it, and a removal
+    // after it makes room for the third.
+    let batch = [
+        group_message(
+            31,
+            "g9",
+            "alice",
+            &["alice", "bob", "carol"],
+            event(GroupAction::Add, vec!["carol"]),
+        ),
+        group_message(
+            32,
+            "g9",
+            "bob",
+            &["alice", "bob", "dave"],
+            event(GroupAction::Add, vec!["dave"]),
+        ),
+        group_message(
+            33,
+            "g9",
+            "alice",
+            &["alice", "bob", "carol"],
+            event(GroupAction::Remove, vec!["carol"]),
+        ),
+        group_message(
+            34,
+            "g9",
+            "bob",
+            &["alice", "bob", "erin"],
+            event(GroupAction::Add, vec!["erin"]),
+        ),
+    ];
+    assert_eq!(
+        run_bounded(fixture, &batch, 3),
+        [1],
+        "only dave's add is refused"
+    );
+    let mut reader = fixture.backend.reader().unwrap();
+    let members: Vec<String> = reader
+        .member_roles("g9")
+        .unwrap()
+        .into_iter()
+        .map(|role| role.user)
+        .collect();
+    assert_eq!(members, ["alice", "bob", "erin"]);
+    // The refused change is stored nowhere: not in history, not in dave's inbox.
+    let conversation = chat_protocol::ids::group_conversation_id("g9");
+    let history: Vec<u64> = super::history(&mut *reader, &conversation, None, None, 50)
+        .unwrap()
+        .iter()
+        .map(|raw| {
+            chat_protocol::records::decode_message(raw)
+                .unwrap()
+                .message_id
+        })
+        .collect();
+    assert_eq!(history, [34, 33, 31, 30]);
+    assert!(synced_ids(fixture, "dave", "phone").is_empty());
+}
+
 fn run(fixture: &Fixture, raws: &[Vec<u8>], maybe_applied: bool) -> Vec<usize> {
     let records: Vec<Applied<'_>> = raws
         .iter()
@@ -272,7 +365,7 @@ fn run(fixture: &Fixture, raws: &[Vec<u8>], maybe_applied: bool) -> Vec<usize> {
     let mut writer = fixture.backend.writer().unwrap();
     writer
         .write_batch(&mut |tables| {
-            unresolved = apply(tables, &records)?;
+            unresolved = apply(tables, &records, usize::MAX)?.unresolved;
             Ok(())
         })
         .unwrap();

@@ -284,7 +284,8 @@ fn apply_change(shard: &Shard, conn: &Rc<Conn>, change: &GroupChangeFrame<'_>, r
         notice: Some(Box::new(Outbound::GroupChanged {
             group: group.as_str().into(),
         })),
-        hand_off: HandOff::Required,
+        // Seen by nobody until the writer has stored it within the bound.
+        hand_off: HandOff::WhenDurable,
     };
     if pipeline::store_and_deliver(shard, out).is_err() {
         return;

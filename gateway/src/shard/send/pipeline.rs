@@ -7,9 +7,12 @@
 //! needs, appending the record to the shard's ring (a full ring is
 //! `overloaded`, nothing stored), delivering it here and to other shards,
 //! remembering the id, and releasing `sent` and the backplane publish once
-//! the record is durable. Features build the record and say who receives it;
-//! they never append, deliver or answer `sent` themselves. Never delivers a
-//! message before its record is in the ring.
+//! the record is durable. A membership change is delivered here only once
+//! durable (`HandOff::WhenDurable`): the writer may refuse it (a group past
+//! its bound by changes on two nodes), and then its sender gets
+//! `group_full` and nobody sees it. Features build the record and say who
+//! receives it; they never append, deliver or answer `sent` themselves.
+//! Never delivers a message before its record is in the ring.
 
 use std::rc::Rc;
 
@@ -25,6 +28,7 @@ use super::deliver::{deliver_per_device, fan_out, shards_have_room};
 use super::reply::{overloaded, send_error, sent_frame};
 use crate::metrics::bump;
 use crate::shard::state::conn::Conn;
+use crate::shard::state::durable::{Held, Released};
 use crate::shard::state::idempotency::{self, PriorSend};
 use crate::shard::state::Shard;
 
@@ -35,6 +39,9 @@ use crate::shard::state::Shard;
 pub enum HandOff {
     Required,
     BestEffort,
+    /// Like `Required`, but delivered only once durable, and not at all if
+    /// the writer refuses it (a membership change).
+    WhenDurable,
 }
 
 /// Why a message was not stored; the sender (if any) has been told.
@@ -95,7 +102,7 @@ pub fn store_and_deliver(shard: &Shard, out: Outgoing<'_>) -> Result<u64, Refuse
     }
     // Checked before the record is stored: after, hand-offs must not fail
     // (this shard is its lanes' only producer, so room now is room then).
-    if out.hand_off == HandOff::Required && !shards_have_room(shard, out.users) {
+    if out.hand_off != HandOff::BestEffort && !shards_have_room(shard, out.users) {
         return Err(refuse(shard, out.sender, record, Refused::QueueFull));
     }
     let Ok(end) = shard.durability.append(&record.encode()) else {
@@ -104,11 +111,28 @@ pub fn store_and_deliver(shard: &Shard, out: Outgoing<'_>) -> Result<u64, Refuse
     };
     let except = out.sender.map(|conn| conn.slot);
     let json = render::encode_for_nodes(record);
-    let all_handed = deliver(shard, record, out.users, &json, except);
-    debug_assert!(
-        all_handed || out.hand_off == HandOff::BestEffort,
-        "room was checked above"
-    );
+    let held = (out.hand_off == HandOff::WhenDurable).then(|| {
+        debug_assert!(record.bodies.is_empty(), "held records have one frame");
+        let key = out.sender.map_or_else(String::new, |conn| {
+            idempotency::key(&conn.user_id, &conn.device_id, record.client_msg_id)
+        });
+        Box::new(Held {
+            message_id: record.message_id,
+            client_msg_id: record.client_msg_id.into(),
+            idempotency_key: key,
+            users: out.users.iter().map(|user| Box::from(*user)).collect(),
+            frame: Bytes::from(ws::text_frame(&json)),
+            except,
+            refused: None,
+        })
+    });
+    if held.is_none() {
+        let all_handed = deliver(shard, record, out.users, &json, except);
+        debug_assert!(
+            all_handed || out.hand_off == HandOff::BestEffort,
+            "room was checked above"
+        );
+    }
     let publish = shard.backplane.is_some().then(|| {
         Box::new(Outbound::Publish {
             users: out.users.iter().map(|user| Box::from(*user)).collect(),
@@ -139,7 +163,9 @@ pub fn store_and_deliver(shard: &Shard, out: Outgoing<'_>) -> Result<u64, Refuse
             );
             shard
                 .durability
-                .send_when_durable(end, conn, sent, publish, |publish| shard.publish(*publish));
+                .send_when_durable(end, conn, sent, publish, held, |publish| {
+                    shard.publish(*publish)
+                });
         }
         None => {
             if let Some(publish) = publish {
@@ -184,6 +210,30 @@ fn deliver(
         bump(&shard.metrics().messages_routed_local, 1);
     }
     all_handed
+}
+
+/// A held record whose fate is known: delivered to this node's devices
+/// (other nodes got it with the `sent`), or, refused by the writer, its
+/// sender told why and its id forgotten (a retry is a new change).
+pub fn release(shard: &Shard, released: Released) {
+    let Released { held, sender } = released;
+    match &held.refused {
+        None => {
+            let users: Vec<&str> = held.users.iter().map(|user| &**user).collect();
+            // Room was there at the append; a queue full since is a device
+            // that gets the change on its next sync.
+            let _ = fan_out(shard, &users, held.message_id, &held.frame, held.except);
+        }
+        Some(reason) => {
+            if !held.idempotency_key.is_empty() {
+                shard.idempotency.borrow_mut().remove(&held.idempotency_key);
+            }
+            if let Some(conn) = sender {
+                let id = Some(&*held.client_msg_id);
+                send_error(shard, &conn, id, ErrorCode::GroupFull, reason, None);
+            }
+        }
+    }
 }
 
 /// Delivers and publishes again a message that is already stored: a retry
@@ -332,7 +382,7 @@ pub fn replay_if_known(shard: &Shard, conn: &Rc<Conn>, client_msg_id: &str) -> O
     let sent = sent_frame(client_msg_id, prior.message_id, &prior.conversation, ts);
     shard
         .durability
-        .send_when_durable(prior.end, conn, sent, None, |_| {});
+        .send_when_durable(prior.end, conn, sent, None, None, |_| {});
     bump(&shard.metrics().idempotent_replays, 1);
     Some(Replayed {
         message_id: prior.message_id,

@@ -2,9 +2,11 @@
 //! releasing `sent` once the storage-writer says they are durable.
 //!
 //! Owns the ring producer and the queue of `sent` frames (and backplane
-//! publishes) waiting for the durable watermark (in ring order). Never blocks: a full ring is returned
-//! to the caller, who answers the client with a retryable `overloaded`.
-//! Never acknowledges a record before the watermark covers it.
+//! publishes, and deliveries held until durable) waiting for the durable
+//! watermark (in ring order), and the writer's refusals of held records.
+//! Never blocks: a full ring is returned to the caller, who answers the
+//! client with a retryable `overloaded`. Never acknowledges a record before
+//! the watermark covers it, nor one the writer refused.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -26,6 +28,30 @@ struct Waiting {
     appended: Instant,
     /// For other nodes' devices, published once durable (see `backplane_bridge`).
     publish: Option<Box<Outbound>>,
+    /// Delivered to this node's devices only once durable (a group change,
+    /// which the writer may refuse).
+    held: Option<Box<Held>>,
+}
+
+/// A record delivered only once durable, and only if the writer stored it.
+pub struct Held {
+    pub message_id: u64,
+    pub client_msg_id: Box<str>,
+    /// The sender's idempotency key (forgotten if the writer refuses).
+    pub idempotency_key: String,
+    pub users: Vec<Box<str>>,
+    /// The `message` frame, WebSocket-framed.
+    pub frame: Bytes,
+    /// The sender's connection slot (it gets `sent`, not the message).
+    pub except: Option<usize>,
+    /// Why the writer did not store it, if it did not.
+    pub refused: Option<String>,
+}
+
+/// A held record whose fate is known: deliver it, or tell its sender why not.
+pub struct Released {
+    pub held: Box<Held>,
+    pub sender: Option<Rc<Conn>>,
 }
 
 pub struct Durability {
@@ -38,6 +64,8 @@ pub struct Durability {
     previous_advance: Cell<Instant>,
     /// Why the writer's last commit failed, until the watermark moves again.
     failure: RefCell<Option<String>>,
+    /// Held records released by the watermark, for the shard's release task.
+    released: RefCell<Vec<Released>>,
 }
 
 impl Durability {
@@ -50,6 +78,7 @@ impl Durability {
             last_advance: Cell::new(Instant::now()),
             previous_advance: Cell::new(Instant::now()),
             failure: RefCell::new(None),
+            released: RefCell::new(Vec::new()),
         }
     }
 
@@ -74,9 +103,10 @@ impl Durability {
         conn: &Rc<Conn>,
         sent: Bytes,
         publish: Option<Box<Outbound>>,
+        held: Option<Box<Held>>,
         published: impl FnOnce(Box<Outbound>),
     ) {
-        if self.is_durable(end) {
+        if self.is_durable(end) && held.is_none() {
             conn.enqueue(sent);
             if let Some(publish) = publish {
                 published(publish);
@@ -89,6 +119,7 @@ impl Durability {
             sent,
             appended: Instant::now(),
             publish,
+            held,
         });
     }
 
@@ -110,6 +141,7 @@ impl Durability {
             sent: Bytes::new(),
             appended: Instant::now(),
             publish: Some(publish),
+            held: None,
         });
     }
 
@@ -132,13 +164,48 @@ impl Durability {
         while waiting.front().is_some_and(|w| w.end <= position) {
             let released = waiting.pop_front().expect("front exists");
             metrics.durable_wait(now.duration_since(released.appended));
-            if let Some(conn) = released.conn.upgrade() {
+            let conn = released.conn.upgrade();
+            if let Some(held) = released.held {
+                // Delivered (or refused) by the release task, `sent` after.
+                let refused = held.refused.is_some();
+                self.released.borrow_mut().push(Released {
+                    held,
+                    sender: conn.clone(),
+                });
+                if refused {
+                    continue;
+                }
+            }
+            if let Some(conn) = conn {
                 conn.enqueue(released.sent);
             }
             if let Some(publish) = released.publish {
                 published(publish);
             }
         }
+    }
+
+    /// The writer did not store the held record `message_id` (it comes
+    /// before the `Durable` that covers it).
+    pub fn on_refused(&self, message_id: u64, reason: String) {
+        let mut waiting = self.waiting.borrow_mut();
+        let held = waiting
+            .iter_mut()
+            .filter_map(|w| w.held.as_mut())
+            .find(|held| held.message_id == message_id);
+        if let Some(held) = held {
+            held.refused = Some(reason);
+        }
+    }
+
+    /// Whether held records wait for the release task.
+    pub fn has_released(&self) -> bool {
+        !self.released.borrow().is_empty()
+    }
+
+    /// Held records released since the last call.
+    pub fn take_released(&self) -> Vec<Released> {
+        std::mem::take(&mut *self.released.borrow_mut())
     }
 
     /// Whether the writer commits but cannot keep up: the oldest record

@@ -78,6 +78,11 @@ impl IdempotencyTable {
         }
     }
 
+    /// Forgets `key` (a send the writer refused: its retry is a new send).
+    pub fn remove(&mut self, key: &str) {
+        self.entries.remove(key);
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -40,7 +40,7 @@ use self::group_cache::GroupCache;
 use self::idempotency::IdempotencyTable;
 use self::presence_log::PresenceLog;
 use self::receipt_batch::ReceiptBatcher;
-use self::signal::{LocalSignal, Waiters};
+use self::signal::{LocalSignal, Waiters, Wakeup};
 use self::store_client::{ReadPathOwner, StoreClient};
 use self::token_bucket::Limit;
 use self::users::UserTable;
@@ -96,6 +96,9 @@ pub struct Shard {
     pub receipts: RefCell<ReceiptBatcher>,
     /// What was written about who is online.
     pub presence: RefCell<PresenceLog>,
+    /// Fired when held records (group changes) became durable or were
+    /// refused: the release task delivers them or tells their senders.
+    pub held_released: Wakeup,
 }
 
 impl Shard {
@@ -233,6 +236,13 @@ impl ReadPathOwner for Shard {
     fn on_durable(&self, position: u64) {
         self.durability
             .on_durable(position, self.metrics(), |publish| self.publish(*publish));
+        if self.durability.has_released() {
+            self.held_released.fire();
+        }
+    }
+
+    fn on_refused(&self, message_id: u64, reason: String) {
+        self.durability.on_refused(message_id, reason);
     }
 
     fn on_stalled(&self, reason: String) {

@@ -62,6 +62,34 @@ impl Waiters {
     }
 }
 
+/// A reusable single-thread wake-up with one waiter: `wait` returns once
+/// after any number of `fire`s since the last return.
+#[derive(Default)]
+pub struct Wakeup {
+    fired: Cell<bool>,
+    waiter: Cell<Option<Waker>>,
+}
+
+impl Wakeup {
+    pub fn fire(&self) {
+        self.fired.set(true);
+        if let Some(waker) = self.waiter.take() {
+            waker.wake();
+        }
+    }
+
+    pub async fn wait(&self) {
+        poll_fn(|cx| {
+            if self.fired.replace(false) {
+                return Poll::Ready(());
+            }
+            self.waiter.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await
+    }
+}
+
 /// Lets other tasks run once.
 pub async fn yield_now() {
     let mut yielded = false;

@@ -35,6 +35,8 @@ pub trait ReadPathOwner: 'static {
     fn on_durable(&self, position: u64);
     /// The writer's commits fail, for `reason` (until the next `Durable`).
     fn on_stalled(&self, reason: String);
+    /// The writer did not store this shard's message `message_id`.
+    fn on_refused(&self, message_id: u64, reason: String);
     fn set_connected(&self, connected: bool);
 }
 
@@ -252,6 +254,7 @@ async fn read_loop<O: ReadPathOwner>(
             match response {
                 Response::Durable { position } => shard.on_durable(position),
                 Response::Stalled { reason } => shard.on_stalled(reason),
+                Response::Refused { message_id, reason } => shard.on_refused(message_id, reason),
                 Response::SyncPage { req, .. }
                 | Response::Messages { req, .. }
                 | Response::RecentSends { req, .. }
