@@ -2,8 +2,9 @@
 //!
 //! Owns encoding and decoding of everything one node sends another: a durable
 //! message for some users' devices (carried as the JSON `message` frame those
-//! devices receive, so a node never re-encodes it), a node's heartbeat, and an
-//! exception's registration at its user's home. Never JSON on the outside,
+//! devices receive, so a node never re-encodes it), a node's heartbeat, an
+//! exception's registration at its user's home, a revocation, and a home's
+//! request that registered nodes resync users after it lost NATS. Never JSON on the outside,
 //! never trusted: every field is length-checked on decode, and counts are
 //! bounded before anything is allocated.
 
@@ -18,6 +19,7 @@ const KIND_HEARTBEAT: u8 = 2;
 const KIND_REGISTER: u8 = 3;
 const KIND_UNREGISTER: u8 = 4;
 const KIND_REVOKE: u8 = 5;
+const KIND_RESYNC: u8 = 6;
 /// Users one `Deliver` may name: a group's members homed on one node, at
 /// most the group size bound (`chat_protocol::limits`), with room to spare.
 pub const DELIVER_USERS_MAX: usize = 4_096;
@@ -86,6 +88,13 @@ pub enum Envelope {
         user: Box<str>,
         device: Box<str>,
     },
+    /// From a home that lost NATS: what it should have forwarded meanwhile
+    /// was lost, so the devices of `users` on the receiving node resync
+    /// what was made since `since_unix_ms`.
+    Resync {
+        users: Vec<Box<str>>,
+        since_unix_ms: u64,
+    },
 }
 
 impl Envelope {
@@ -133,6 +142,18 @@ impl Envelope {
                     .u8(hop_byte(*hop))
                     .str(user)
                     .str(device);
+            }
+            Envelope::Resync {
+                users,
+                since_unix_ms,
+            } => {
+                encoder
+                    .u8(KIND_RESYNC)
+                    .u64(*since_unix_ms)
+                    .u16(u16::try_from(users.len()).expect("bounded by DELIVER_USERS_MAX"));
+                for user in users {
+                    encoder.str(user);
+                }
             }
         }
         encoder.bytes
@@ -191,6 +212,21 @@ impl Envelope {
                 user: decoder.str()?.into(),
                 device: decoder.str()?.into(),
             },
+            KIND_RESYNC => {
+                let since_unix_ms = decoder.u64()?;
+                let count = usize::from(decoder.u16()?);
+                if count == 0 || count > DELIVER_USERS_MAX {
+                    return Err(DecodeError("bad user count"));
+                }
+                let mut users = Vec::with_capacity(count);
+                for _ in 0..count {
+                    users.push(decoder.str()?.into());
+                }
+                Envelope::Resync {
+                    users,
+                    since_unix_ms,
+                }
+            }
             _ => return Err(DecodeError("unknown envelope kind")),
         };
         decoder.finish()?;
@@ -245,6 +281,10 @@ mod tests {
                 hop: Hop::ToHome,
                 user: "alice".into(),
                 device: "".into(),
+            },
+            Envelope::Resync {
+                users: vec!["alice".into(), "bob".into()],
+                since_unix_ms: 1_764_300_000_000,
             },
         ]
     }
