@@ -212,17 +212,28 @@ fn deliver(
     all_handed
 }
 
-/// A held record whose fate is known: delivered to this node's devices
-/// (other nodes got it with the `sent`), or, refused by the writer, its
-/// sender told why and its id forgotten (a retry is a new change).
+/// A held record whose fate is known: delivered to this node's devices,
+/// then `sent` and the publish to other nodes; or, refused by the writer,
+/// its sender told why and its id forgotten (a retry is a new change).
 pub fn release(shard: &Shard, released: Released) {
-    let Released { held, sender } = released;
+    let Released {
+        held,
+        sender,
+        sent,
+        publish,
+    } = released;
     match &held.refused {
         None => {
             let users: Vec<&str> = held.users.iter().map(|user| &**user).collect();
             // Room was there at the append; a queue full since is a device
             // that gets the change on its next sync.
             let _ = fan_out(shard, &users, held.message_id, &held.frame, held.except);
+            if let Some(conn) = sender {
+                conn.enqueue(sent);
+            }
+            if let Some(publish) = publish {
+                shard.publish(*publish);
+            }
         }
         Some(reason) => {
             if !held.idempotency_key.is_empty() {

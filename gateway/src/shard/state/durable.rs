@@ -48,10 +48,14 @@ pub struct Held {
     pub refused: Option<String>,
 }
 
-/// A held record whose fate is known: deliver it, or tell its sender why not.
+/// A held record whose fate is known: deliver it (then answer `sent` and
+/// publish it, so a sender never hears `sent` for what this node's devices
+/// did not get), or tell its sender why not.
 pub struct Released {
     pub held: Box<Held>,
     pub sender: Option<Rc<Conn>>,
+    pub sent: Bytes,
+    pub publish: Option<Box<Outbound>>,
 }
 
 pub struct Durability {
@@ -166,15 +170,14 @@ impl Durability {
             metrics.durable_wait(now.duration_since(released.appended));
             let conn = released.conn.upgrade();
             if let Some(held) = released.held {
-                // Delivered (or refused) by the release task, `sent` after.
-                let refused = held.refused.is_some();
+                // The release task delivers it, then answers and publishes.
                 self.released.borrow_mut().push(Released {
                     held,
-                    sender: conn.clone(),
+                    sender: conn,
+                    sent: released.sent,
+                    publish: released.publish,
                 });
-                if refused {
-                    continue;
-                }
+                continue;
             }
             if let Some(conn) = conn {
                 conn.enqueue(released.sent);
