@@ -169,14 +169,7 @@ impl Envelope {
                 let origin_node = decoder.u16()?;
                 let hop = hop_of(decoder.u8()?)?;
                 let message_id = decoder.u64()?;
-                let count = usize::from(decoder.u16()?);
-                if count == 0 || count > DELIVER_USERS_MAX {
-                    return Err(DecodeError("bad user count"));
-                }
-                let mut users = Vec::with_capacity(count);
-                for _ in 0..count {
-                    users.push(decoder.str()?.into());
-                }
+                let users = users(&mut decoder)?;
                 Envelope::Deliver(Deliver {
                     origin_node,
                     hop,
@@ -214,16 +207,8 @@ impl Envelope {
             },
             KIND_RESYNC => {
                 let since_unix_ms = decoder.u64()?;
-                let count = usize::from(decoder.u16()?);
-                if count == 0 || count > DELIVER_USERS_MAX {
-                    return Err(DecodeError("bad user count"));
-                }
-                let mut users = Vec::with_capacity(count);
-                for _ in 0..count {
-                    users.push(decoder.str()?.into());
-                }
                 Envelope::Resync {
-                    users,
+                    users: users(&mut decoder)?,
                     since_unix_ms,
                 }
             }
@@ -232,6 +217,19 @@ impl Envelope {
         decoder.finish()?;
         Ok(envelope)
     }
+}
+
+/// A count, checked before anything is allocated, then that many users.
+fn users(decoder: &mut Decoder<'_>) -> Result<Vec<Box<str>>, DecodeError> {
+    let count = usize::from(decoder.u16()?);
+    if count == 0 || count > DELIVER_USERS_MAX {
+        return Err(DecodeError("bad user count"));
+    }
+    let mut users = Vec::with_capacity(count);
+    for _ in 0..count {
+        users.push(decoder.str()?.into());
+    }
+    Ok(users)
 }
 
 fn hop_byte(hop: Hop) -> u8 {

@@ -95,23 +95,7 @@ pub fn svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
         LEFT + (-(1.0 - quantile).max(1e-5).log10() / nines_max) * (WIDTH - LEFT - 60.0)
     };
     let y = |value_us: f64| HEIGHT - BOTTOM - (value_us / max_us) * (HEIGHT - BOTTOM - 40.0);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(
-        out,
-        r#"<rect width="100%" height="100%" fill="white"/><text x="{LEFT}" y="20" font-size="14">{title}</text>"#
-    );
-    let _ = writeln!(
-        out,
-        r#"<line x1="{LEFT}" y1="{}" x2="{}" y2="{}" stroke="black"/><line x1="{LEFT}" y1="30" x2="{LEFT}" y2="{}" stroke="black"/>"#,
-        HEIGHT - BOTTOM,
-        WIDTH - 20.0,
-        HEIGHT - BOTTOM,
-        HEIGHT - BOTTOM
-    );
+    let mut out = svg_frame(title, WIDTH, HEIGHT, LEFT, BOTTOM);
     for (label, quantile) in [
         ("0%", 0.0),
         ("90%", 0.9),
@@ -172,6 +156,26 @@ pub fn svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
     out
 }
 
+/// An SVG's opening, white background, title and the two axes.
+fn svg_frame(title: &str, width: f64, height: f64, left: f64, bottom: f64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        out,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="{left}" y="20" font-size="14">{title}</text>"#
+    );
+    let _ = writeln!(
+        out,
+        r#"<line x1="{left}" y1="{0}" x2="{1}" y2="{0}" stroke="black"/><line x1="{left}" y1="30" x2="{left}" y2="{0}" stroke="black"/>"#,
+        height - bottom,
+        width - 20.0,
+    );
+    out
+}
+
 /// A line plot of time series ((seconds, value) points), values from 0.
 pub fn line_svg(title: &str, unit: &str, series: &[(&str, &[(f64, f64)])]) -> String {
     const WIDTH: f64 = 760.0;
@@ -184,21 +188,7 @@ pub fn line_svg(title: &str, unit: &str, series: &[(&str, &[(f64, f64)])]) -> St
     let max_v = points.map(|p| p.1).fold(1.0, f64::max) * 1.1;
     let x = |t: f64| LEFT + t / max_t * (WIDTH - LEFT - 30.0);
     let y = |v: f64| HEIGHT - BOTTOM - v / max_v * (HEIGHT - BOTTOM - 40.0);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(
-        out,
-        r#"<rect width="100%" height="100%" fill="white"/><text x="{LEFT}" y="20" font-size="14">{title}</text>"#
-    );
-    let _ = writeln!(
-        out,
-        r#"<line x1="{LEFT}" y1="{0}" x2="{1}" y2="{0}" stroke="black"/><line x1="{LEFT}" y1="30" x2="{LEFT}" y2="{0}" stroke="black"/>"#,
-        HEIGHT - BOTTOM,
-        WIDTH - 20.0,
-    );
+    let mut out = svg_frame(title, WIDTH, HEIGHT, LEFT, BOTTOM);
     for fraction in [0.0, 0.25, 0.5, 0.75, 1.0] {
         let _ = writeln!(
             out,

@@ -58,15 +58,7 @@ impl Sessions {
 
     /// Tells the shard writing `ring` that everything before `position` is durable.
     pub fn durable(&self, ring: &Path, position: u64) {
-        let socket = self
-            .by_ring
-            .lock()
-            .expect("sessions lock")
-            .get(ring)
-            .cloned();
-        if let Some(socket) = socket {
-            self.notify(ring, &socket, &Response::Durable { position }.encode());
-        }
+        self.notify_ring(ring, &Response::Durable { position });
     }
 
     /// Tells every shard that commits fail, and why (they refuse new sends
@@ -90,6 +82,12 @@ impl Sessions {
 
     /// Tells the shard writing `ring` that its message `message_id` was not stored.
     pub fn refused(&self, ring: &Path, message_id: u64, reason: &str) {
+        let reason = reason.to_owned();
+        self.notify_ring(ring, &Response::Refused { message_id, reason });
+    }
+
+    /// Sends `notice` to the shard writing `ring`, if it is connected.
+    fn notify_ring(&self, ring: &Path, notice: &Response) {
         let socket = self
             .by_ring
             .lock()
@@ -97,11 +95,7 @@ impl Sessions {
             .get(ring)
             .cloned();
         if let Some(socket) = socket {
-            let frame = Response::Refused {
-                message_id,
-                reason: reason.to_owned(),
-            };
-            self.notify(ring, &socket, &frame.encode());
+            self.notify(ring, &socket, &notice.encode());
         }
     }
 

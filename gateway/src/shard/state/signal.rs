@@ -17,22 +17,32 @@ pub struct LocalSignal {
 
 impl LocalSignal {
     pub fn fire(&self) {
-        self.fired.set(true);
-        if let Some(waker) = self.waiter.take() {
-            waker.wake();
-        }
+        fire(&self.fired, &self.waiter);
     }
 
     pub async fn wait(&self) {
-        poll_fn(|cx| {
-            if self.fired.get() {
-                return Poll::Ready(());
-            }
-            self.waiter.set(Some(cx.waker().clone()));
-            Poll::Pending
-        })
-        .await
+        wait(&self.fired, &self.waiter, false).await
     }
+}
+
+fn fire(fired: &Cell<bool>, waiter: &Cell<Option<Waker>>) {
+    fired.set(true);
+    if let Some(waker) = waiter.take() {
+        waker.wake();
+    }
+}
+
+/// Until `fired`; `consume` clears it on the way out.
+async fn wait(fired: &Cell<bool>, waiter: &Cell<Option<Waker>>, consume: bool) {
+    poll_fn(|cx| {
+        if fired.get() {
+            fired.set(!consume);
+            return Poll::Ready(());
+        }
+        waiter.set(Some(cx.waker().clone()));
+        Poll::Pending
+    })
+    .await
 }
 
 /// A one-shot, single-thread event with any number of waiters.
@@ -72,21 +82,11 @@ pub struct Wakeup {
 
 impl Wakeup {
     pub fn fire(&self) {
-        self.fired.set(true);
-        if let Some(waker) = self.waiter.take() {
-            waker.wake();
-        }
+        fire(&self.fired, &self.waiter);
     }
 
     pub async fn wait(&self) {
-        poll_fn(|cx| {
-            if self.fired.replace(false) {
-                return Poll::Ready(());
-            }
-            self.waiter.set(Some(cx.waker().clone()));
-            Poll::Pending
-        })
-        .await
+        wait(&self.fired, &self.waiter, true).await
     }
 }
 
