@@ -60,6 +60,8 @@ pub fn spawn(config: &Config) -> anyhow::Result<WriterChild> {
         .arg(&config.data_dir)
         .arg("--group-members-max")
         .arg(config.group_members_max.to_string())
+        .arg("--idempotency-window-ms")
+        .arg(config.idempotency_window_ms.to_string())
         .args(&config.storage_writer_args)
         // systemd's notifications are the gateway's, not its child's.
         .env_remove("NOTIFY_SOCKET")

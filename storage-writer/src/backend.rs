@@ -36,6 +36,8 @@ pub struct BackendOptions {
     pub scylla_keyspace: String,
     pub scylla_replication_factor: u8,
     pub scylla_consistency: String,
+    /// How long an idempotency key is kept (ScyllaDB: its TTL).
+    pub idempotency_window: std::time::Duration,
 }
 
 pub fn open(options: &BackendOptions) -> Result<Box<dyn Backend>> {
@@ -81,6 +83,7 @@ fn open_scylla(options: &BackendOptions) -> Result<Box<dyn Backend>> {
         &options.scylla_keyspace,
         options.scylla_replication_factor,
         &options.scylla_consistency,
+        options.idempotency_window,
     )?))
 }
 

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod cleanup;
 mod commit;
 mod lock;
 mod metrics;
@@ -95,6 +96,14 @@ struct Args {
     /// their node's check.
     #[arg(long, default_value_t = 1024)]
     group_members_max: usize,
+    /// How long a send's idempotency key is kept (the gateway's
+    /// `idempotency_window_ms`, which it passes to a writer it starts);
+    /// older keys are removed, so a retry after it is a new message.
+    #[arg(long, default_value_t = 24 * 60 * 60 * 1000)]
+    idempotency_window_ms: u64,
+    /// How often the cleanup runs (expired idempotency keys), in seconds.
+    #[arg(long, default_value_t = 60)]
+    cleanup_interval_s: u64,
     /// Log batch statistics this often (0: never).
     #[arg(long, default_value_t = 60)]
     stats_interval_s: u64,
@@ -141,6 +150,7 @@ fn run(args: Args) -> Result<()> {
         scylla_keyspace: args.scylla_keyspace.clone(),
         scylla_replication_factor: args.scylla_replication_factor,
         scylla_consistency: args.scylla_consistency.clone(),
+        idempotency_window: Duration::from_millis(args.idempotency_window_ms),
     })?);
     // Before anything can say READY: a SIGTERM right after it must find the
     // handler in place (the default action would kill the batch in hand).
@@ -180,6 +190,19 @@ fn run(args: Args) -> Result<()> {
         .name("commit".into())
         .spawn(move || commit.run())?;
 
+    anyhow::ensure!(
+        args.cleanup_interval_s >= 1,
+        "--cleanup-interval-s must be at least 1"
+    );
+    let cleanup_thread = cleanup::Cleanup {
+        backend: backend.clone(),
+        idempotency_window: Duration::from_millis(args.idempotency_window_ms),
+        interval: Duration::from_secs(args.cleanup_interval_s),
+        stats: stats.clone(),
+        stop: stop.clone(),
+    }
+    .spawn()?;
+
     let listener = serve::bind(&args.socket)?;
     let server = Arc::new(serve::Server {
         backend: backend.clone(),
@@ -211,6 +234,7 @@ fn run(args: Args) -> Result<()> {
     sessions.close_all();
     // The commit thread finishes the batch in hand once the drains stop sending.
     let _ = commit_thread.join();
+    let _ = cleanup_thread.join();
     log_stats(&stats);
     Ok(())
 }

@@ -94,6 +94,28 @@ pub fn render(stats: &Stats, push: Option<&PushStats>) -> String {
         "storage_writer_commit_failures_total {}",
         stats.commit_failures.load(Relaxed)
     );
+    family(
+        &mut out,
+        "storage_writer_expired_total",
+        "counter",
+        "Rows removed after their window, by table.",
+    );
+    let _ = writeln!(
+        out,
+        "storage_writer_expired_total{{table=\"sends\"}} {}",
+        stats.expired_sends.load(Relaxed)
+    );
+    family(
+        &mut out,
+        "storage_writer_cleanup_runs_total",
+        "counter",
+        "Cleanup passes made (every --cleanup-interval-s).",
+    );
+    let _ = writeln!(
+        out,
+        "storage_writer_cleanup_runs_total {}",
+        stats.cleanup_runs.load(Relaxed)
+    );
     let Some(push) = push else {
         return out;
     };

@@ -17,6 +17,10 @@ pub struct Stats {
     pub commit_ns: AtomicU64,
     /// Attempts at a batch that failed (it is retried).
     pub commit_failures: AtomicU64,
+    /// Idempotency keys removed after their window (`cleanup`).
+    pub expired_sends: AtomicU64,
+    /// Cleanup passes made.
+    pub cleanup_runs: AtomicU64,
     pub sizes: [AtomicU64; SIZE_BUCKETS],
 }
 

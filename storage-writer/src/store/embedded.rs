@@ -44,6 +44,9 @@ pub struct Embedded {
     messages: PartitionHandle,
     sends: PartitionHandle,
     sends_recent: PartitionHandle,
+    /// message id (big-endian) + the `sends` key → nothing: the idempotency
+    /// keys in time order, so the oldest are found without a scan.
+    sends_by_time: PartitionHandle,
     inbox: PartitionHandle,
     inbox_ids: PartitionHandle,
     cursors: PartitionHandle,
@@ -87,6 +90,7 @@ impl Embedded {
             messages: open("messages")?,
             sends: open("sends")?,
             sends_recent: open("sends_recent")?,
+            sends_by_time: open("sends_by_time")?,
             inbox: open("inbox")?,
             inbox_ids: open("inbox_ids")?,
             cursors: open("cursors")?,
@@ -125,6 +129,14 @@ impl Embedded {
                 "the embedded store's schema is at version {applied}, newer than this storage-writer knows ({}): run a newer build",
                 super::migrations::EMBEDDED_VERSION
             );
+        }
+        if applied < 5 {
+            // Version 5: every idempotency key in time order.
+            for item in self.sends.iter() {
+                let (send_key, value) = item?;
+                self.sends_by_time
+                    .insert(by_time_key(be_u64(&value)?, &send_key), [])?;
+            }
         }
         if applied < super::migrations::EMBEDDED_VERSION {
             meta.insert(
@@ -171,6 +183,42 @@ fn key(parts: &[&str], tail: Option<u64>) -> Vec<u8> {
         key.extend_from_slice(&tail.to_be_bytes());
     }
     key
+}
+
+/// A `sends_by_time` key: the message id, then the `sends` key.
+fn by_time_key(message_id: u64, send_key: &[u8]) -> Vec<u8> {
+    let mut key = message_id.to_be_bytes().to_vec();
+    key.extend_from_slice(send_key);
+    key
+}
+
+impl Embedded {
+    /// Removes up to `limit` idempotency keys of sends made before
+    /// `before_id`, with their `sends_recent` entries. Returns how many.
+    fn expire_sends_before(&self, before_id: u64, limit: usize) -> Result<usize> {
+        let old: Vec<_> = self
+            .sends_by_time
+            .range(..before_id.to_be_bytes().to_vec())
+            .take(limit)
+            .collect::<Result<_, _>>()?;
+        for (index_key, _) in &old {
+            let (id, send_key) = index_key.split_at(8);
+            // `user\0device\0client\0`: the device's part ends at the second NUL.
+            let device_end = send_key
+                .iter()
+                .enumerate()
+                .filter(|(_, byte)| **byte == 0)
+                .nth(1)
+                .map(|(at, _)| at + 1)
+                .context("bad sends key in store")?;
+            let mut recent_key = send_key[..device_end].to_vec();
+            recent_key.extend_from_slice(id);
+            self.sends.remove(send_key)?;
+            self.sends_recent.remove(recent_key)?;
+            self.sends_by_time.remove(index_key.as_ref())?;
+        }
+        Ok(old.len())
+    }
 }
 
 fn be_u64(bytes: &[u8]) -> Result<u64> {
@@ -271,6 +319,8 @@ impl Tables for Embedded {
         }
         let mut value = message_id.to_be_bytes().to_vec();
         value.extend_from_slice(conversation.as_bytes());
+        self.sends_by_time
+            .insert(by_time_key(message_id, &send_key), [])?;
         self.sends.insert(send_key, value)?;
         let mut recent = client_msg_id.as_bytes().to_vec();
         recent.push(0);
@@ -536,6 +586,9 @@ impl Tables for EmbeddedWriter {
     }
     fn send_of(&mut self, user: &str, device: &str, client_msg_id: &str) -> Result<Option<u64>> {
         self.store.send_of(user, device, client_msg_id)
+    }
+    fn expire_sends(&mut self, before_id: u64, limit: usize) -> Result<usize> {
+        self.store.expire_sends_before(before_id, limit)
     }
     fn recent_sends(
         &mut self,

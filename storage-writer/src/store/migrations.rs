@@ -43,6 +43,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "group_settings",
         statements: include_str!("../../schema/postgres/0004_group_settings.sql"),
     },
+    Migration {
+        version: 5,
+        name: "sends_expiry",
+        statements: include_str!("../../schema/postgres/0005_sends_expiry.sql"),
+    },
 ];
 
 #[cfg_attr(not(feature = "scylla"), allow(dead_code))]
@@ -69,14 +74,20 @@ pub const SCYLLA: &[Migration] = &[
         name: "group_settings",
         statements: include_str!("../../schema/scylla/0004_group_settings.cql"),
     },
+    Migration {
+        version: 5,
+        name: "sends_expiry",
+        statements: include_str!("../../schema/scylla/0005_sends_expiry.cql"),
+    },
 ];
 
 /// The embedded store's version: its partitions are opened (created when
 /// missing) by `Embedded::open`, so its steps so far change no data.
 /// 1: the first layout; 2: `push_targets`; 3: group roles in `members`'
 /// values (an empty value is a member from before: no admin, joined 0);
-/// 4: `group_settings`.
-pub const EMBEDDED_VERSION: u32 = 4;
+/// 4: `group_settings`; 5: `sends_by_time` (filled from `sends` when the
+/// store is opened).
+pub const EMBEDDED_VERSION: u32 = 5;
 
 /// The steps after `applied`, in order. Refuses a database that a newer
 /// build has migrated past what this build knows.

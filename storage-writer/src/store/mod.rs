@@ -225,6 +225,12 @@ pub trait Tables {
     /// The members of `group` with their roles, sorted by user, at most
     /// `MEMBERSHIP_READ_MAX`.
     fn member_roles(&mut self, group: &str) -> Result<Vec<MemberRole>>;
+    /// Removes up to `limit` idempotency keys (`sends`, and what indexes
+    /// them) of sends made before `before_id`; returns how many. A store
+    /// whose rows expire by themselves (ScyllaDB: a TTL) removes none.
+    fn expire_sends(&mut self, _before_id: u64, _limit: usize) -> Result<usize> {
+        Ok(0)
+    }
     /// Serialises membership changes of `groups` with every other writer's
     /// until this batch commits (PostgreSQL: transaction-scoped advisory
     /// locks, taken in sorted order). A store with one writer needs none.

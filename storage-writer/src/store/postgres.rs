@@ -475,6 +475,17 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
             .collect())
     }
 
+    fn expire_sends(&mut self, before_id: u64, limit: usize) -> Result<usize> {
+        let statement = self.prepared(
+            "DELETE FROM sends WHERE ctid = ANY(ARRAY( \
+                SELECT ctid FROM sends WHERE message_id < $1 LIMIT $2))",
+        )?;
+        let removed = self
+            .client
+            .execute(&statement, &[&id(before_id), &(limit as i64)])?;
+        Ok(removed as usize)
+    }
+
     /// Transaction-scoped advisory locks, one per group, in sorted order
     /// (writers that lock the same groups never wait on each other in a
     /// cycle); released when the batch commits or rolls back.

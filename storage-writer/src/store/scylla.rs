@@ -80,6 +80,8 @@ struct Statements {
 pub struct ScyllaBackend {
     session: Arc<Session>,
     statements: Arc<Statements>,
+    /// The TTL of an idempotency key: its window, in seconds.
+    sends_ttl_s: i32,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -180,7 +182,10 @@ impl ScyllaBackend {
         keyspace: &str,
         replication_factor: u8,
         consistency_name: &str,
+        idempotency_window: std::time::Duration,
     ) -> Result<Self> {
+        let sends_ttl_s = i32::try_from(idempotency_window.as_secs().max(1))
+            .context("--idempotency-window-ms too long for a TTL")?;
         let level = consistency(consistency_name)?;
         let runtime = runtime()?;
         let (session, statements) = runtime.block_on(async {
@@ -206,9 +211,9 @@ impl ScyllaBackend {
                 message: prepare(format!("SELECT record FROM {k}.messages WHERE conversation = ? AND message_id = ?")).await?,
                 put_message: prepare(format!("INSERT INTO {k}.messages (conversation, message_id, record) VALUES (?, ?, ?)")).await?,
                 history: prepare(format!("SELECT record FROM {k}.messages WHERE conversation = ? AND message_id < ? LIMIT ?")).await?,
-                put_send: prepare(format!("INSERT INTO {k}.sends (user_id, device_id, client_msg_id, message_id, conversation) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS")).await?,
+                put_send: prepare(format!("INSERT INTO {k}.sends (user_id, device_id, client_msg_id, message_id, conversation) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?")).await?,
                 send_of: prepare(format!("SELECT message_id FROM {k}.sends WHERE user_id = ? AND device_id = ? AND client_msg_id = ?")).await?,
-                put_send_by_time: prepare(format!("INSERT INTO {k}.sends_by_time (user_id, device_id, message_id, client_msg_id, conversation) VALUES (?, ?, ?, ?, ?)")).await?,
+                put_send_by_time: prepare(format!("INSERT INTO {k}.sends_by_time (user_id, device_id, message_id, client_msg_id, conversation) VALUES (?, ?, ?, ?, ?) USING TTL ?")).await?,
                 recent_sends: prepare(format!("SELECT client_msg_id, message_id, conversation FROM {k}.sends_by_time WHERE user_id = ? AND device_id = ? AND message_id >= ? LIMIT ?")).await?,
                 head: prepare(format!("SELECT seq FROM {k}.inbox_heads WHERE user_id = ?")).await?,
                 head_create: prepare(format!("INSERT INTO {k}.inbox_heads (user_id, seq) VALUES (?, 1) IF NOT EXISTS")).await?,
@@ -253,6 +258,7 @@ impl ScyllaBackend {
         Ok(Self {
             session: Arc::new(session),
             statements: Arc::new(statements),
+            sends_ttl_s,
         })
     }
 
@@ -262,6 +268,7 @@ impl ScyllaBackend {
             statements: self.statements.clone(),
             runtime: runtime()?,
             pending_messages: BTreeMap::new(),
+            sends_ttl_s: self.sends_ttl_s,
         })
     }
 }
@@ -284,6 +291,7 @@ struct Scylla {
     runtime: tokio::runtime::Runtime,
     /// Message rows of the batch in hand, by conversation partition.
     pending_messages: BTreeMap<String, Vec<(i64, Vec<u8>)>>,
+    sends_ttl_s: i32,
 }
 
 fn id(value: u64) -> i64 {
@@ -406,12 +414,24 @@ impl Tables for Scylla {
     ) -> Result<()> {
         if self.applied(
             &self.statements.put_send,
-            (user, device, client_msg_id, id(message_id), conversation),
+            (
+                user,
+                device,
+                client_msg_id,
+                id(message_id),
+                conversation,
+                self.sends_ttl_s,
+            ),
         )? {
-            self.execute(
-                &self.statements.put_send_by_time,
-                (user, device, id(message_id), client_msg_id, conversation),
-            )?;
+            let row = (
+                user,
+                device,
+                id(message_id),
+                client_msg_id,
+                conversation,
+                self.sends_ttl_s,
+            );
+            self.execute(&self.statements.put_send_by_time, row)?;
         }
         Ok(())
     }

@@ -63,6 +63,7 @@ on_every_backend!(
     a_sync_made_since_an_id_offers_what_a_cumulative_ack_passed,
     a_revocation_is_kept_and_takes_the_devices_keys_with_it,
     joins_that_each_fit_the_bound_but_not_together_are_refused_past_it,
+    idempotency_keys_older_than_the_window_are_removed_in_batches,
 );
 
 /// A message of group `group` from `from`, to `recipients`, with an optional event.
@@ -350,6 +351,59 @@ fn joins_that_each_fit_the_bound_but_not_together_are_refused_past_it(fixture: &
         .collect();
     assert_eq!(history, [34, 33, 31, 30]);
     assert!(synced_ids(fixture, "dave", "phone").is_empty());
+}
+
+fn idempotency_keys_older_than_the_window_are_removed_in_batches(fixture: &Fixture) {
+    use chat_protocol::snowflake::first_id_at;
+    let day = 24 * 60 * 60 * 1000;
+    let now = super::unix_ms_now();
+    // Three sends two days old, two from now, by message ids of those times.
+    let old: Vec<u64> = (0..3).map(|i| first_id_at(now - 2 * day) + i).collect();
+    let new: Vec<u64> = (0..2).map(|i| first_id_at(now) + i).collect();
+    let batch: Vec<Vec<u8>> = old
+        .iter()
+        .chain(&new)
+        .map(|id| message(*id, "alice", "phone", "bob"))
+        .collect();
+    run(fixture, &batch, false);
+    let cutoff = first_id_at(now - day);
+    let mut writer = fixture.backend.writer().unwrap();
+    let mut passes = Vec::new();
+    for _ in 0..3 {
+        writer
+            .write_batch(&mut |tables| {
+                passes.push(tables.expire_sends(cutoff, 2)?);
+                Ok(())
+            })
+            .unwrap();
+    }
+    assert_eq!(
+        passes,
+        [2, 1, 0],
+        "at most the limit per batch, oldest first"
+    );
+    let mut reader = fixture.backend.reader().unwrap();
+    for id in &old {
+        assert_eq!(
+            reader.send_of("alice", "phone", &format!("c{id}")).unwrap(),
+            None
+        );
+    }
+    for id in &new {
+        assert_eq!(
+            reader.send_of("alice", "phone", &format!("c{id}")).unwrap(),
+            Some(*id)
+        );
+    }
+    let recent: Vec<u64> = reader
+        .recent_sends("alice", "phone", 0, 100)
+        .unwrap()
+        .iter()
+        .map(|send| send.message_id)
+        .collect();
+    assert_eq!(recent, [new[1], new[0]], "the warm-up list lost them too");
+    // The messages themselves stay: only the keys expire.
+    assert_eq!(synced_ids(fixture, "bob", "phone").len(), 5);
 }
 
 fn run(fixture: &Fixture, raws: &[Vec<u8>], maybe_applied: bool) -> Vec<usize> {

@@ -1,0 +1,95 @@
+//! The cleanup thread: removes what only served a window, off the commit
+//! path. Today that is idempotency keys older than `--idempotency-window-ms`
+//! (a retry after the window is a new message, as documented), on fjall and
+//! PostgreSQL; ScyllaDB's expire by their TTL.
+//!
+//! Owns its own writer handle (so it never holds up a commit), a pass every
+//! `--cleanup-interval-s` in batches of `CLEANUP_BATCH_ROWS` until nothing
+//! old is left, and the counters `storage_writer_expired_total` and
+//! `storage_writer_cleanup_runs_total`. Never removes a key its window
+//! still needs, and never retries a failed pass sooner than the next one.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chat_protocol::snowflake;
+
+use crate::stats::Stats;
+use crate::store::{Backend, BatchWriter};
+
+/// Rows one cleanup batch removes at most (one short transaction each).
+const CLEANUP_BATCH_ROWS: usize = 10_000;
+/// How often the thread looks at the stop flag while it waits.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+pub struct Cleanup {
+    pub backend: Arc<dyn Backend>,
+    pub idempotency_window: Duration,
+    pub interval: Duration,
+    pub stats: Arc<Stats>,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Cleanup {
+    pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("cleanup".into())
+            .spawn(move || self.run())
+    }
+
+    fn run(self) {
+        let mut writer: Option<Box<dyn BatchWriter>> = None;
+        loop {
+            let next = Instant::now() + self.interval;
+            while Instant::now() < next {
+                if self.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(STOP_CHECK.min(self.interval));
+            }
+            let handle = match writer.take() {
+                Some(handle) => handle,
+                None => match self.backend.writer() {
+                    Ok(handle) => handle,
+                    Err(error) => {
+                        tracing::warn!(
+                            error = format!("{error:#}"),
+                            "cleanup: no store handle; next pass later"
+                        );
+                        continue;
+                    }
+                },
+            };
+            writer = self.pass(handle);
+            self.stats.cleanup_runs.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One pass; the handle back unless it failed (a new one next time).
+    fn pass(&self, mut writer: Box<dyn BatchWriter>) -> Option<Box<dyn BatchWriter>> {
+        let now = crate::store::unix_ms_now();
+        let window_ms = self.idempotency_window.as_millis() as u64;
+        let before = snowflake::first_id_at(now.saturating_sub(window_ms));
+        loop {
+            let mut removed = 0;
+            let result = writer.write_batch(&mut |tables| {
+                removed = tables.expire_sends(before, CLEANUP_BATCH_ROWS)?;
+                Ok(())
+            });
+            if let Err(error) = result {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "cleanup pass failed; next pass later"
+                );
+                return None;
+            }
+            self.stats
+                .expired_sends
+                .fetch_add(removed as u64, Ordering::Relaxed);
+            if removed < CLEANUP_BATCH_ROWS || self.stop.load(Ordering::Relaxed) {
+                return Some(writer);
+            }
+        }
+    }
+}
