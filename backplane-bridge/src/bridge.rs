@@ -251,7 +251,7 @@ impl Backplane {
             stats: BackplaneStats::default(),
         });
         let thread = backplane.clone();
-        crate::runtime_thread("backplane", async move { run(thread, sink).await })?;
+        crate::runtime::runtime_thread("backplane", async move { run(thread, sink).await })?;
         Ok(backplane)
     }
 
@@ -387,7 +387,7 @@ async fn run(backplane: Arc<Backplane>, sink: Arc<dyn Sink>) {
                 let _ = events_tx.send(event).await;
             }
         });
-    let servers = match crate::server_addrs(&backplane.config.url) {
+    let servers = match crate::servers::server_addrs(&backplane.config.url) {
         Ok(servers) => servers,
         Err(error) => {
             tracing::error!(%error, "backplane: bad NATS address; cross-node delivery is off");

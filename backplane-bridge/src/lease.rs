@@ -100,7 +100,7 @@ impl NodeIdLease {
         let (stop_tx, stop_rx) = oneshot::channel();
         let thread_validity = validity.clone();
         let timeout = config.acquire_timeout;
-        let thread = crate::runtime_thread("node-id-lease", async move {
+        let thread = crate::runtime::runtime_thread("node-id-lease", async move {
             hold(config, thread_validity, acquired_tx, stop_rx).await
         })
         .map_err(|error| LeaseError::Unreachable {
@@ -233,7 +233,7 @@ async fn take(
         url: config.url.clone(),
         reason,
     };
-    let servers = crate::server_addrs(&config.url).map_err(&unreachable)?;
+    let servers = crate::servers::server_addrs(&config.url).map_err(&unreachable)?;
     let client = async_nats::ConnectOptions::new()
         .name("chat-gateway-node-id-lease")
         .retry_on_initial_connect()

@@ -24,45 +24,12 @@ mod exceptions;
 pub mod lease;
 pub mod membership;
 pub mod routing;
+mod runtime;
+mod servers;
+
+pub use servers::server_addrs;
 
 pub use bridge::{
     groups_subject, node_subject, nodes_subject, Backplane, BackplaneConfig, BackplaneStats,
     Inbound, Outbound, Sink, HEARTBEATS_MISSED_MAX,
 };
-
-/// The NATS servers in `urls`: one address, or several separated by commas
-/// (the servers of a cluster; the client also learns the others from the
-/// first it reaches). An error names the address that does not parse.
-pub fn server_addrs(urls: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
-    let addresses: Vec<_> = urls
-        .split(',')
-        .map(str::trim)
-        .filter(|url| !url.is_empty())
-        .map(|url| {
-            url.parse::<async_nats::ServerAddr>()
-                .map_err(|error| format!("NATS address {url:?}: {error}"))
-        })
-        .collect::<Result<_, _>>()?;
-    if addresses.is_empty() {
-        return Err(format!("no NATS address in {urls:?}"));
-    }
-    Ok(addresses)
-}
-
-/// Runs `task` on a new thread named `name`, in a current-thread tokio
-/// runtime of its own: async-nats needs tokio, and the shards (monoio) must
-/// never run or await it.
-fn runtime_thread(
-    name: &str,
-    task: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a current-thread runtime builds")
-                .block_on(task)
-        })
-}

@@ -22,7 +22,11 @@ fn a_retry_after_the_window_is_a_new_message_and_the_first_stays() {
     alice.send_message("x", "bob", "hello");
     let first = alice.recv_type("sent")["message_id"].clone();
     alice.send_message("x", "bob", "hello");
-    assert_eq!(alice.recv_type("sent")["message_id"], first, "inside the window");
+    assert_eq!(
+        alice.recv_type("sent")["message_id"],
+        first,
+        "inside the window"
+    );
 
     // Past the window (in the node's memory and, after a cleanup pass, in
     // storage) the same id makes a new message.
