@@ -12,9 +12,9 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::error::RingError;
 use crate::layout::*;
 use crate::mapping::Mapping;
-use crate::RingError;
 
 /// Polls of `head` before parking: covers a producer that is mid-burst.
 const SPIN_POLLS: u32 = 200;

@@ -25,60 +25,16 @@
 //! wrap marker and continues at offset 0.
 
 mod consumer;
+mod error;
 mod layout;
 mod mapping;
 mod open;
 mod producer;
 
 pub use consumer::{Consumer, Record, Watermark};
+pub use error::{RingError, RingFull};
 pub use layout::{
     record_bytes, CAPACITY_BYTES_MAX, CAPACITY_BYTES_MIN, LAYOUT_VERSION, RECORD_PAYLOAD_BYTES_MAX,
 };
 pub use open::{attach_consumer, attach_existing_consumer, attach_producer, RingOptions};
 pub use producer::Producer;
-
-/// Why a ring could not be opened or read. The message names the file and
-/// what is wrong, so an operator can tell a misconfiguration from corruption.
-#[derive(Debug, thiserror::Error)]
-pub enum RingError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}: not a chat ring (magic {found:#018x})")]
-    BadMagic { path: String, found: u64 },
-    #[error("{path}: layout version {found}, this build reads version {expected}")]
-    WrongVersion {
-        path: String,
-        found: u32,
-        expected: u32,
-    },
-    #[error("{path}: header says {what} is {found}, expected {expected}")]
-    Mismatch {
-        path: String,
-        what: &'static str,
-        found: u64,
-        expected: u64,
-    },
-    #[error("{path}: file is {found} bytes, the header needs {expected}")]
-    Truncated {
-        path: String,
-        found: u64,
-        expected: u64,
-    },
-    #[error("{path}: already attached by another {role} (lock held)")]
-    Locked { path: String, role: &'static str },
-    #[error("ring corrupt at position {position}: {reason}")]
-    Corrupt { position: u64, reason: &'static str },
-    #[error("invalid ring options: {0}")]
-    Options(&'static str),
-}
-
-/// The ring has no room for this record until the consumer makes more durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("ring full: {needed} bytes needed, {free} free")]
-pub struct RingFull {
-    pub needed: u64,
-    pub free: u64,
-}

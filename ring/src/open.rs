@@ -12,10 +12,10 @@ use std::sync::atomic::Ordering;
 use memmap2::MmapOptions;
 
 use crate::consumer::Consumer;
+use crate::error::RingError;
 use crate::layout::*;
 use crate::mapping::{read_array, Mapping};
 use crate::producer::Producer;
-use crate::RingError;
 
 /// What both sides must agree on.
 #[derive(Debug, Clone, Copy)]

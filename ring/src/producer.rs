@@ -7,9 +7,9 @@
 use std::fs::File;
 use std::sync::atomic::{fence, Ordering};
 
+use crate::error::RingFull;
 use crate::layout::*;
 use crate::mapping::Mapping;
-use crate::RingFull;
 
 pub struct Producer {
     mapping: Mapping,

@@ -19,7 +19,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 
 use super::job::{alert_text, transient, Job, Outcome};
-use super::PushArgs;
+use super::settings::PushArgs;
 
 /// How long one provider token is used (Apple: refresh between 20 and 60 minutes).
 const TOKEN_LIFETIME: Duration = Duration::from_secs(30 * 60);
@@ -127,7 +127,7 @@ impl Apns {
             .json(&body);
         let response = match request.send().await {
             Ok(response) => response,
-            Err(_) => return Outcome::Retry(None, super::Failure::Unavailable),
+            Err(_) => return Outcome::Retry(None, super::stats::Failure::Unavailable),
         };
         let status = response.status().as_u16();
         if status == 200 {

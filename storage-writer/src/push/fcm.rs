@@ -20,7 +20,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 
 use super::job::{transient, Job, Outcome};
-use super::PushArgs;
+use super::settings::PushArgs;
 
 const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 /// An access token is renewed this long before Google says it expires.
@@ -170,7 +170,7 @@ impl Fcm {
             .await
         {
             Ok(response) => response,
-            Err(_) => return Outcome::Retry(None, super::Failure::Unavailable),
+            Err(_) => return Outcome::Retry(None, super::stats::Failure::Unavailable),
         };
         let status = response.status().as_u16();
         if status == 200 {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chat_protocol::push::{PushPayload, PushTarget};
 
-use super::Failure;
+use super::stats::Failure;
 
 /// One push to one device.
 pub struct Job {

@@ -18,7 +18,9 @@ use chat_protocol::push::PushTarget;
 
 pub use super::job::Job;
 use super::job::Outcome;
-use super::{apns, fcm, webpush, Failure, PushArgs, PushStats};
+use super::settings::PushArgs;
+use super::stats::{provider_index, Failure, PushStats};
+use super::{apns, fcm, webpush};
 
 /// Tries per push (the first and two retries) before it counts as failed.
 const ATTEMPTS: u32 = 3;
@@ -177,7 +179,7 @@ async fn deliver(
     job: Job,
 ) {
     let kind = job.target.kind();
-    let provider = &stats.providers[super::provider_index(kind)];
+    let provider = &stats.providers[provider_index(kind)];
     let mut fresh_credential = false;
     let mut attempt = 0;
     loop {

@@ -106,7 +106,7 @@ impl WebPush {
                 401 | 403 => Outcome::Auth,
                 _ => Outcome::Refused,
             },
-            Err(_) => Outcome::Retry(None, super::Failure::Unavailable),
+            Err(_) => Outcome::Retry(None, super::stats::Failure::Unavailable),
         }
     }
 

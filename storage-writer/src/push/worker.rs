@@ -20,7 +20,8 @@ use chat_protocol::push::{PushPayload, PushTarget};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::send::{Job, SendQueue};
-use super::{Candidate, PushArgs, PushStats};
+use super::settings::{ack_wait, Candidate, PushArgs};
+use super::stats::PushStats;
 use crate::store::Tables;
 
 /// Devices whose last push time is remembered for coalescing, at most;
@@ -87,7 +88,7 @@ impl Worker {
             candidates,
             send,
             stats,
-            ack_wait: super::ack_wait(args),
+            ack_wait: ack_wait(args),
             window: Duration::from_millis(args.push_coalesce_ms),
             include_sender: args.push_include_sender,
             devices: HashMap::new(),
