@@ -61,61 +61,31 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 
 pub fn render(stats: &Stats, push: Option<&PushStats>) -> String {
     let mut out = String::new();
-    family(
-        &mut out,
-        "storage_writer_batches_total",
-        "counter",
-        "Batches committed.",
-    );
-    let _ = writeln!(
-        out,
-        "storage_writer_batches_total {}",
-        stats.batches.load(Relaxed)
-    );
-    family(
-        &mut out,
-        "storage_writer_records_total",
-        "counter",
-        "Ring records committed.",
-    );
-    let _ = writeln!(
-        out,
-        "storage_writer_records_total {}",
-        stats.records.load(Relaxed)
-    );
-    family(
-        &mut out,
-        "storage_writer_commit_failures_total",
-        "counter",
-        "Attempts at a batch that failed (each is retried with back-off: a full disk, a database away).",
-    );
-    let _ = writeln!(
-        out,
-        "storage_writer_commit_failures_total {}",
-        stats.commit_failures.load(Relaxed)
-    );
-    family(
-        &mut out,
-        "storage_writer_expired_total",
-        "counter",
-        "Rows removed after their window, by table.",
-    );
-    let _ = writeln!(
-        out,
-        "storage_writer_expired_total{{table=\"sends\"}} {}",
-        stats.expired_sends.load(Relaxed)
-    );
-    family(
-        &mut out,
-        "storage_writer_cleanup_runs_total",
-        "counter",
-        "Cleanup passes made (every --cleanup-interval-s).",
-    );
-    let _ = writeln!(
-        out,
-        "storage_writer_cleanup_runs_total {}",
-        stats.cleanup_runs.load(Relaxed)
-    );
+    for (name, help, value, labels) in [
+        ("storage_writer_batches_total", "Batches committed.", &stats.batches, ""),
+        ("storage_writer_records_total", "Ring records committed.", &stats.records, ""),
+        (
+            "storage_writer_commit_failures_total",
+            "Attempts at a batch that failed (each is retried with back-off: a full disk, a database away).",
+            &stats.commit_failures,
+            "",
+        ),
+        (
+            "storage_writer_expired_total",
+            "Rows removed after their window, by table.",
+            &stats.expired_sends,
+            "{table=\"sends\"}",
+        ),
+        (
+            "storage_writer_cleanup_runs_total",
+            "Cleanup passes made (every --cleanup-interval-s).",
+            &stats.cleanup_runs,
+            "",
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name}{labels} {}", value.load(Relaxed));
+    }
     let Some(push) = push else {
         return out;
     };
@@ -215,4 +185,31 @@ pub fn render(stats: &Stats, push: Option<&PushStats>) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sample_follows_its_help_and_type() {
+        let stats = Stats::default();
+        stats.expired_sends.store(3, Relaxed);
+        let text = render(&stats, None);
+        assert!(
+            text.contains("storage_writer_expired_total{table=\"sends\"} 3\n"),
+            "{text}"
+        );
+        for line in text.lines().filter(|line| !line.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} has no TYPE"
+            );
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP"
+            );
+        }
+    }
 }
