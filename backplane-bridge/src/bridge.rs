@@ -46,7 +46,7 @@ use crate::routing::HomeTable;
 /// at async-nats's ping interval).
 const REPUBLISH_WINDOW_MS: u64 = 2_000;
 /// The most recent publishes kept for that (beyond, the oldest are
-/// forgotten and counted: their receivers get them on their next sync).
+/// forgotten: their receivers get them on their next sync).
 const REPUBLISH_KEPT_MAX: usize = 16_384;
 
 /// Outbound items taken per shard per turn (fairness between shards).
