@@ -718,7 +718,7 @@ impl Router {
 
     /// Keeps a copy of a publish for `republish_since` (the JSON is shared,
     /// not copied), forgetting what is older than the window.
-    fn remember_publish(&mut self, users: &[Box<str>], message_id: u64, json: &Bytes) {
+    fn remember_publish(&mut self, users: Vec<Box<str>>, message_id: u64, json: Bytes) {
         let now = unix_ms();
         while self
             .recent
@@ -729,9 +729,9 @@ impl Router {
             self.recent.pop_front();
         }
         let publish = Outbound::Publish {
-            users: users.to_vec(),
+            users,
             message_id,
-            json: json.clone(),
+            json,
         };
         self.recent.push_back((now, publish));
     }
@@ -740,10 +740,9 @@ impl Router {
     /// (one envelope per home), and for users homed here the registered
     /// nodes get it directly.
     async fn publish(&mut self, users: Vec<Box<str>>, message_id: u64, json: Bytes) {
-        self.remember_publish(&users, message_id, &json);
         let mut batches: HashMap<(u16, bool), Vec<Box<str>>> = HashMap::new();
-        for user in users {
-            for (node, hop) in self.route_targets(&user) {
+        for user in &users {
+            for (node, hop) in self.route_targets(user) {
                 let to_home = hop == Hop::ToHome;
                 batches
                     .entry((node, to_home))
@@ -754,6 +753,7 @@ impl Router {
         let forwarded = batches.keys().filter(|(_, to_home)| !to_home).count();
         self.stats().forwarded.fetch_add(forwarded as u64, Relaxed);
         self.publish_batches(batches, message_id, &json).await;
+        self.remember_publish(users, message_id, json);
     }
 
     async fn on_node_message(&mut self, message: async_nats::Message) {

@@ -78,12 +78,14 @@ pub fn hgrm(histogram: &Histogram<u64>) -> String {
 }
 
 /// A latency-by-percentile plot (log scale on the percentile axis), one line per series.
+/// Every plot's size, margins and series colours.
+const WIDTH: f64 = 760.0;
+const HEIGHT: f64 = 420.0;
+const LEFT: f64 = 70.0;
+const BOTTOM: f64 = 50.0;
+const COLORS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+
 pub fn svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
-    const WIDTH: f64 = 760.0;
-    const HEIGHT: f64 = 420.0;
-    const LEFT: f64 = 70.0;
-    const BOTTOM: f64 = 50.0;
-    const COLORS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
     let nines_max = 5.0; // up to 99.999%
     let max_us = series
         .iter()
@@ -95,7 +97,7 @@ pub fn svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
         LEFT + (-(1.0 - quantile).max(1e-5).log10() / nines_max) * (WIDTH - LEFT - 60.0)
     };
     let y = |value_us: f64| HEIGHT - BOTTOM - (value_us / max_us) * (HEIGHT - BOTTOM - 40.0);
-    let mut out = svg_frame(title, WIDTH, HEIGHT, LEFT, BOTTOM);
+    let mut out = svg_frame(title);
     for (label, quantile) in [
         ("0%", 0.0),
         ("90%", 0.9),
@@ -128,7 +130,6 @@ pub fn svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
         HEIGHT - 10.0
     );
     for (index, (label, histogram)) in series.iter().enumerate() {
-        let color = COLORS[index % COLORS.len()];
         let points: Vec<String> = histogram
             .iter_quantiles(5)
             .filter(|step| step.quantile_iterated_to() <= 0.99999)
@@ -140,55 +141,56 @@ pub fn svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {
                 )
             })
             .collect();
-        let _ = writeln!(
-            out,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
-            points.join(" ")
-        );
-        let _ = writeln!(
-            out,
-            r#"<text x="{}" y="{}" fill="{color}">{label}</text>"#,
-            LEFT + 10.0,
-            45.0 + 16.0 * index as f64
-        );
+        series_line(&mut out, index, label, &points);
     }
     out.push_str("</svg>\n");
     out
 }
 
+/// One series: its line (`points`: "x,y" pairs) and its label in the legend.
+fn series_line(out: &mut String, index: usize, label: &str, points: &[String]) {
+    let color = COLORS[index % COLORS.len()];
+    let _ = writeln!(
+        out,
+        r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+        points.join(" ")
+    );
+    let _ = writeln!(
+        out,
+        r#"<text x="{}" y="{}" fill="{color}">{label}</text>"#,
+        LEFT + 10.0,
+        45.0 + 16.0 * index as f64
+    );
+}
+
 /// An SVG's opening, white background, title and the two axes.
-fn svg_frame(title: &str, width: f64, height: f64, left: f64, bottom: f64) -> String {
+fn svg_frame(title: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(
         out,
-        r#"<rect width="100%" height="100%" fill="white"/><text x="{left}" y="20" font-size="14">{title}</text>"#
+        r#"<rect width="100%" height="100%" fill="white"/><text x="{LEFT}" y="20" font-size="14">{title}</text>"#
     );
     let _ = writeln!(
         out,
-        r#"<line x1="{left}" y1="{0}" x2="{1}" y2="{0}" stroke="black"/><line x1="{left}" y1="30" x2="{left}" y2="{0}" stroke="black"/>"#,
-        height - bottom,
-        width - 20.0,
+        r#"<line x1="{LEFT}" y1="{0}" x2="{1}" y2="{0}" stroke="black"/><line x1="{LEFT}" y1="30" x2="{LEFT}" y2="{0}" stroke="black"/>"#,
+        HEIGHT - BOTTOM,
+        WIDTH - 20.0,
     );
     out
 }
 
 /// A line plot of time series ((seconds, value) points), values from 0.
 pub fn line_svg(title: &str, unit: &str, series: &[(&str, &[(f64, f64)])]) -> String {
-    const WIDTH: f64 = 760.0;
-    const HEIGHT: f64 = 420.0;
-    const LEFT: f64 = 70.0;
-    const BOTTOM: f64 = 50.0;
-    const COLORS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
     let points = series.iter().flat_map(|(_, points)| points.iter());
     let max_t = points.clone().map(|p| p.0).fold(1.0, f64::max);
     let max_v = points.map(|p| p.1).fold(1.0, f64::max) * 1.1;
     let x = |t: f64| LEFT + t / max_t * (WIDTH - LEFT - 30.0);
     let y = |v: f64| HEIGHT - BOTTOM - v / max_v * (HEIGHT - BOTTOM - 40.0);
-    let mut out = svg_frame(title, WIDTH, HEIGHT, LEFT, BOTTOM);
+    let mut out = svg_frame(title);
     for fraction in [0.0, 0.25, 0.5, 0.75, 1.0] {
         let _ = writeln!(
             out,
@@ -202,22 +204,11 @@ pub fn line_svg(title: &str, unit: &str, series: &[(&str, &[(f64, f64)])]) -> St
         );
     }
     for (index, (label, points)) in series.iter().enumerate() {
-        let color = COLORS[index % COLORS.len()];
         let line: Vec<String> = points
             .iter()
             .map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v)))
             .collect();
-        let _ = writeln!(
-            out,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
-            line.join(" ")
-        );
-        let _ = writeln!(
-            out,
-            r#"<text x="{}" y="{}" fill="{color}">{label}</text>"#,
-            LEFT + 10.0,
-            45.0 + 16.0 * index as f64
-        );
+        series_line(&mut out, index, label, &line);
     }
     out.push_str("</svg>\n");
     out

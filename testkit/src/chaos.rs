@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::fleet::Fleet;
 use crate::gateway::{connect_at, connect_unsynced_at, Client, Gateway, Next};
@@ -245,25 +245,6 @@ fn receiver(
     seen
 }
 
-/// A whole conversation's history, oldest first.
-fn history(client: &mut Client, conversation: &str) -> Vec<Value> {
-    let mut all = Vec::new();
-    let mut before: Option<String> = None;
-    for _ in 0..100_000 {
-        let page = client.history(conversation, before.as_deref(), 100);
-        if page.is_empty() {
-            break;
-        }
-        before = page
-            .last()
-            .and_then(|m| m["message_id"].as_str())
-            .map(str::to_owned);
-        all.extend(page);
-    }
-    all.reverse();
-    all
-}
-
 #[derive(Clone)]
 struct PlanView {
     sends: usize,
@@ -409,7 +390,7 @@ fn audit(
         &format!("chaos-s{pair}"),
         &format!("chaos-r{pair}"),
     );
-    let stored = history(&mut reader, &conversation);
+    let stored = reader.whole_history(&conversation);
     let mut first: BTreeMap<&str, &str> = BTreeMap::new();
     let order: BTreeMap<&str, usize> = sent
         .bodies

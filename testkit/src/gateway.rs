@@ -338,6 +338,20 @@ impl Client {
         page["messages"].as_array().unwrap().clone()
     }
 
+    /// The whole history of `conversation`, page by page, oldest first.
+    pub fn whole_history(&mut self, conversation: &str) -> Vec<Value> {
+        let mut all = Vec::new();
+        let mut before: Option<String> = None;
+        for _ in 0..100_000 {
+            let page = self.history(conversation, before.as_deref(), 100);
+            let Some(last) = page.last() else { break };
+            before = last["message_id"].as_str().map(str::to_owned);
+            all.extend(page);
+        }
+        all.reverse();
+        all
+    }
+
     pub fn send(&mut self, value: Value) {
         self.socket.send(Message::text(value.to_string())).unwrap();
     }
