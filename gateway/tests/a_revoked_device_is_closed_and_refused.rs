@@ -40,7 +40,7 @@ fn closed_with(client: &mut Client) -> Option<u16> {
     loop {
         match client.next_frame() {
             Next::Closed(code) => return code,
-            Next::Gone => return None,
+            Next::Gone(_) => return None,
             Next::Json(_) | Next::Silent => {
                 assert!(Instant::now() < deadline, "the connection stayed open");
             }

@@ -262,7 +262,7 @@ fn spawn_receiver(
                     }
                 }
                 Next::Json(_) | Next::Silent => {}
-                Next::Closed(_) | Next::Gone => {
+                Next::Closed(_) | Next::Gone(_) => {
                     reconnects += 1;
                     client = connect_at(fallback, &name, "phone");
                     for frame in std::mem::take(&mut client.synced) {

@@ -88,7 +88,7 @@ fn the_haproxy_example_spreads_clients_and_moves_them_off_a_draining_node() {
         let closed = loop {
             match client.next_frame() {
                 Next::Closed(code) => break code,
-                Next::Gone => break None,
+                Next::Gone(_) => break None,
                 Next::Json(_) => {}
                 Next::Silent if Instant::now() > deadline => break Some(0),
                 Next::Silent => {}

@@ -203,7 +203,7 @@ fn sender(nodes: Vec<SocketAddr>, start: usize, me: String, to: String, plan: Pl
                         resend = true;
                     }
                 }
-                Next::Closed(_) | Next::Gone => {
+                Next::Closed(_) | Next::Gone(_) => {
                     sent.reconnects += 1;
                     let next = connect_any(&nodes, at + 1, &me);
                     client = next.0;
@@ -235,7 +235,7 @@ fn receiver(
                 seen.insert(id);
             }
             Next::Json(_) | Next::Silent => {}
-            Next::Closed(_) | Next::Gone => {
+            Next::Closed(_) | Next::Gone(_) => {
                 let next = connect_any(&nodes, at + 1, &me);
                 client = next.0;
                 at = next.1;

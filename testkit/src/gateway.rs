@@ -47,7 +47,7 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Two shards, short heartbeats, and `extra` flags on top.
+    /// Two shards, a short drain, and `extra` flags on top.
     pub fn start(extra: &[&str]) -> Gateway {
         Self::start_with(extra, Some(SECRET))
     }
@@ -286,8 +286,8 @@ pub struct Client {
 pub enum Next {
     Json(Value),
     Closed(Option<u16>),
-    /// The socket ended without a close frame.
-    Gone,
+    /// The socket ended without a close frame (the error, for the report).
+    Gone(String),
     Silent,
 }
 
@@ -392,7 +392,7 @@ impl Client {
                 Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                     return Next::Closed(None)
                 }
-                Err(_) => return Next::Gone,
+                Err(error) => return Next::Gone(error.to_string()),
             }
         }
     }
