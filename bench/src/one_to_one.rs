@@ -165,6 +165,9 @@ pub struct OneToOneReport {
     pub ack: Percentiles,
     pub delivered_per_s_measured: f64,
     pub server_cpu_s: Option<f64>,
+    /// The server's own process, without its children (for the gateway, the
+    /// rest of `server_cpu_s` is its storage-writer).
+    pub server_process_cpu_s: Option<f64>,
     pub delivered_per_server_cpu_s: Option<f64>,
     pub bench_cpu_s: Option<f64>,
     pub errors: BTreeMap<String, u64>,
@@ -313,11 +316,13 @@ fn run_one(
                 (nats.websocket, vec![nats.pid()], Box::new(nats))
             }
         };
-    let server_cpu = || -> Option<f64> {
-        server_pids
-            .iter()
-            .map(|pid| procfs::process_tree_cpu_seconds(*pid).ok())
-            .sum()
+    let server_cpu = || -> Option<ServerCpu> {
+        let mut cpu = ServerCpu::default();
+        for pid in &server_pids {
+            cpu.tree_s += procfs::process_tree_cpu_seconds(*pid).ok()?;
+            cpu.process_s += procfs::process_cpu_seconds(*pid).ok()?;
+        }
+        Some(cpu)
     };
 
     let mut rss_samples = Vec::new();
@@ -368,10 +373,11 @@ fn run_one(
         delivery: report::percentiles(&delivery),
         ack: report::percentiles(&ack),
         delivered_per_s_measured: measured_deliveries as f64 / args.duration_s as f64,
-        server_cpu_s,
+        server_cpu_s: server_cpu_s.map(|cpu| cpu.tree_s),
+        server_process_cpu_s: server_cpu_s.map(|cpu| cpu.process_s),
         delivered_per_server_cpu_s: server_cpu_s
-            .filter(|cpu| *cpu > 0.0)
-            .map(|cpu| measured_deliveries as f64 / cpu),
+            .filter(|cpu| cpu.tree_s > 0.0)
+            .map(|cpu| measured_deliveries as f64 / cpu.tree_s),
         bench_cpu_s,
         errors: result.errors,
         closes: result.closes,
@@ -568,15 +574,22 @@ impl Running {
     }
 }
 
-/// Server CPU seconds over the measured window only.
+/// CPU seconds of the servers under test: with their children (a gateway's
+/// storage-writer), and of their own processes alone.
+#[derive(Debug, Clone, Copy, Default)]
+struct ServerCpu {
+    tree_s: f64,
+    process_s: f64,
+}
+
 /// The servers' CPU seconds over the measured window, and (with `rss_every`)
 /// their resident memory from the first send to the end.
 fn sample_server(
     phase: &Phase,
-    server_cpu: &dyn Fn() -> Option<f64>,
+    server_cpu: &dyn Fn() -> Option<ServerCpu>,
     pids: &[u32],
     rss_every: Option<Duration>,
-) -> (Option<f64>, Vec<RssSample>) {
+) -> (Option<ServerCpu>, Vec<RssSample>) {
     let sleep_until = |target_ns: u64| {
         let now = monotonic_ns();
         if target_ns > now {
@@ -616,7 +629,11 @@ fn sample_server(
     }
     sleep_until(phase.end_ns);
     let end = server_cpu();
-    (start.zip(end).map(|(start, end)| end - start), samples)
+    let spent = start.zip(end).map(|(start, end)| ServerCpu {
+        tree_s: end.tree_s - start.tree_s,
+        process_s: end.process_s - start.process_s,
+    });
+    (spent, samples)
 }
 
 /// Worker-process mode: connect this worker's users, say so, wait for the
@@ -653,8 +670,8 @@ fn run_in_processes(
     args: &OneToOneArgs,
     peer: Peer,
     address: std::net::SocketAddr,
-    server_cpu: &dyn Fn() -> Option<f64>,
-) -> anyhow::Result<(Totals, Option<f64>)> {
+    server_cpu: &dyn Fn() -> Option<ServerCpu>,
+) -> anyhow::Result<(Totals, Option<ServerCpu>)> {
     use std::io::BufRead;
     let processes = args.processes;
     let mut children = Vec::with_capacity(processes);
@@ -767,6 +784,12 @@ fn print_table(report: &OneToOneReport) {
     );
     if let (Some(cpu), Some(per_cpu)) = (report.server_cpu_s, report.delivered_per_server_cpu_s) {
         println!("  server CPU {cpu:.2} s in the window: {per_cpu:.0} delivered msgs per server CPU-second");
+        if let Some(own) = report.server_process_cpu_s.filter(|own| cpu - own > 0.005) {
+            println!(
+                "    of which the server process {own:.2} s and its children (the storage-writer) {:.2} s",
+                cpu - own
+            );
+        }
     }
     if let Some(cpu) = report.bench_cpu_s {
         println!("  load generator CPU {cpu:.2} s over the whole run");

@@ -123,10 +123,10 @@ pub struct Config {
     pub sends_per_s: f32,
     /// Sends a user may make at once before `sends_per_s` applies.
     pub sends_burst: f32,
-    /// Back-pressure by lag (opt-in): while the storage-writer commits but
-    /// the oldest `sent` has waited longer than this and through whole
-    /// batches, new sends are refused with `overloaded`. 0 (the default)
-    /// turns it off: on a starved machine slow commits look like load.
+    /// Back-pressure by lag: while the storage-writer commits but the
+    /// oldest `sent` has waited longer than this and through whole batches,
+    /// with at least `LAG_BACKLOG_RECORDS_MIN` records waiting on the shard,
+    /// new sends are refused with `overloaded`. 0 turns it off.
     pub sent_wait_ms_max: u64,
     /// Outage bound: once nothing has become durable for this long while a
     /// `sent` waits (the writer or its database away, a full disk), new
@@ -256,7 +256,7 @@ impl Default for Config {
             frames_burst: 300.0,
             sends_per_s: 20.0,
             sends_burst: 100.0,
-            sent_wait_ms_max: 0,
+            sent_wait_ms_max: 50,
             storage_stall_ms_max: 5_000,
             devices_per_user_max: DEVICES_PER_USER_MAX,
             typing_per_s: 1.0,

@@ -85,6 +85,12 @@ pub const PRESENCE_ONLINE_TICK_MS: u64 = 1_000;
 /// node that died stops refreshing, and one late refresh is not a departure.
 pub const PRESENCE_STALE_AFTER_INTERVALS: f64 = 2.5;
 
+/// Records waiting for durability on one shard below which
+/// `sent_wait_ms_max` never refuses: a few slow commits with little waiting
+/// are a starved machine, not load the writer cannot keep up with (at 20,000
+/// msgs/s on two shards, 50 ms of backlog is 500 records per shard).
+pub const LAG_BACKLOG_RECORDS_MIN: usize = 256;
+
 // --- what clients are told to wait ----------------------------------------
 
 /// `retry_after_ms` of `overloaded`: a full queue or ring drains in well

@@ -8,16 +8,20 @@
 //! stores must be idempotent.
 
 use std::fs::File;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::RingError;
 use crate::layout::*;
-use crate::mapping::Mapping;
+use crate::mapping::{futex_waitv, futex_wake_private, Mapping, WaitvOutcome, WAITV_WORDS_MAX};
 
 /// Polls of `head` before parking: covers a producer that is mid-burst.
 const SPIN_POLLS: u32 = 200;
+/// How often [`wait_any`] looks at its rings on a kernel without `futex_waitv`.
+const POLL_WITHOUT_WAITV: Duration = Duration::from_micros(500);
+/// On such a kernel, how late [`wait_any`] on one ring may see its doorbell.
+const DOORBELL_LATE_MAX: Duration = Duration::from_millis(50);
 
 pub struct Consumer {
     mapping: Arc<Mapping>,
@@ -157,6 +161,66 @@ impl Consumer {
         }
         sleeping.store(0, Ordering::Relaxed);
     }
+}
+
+/// Parks until one of `consumers` may have a record, `doorbell` no longer
+/// holds `rung` (another thread of this process has something for the
+/// caller, and wakes it with [`ring_doorbell`]), or `timeout` passes. One
+/// thread drains many rings this way: a producer's wake reaches it directly,
+/// with no thread in between. A short spin first, as in [`Consumer::wait`].
+///
+/// On kernels without `futex_waitv` (before 5.16) it parks on the one
+/// ring's futex, or polls every `POLL_WITHOUT_WAITV` when there are several.
+pub fn wait_any(consumers: &[&Consumer], doorbell: &AtomicU32, rung: u32, timeout: Duration) {
+    let has_record = || consumers.iter().any(|c| c.head() != c.read);
+    let rang = || doorbell.load(Ordering::Acquire) != rung;
+    for _ in 0..SPIN_POLLS {
+        if has_record() || rang() {
+            return;
+        }
+        std::hint::spin_loop();
+    }
+    let deadline = Instant::now() + timeout;
+    let words: Vec<&AtomicU32> = consumers
+        .iter()
+        .map(|c| c.mapping.sleeping_word())
+        .collect();
+    for word in &words {
+        word.store(1, Ordering::Relaxed);
+    }
+    // Pairs with each producer's fence, as in `Consumer::wait`.
+    fence(Ordering::SeqCst);
+    while !has_record() && !rang() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let mut waiters: Vec<(&AtomicU32, u32, bool)> = words
+            .iter()
+            .take(WAITV_WORDS_MAX - 1)
+            .map(|word| (*word, 1, true))
+            .collect();
+        waiters.push((doorbell, rung, false));
+        if futex_waitv(&waiters, left) == WaitvOutcome::Unsupported {
+            match consumers {
+                // One ring: its own futex (the doorbell is then seen late).
+                [only] => only.mapping.futex_wait(1, left.min(DOORBELL_LATE_MAX)),
+                _ => std::thread::sleep(left.min(POLL_WITHOUT_WAITV)),
+            }
+        }
+        if words.iter().any(|word| word.load(Ordering::Relaxed) == 0) {
+            break; // a producer woke us
+        }
+    }
+    for word in &words {
+        word.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Wakes the thread parked in [`wait_any`] on `doorbell`.
+pub fn ring_doorbell(doorbell: &AtomicU32) {
+    doorbell.fetch_add(1, Ordering::Release);
+    futex_wake_private(doorbell);
 }
 
 /// The ring's head and durable watermark, shareable across threads. Commits

@@ -31,7 +31,7 @@ mod mapping;
 mod open;
 mod producer;
 
-pub use consumer::{Consumer, Record, Watermark};
+pub use consumer::{ring_doorbell, wait_any, Consumer, Record, Watermark};
 pub use error::{RingError, RingFull};
 pub use layout::{
     record_bytes, CAPACITY_BYTES_MAX, CAPACITY_BYTES_MIN, LAYOUT_VERSION, RECORD_PAYLOAD_BYTES_MAX,

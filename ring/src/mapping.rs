@@ -99,6 +99,11 @@ impl Mapping {
         }
     }
 
+    /// This ring's futex word, for a wait on several rings at once.
+    pub fn sleeping_word(&self) -> &AtomicU32 {
+        self.atomic_u32(OFFSET_SLEEPING)
+    }
+
     /// Wakes a consumer parked in `futex_wait`.
     pub fn futex_wake(&self) {
         let word = self.atomic_u32(OFFSET_SLEEPING);
@@ -117,4 +122,90 @@ pub fn read_array<const N: usize>(map: &MmapRaw, offset: usize) -> [u8; N] {
     // before the file is linked into place, so nobody writes them now.
     unsafe { std::ptr::copy_nonoverlapping(map.as_ptr().add(offset), out.as_mut_ptr(), N) };
     out
+}
+
+/// One word of a `futex_waitv` call (the kernel's `struct futex_waitv`).
+#[repr(C)]
+struct FutexWaitv {
+    val: u64,
+    uaddr: u64,
+    flags: u32,
+    reserved: u32,
+}
+
+/// `FUTEX2_SIZE_U32` (linux/futex.h).
+const FUTEX2_SIZE_U32: u32 = 0x02;
+/// `FUTEX2_PRIVATE` (linux/futex.h): the word is not shared with other processes.
+const FUTEX2_PRIVATE: u32 = 128;
+/// Words one `futex_waitv` takes at most (`FUTEX_WAITV_MAX`).
+pub const WAITV_WORDS_MAX: usize = 128;
+
+/// What a wait on several futex words ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitvOutcome {
+    /// Woken, timed out, or a word no longer held its expected value.
+    Returned,
+    /// The kernel has no `futex_waitv` (before Linux 5.16).
+    Unsupported,
+}
+
+/// Parks until one of `words` is woken or no longer equals its expected
+/// value, or `timeout` passes. `shared` words live in a mapping other
+/// processes share (a ring's); the others are private to this process.
+pub fn futex_waitv(words: &[(&AtomicU32, u32, bool)], timeout: Duration) -> WaitvOutcome {
+    assert!(!words.is_empty() && words.len() <= WAITV_WORDS_MAX);
+    let waiters: Vec<FutexWaitv> = words
+        .iter()
+        .map(|(word, expected, shared)| FutexWaitv {
+            val: u64::from(*expected),
+            uaddr: word.as_ptr() as u64,
+            flags: FUTEX2_SIZE_U32 | if *shared { 0 } else { FUTEX2_PRIVATE },
+            reserved: 0,
+        })
+        .collect();
+    // futex_waitv takes an absolute deadline on the clock it is given.
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a live, writable timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let deadline_ns = now.tv_sec as u128 * 1_000_000_000
+        + now.tv_nsec as u128
+        + timeout.as_nanos().min(u128::from(u64::MAX));
+    let deadline = libc::timespec {
+        tv_sec: (deadline_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (deadline_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `waiters` is a live array of `words.len()` structs laid out as
+    // the kernel's `struct futex_waitv`; each `uaddr` is an aligned u32 that
+    // outlives the call (borrowed from `words`); `deadline` is a live local.
+    // The kernel only reads them. Spurious returns are fine: callers loop.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_futex_waitv,
+            waiters.as_ptr(),
+            waiters.len() as libc::c_uint,
+            0 as libc::c_uint,
+            &deadline as *const libc::timespec,
+            libc::CLOCK_MONOTONIC,
+        )
+    };
+    if result < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        return WaitvOutcome::Unsupported;
+    }
+    WaitvOutcome::Returned
+}
+
+/// Wakes one thread of this process parked on the private word `word`.
+pub fn futex_wake_private(word: &AtomicU32) {
+    // SAFETY: FUTEX_WAKE only uses the address as a key; it is valid and aligned.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            1,
+        );
+    }
 }

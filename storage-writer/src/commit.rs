@@ -1,7 +1,9 @@
 //! The commit thread: turns chunks of ring records into durable batches.
 //!
-//! Owns batching (up to `batch_records_max` records, or whatever arrived
-//! while the last batch was being written: group commit, no added delay),
+//! Owns reading the rings (through `Drains`: this thread parks on them and
+//! producers wake it directly), batching (up to `batch_records_max` records,
+//! or whatever arrived while the last batch was being written: group commit,
+//! with an adaptive linger while records keep coming),
 //! retrying a failed batch whole with back-off, then advancing each ring's
 //! durable watermark, waking readers and telling shards (`Durable`). Owns the
 //! acknowledgements that arrived before their message (from another ring):
@@ -14,20 +16,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
-use chat_protocol::records::Record;
-use crossbeam_channel::{Receiver, RecvTimeoutError};
-
-use crate::rings::{Chunk, Progress};
+use crate::rings::{Chunk, Drains, Progress};
 use crate::sessions::Sessions;
 use crate::stats::Stats;
 use crate::store::BatchWriter;
 use crate::store::{self};
+use anyhow::Result;
+use chat_protocol::records::Record;
 
 /// Acknowledgements waiting for their message, at most.
 const PENDING_ACKS_MAX: usize = 65_536;
 /// Longest wait between batches when acknowledgements are pending.
 const PENDING_RETRY: Duration = Duration::from_millis(20);
+/// Longest wait for records before looking at `stop` again.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The exit status when the store can only be opened again (EX_TEMPFAIL):
 /// the gateway, or systemd, starts the writer again.
@@ -42,7 +44,8 @@ struct PendingAck {
 }
 
 pub struct CommitLoop {
-    pub chunks: Receiver<Chunk>,
+    /// Every ring, read by this thread.
+    pub drains: Drains,
     pub writer: Box<dyn BatchWriter>,
     pub progress: Arc<Progress>,
     pub sessions: Arc<Sessions>,
@@ -50,7 +53,8 @@ pub struct CommitLoop {
     pub batch_records_max: usize,
     /// The most members a group may have: changes past it are refused.
     pub group_members_max: usize,
-    /// How long a batch waits for more records after its first (0: none).
+    /// How long a batch waits for more records while records keep coming
+    /// (0: never). See `run`.
     pub batch_linger: Duration,
     pub stop: Arc<AtomicBool>,
     /// The push worker's queue, when push is configured.
@@ -60,41 +64,36 @@ pub struct CommitLoop {
 impl CommitLoop {
     pub fn run(mut self) {
         let mut pending: VecDeque<PendingAck> = VecDeque::new();
+        // When the last batch was made durable.
+        let mut last_commit: Option<Instant> = None;
         loop {
-            let timeout = if pending.is_empty() {
-                Duration::from_millis(100)
-            } else {
-                PENDING_RETRY
-            };
-            let mut chunks = Vec::new();
-            match self.chunks.recv_timeout(timeout) {
-                Ok(chunk) => chunks.push(chunk),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+            // The batch in hand is done; nothing new is read once stopping.
+            if self.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let mut chunks = self.drains.read(self.batch_records_max);
+            if chunks.is_empty() {
+                self.drains.wait(if pending.is_empty() {
+                    IDLE_WAIT
+                } else {
+                    PENDING_RETRY
+                });
+                chunks = self.drains.read(self.batch_records_max);
             }
             let mut records = chunks.iter().map(|c| c.records.len()).sum::<usize>();
-            // Group commit: take what is already queued, and with a linger,
-            // what arrives within it (fewer fsyncs per record under load).
-            let linger_until = Instant::now() + self.batch_linger;
-            while records < self.batch_records_max {
-                let next = match linger_until.checked_duration_since(Instant::now()) {
-                    Some(left) if !chunks.is_empty() && !left.is_zero() => {
-                        self.chunks.recv_timeout(left).ok()
-                    }
-                    _ => self.chunks.try_recv().ok(),
-                };
-                match next {
-                    Some(chunk) => {
-                        records += chunk.records.len();
-                        chunks.push(chunk);
-                    }
-                    None => break,
-                }
+            // Group commit: a batch is what arrived while the last one was
+            // written. Adaptive linger: only while records keep coming (the
+            // last commit ended less than a linger ago) does a batch wait
+            // for more, so a busy writer pays one fsync per linger and an
+            // idle one answers at once.
+            let flowing = last_commit.is_some_and(|at| at.elapsed() < self.batch_linger);
+            if records > 0 && records < self.batch_records_max && flowing {
+                std::thread::sleep(self.batch_linger);
+                let more = self.drains.read(self.batch_records_max - records);
+                records += more.iter().map(|c| c.records.len()).sum::<usize>();
+                chunks.extend(more);
             }
             if chunks.is_empty() && pending.is_empty() {
-                if self.stop.load(Ordering::Relaxed) {
-                    return;
-                }
                 continue;
             }
             let started = Instant::now();
@@ -139,6 +138,9 @@ impl CommitLoop {
             self.stats.batch(records, started.elapsed());
             pending = still_pending;
             self.publish(&chunks);
+            if records > 0 {
+                last_commit = Some(Instant::now());
+            }
         }
     }
 
@@ -315,17 +317,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Embedded::open(&dir.path().join("store"), 1 << 20, Fsync::None).unwrap();
         let backend = EmbeddedBackend(store);
-        let (_sender, chunks) = crossbeam_channel::bounded(1);
+        let progress = Arc::new(Progress {
+            rings: Default::default(),
+            committed: Default::default(),
+        });
+        let (_rings, drains) = crate::rings::Rings::new(progress.clone());
         let mut commit = CommitLoop {
-            chunks,
+            drains,
             writer: Box::new(AnswerLost {
                 inner: backend.writer().unwrap(),
                 failed: false,
             }),
-            progress: Arc::new(Progress {
-                rings: Default::default(),
-                committed: Default::default(),
-            }),
+            progress,
             sessions: Default::default(),
             stats: Default::default(),
             batch_records_max: 64,

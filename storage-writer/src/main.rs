@@ -84,10 +84,12 @@ struct Args {
     /// Most records in one batch (a batch is also cut when the rings are empty).
     #[arg(long, default_value_t = 4096)]
     batch_records_max: usize,
-    /// How long a batch waits for more records after its first, in µs. 0 (the
-    /// default) commits as soon as the rings are drained: lowest latency; a
-    /// linger trades up to that much latency for fewer, larger batches.
-    #[arg(long, default_value_t = 0)]
+    /// Adaptive linger, in µs: while records keep coming (the last batch
+    /// was made durable less than this long ago), a batch waits this long
+    /// for more before it is written, so a busy writer pays one fsync per
+    /// linger instead of one per few records; an idle writer (a record
+    /// after a quiet spell) commits at once. 0: never wait.
+    #[arg(long, default_value_t = 1000)]
     batch_linger_us: u64,
     /// The most members a group may have (the gateway's
     /// `group_members_max`, which it passes to a writer it starts): a
@@ -160,8 +162,8 @@ fn run(args: Args) -> Result<()> {
     }
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(rings::Progress::default());
-    let (chunk_tx, chunk_rx) = crossbeam_channel::bounded(64);
-    let rings = Arc::new(rings::Rings::new(progress.clone(), chunk_tx, stop.clone()));
+    let (rings, drains) = rings::Rings::new(progress.clone());
+    let rings = Arc::new(rings);
     rings.attach_dir(&args.ring_dir)?;
     let sessions = Arc::new(sessions::Sessions::default());
     let stats = Arc::new(stats::Stats::default());
@@ -175,7 +177,7 @@ fn run(args: Args) -> Result<()> {
     }
 
     let commit = commit::CommitLoop {
-        chunks: chunk_rx,
+        drains,
         writer: backend.writer()?,
         progress: progress.clone(),
         sessions: sessions.clone(),
@@ -206,7 +208,7 @@ fn run(args: Args) -> Result<()> {
     let listener = serve::bind(&args.socket)?;
     let server = Arc::new(serve::Server {
         backend: backend.clone(),
-        rings,
+        rings: rings.clone(),
         sessions: sessions.clone(),
         stop: stop.clone(),
         ring_dir: args.ring_dir.clone(),
@@ -227,12 +229,13 @@ fn run(args: Args) -> Result<()> {
     wait_for_signal(&term, &stats, args.stats_interval_s);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     stop.store(true, Ordering::Relaxed);
+    rings.wake();
     // Shards reconnect to the next writer; nothing new is read here. (The next
     // writer binds only after it holds the data directory's lock, so this
     // removes our socket, not its.)
     let _ = std::fs::remove_file(&args.socket);
     sessions.close_all();
-    // The commit thread finishes the batch in hand once the drains stop sending.
+    // The commit thread finishes the batch in hand, then stops reading.
     let _ = commit_thread.join();
     let _ = cleanup_thread.join();
     log_stats(&stats);

@@ -1,25 +1,24 @@
-//! The rings this writer drains: attaching them, one drain thread each, and
-//! the commit progress the read path waits on.
+//! The rings this writer drains: attaching them, reading them, and the
+//! commit progress the read path waits on.
 //!
 //! Owns the ring registry (by path; attached at start from the ring directory
-//! and whenever a shard says hello), the drain threads (each reads its ring in
-//! order and hands bounded chunks of records to the commit thread), and
-//! `Progress`: per ring, the position committed to the store. Never commits a
-//! watermark itself and never decodes records (the commit thread does both).
+//! and whenever a shard says hello), `Drains` (every ring, read in order in
+//! bounded chunks by the commit thread, which parks on all their futexes at
+//! once), and `Progress`: per ring, the position committed to the store.
+//! Never commits a watermark itself and never decodes records (the commit
+//! thread does both).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use chat_ring::{attach_existing_consumer, Watermark};
-use crossbeam_channel::Sender;
+use chat_ring::{attach_existing_consumer, ring_doorbell, wait_any, Watermark};
+use crossbeam_channel::{Receiver, Sender};
 
-/// Records one chunk carries to the commit thread at most.
+/// Records one chunk holds at most.
 pub const CHUNK_RECORDS_MAX: usize = 1024;
-/// Longest a drain thread parks before re-checking for shutdown.
-const PARK: Duration = Duration::from_millis(50);
 
 /// Records read from one ring, in order.
 pub struct Chunk {
@@ -87,20 +86,37 @@ impl Progress {
     }
 }
 
-/// Attaches rings and starts their drain threads.
+/// Attaches rings: each is handed to the commit thread, which drains them all.
 pub struct Rings {
     pub progress: Arc<Progress>,
-    chunks: Sender<Chunk>,
-    stop: Arc<AtomicBool>,
+    attached: Sender<Draining>,
+    /// Rung after a ring is handed over (or the writer stops), so the
+    /// commit thread does not sleep through it.
+    doorbell: Arc<AtomicU32>,
 }
 
 impl Rings {
-    pub fn new(progress: Arc<Progress>, chunks: Sender<Chunk>, stop: Arc<AtomicBool>) -> Self {
-        Self {
+    /// The registry, and the `Drains` the commit thread reads through.
+    pub fn new(progress: Arc<Progress>) -> (Self, Drains) {
+        let (attached, handed) = crossbeam_channel::unbounded();
+        let doorbell = Arc::new(AtomicU32::new(0));
+        let drains = Drains {
+            handed,
+            doorbell: doorbell.clone(),
+            rings: Vec::new(),
+            progress: progress.clone(),
+        };
+        let rings = Self {
             progress,
-            chunks,
-            stop,
-        }
+            attached,
+            doorbell,
+        };
+        (rings, drains)
+    }
+
+    /// Wakes the commit thread if it waits for records (to see `stop`).
+    pub fn wake(&self) {
+        ring_doorbell(&self.doorbell);
     }
 
     /// Attaches every `shard-*.ring` in `dir` (rings a gateway left behind).
@@ -149,38 +165,40 @@ impl Rings {
         });
         drop(rings);
         tracing::info!(ring = %path.display(), position = committed, "attached ring");
-        let chunks = self.chunks.clone();
-        let stop = self.stop.clone();
-        let progress = self.progress.clone();
-        std::thread::Builder::new()
-            .name(format!("drain-{index}"))
-            .spawn(move || {
-                if let Err(error) = drain(index, consumer, &chunks, &stop) {
-                    tracing::error!(ring = %path.display(), %error, "stopped draining this ring; its shard will back-pressure until an operator acts");
-                    progress.rings.lock().expect("progress lock")[index].failed = true;
-                    progress.committed.notify_all();
-                }
-            })?;
+        // Records up to here were appended before this writer attached; the
+        // previous writer may have applied some of them before it stopped.
+        let replay_until = consumer.head();
+        let draining = Draining {
+            index,
+            path,
+            consumer,
+            replay_until,
+        };
+        // The commit thread holds the receiver for as long as the writer runs.
+        let _ = self.attached.send(draining);
+        self.wake();
         Ok(index)
     }
 }
 
-fn drain(
+/// One ring as the commit thread reads it.
+pub struct Draining {
     index: usize,
-    mut consumer: chat_ring::Consumer,
-    chunks: &Sender<Chunk>,
-    stop: &AtomicBool,
-) -> Result<()> {
-    // Records up to here were appended before this writer attached; the
-    // previous writer may have applied some of them before it stopped.
-    let replay_until = consumer.head();
-    while !stop.load(Ordering::Relaxed) {
+    path: PathBuf,
+    consumer: chat_ring::Consumer,
+    replay_until: u64,
+}
+
+impl Draining {
+    /// The next records of this ring, at most `records_max`, in order.
+    fn read_chunk(&mut self, records_max: usize) -> Result<Option<Chunk>> {
+        let consumer = &mut self.consumer;
         let mut records = Vec::new();
         let mut end = 0;
-        let maybe_applied = consumer.read_position() < replay_until;
-        while records.len() < CHUNK_RECORDS_MAX {
+        let maybe_applied = consumer.read_position() < self.replay_until;
+        while records.len() < records_max {
             // A chunk never mixes replayed and new records.
-            if maybe_applied && consumer.read_position() >= replay_until {
+            if maybe_applied && consumer.read_position() >= self.replay_until {
                 break;
             }
             match consumer.next_record()? {
@@ -191,22 +209,68 @@ fn drain(
                 None => break,
             }
         }
-        if records.is_empty() {
-            consumer.wait(PARK);
-            continue;
-        }
-        // Bounded: a slow store stops the drain, the ring fills, the shard back-pressures.
-        if chunks
-            .send(Chunk {
-                ring: index,
-                maybe_applied,
-                records,
-                end,
-            })
-            .is_err()
-        {
-            break;
-        }
+        Ok((!records.is_empty()).then_some(Chunk {
+            ring: self.index,
+            maybe_applied,
+            records,
+            end,
+        }))
     }
-    Ok(())
+}
+
+/// Every attached ring, read by the commit thread itself: a producer's
+/// wake-up reaches the thread that commits, with no hand-off in between.
+pub struct Drains {
+    handed: Receiver<Draining>,
+    doorbell: Arc<AtomicU32>,
+    rings: Vec<Draining>,
+    progress: Arc<Progress>,
+}
+
+impl Drains {
+    /// Chunks from every ring, `records_max` records in all at most. A ring
+    /// with a corrupt record is dropped and marked failed: its shard
+    /// back-pressures until an operator acts; the others go on.
+    pub fn read(&mut self, records_max: usize) -> Vec<Chunk> {
+        while let Ok(ring) = self.handed.try_recv() {
+            self.rings.push(ring);
+        }
+        let mut chunks = Vec::new();
+        let mut left = records_max;
+        let mut failed = Vec::new();
+        for (position, ring) in self.rings.iter_mut().enumerate() {
+            while left > 0 {
+                match ring.read_chunk(left.min(CHUNK_RECORDS_MAX)) {
+                    Ok(Some(chunk)) => {
+                        left -= chunk.records.len();
+                        chunks.push(chunk);
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        tracing::error!(ring = %ring.path.display(), %error, "stopped draining this ring; its shard will back-pressure until an operator acts");
+                        failed.push(position);
+                        break;
+                    }
+                }
+            }
+        }
+        for position in failed.into_iter().rev() {
+            let ring = self.rings.remove(position);
+            self.progress.rings.lock().expect("progress lock")[ring.index].failed = true;
+            self.progress.committed.notify_all();
+        }
+        chunks
+    }
+
+    /// Parks until a ring may have records, a ring is attached, `wake` is
+    /// called, or `timeout` passes.
+    pub fn wait(&self, timeout: Duration) {
+        let rung = self.doorbell.load(Ordering::Acquire);
+        if !self.handed.is_empty() {
+            return;
+        }
+        let consumers: Vec<&chat_ring::Consumer> =
+            self.rings.iter().map(|ring| &ring.consumer).collect();
+        wait_any(&consumers, &self.doorbell, rung, timeout);
+    }
 }

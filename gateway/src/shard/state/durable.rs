@@ -18,6 +18,7 @@ use bytes::Bytes;
 use chat_ring::{Producer, RingFull};
 
 use super::conn::Conn;
+use crate::limits::LAG_BACKLOG_RECORDS_MIN;
 use crate::metrics::ShardMetrics;
 
 struct Waiting {
@@ -211,8 +212,9 @@ impl Durability {
         std::mem::take(&mut *self.released.borrow_mut())
     }
 
-    /// Whether the writer commits but cannot keep up: the oldest record
-    /// waiting for durability has waited longer than `bound`, it was
+    /// Whether the writer commits but cannot keep up: at least
+    /// `LAG_BACKLOG_RECORDS_MIN` records wait (fewer is a slow machine, not
+    /// a backlog), the oldest has waited longer than `bound`, it was
     /// appended before the last two watermark moves (with group commit a
     /// record is released by the second move after its append at the
     /// latest, so this one missed whole batches: a backlog, not one slow
@@ -221,6 +223,9 @@ impl Durability {
     /// ring rides it out.
     pub fn is_lagging(&self, bound: std::time::Duration) -> bool {
         let waiting = self.waiting.borrow();
+        if waiting.len() < LAG_BACKLOG_RECORDS_MIN {
+            return false;
+        }
         let Some(oldest) = waiting.front() else {
             return false;
         };
