@@ -75,6 +75,9 @@ pub struct WriterReport {
     pub append_to_durable: Percentiles,
     /// The writer's own count of batches and their sizes (power-of-two buckets).
     pub writer_statistics: String,
+    /// Log lines where the embedded store (fjall) held writes back: a full
+    /// write buffer or journal, or too many level-0 segments.
+    pub store_write_stalls: usize,
     pub writer_args: Vec<String>,
     pub writer_core: Option<usize>,
     pub environment: serde_json::Value,
@@ -161,6 +164,19 @@ pub fn run(args: &WriterArgs) -> anyhow::Result<()> {
                 .to_owned()
         })
         .unwrap_or_default();
+    let store_write_stalls = text
+        .lines()
+        .filter(|line| {
+            [
+                "write stall",
+                "write halt",
+                "Stalling writes",
+                "Halting writes",
+            ]
+            .iter()
+            .any(|what| line.contains(what))
+        })
+        .count();
     let report = WriterReport {
         records: appended,
         seconds,
@@ -170,6 +186,7 @@ pub fn run(args: &WriterArgs) -> anyhow::Result<()> {
         ring_full_waits,
         append_to_durable: report::percentiles(&latency),
         writer_statistics: statistics,
+        store_write_stalls,
         writer_args: args.writer_args.clone(),
         writer_core: args.writer_core,
         environment: report::environment(),
@@ -193,6 +210,7 @@ pub fn run(args: &WriterArgs) -> anyhow::Result<()> {
         p.max_us as f64 / 1000.0
     );
     println!("  writer: {}", report.writer_statistics);
+    println!("  store write stalls logged: {}", report.store_write_stalls);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }

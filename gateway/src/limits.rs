@@ -90,6 +90,12 @@ pub const PRESENCE_STALE_AFTER_INTERVALS: f64 = 2.5;
 /// are a starved machine, not load the writer cannot keep up with (at 20,000
 /// msgs/s on two shards, 50 ms of backlog is 500 records per shard).
 pub const LAG_BACKLOG_RECORDS_MIN: usize = 256;
+/// The writer counts as committing (a long wait for `sent` is then lag, and
+/// `sent_wait_ms_max` refuses) while the durable watermark moved within
+/// this long; after it, nothing commits (a restart), the ring rides it out,
+/// and `storage_stall_ms_max` decides. A writer that is behind commits
+/// batches of thousands of records, ~100 ms each on this machine.
+pub const LAG_COMMITTING_WITHIN_MS: u64 = 1_000;
 
 // --- what clients are told to wait ----------------------------------------
 

@@ -28,12 +28,49 @@ use chat_protocol::records::Record;
 const PENDING_ACKS_MAX: usize = 65_536;
 /// Longest wait between batches when acknowledgements are pending.
 const PENDING_RETRY: Duration = Duration::from_millis(20);
+/// A batch of at least this many records is written without a linger: its
+/// fsync is already shared widely enough.
+const LINGER_BELOW_RECORDS: usize = 64;
 /// Longest wait for records before looking at `stop` again.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The exit status when the store can only be opened again (EX_TEMPFAIL):
 /// the gateway, or systemd, starts the writer again.
 pub const EXIT_STORE_MUST_REOPEN: i32 = 75;
+
+/// The recent commit time per record (a moving average over batches of at
+/// least `RecordCost::SAMPLE_RECORDS_MIN`: a small batch is mostly fsync).
+#[derive(Default)]
+struct RecordCost {
+    nanos_per_record: Option<f64>,
+}
+
+impl RecordCost {
+    const SAMPLE_RECORDS_MIN: usize = 64;
+    /// A batch is never cut below this many records.
+    const RECORDS_MIN: usize = 64;
+
+    fn observe(&mut self, records: usize, took: Duration) {
+        if records < Self::SAMPLE_RECORDS_MIN {
+            return;
+        }
+        let sample = took.as_nanos() as f64 / records as f64;
+        self.nanos_per_record = Some(match self.nanos_per_record {
+            Some(average) => average * 0.8 + sample * 0.2,
+            None => sample,
+        });
+    }
+
+    /// Records that fill `target` at the recent cost, within `max`.
+    fn records_for(&self, target: Duration, max: usize) -> usize {
+        match self.nanos_per_record {
+            Some(nanos) if nanos > 0.0 && !target.is_zero() => {
+                ((target.as_nanos() as f64 / nanos) as usize).clamp(Self::RECORDS_MIN.min(max), max)
+            }
+            _ => max,
+        }
+    }
+}
 
 struct PendingAck {
     user: String,
@@ -51,6 +88,11 @@ pub struct CommitLoop {
     pub sessions: Arc<Sessions>,
     pub stats: Arc<Stats>,
     pub batch_records_max: usize,
+    /// How long one batch should take to commit: batches are cut at the
+    /// records that fill it at the recent cost per record, so a writer
+    /// that is behind commits often (each `sent` waits about one batch
+    /// time, not one of 4,096 records) and the gateway's lag bound holds.
+    pub batch_time_target: Duration,
     /// The most members a group may have: changes past it are refused.
     pub group_members_max: usize,
     /// How long a batch waits for more records while records keep coming
@@ -66,30 +108,33 @@ impl CommitLoop {
         let mut pending: VecDeque<PendingAck> = VecDeque::new();
         // When the last batch was made durable.
         let mut last_commit: Option<Instant> = None;
+        let mut cost = RecordCost::default();
         loop {
             // The batch in hand is done; nothing new is read once stopping.
             if self.stop.load(Ordering::Relaxed) {
                 return;
             }
-            let mut chunks = self.drains.read(self.batch_records_max);
+            let records_max = cost.records_for(self.batch_time_target, self.batch_records_max);
+            let mut chunks = self.drains.read(records_max);
             if chunks.is_empty() {
                 self.drains.wait(if pending.is_empty() {
                     IDLE_WAIT
                 } else {
                     PENDING_RETRY
                 });
-                chunks = self.drains.read(self.batch_records_max);
+                chunks = self.drains.read(records_max);
             }
             let mut records = chunks.iter().map(|c| c.records.len()).sum::<usize>();
             // Group commit: a batch is what arrived while the last one was
-            // written. Adaptive linger: only while records keep coming (the
-            // last commit ended less than a linger ago) does a batch wait
-            // for more, so a busy writer pays one fsync per linger and an
-            // idle one answers at once.
+            // written. Adaptive linger: only a small batch while records
+            // keep coming (the last commit ended less than a linger ago)
+            // waits for more, so a busy writer pays one fsync per linger, an
+            // idle one answers at once, and a saturated one (its batches
+            // already large) never waits.
             let flowing = last_commit.is_some_and(|at| at.elapsed() < self.batch_linger);
-            if records > 0 && records < self.batch_records_max && flowing {
+            if records > 0 && records < records_max.min(LINGER_BELOW_RECORDS) && flowing {
                 std::thread::sleep(self.batch_linger);
-                let more = self.drains.read(self.batch_records_max - records);
+                let more = self.drains.read(records_max - records);
                 records += more.iter().map(|c| c.records.len()).sum::<usize>();
                 chunks.extend(more);
             }
@@ -136,6 +181,7 @@ impl CommitLoop {
                 }
             };
             self.stats.batch(records, started.elapsed());
+            cost.observe(records, started.elapsed());
             pending = still_pending;
             self.publish(&chunks);
             if records > 0 {
@@ -332,6 +378,7 @@ mod tests {
             sessions: Default::default(),
             stats: Default::default(),
             batch_records_max: 64,
+            batch_time_target: Duration::ZERO,
             group_members_max: 1024,
             batch_linger: Duration::ZERO,
             stop: Default::default(),

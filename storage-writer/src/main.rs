@@ -84,11 +84,19 @@ struct Args {
     /// Most records in one batch (a batch is also cut when the rings are empty).
     #[arg(long, default_value_t = 4096)]
     batch_records_max: usize,
+    /// How long one batch should take to commit, in µs: a writer that is
+    /// behind cuts its batches at the records that take about this long
+    /// (at the recent cost per record), so every `sent` waits about a
+    /// batch time and the gateway's `sent_wait_ms_max` can hold. 0: batches
+    /// are cut only at `--batch-records-max`.
+    #[arg(long, default_value_t = 10_000)]
+    batch_time_target_us: u64,
     /// Adaptive linger, in µs: while records keep coming (the last batch
-    /// was made durable less than this long ago), a batch waits this long
-    /// for more before it is written, so a busy writer pays one fsync per
-    /// linger instead of one per few records; an idle writer (a record
-    /// after a quiet spell) commits at once. 0: never wait.
+    /// was made durable less than this long ago), a batch of fewer than 64
+    /// records waits this long for more before it is written, so a busy
+    /// writer pays one fsync per linger instead of one per few records; an
+    /// idle writer (a record after a quiet spell) and a saturated one (its
+    /// batches already large) commit at once. 0: never wait.
     #[arg(long, default_value_t = 1000)]
     batch_linger_us: u64,
     /// The most members a group may have (the gateway's
@@ -183,6 +191,7 @@ fn run(args: Args) -> Result<()> {
         sessions: sessions.clone(),
         stats: stats.clone(),
         batch_records_max: args.batch_records_max,
+        batch_time_target: Duration::from_micros(args.batch_time_target_us),
         group_members_max: args.group_members_max,
         batch_linger: Duration::from_micros(args.batch_linger_us),
         stop: stop.clone(),
@@ -267,6 +276,7 @@ fn log_stats(stats: &stats::Stats) {
         records = stats.records.load(Relaxed),
         commit_ms = stats.commit_ns.load(Relaxed) / 1_000_000,
         sizes = %stats.size_histogram(),
+        commit_times = %stats.commit_time.summary(),
         "writer statistics"
     );
 }

@@ -86,6 +86,15 @@ pub fn render(stats: &Stats, push: Option<&PushStats>) -> String {
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name}{labels} {}", value.load(Relaxed));
     }
+    family(
+        &mut out,
+        "storage_writer_batch_commit_seconds",
+        "histogram",
+        "How long each batch took to commit (apply, write, fsync): the writer's share of every `sent`.",
+    );
+    stats
+        .commit_time
+        .render(&mut out, "storage_writer_batch_commit_seconds", "");
     let Some(push) = push else {
         return out;
     };

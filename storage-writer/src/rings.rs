@@ -104,6 +104,7 @@ impl Rings {
             handed,
             doorbell: doorbell.clone(),
             rings: Vec::new(),
+            first: 0,
             progress: progress.clone(),
         };
         let rings = Self {
@@ -224,36 +225,57 @@ pub struct Drains {
     handed: Receiver<Draining>,
     doorbell: Arc<AtomicU32>,
     rings: Vec<Draining>,
+    /// The ring read first by the next `read`.
+    first: usize,
     progress: Arc<Progress>,
 }
 
 impl Drains {
-    /// Chunks from every ring, `records_max` records in all at most. A ring
-    /// with a corrupt record is dropped and marked failed: its shard
-    /// back-pressures until an operator acts; the others go on.
+    /// Chunks from every ring, `records_max` records in all at most, shared
+    /// fairly: each ring gets an equal share first (the first ring changes
+    /// every call), and what a quiet ring leaves goes to the busy ones, so
+    /// no shard's records wait behind another's. A ring with a corrupt
+    /// record is dropped and marked failed: its shard back-pressures until
+    /// an operator acts; the others go on.
     pub fn read(&mut self, records_max: usize) -> Vec<Chunk> {
         while let Ok(ring) = self.handed.try_recv() {
             self.rings.push(ring);
         }
         let mut chunks = Vec::new();
-        let mut left = records_max;
         let mut failed = Vec::new();
-        for (position, ring) in self.rings.iter_mut().enumerate() {
-            while left > 0 {
-                match ring.read_chunk(left.min(CHUNK_RECORDS_MAX)) {
-                    Ok(Some(chunk)) => {
-                        left -= chunk.records.len();
-                        chunks.push(chunk);
-                    }
-                    Ok(None) => break,
-                    Err(error) => {
-                        tracing::error!(ring = %ring.path.display(), %error, "stopped draining this ring; its shard will back-pressure until an operator acts");
-                        failed.push(position);
-                        break;
+        let count = self.rings.len();
+        if count == 0 {
+            return chunks;
+        }
+        self.first = (self.first + 1) % count;
+        let share = (records_max / count).max(1);
+        let mut left = records_max;
+        for pass_share in [share, records_max] {
+            for step in 0..count {
+                let position = (self.first + step) % count;
+                if left == 0 || failed.contains(&position) {
+                    continue;
+                }
+                let ring = &mut self.rings[position];
+                let mut budget = pass_share.min(left);
+                while budget > 0 {
+                    match ring.read_chunk(budget.min(CHUNK_RECORDS_MAX)) {
+                        Ok(Some(chunk)) => {
+                            budget -= chunk.records.len();
+                            left -= chunk.records.len();
+                            chunks.push(chunk);
+                        }
+                        Ok(None) => break,
+                        Err(error) => {
+                            tracing::error!(ring = %ring.path.display(), %error, "stopped draining this ring; its shard will back-pressure until an operator acts");
+                            failed.push(position);
+                            break;
+                        }
                     }
                 }
             }
         }
+        failed.sort_unstable();
         for position in failed.into_iter().rev() {
             let ring = self.rings.remove(position);
             self.progress.rings.lock().expect("progress lock")[ring.index].failed = true;

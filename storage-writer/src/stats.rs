@@ -22,6 +22,8 @@ pub struct Stats {
     /// Cleanup passes made.
     pub cleanup_runs: AtomicU64,
     pub sizes: [AtomicU64; SIZE_BUCKETS],
+    /// How long each batch took to commit (apply, write, fsync).
+    pub commit_time: Histogram,
 }
 
 impl Stats {
@@ -29,6 +31,7 @@ impl Stats {
         self.batches.fetch_add(1, Relaxed);
         self.records.fetch_add(records as u64, Relaxed);
         self.commit_ns.fetch_add(took.as_nanos() as u64, Relaxed);
+        self.commit_time.record(took);
         if records > 0 {
             let bucket = (usize::BITS - 1 - records.leading_zeros()) as usize;
             self.sizes[bucket.min(SIZE_BUCKETS - 1)].fetch_add(1, Relaxed);
@@ -92,13 +95,38 @@ impl Histogram {
             let le = LATENCY_BOUNDS_MS
                 .get(index)
                 .map_or("+Inf".to_owned(), |ms| format!("{}", *ms as f64 / 1000.0));
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{}le=\"{le}\"}} {cumulative}",
+                if labels.is_empty() { "" } else { "," }
+            );
         }
         let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
+        let labels = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
         let _ = writeln!(
             out,
-            "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {cumulative}"
+            "{name}_sum{labels} {sum}\n{name}_count{labels} {cumulative}"
         );
+    }
+
+    /// "≤1ms:40 ≤2ms:3 ... >30000ms:0" for the non-empty buckets.
+    pub fn summary(&self) -> String {
+        let mut out = Vec::new();
+        for (index, bucket) in self.buckets.iter().enumerate() {
+            let count = bucket.load(Relaxed);
+            if count == 0 {
+                continue;
+            }
+            out.push(match LATENCY_BOUNDS_MS.get(index) {
+                Some(ms) => format!("<={ms}ms:{count}"),
+                None => format!(">{}ms:{count}", LATENCY_BOUNDS_MS[index - 1]),
+            });
+        }
+        out.join(" ")
     }
 }
 

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use chat_ring::{Producer, RingFull};
 
 use super::conn::Conn;
-use crate::limits::LAG_BACKLOG_RECORDS_MIN;
+use crate::limits::{LAG_BACKLOG_RECORDS_MIN, LAG_COMMITTING_WITHIN_MS};
 use crate::metrics::ShardMetrics;
 
 struct Waiting {
@@ -218,9 +218,10 @@ impl Durability {
     /// appended before the last two watermark moves (with group commit a
     /// record is released by the second move after its append at the
     /// latest, so this one missed whole batches: a backlog, not one slow
-    /// fsync), and the watermark moved within `bound`. When nothing commits
-    /// at all the writer or its database is restarting: not lag, and the
-    /// ring rides it out.
+    /// fsync), and the watermark moved within `LAG_COMMITTING_WITHIN_MS`
+    /// (not `bound`: a writer that is behind commits large batches, each
+    /// longer than the bound). When nothing commits at all the writer or its
+    /// database is restarting: not lag, and the ring rides it out.
     pub fn is_lagging(&self, bound: std::time::Duration) -> bool {
         let waiting = self.waiting.borrow();
         if waiting.len() < LAG_BACKLOG_RECORDS_MIN {
@@ -231,7 +232,8 @@ impl Durability {
         };
         oldest.appended.elapsed() > bound
             && oldest.appended < self.previous_advance.get()
-            && self.last_advance.get().elapsed() < bound
+            && self.last_advance.get().elapsed()
+                < std::time::Duration::from_millis(LAG_COMMITTING_WITHIN_MS)
     }
 
     /// The writer says its commits fail (see `store_wire::Response::Stalled`).
