@@ -210,7 +210,13 @@ mod tests {
             "{text}"
         );
         for line in text.lines().filter(|line| !line.starts_with('#')) {
-            let name = line.split(['{', ' ']).next().unwrap();
+            let sample = line.split(['{', ' ']).next().unwrap();
+            // A histogram's samples are its family's name and a suffix.
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|suffix| sample.strip_suffix(suffix))
+                .find(|family| text.contains(&format!("# TYPE {family} histogram")))
+                .unwrap_or(sample);
             assert!(
                 text.contains(&format!("# TYPE {name} ")),
                 "{name} has no TYPE"
