@@ -78,6 +78,10 @@ pub struct WriterReport {
     /// Log lines where the embedded store (fjall) held writes back: a full
     /// write buffer or journal, or too many level-0 segments.
     pub store_write_stalls: usize,
+    /// Bytes of the embedded store on disk after the run (journals not yet
+    /// flushed included), and per message appended.
+    pub store_bytes: Option<u64>,
+    pub store_bytes_per_message: Option<f64>,
     pub writer_args: Vec<String>,
     pub writer_core: Option<usize>,
     pub environment: serde_json::Value,
@@ -147,6 +151,9 @@ pub fn run(args: &WriterArgs) -> anyhow::Result<()> {
         .status();
     let _ = writer.wait();
     let _ = log_reader.join();
+    // The embedded store's files once the writer has stopped (journal and
+    // segments; absent for the other backends).
+    let store_bytes = tree_bytes(&dir.join("store"));
     if temporary {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -187,6 +194,8 @@ pub fn run(args: &WriterArgs) -> anyhow::Result<()> {
         append_to_durable: report::percentiles(&latency),
         writer_statistics: statistics,
         store_write_stalls,
+        store_bytes,
+        store_bytes_per_message: store_bytes.map(|bytes| bytes as f64 / args.records as f64),
         writer_args: args.writer_args.clone(),
         writer_core: args.writer_core,
         environment: report::environment(),
@@ -211,6 +220,9 @@ pub fn run(args: &WriterArgs) -> anyhow::Result<()> {
     );
     println!("  writer: {}", report.writer_statistics);
     println!("  store write stalls logged: {}", report.store_write_stalls);
+    if let (Some(bytes), Some(per)) = (report.store_bytes, report.store_bytes_per_message) {
+        println!("  embedded store on disk: {bytes} bytes, {per:.0} per message");
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
@@ -388,4 +400,27 @@ fn drive(
         .join()
         .map_err(|_| anyhow::anyhow!("notice thread panicked"))??;
     Ok((seconds, latency, ring_full_waits, writer_cpu_s))
+}
+
+/// The disk bytes allocated to every file under `dir`, or `None` when it
+/// does not exist.
+fn tree_bytes(dir: &Path) -> Option<u64> {
+    let mut total = 0;
+    let mut pending = vec![std::fs::read_dir(dir).ok()?];
+    while let Some(entries) = pending.pop() {
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                if let Ok(more) = std::fs::read_dir(entry.path()) {
+                    pending.push(more);
+                }
+            } else if let Ok(meta) = entry.metadata() {
+                // Allocated, as `du` counts: journals are preallocated sparse.
+                total += std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+            }
+        }
+    }
+    Some(total)
 }
