@@ -700,10 +700,9 @@ impl Router {
     async fn tell_registered_nodes_to_resync(&mut self, since: u64) {
         let since_unix_ms = since.saturating_sub(RESYNC_CLOCK_MARGIN_MS);
         let mut by_node: HashMap<u16, Vec<Box<str>>> = HashMap::new();
-        self.exceptions.retain(|user, node| {
+        for (user, node) in self.exceptions.iter() {
             by_node.entry(node).or_default().push(user.into());
-            true
-        });
+        }
         for (node, mut users) in by_node {
             while !users.is_empty() {
                 let rest = users.split_off(users.len().min(DELIVER_USERS_MAX));

@@ -63,6 +63,13 @@ impl Exceptions {
         self.entries = entries;
     }
 
+    /// Every (user, node) entry, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u16)> + '_ {
+        self.by_user
+            .iter()
+            .flat_map(|(user, nodes)| nodes.iter().map(move |node| (&**user, *node)))
+    }
+
     /// (user, node) entries held.
     pub fn entries(&self) -> usize {
         self.entries
