@@ -1,6 +1,6 @@
 //! Back-pressure by lag (`sent_wait_ms_max`, on by default): a storage-writer
-//! slowed on purpose (at most 4 records per batch, and stopped with SIGSTOP
-//! for 40 ms of every 45: a few hundred records/s) under a burst of sends. Senders must hear
+//! slowed on purpose (one record per batch, and stopped with SIGSTOP for
+//! 45 ms of every 50: a few hundred records/s) under 1,000 sends/s. Senders must hear
 //! `overloaded` with `retry_after_ms` while the ring is still nearly empty
 //! (refused by lag, not by ring bytes), and nothing that was accepted may be
 //! lost or doubled: each accepted send is answered `sent` once, reaches its
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use testkit::gateway::{Gateway, Next};
+use testkit::gateway::{Gateway, Next, UNLIMITED_RATES};
 
 const SENDS: usize = 1_500;
 
@@ -64,26 +64,20 @@ impl Drop for Throttle {
 
 #[test]
 fn senders_get_overloaded_by_lag_and_nothing_accepted_is_lost() {
-    let gateway = Gateway::start(&[
+    let mut flags = UNLIMITED_RATES.to_vec();
+    flags.extend([
         "--shards",
         "1",
-        "--sends-per-s",
-        "100000",
-        "--sends-burst",
-        "100000",
-        "--frames-per-s",
-        "100000",
-        "--frames-burst",
-        "100000",
         "--sent-wait-ms-max",
         "50",
         "--storage-writer-arg=--batch-records-max",
-        "--storage-writer-arg=4",
+        "--storage-writer-arg=1",
     ]);
+    let gateway = Gateway::start(&flags);
     let mut alice = gateway.connect("alice", "phone");
     let mut bob = gateway.connect("bob", "phone");
     let writer = gateway.writer_pid().expect("the gateway spawned a writer");
-    let throttle = Throttle::start(writer, Duration::from_millis(40), Duration::from_millis(5));
+    let throttle = Throttle::start(writer, Duration::from_millis(45), Duration::from_millis(5));
     // 1,000 sends/s for 1.5 s: several times what this writer commits, and
     // long enough to outlast the bound (a burst absorbed within 50 ms is not
     // refused: nothing has waited yet).

@@ -256,18 +256,8 @@ fn assert_history_matches(client: &mut support::Client, streamer: &Streamer) {
 fn kill_9_of_the_gateway_mid_stream_loses_nothing_acknowledged() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().to_str().unwrap();
-    let fast = [
-        "--data-dir",
-        dir,
-        "--sends-per-s",
-        "100000",
-        "--sends-burst",
-        "100000",
-        "--frames-per-s",
-        "100000",
-        "--frames-burst",
-        "100000",
-    ];
+    let mut fast = vec!["--data-dir", dir];
+    fast.extend(support::UNLIMITED_RATES);
     let mut gateway = Gateway::start(&fast);
     let mut alice = gateway.connect("alice", "phone");
     let mut streamer = Streamer {

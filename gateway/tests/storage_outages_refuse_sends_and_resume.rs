@@ -211,20 +211,8 @@ fn wait_not_ready(gateway: &Gateway) -> String {
 
 /// A gateway that runs its storage-writer (and restarts it), with `extra`.
 fn gateway(extra: &[&str]) -> Gateway {
-    let mut flags = vec![
-        "--storage-stall-ms-max",
-        "1000",
-        "--sends-per-s",
-        "100000",
-        "--sends-burst",
-        "100000",
-        "--frames-per-s",
-        "100000",
-        "--frames-burst",
-        "100000",
-        "--body-bytes-max",
-        "4096",
-    ];
+    let mut flags = testkit::gateway::UNLIMITED_RATES.to_vec();
+    flags.extend(["--storage-stall-ms-max", "1000", "--body-bytes-max", "4096"]);
     flags.extend_from_slice(extra);
     Gateway::start(&flags)
 }

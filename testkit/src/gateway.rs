@@ -21,6 +21,18 @@ use tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tungstenite::{Message, WebSocket};
 
 pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+/// Gateway flags that lift the per-user send and per-connection frame rate
+/// limits, for tests that send faster than a person would.
+pub const UNLIMITED_RATES: [&str; 8] = [
+    "--sends-per-s",
+    "100000",
+    "--sends-burst",
+    "100000",
+    "--frames-per-s",
+    "100000",
+    "--frames-burst",
+    "100000",
+];
 /// Tries at starting a gateway before a test fails.
 const START_ATTEMPTS: usize = 3;
 
