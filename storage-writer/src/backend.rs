@@ -38,6 +38,8 @@ pub struct BackendOptions {
     pub scylla_consistency: String,
     /// How long an idempotency key is kept (ScyllaDB: its TTL).
     pub idempotency_window: std::time::Duration,
+    /// How long an offline presence row is kept (ScyllaDB: its TTL; 0: kept).
+    pub presence_retention: std::time::Duration,
 }
 
 pub fn open(options: &BackendOptions) -> Result<Box<dyn Backend>> {
@@ -84,6 +86,7 @@ fn open_scylla(options: &BackendOptions) -> Result<Box<dyn Backend>> {
         options.scylla_replication_factor,
         &options.scylla_consistency,
         options.idempotency_window,
+        options.presence_retention,
     )?))
 }
 

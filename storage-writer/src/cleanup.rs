@@ -1,7 +1,9 @@
 //! The cleanup thread: removes what only served a window, off the commit
 //! path. Today that is idempotency keys older than `--idempotency-window-ms`
-//! (a retry after the window is a new message, as documented), on fjall and
-//! PostgreSQL; ScyllaDB's expire by their TTL.
+//! (a retry after the window is a new message, as documented) and presence
+//! rows of users offline longer than `--presence-retention-ms` (their "last
+//! seen" is then unknown), on fjall and PostgreSQL; ScyllaDB's expire by
+//! their TTL.
 //!
 //! Owns its own writer handle (so it never holds up a commit), a pass every
 //! `--cleanup-interval-s` in batches of `CLEANUP_BATCH_ROWS` until nothing
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 use chat_protocol::snowflake;
 
 use crate::stats::Stats;
-use crate::store::{Backend, BatchWriter};
+use crate::store::{Backend, BatchWriter, Tables};
 
 /// Rows one cleanup batch removes at most (one short transaction each).
 const CLEANUP_BATCH_ROWS: usize = 10_000;
@@ -26,6 +28,8 @@ const STOP_CHECK: Duration = Duration::from_millis(100);
 pub struct Cleanup {
     pub backend: Arc<dyn Backend>,
     pub idempotency_window: Duration,
+    /// Offline presence rows last seen longer ago are removed (zero: kept).
+    pub presence_retention: Duration,
     pub interval: Duration,
     pub stats: Arc<Stats>,
     pub stop: Arc<AtomicBool>,
@@ -70,11 +74,34 @@ impl Cleanup {
     fn pass(&self, mut writer: Box<dyn BatchWriter>) -> Option<Box<dyn BatchWriter>> {
         let now = crate::store::unix_ms_now();
         let window_ms = self.idempotency_window.as_millis() as u64;
-        let before = snowflake::first_id_at(now.saturating_sub(window_ms));
+        let sends_before = snowflake::first_id_at(now.saturating_sub(window_ms));
+        let expire_sends =
+            |tables: &mut dyn Tables, limit| tables.expire_sends(sends_before, limit);
+        self.expire(&mut *writer, &expire_sends, &self.stats.expired_sends)
+            .ok()?;
+        if !self.presence_retention.is_zero() {
+            let retention_ms = self.presence_retention.as_millis() as u64;
+            let seen_before = now.saturating_sub(retention_ms);
+            let expire_presence =
+                |tables: &mut dyn Tables, limit| tables.expire_presence(seen_before, limit);
+            self.expire(&mut *writer, &expire_presence, &self.stats.expired_presence)
+                .ok()?;
+        }
+        Some(writer)
+    }
+
+    /// Runs `step` in batches of `CLEANUP_BATCH_ROWS` until a batch removes
+    /// fewer (nothing old is left) or the writer stops, counting in `removed`.
+    fn expire(
+        &self,
+        writer: &mut dyn BatchWriter,
+        step: &dyn Fn(&mut dyn Tables, usize) -> anyhow::Result<usize>,
+        removed_total: &std::sync::atomic::AtomicU64,
+    ) -> Result<(), ()> {
         loop {
             let mut removed = 0;
             let result = writer.write_batch(&mut |tables| {
-                removed = tables.expire_sends(before, CLEANUP_BATCH_ROWS)?;
+                removed = step(tables, CLEANUP_BATCH_ROWS)?;
                 Ok(())
             });
             if let Err(error) = result {
@@ -82,13 +109,11 @@ impl Cleanup {
                     error = format!("{error:#}"),
                     "cleanup pass failed; next pass later"
                 );
-                return None;
+                return Err(());
             }
-            self.stats
-                .expired_sends
-                .fetch_add(removed as u64, Ordering::Relaxed);
+            removed_total.fetch_add(removed as u64, Ordering::Relaxed);
             if removed < CLEANUP_BATCH_ROWS || self.stop.load(Ordering::Relaxed) {
-                return Some(writer);
+                return Ok(());
             }
         }
     }

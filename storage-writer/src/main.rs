@@ -111,7 +111,12 @@ struct Args {
     /// older keys are removed, so a retry after it is a new message.
     #[arg(long, default_value_t = 24 * 60 * 60 * 1000)]
     idempotency_window_ms: u64,
-    /// How often the cleanup runs (expired idempotency keys), in seconds.
+    /// Presence rows of users offline for longer than this are removed (their
+    /// "last seen" is then unknown); 0 keeps them. ScyllaDB: the TTL of an
+    /// offline row.
+    #[arg(long, default_value_t = 30 * 24 * 60 * 60 * 1000)]
+    presence_retention_ms: u64,
+    /// How often the cleanup runs (expired idempotency keys, old presence), in seconds.
     #[arg(long, default_value_t = 60)]
     cleanup_interval_s: u64,
     /// Log batch statistics this often (0: never).
@@ -161,6 +166,7 @@ fn run(args: Args) -> Result<()> {
         scylla_replication_factor: args.scylla_replication_factor,
         scylla_consistency: args.scylla_consistency.clone(),
         idempotency_window: Duration::from_millis(args.idempotency_window_ms),
+        presence_retention: Duration::from_millis(args.presence_retention_ms),
     })?);
     // Before anything can say READY: a SIGTERM right after it must find the
     // handler in place (the default action would kill the batch in hand).
@@ -208,6 +214,7 @@ fn run(args: Args) -> Result<()> {
     let cleanup_thread = cleanup::Cleanup {
         backend: backend.clone(),
         idempotency_window: Duration::from_millis(args.idempotency_window_ms),
+        presence_retention: Duration::from_millis(args.presence_retention_ms),
         interval: Duration::from_secs(args.cleanup_interval_s),
         stats: stats.clone(),
         stop: stop.clone(),

@@ -77,6 +77,12 @@ pub fn render(stats: &Stats, push: Option<&PushStats>) -> String {
             "{table=\"sends\"}",
         ),
         (
+            "storage_writer_expired_total",
+            "Rows removed after their window, by table.",
+            &stats.expired_presence,
+            "{table=\"presence\"}",
+        ),
+        (
             "storage_writer_cleanup_runs_total",
             "Cleanup passes made (every --cleanup-interval-s).",
             &stats.cleanup_runs,

@@ -19,6 +19,8 @@ pub struct Stats {
     pub commit_failures: AtomicU64,
     /// Idempotency keys removed after their window (`cleanup`).
     pub expired_sends: AtomicU64,
+    /// Offline presence rows removed after `--presence-retention-ms`.
+    pub expired_presence: AtomicU64,
     /// Cleanup passes made.
     pub cleanup_runs: AtomicU64,
     pub sizes: [AtomicU64; SIZE_BUCKETS],

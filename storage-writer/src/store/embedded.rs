@@ -590,6 +590,9 @@ impl Tables for EmbeddedWriter {
     fn expire_sends(&mut self, before_id: u64, limit: usize) -> Result<usize> {
         self.store.expire_sends_before(before_id, limit)
     }
+    fn expire_presence(&mut self, seen_before_ms: u64, limit: usize) -> Result<usize> {
+        self.store.expire_presence_before(seen_before_ms, limit)
+    }
     fn recent_sends(
         &mut self,
         user: &str,

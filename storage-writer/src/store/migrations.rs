@@ -48,6 +48,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "sends_expiry",
         statements: include_str!("../../schema/postgres/0005_sends_expiry.sql"),
     },
+    Migration {
+        version: 6,
+        name: "presence_expiry",
+        statements: include_str!("../../schema/postgres/0006_presence_expiry.sql"),
+    },
 ];
 
 #[cfg_attr(not(feature = "scylla"), allow(dead_code))]
@@ -79,6 +84,11 @@ pub const SCYLLA: &[Migration] = &[
         name: "sends_expiry",
         statements: include_str!("../../schema/scylla/0005_sends_expiry.cql"),
     },
+    Migration {
+        version: 6,
+        name: "presence_expiry",
+        statements: include_str!("../../schema/scylla/0006_presence_expiry.cql"),
+    },
 ];
 
 /// The embedded store's version: its partitions are opened (created when
@@ -86,8 +96,9 @@ pub const SCYLLA: &[Migration] = &[
 /// 1: the first layout; 2: `push_targets`; 3: group roles in `members`'
 /// values (an empty value is a member from before: no admin, joined 0);
 /// 4: `group_settings`; 5: `sends_by_time` (filled from `sends` when the
-/// store is opened).
-pub const EMBEDDED_VERSION: u32 = 5;
+/// store is opened); 6: presence expiry (no layout change: the cleanup
+/// thread reads `presence` as it is).
+pub const EMBEDDED_VERSION: u32 = 6;
 
 /// The steps after `applied`, in order. Refuses a database that a newer
 /// build has migrated past what this build knows.

@@ -231,6 +231,13 @@ pub trait Tables {
     fn expire_sends(&mut self, _before_id: u64, _limit: usize) -> Result<usize> {
         Ok(0)
     }
+    /// Removes up to `limit` presence rows that say offline and were last
+    /// seen before `seen_before_ms`; returns how many. A row that says
+    /// online stays (its node refreshes or replaces it). ScyllaDB's offline
+    /// rows expire by their TTL: it removes none.
+    fn expire_presence(&mut self, _seen_before_ms: u64, _limit: usize) -> Result<usize> {
+        Ok(0)
+    }
     /// Serialises membership changes of `groups` with every other writer's
     /// until this batch commits (PostgreSQL: transaction-scoped advisory
     /// locks, taken in sorted order). A store with one writer needs none.

@@ -486,6 +486,17 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         Ok(removed as usize)
     }
 
+    fn expire_presence(&mut self, seen_before_ms: u64, limit: usize) -> Result<usize> {
+        let statement = self.prepared(
+            "DELETE FROM presence WHERE ctid = ANY(ARRAY( \
+                SELECT ctid FROM presence WHERE NOT online AND last_seen_ms < $1 LIMIT $2))",
+        )?;
+        let removed = self
+            .client
+            .execute(&statement, &[&id(seen_before_ms), &(limit as i64)])?;
+        Ok(removed as usize)
+    }
+
     /// Transaction-scoped advisory locks, one per group, in sorted order
     /// (writers that lock the same groups never wait on each other in a
     /// cycle); released when the batch commits or rolls back.

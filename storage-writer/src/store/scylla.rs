@@ -82,6 +82,8 @@ pub struct ScyllaBackend {
     statements: Arc<Statements>,
     /// The TTL of an idempotency key: its window, in seconds.
     sends_ttl_s: i32,
+    /// The TTL of an offline presence row, in seconds (0: none).
+    presence_ttl_s: i32,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -183,7 +185,10 @@ impl ScyllaBackend {
         replication_factor: u8,
         consistency_name: &str,
         idempotency_window: std::time::Duration,
+        presence_retention: std::time::Duration,
     ) -> Result<Self> {
+        let presence_ttl_s = i32::try_from(presence_retention.as_secs())
+            .context("--presence-retention-ms too long for a TTL")?;
         let sends_ttl_s = i32::try_from(idempotency_window.as_secs().max(1))
             .context("--idempotency-window-ms too long for a TTL")?;
         let level = consistency(consistency_name)?;
@@ -250,7 +255,8 @@ impl ScyllaBackend {
                 set_joined: prepare(format!("UPDATE {k}.group_members SET joined_id = ? WHERE group_id = ? AND user_id = ? IF EXISTS")).await?,
                 set_admin: prepare(format!("UPDATE {k}.group_members SET admin = ? WHERE group_id = ? AND user_id = ? IF EXISTS")).await?,
                 groups_of: prepare(format!("SELECT group_id FROM {k}.groups_by_member WHERE user_id = ? LIMIT ?")).await?,
-                put_presence: prepare(format!("INSERT INTO {k}.presence (user_id, node_id, online, last_seen_ms) VALUES (?, ?, ?, ?)")).await?,
+                // An offline row expires after the retention; an online one never (TTL 0).
+                put_presence: prepare(format!("INSERT INTO {k}.presence (user_id, node_id, online, last_seen_ms) VALUES (?, ?, ?, ?) USING TTL ?")).await?,
                 presence: prepare(format!("SELECT online, last_seen_ms FROM {k}.presence WHERE user_id = ? LIMIT ?")).await?,
             };
             anyhow::Ok((session, statements))
@@ -259,6 +265,7 @@ impl ScyllaBackend {
             session: Arc::new(session),
             statements: Arc::new(statements),
             sends_ttl_s,
+            presence_ttl_s,
         })
     }
 
@@ -269,6 +276,7 @@ impl ScyllaBackend {
             runtime: runtime()?,
             pending_messages: BTreeMap::new(),
             sends_ttl_s: self.sends_ttl_s,
+            presence_ttl_s: self.presence_ttl_s,
         })
     }
 }
@@ -292,6 +300,7 @@ struct Scylla {
     /// Message rows of the batch in hand, by conversation partition.
     pending_messages: BTreeMap<String, Vec<(i64, Vec<u8>)>>,
     sends_ttl_s: i32,
+    presence_ttl_s: i32,
 }
 
 fn id(value: u64) -> i64 {
@@ -673,6 +682,7 @@ impl Tables for Scylla {
                     i32::from(node),
                     entry.online,
                     id(entry.last_seen_ms),
+                    if entry.online { 0 } else { self.presence_ttl_s },
                 ),
             )?;
         }

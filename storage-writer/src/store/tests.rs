@@ -10,7 +10,7 @@ use chat_protocol::store_wire::SyncFrom;
 
 use super::embedded::{Embedded, Fsync};
 use super::{apply, sync_page, Applied};
-use crate::store::Backend;
+use crate::store::{Backend, Tables};
 
 /// A backend and whatever keeps it alive (a directory, a server).
 struct Fixture {
@@ -64,6 +64,7 @@ on_every_backend!(
     a_revocation_is_kept_and_takes_the_devices_keys_with_it,
     joins_that_each_fit_the_bound_but_not_together_are_refused_past_it,
     idempotency_keys_older_than_the_window_are_removed_in_batches,
+    offline_presence_older_than_the_retention_is_removed_in_batches,
 );
 
 /// A message of group `group` from `from`, to `recipients`, with an optional event.
@@ -227,6 +228,73 @@ fn presence_is_told_only_to_users_who_share_a_conversation(fixture: &Fixture) {
     // Erin shares a conversation with alice, not with bob.
     let answers = super::presence(&mut *reader, "erin", &["bob".to_string()]).unwrap();
     assert!(!answers[0].shared);
+}
+
+fn offline_presence_older_than_the_retention_is_removed_in_batches(fixture: &Fixture) {
+    // Three users offline since 100, one offline since 900, one online
+    // since 50 (its node refreshes it), on node 1; carol also on node 2.
+    let entry = |user, online, last_seen_ms| PresenceEntry {
+        user,
+        online,
+        last_seen_ms,
+    };
+    let records = [
+        PresenceRecord {
+            node: 1,
+            entries: vec![
+                entry("ann", false, 100),
+                entry("ben", false, 100),
+                entry("carol", false, 100),
+                entry("dan", false, 900),
+                entry("eve", true, 50),
+            ],
+        }
+        .encode(),
+        PresenceRecord {
+            node: 2,
+            entries: vec![entry("carol", false, 950)],
+        }
+        .encode(),
+    ];
+    run(fixture, &records, false);
+    let mut writer = fixture.backend.writer().unwrap();
+    let mut passes = Vec::new();
+    for _ in 0..3 {
+        writer
+            .write_batch(&mut |tables| {
+                passes.push(tables.expire_presence(500, 2)?);
+                Ok(())
+            })
+            .unwrap();
+    }
+    assert_eq!(passes, [2, 1, 0], "at most the limit per batch");
+    let mut reader = fixture.backend.reader().unwrap();
+    let seen = |reader: &mut dyn Tables, user| -> Vec<(bool, u64)> {
+        let mut rows: Vec<(bool, u64)> = reader
+            .presence(user)
+            .unwrap()
+            .iter()
+            .map(|row| (row.online, row.last_seen_ms))
+            .collect();
+        rows.sort();
+        rows
+    };
+    assert!(
+        seen(&mut *reader, "ann").is_empty(),
+        "offline since 100: gone"
+    );
+    assert!(seen(&mut *reader, "ben").is_empty());
+    assert_eq!(
+        seen(&mut *reader, "carol"),
+        [(false, 950)],
+        "node 2's row is recent"
+    );
+    assert_eq!(
+        seen(&mut *reader, "dan"),
+        [(false, 900)],
+        "within the retention"
+    );
+    assert_eq!(seen(&mut *reader, "eve"), [(true, 50)], "online rows stay");
 }
 
 fn message(id: u64, from: &str, device: &str, to: &str) -> Vec<u8> {

@@ -6,12 +6,12 @@
 //! online byte, last seen as big-endian unix ms). Never reads past
 //! `MEMBERSHIP_READ_MAX` keys (`PRESENCE_NODES_MAX` for presence).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use chat_protocol::records::PresenceEntry;
 
 use chat_protocol::store_wire::MemberRole;
 
-use super::{key, text, Embedded};
+use super::{be_u64, key, text, Embedded};
 use crate::store::{Presence, MEMBERSHIP_READ_MAX, PRESENCE_NODES_MAX};
 
 /// A member's value: admin (1 byte), joined id (big-endian u64). Empty for
@@ -113,6 +113,31 @@ impl Embedded {
             self.presence.insert(row, value)?;
         }
         Ok(())
+    }
+
+    /// Offline rows last seen before `seen_before_ms`, up to `limit`. Scans
+    /// from the start each call: rows removed by the call before are gone,
+    /// so a pass reads each kept row once per batch it removes.
+    pub(super) fn expire_presence_before(
+        &self,
+        seen_before_ms: u64,
+        limit: usize,
+    ) -> Result<usize> {
+        let mut old = Vec::new();
+        for item in self.presence.iter() {
+            let (row, value) = item?;
+            let online = *value.first().context("bad presence row")? != 0;
+            if !online && be_u64(&value[1..])? < seen_before_ms {
+                old.push(row);
+                if old.len() == limit {
+                    break;
+                }
+            }
+        }
+        for row in &old {
+            self.presence.remove(row.as_ref())?;
+        }
+        Ok(old.len())
     }
 
     pub(super) fn presence_of(&self, user: &str) -> Result<Vec<Presence>> {
