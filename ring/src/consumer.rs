@@ -3,7 +3,8 @@
 //! Owns reading published records in order (skipping wrap markers, checking
 //! length and CRC), committing a batch (advancing the watermark, which frees
 //! space and releases the producer's acknowledgements), and parking with
-//! adaptive spin-then-futex when the ring is empty. After a restart it resumes
+//! adaptive spin-then-futex when the ring is empty (one ring, or several at
+//! once with `futex_waitv`: `wait_any`). After a restart it resumes
 //! at the watermark, so records not yet committed are read again: the writer's
 //! stores must be idempotent.
 
@@ -195,6 +196,8 @@ pub fn wait_any(consumers: &[&Consumer], doorbell: &AtomicU32, rung: u32, timeou
         if left.is_zero() {
             break;
         }
+        // Rings past the 127 one call takes (a host with more shards than
+        // that) are seen at the timeout.
         let mut waiters: Vec<(&AtomicU32, u32, bool)> = words
             .iter()
             .take(WAITV_WORDS_MAX - 1)

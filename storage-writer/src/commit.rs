@@ -181,7 +181,10 @@ impl CommitLoop {
                 }
             };
             self.stats.batch(records, started.elapsed());
-            cost.observe(records, started.elapsed());
+            if !retry {
+                // A retried batch's time is mostly back-off, not cost.
+                cost.observe(records, started.elapsed());
+            }
             pending = still_pending;
             self.publish(&chunks);
             if records > 0 {
