@@ -171,28 +171,16 @@ pub fn run(args: &GroupArgs) -> anyhow::Result<()> {
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    let cpu = || -> Option<f64> {
-        let mut total = 0.0;
-        for pid in &target.pids {
-            total += procfs::process_tree_cpu_seconds(*pid).ok()?;
-        }
-        (!target.pids.is_empty()).then_some(total)
-    };
-    let gateway_cpu = || -> Option<f64> {
-        let mut total = 0.0;
-        for pid in &target.pids {
-            total += procfs::process_cpu_seconds(*pid).ok()?;
-        }
-        (!target.pids.is_empty()).then_some(total)
-    };
     let own_cpu = || procfs::process_cpu_seconds(std::process::id()).ok();
     let mut run = SendLoop::new(args, group_ids.clone(), online);
-    let before = (cpu(), gateway_cpu(), own_cpu());
+    let before = (procfs::ServerCpu::of(&target.pids), own_cpu());
     let outcome = run.drive(members)?;
-    let spent = |after: Option<f64>, before: Option<f64>| after.zip(before).map(|(a, b)| a - b);
-    let server_cpu = spent(cpu(), before.0);
-    let gateway_cpu = spent(gateway_cpu(), before.1);
-    let bench_cpu = spent(own_cpu(), before.2);
+    let spent_server = procfs::ServerCpu::of(&target.pids)
+        .zip(before.0)
+        .map(|(after, start)| after.since(start));
+    let server_cpu = spent_server.map(|cpu| cpu.tree_s);
+    let gateway_cpu = spent_server.map(|cpu| cpu.process_s);
+    let bench_cpu = own_cpu().zip(before.1).map(|(after, start)| after - start);
 
     let (offline_sync, drain_seconds, missing) = if online < args.size {
         let (sync, seconds, missing) = drain_offline(args, address, online, run.sent_per_group())?;

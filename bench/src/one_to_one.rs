@@ -25,6 +25,7 @@ use mio::{Events, Interest, Poll, Token};
 use crate::clock::monotonic_ns;
 use crate::gateway_process::GatewayTarget;
 use crate::nats_peer::{self, NatsEvent, NatsServer};
+use crate::procfs::ServerCpu;
 use crate::report::{self, Percentiles};
 use crate::schedule::OpenLoop;
 use crate::timer::SendTimer;
@@ -316,14 +317,7 @@ fn run_one(
                 (nats.websocket, vec![nats.pid()], Box::new(nats))
             }
         };
-    let server_cpu = || -> Option<ServerCpu> {
-        let mut cpu = ServerCpu::default();
-        for pid in &server_pids {
-            cpu.tree_s += procfs::process_tree_cpu_seconds(*pid).ok()?;
-            cpu.process_s += procfs::process_cpu_seconds(*pid).ok()?;
-        }
-        Some(cpu)
-    };
+    let server_cpu = || ServerCpu::of(&server_pids);
 
     let mut rss_samples = Vec::new();
     let (totals, server_cpu_s) = if args.processes > 1 {
@@ -574,14 +568,6 @@ impl Running {
     }
 }
 
-/// CPU seconds of the servers under test: with their children (a gateway's
-/// storage-writer), and of their own processes alone.
-#[derive(Debug, Clone, Copy, Default)]
-struct ServerCpu {
-    tree_s: f64,
-    process_s: f64,
-}
-
 /// The servers' CPU seconds over the measured window, and (with `rss_every`)
 /// their resident memory from the first send to the end.
 fn sample_server(
@@ -629,11 +615,7 @@ fn sample_server(
     }
     sleep_until(phase.end_ns);
     let end = server_cpu();
-    let spent = start.zip(end).map(|(start, end)| ServerCpu {
-        tree_s: end.tree_s - start.tree_s,
-        process_s: end.process_s - start.process_s,
-    });
-    (spent, samples)
+    (start.zip(end).map(|(start, end)| end.since(start)), samples)
 }
 
 /// Worker-process mode: connect this worker's users, say so, wait for the

@@ -102,3 +102,34 @@ pub fn process_tree_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     }
     Ok(total)
 }
+
+/// CPU seconds of the servers under test: with their children (a gateway's
+/// storage-writer), and of their own processes alone.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServerCpu {
+    pub tree_s: f64,
+    pub process_s: f64,
+}
+
+impl ServerCpu {
+    /// Now, summed over `pids`; `None` if there are none or one is gone.
+    pub fn of(pids: &[u32]) -> Option<Self> {
+        if pids.is_empty() {
+            return None;
+        }
+        let mut cpu = Self::default();
+        for pid in pids {
+            cpu.tree_s += process_tree_cpu_seconds(*pid).ok()?;
+            cpu.process_s += process_cpu_seconds(*pid).ok()?;
+        }
+        Some(cpu)
+    }
+
+    /// What was spent from `start` to `self`.
+    pub fn since(self, start: Self) -> Self {
+        Self {
+            tree_s: self.tree_s - start.tree_s,
+            process_s: self.process_s - start.process_s,
+        }
+    }
+}

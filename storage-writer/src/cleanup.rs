@@ -77,27 +77,30 @@ impl Cleanup {
         let sends_before = snowflake::first_id_at(now.saturating_sub(window_ms));
         let expire_sends =
             |tables: &mut dyn Tables, limit| tables.expire_sends(sends_before, limit);
-        self.expire(&mut *writer, &expire_sends, &self.stats.expired_sends)
-            .ok()?;
+        if !self.expire(&mut *writer, &expire_sends, &self.stats.expired_sends) {
+            return None;
+        }
         if !self.presence_retention.is_zero() {
             let retention_ms = self.presence_retention.as_millis() as u64;
             let seen_before = now.saturating_sub(retention_ms);
             let expire_presence =
                 |tables: &mut dyn Tables, limit| tables.expire_presence(seen_before, limit);
-            self.expire(&mut *writer, &expire_presence, &self.stats.expired_presence)
-                .ok()?;
+            if !self.expire(&mut *writer, &expire_presence, &self.stats.expired_presence) {
+                return None;
+            }
         }
         Some(writer)
     }
 
     /// Runs `step` in batches of `CLEANUP_BATCH_ROWS` until a batch removes
-    /// fewer (nothing old is left) or the writer stops, counting in `removed`.
+    /// fewer (nothing old is left) or the writer stops, counting the rows in
+    /// `removed_total`. False when a batch failed (it is logged).
     fn expire(
         &self,
         writer: &mut dyn BatchWriter,
         step: &dyn Fn(&mut dyn Tables, usize) -> anyhow::Result<usize>,
         removed_total: &std::sync::atomic::AtomicU64,
-    ) -> Result<(), ()> {
+    ) -> bool {
         loop {
             let mut removed = 0;
             let result = writer.write_batch(&mut |tables| {
@@ -109,11 +112,11 @@ impl Cleanup {
                     error = format!("{error:#}"),
                     "cleanup pass failed; next pass later"
                 );
-                return Err(());
+                return false;
             }
             removed_total.fetch_add(removed as u64, Ordering::Relaxed);
             if removed < CLEANUP_BATCH_ROWS || self.stop.load(Ordering::Relaxed) {
-                return Ok(());
+                return true;
             }
         }
     }
