@@ -61,6 +61,9 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 
 pub fn render(stats: &Stats, push: Option<&PushStats>) -> String {
     let mut out = String::new();
+    // Rows of one family (the tables of `expired_total`) follow each other;
+    // its HELP and TYPE come once, before the first.
+    let mut previous = "";
     for (name, help, value, labels) in [
         ("storage_writer_batches_total", "Batches committed.", &stats.batches, ""),
         ("storage_writer_records_total", "Ring records committed.", &stats.records, ""),
@@ -89,7 +92,10 @@ pub fn render(stats: &Stats, push: Option<&PushStats>) -> String {
             "",
         ),
     ] {
-        family(&mut out, name, "counter", help);
+        if name != previous {
+            family(&mut out, name, "counter", help);
+            previous = name;
+        }
         let _ = writeln!(out, "{name}{labels} {}", value.load(Relaxed));
     }
     family(
@@ -215,6 +221,13 @@ mod tests {
             text.contains("storage_writer_expired_total{table=\"sends\"} 3\n"),
             "{text}"
         );
+        for help in text.lines().filter(|line| line.starts_with("# HELP ")) {
+            assert_eq!(
+                text.matches(&format!("{help}\n")).count(),
+                1,
+                "{help} twice"
+            );
+        }
         for line in text.lines().filter(|line| !line.starts_with('#')) {
             let sample = line.split(['{', ' ']).next().unwrap();
             // A histogram's samples are its family's name and a suffix.
