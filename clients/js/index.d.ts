@@ -9,6 +9,7 @@ export declare const CloseCode: Readonly<{
   HEARTBEAT: 4000;
   SLOW_CONSUMER: 4001;
   REVOKED: 4003;
+  ABNORMAL: 1006;
 }>;
 
 export interface Backoff {
@@ -38,6 +39,8 @@ export interface ClientOptions {
   receipts?: boolean;
   /** Reconnect to `hello.home` within this many ms (default 60,000; 0: never). */
   followHomeWithinMs?: number;
+  /** Drop and reopen a connection without `hello` after this many ms (default 10,000). */
+  connectTimeoutMs?: number;
 }
 
 export interface Hello {
@@ -67,6 +70,10 @@ export interface Message {
     action: 'created' | 'added' | 'removed' | 'left' | 'promoted' | 'restricted' | 'opened';
     members: string[];
   };
+  /** Delete for everyone: this message withdraws the sender's message with this id. */
+  deletes?: string;
+  /** This message was deleted by its sender (its tombstone: no body). */
+  deleted?: true;
 }
 
 export interface Sent {
@@ -97,6 +104,8 @@ export declare class ChatClient extends EventTarget {
     media?: { url: string; size: number; sha256: string };
     id?: string;
   }): Promise<Sent>;
+  /** Deletes this user's message for everyone (within the node's window). */
+  deleteForEveryone(where: { to?: string; group?: string }, messageId: string): Promise<Sent>;
   createGroup(members: string[]): Promise<Sent>;
   addMembers(group: string, members: string[]): Promise<Sent>;
   removeMembers(group: string, members: string[]): Promise<Sent>;

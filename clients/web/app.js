@@ -116,7 +116,10 @@ function renderMessages() {
       item.append(from);
     }
     const body = document.createElement('span');
-    if (message.event) {
+    if (message.deleted) {
+      body.className = 'event';
+      body.textContent = 'This message was deleted';
+    } else if (message.event) {
       body.className = 'event';
       body.textContent = `${message.from} ${message.event.action} ${message.event.members.join(', ')}`;
     } else {
@@ -147,6 +150,13 @@ function markRead(conversation) {
 function addMessage(message) {
   const conversation = conversationFor(message.conversation);
   if (message.group && !conversation.group) conversation.group = message.group;
+  if (message.deletes) {
+    // Delete for everyone: the target shows as deleted; the notice itself is not a bubble.
+    const target = conversation.messages.get(message.deletes);
+    if (target) conversation.messages.set(message.deletes, { ...target, body: '', deleted: true });
+    if (conversation === open) renderMessages();
+    return;
+  }
   conversation.messages.set(message.message_id, message);
   if (conversation !== open && message.from !== me) conversation.unread += 1;
   renderList();
@@ -159,6 +169,7 @@ function addMessage(message) {
 async function loadHistory(conversation) {
   const page = await client.history(conversation.id, conversation.oldest ? { before: conversation.oldest, limit: 50 } : { limit: 50 });
   for (const message of page.messages) {
+    if (message.deletes) continue;
     conversation.messages.set(message.message_id, message);
     if (!conversation.oldest || byId(message.message_id, conversation.oldest) < 0) conversation.oldest = message.message_id;
   }
@@ -259,6 +270,12 @@ async function signIn(user, token) {
   client.addEventListener('message', (e) => addMessage(e.detail));
   client.addEventListener('receipts', (e) => onReceipts(e.detail));
   client.addEventListener('typing', (e) => onTyping(e.detail));
+  // Messages older than the node's retention that this device never got.
+  client.addEventListener('synced', (e) => {
+    if (e.detail.expired > 0) {
+      $('connection').textContent = `${e.detail.expired} older messages are no longer available`;
+    }
+  });
   $('signin').hidden = true;
   $('chat').hidden = false;
   client.start();

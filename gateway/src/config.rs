@@ -111,6 +111,8 @@ pub struct Config {
     pub cross_shard_queue_capacity: usize,
     /// How long a `send` id is remembered for idempotency.
     pub idempotency_window_ms: u64,
+    /// How long after sending it a user may delete a message for everyone.
+    pub delete_window_ms: u64,
     /// Most remembered `send` ids per shard; the oldest are forgotten first.
     pub idempotency_entries_max: usize,
     /// Client errors within one minute after which the connection closes (1008).
@@ -250,6 +252,7 @@ impl Default for Config {
             socket_send_buffer_bytes: 0,
             cross_shard_queue_capacity: 8 * 1024,
             idempotency_window_ms: 24 * 60 * 60 * 1000,
+            delete_window_ms: 2 * 24 * 60 * 60 * 1000,
             idempotency_entries_max: 256 * 1024,
             protocol_errors_max: 20,
             frames_per_s: 100.0,
@@ -341,6 +344,7 @@ overrides! {
     socket_send_buffer_bytes: usize,
     cross_shard_queue_capacity: usize,
     idempotency_window_ms: u64,
+    delete_window_ms: u64,
     idempotency_entries_max: usize,
     protocol_errors_max: u32,
     frames_per_s: f32,

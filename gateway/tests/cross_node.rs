@@ -335,3 +335,40 @@ fn fleet_history_last(client: &mut Client, group: &str, body: &str) -> String {
         .expect("the message is in history")
         .to_owned()
 }
+
+#[test]
+fn a_delete_for_everyone_crosses_nodes_and_history_shows_the_tombstone() {
+    let fleet = Fleet::start(2);
+    let [a, b] = [&fleet.nodes[0], &fleet.nodes[1]];
+    let mut alice = a.connect("alice", "phone");
+    let mut alice_laptop = b.connect("alice", "laptop");
+    let mut bob = b.connect("bob", "phone");
+    alice.send_message("x1", "bob", "regret");
+    let target = alice.recv_type("sent")["message_id"].clone();
+    let message = |client: &mut Client| loop {
+        let frame = client.recv();
+        if frame["type"] == "message" {
+            return frame;
+        }
+    };
+    assert_eq!(message(&mut bob)["body"], "regret");
+    assert_eq!(message(&mut alice_laptop)["body"], "regret");
+    // Bob, on the other node, may not delete alice's message.
+    bob.send(json!({"type": "send", "id": "xb", "to": "alice", "delete": target}));
+    assert_eq!(bob.recv_type("error")["code"], "forbidden");
+    alice.send(json!({"type": "send", "id": "x2", "to": "bob", "delete": target}));
+    let deletion = alice.recv_type("sent")["message_id"].clone();
+    for device in [&mut bob, &mut alice_laptop] {
+        let notice = message(device);
+        assert_eq!(
+            (&notice["message_id"], &notice["deletes"]),
+            (&deletion, &target),
+            "{notice}"
+        );
+    }
+    // Read on the other node, from the shared database.
+    let history = bob.history("dm:alice:bob", None, 10);
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert_eq!(history[1]["deleted"], true, "{history:?}");
+    assert!(!history.iter().any(|m| m.to_string().contains("regret")));
+}

@@ -123,6 +123,9 @@ pub struct SendFrame<'a> {
     pub bodies: Vec<(Cow<'a, str>, Cow<'a, str>)>,
     /// An attachment stored elsewhere, by reference (its key is in the body).
     pub media: Option<Media<'a>>,
+    /// Delete for everyone: the id of this user's message of the same
+    /// conversation to withdraw (no body then).
+    pub delete: Option<u64>,
 }
 
 impl SendFrame<'_> {
@@ -145,6 +148,7 @@ impl SendFrame<'_> {
                 })
                 .collect(),
             media: self.media.map(Media::into_owned),
+            delete: self.delete,
         }
     }
 }
@@ -221,6 +225,9 @@ struct RawFrame<'a> {
     /// `push_register`'s target, checked in `decode_push_register`.
     #[serde(default)]
     push: Option<serde_json::Value>,
+    /// `send`'s message to delete for everyone.
+    #[serde(default, borrow, deserialize_with = "string_field")]
+    delete: Option<Cow<'a, str>>,
 }
 
 /// Exactly one of `to` (a user) and `group`: the target and whether it is a group.
@@ -396,6 +403,22 @@ fn decode_send(raw: RawFrame<'_>, body_bytes_max: usize) -> Result<ClientFrame<'
         return Err(invalid(ID_RULE));
     }
     let (to, group) = target(raw.to, raw.group).map_err(invalid)?;
+    if let Some(delete) = raw.delete {
+        let target =
+            parse_message_id(&delete).ok_or_else(|| invalid("`delete` must be a message id"))?;
+        if raw.body.is_some() || raw.bodies.is_some() || raw.media.is_some() {
+            return Err(invalid("a `delete` has no `body`, `bodies` or `media`"));
+        }
+        return Ok(ClientFrame::Send(SendFrame {
+            client_msg_id: id,
+            to,
+            group,
+            body: Cow::Borrowed(""),
+            bodies: Vec::new(),
+            media: None,
+            delete: Some(target),
+        }));
+    }
     let (body, bodies) = match (raw.body, raw.bodies) {
         (Some(body), None) => (body, Vec::new()),
         (None, Some(bodies)) if !group => {
@@ -441,6 +464,7 @@ fn decode_send(raw: RawFrame<'_>, body_bytes_max: usize) -> Result<ClientFrame<'
         body,
         bodies,
         media: raw.media,
+        delete: None,
     }))
 }
 
@@ -758,6 +782,13 @@ pub struct MessageFrame<'a> {
     /// A membership change, for a server-made message of a group.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event: Option<GroupEventJson<'a>>,
+    /// Delete for everyone: this message withdraws the sender's message
+    /// with this id (show that one as deleted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deletes: Option<IdText>,
+    /// This message was deleted by its sender: its tombstone, with no body.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
     /// Every device's ciphertext: only between nodes (the receiving node
     /// gives each device its own as `body`), never to a client.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -873,6 +904,14 @@ pub struct SyncedFrame {
     pub count: u64,
     /// True when the sync stopped at its bound; sync again with `after: last`.
     pub more: bool,
+    /// Messages this device had not received that are older than the
+    /// node's retention and were removed: missed for good (absent when 0).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub expired: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// `history`: a page of a conversation, newest first.
@@ -884,12 +923,13 @@ pub struct HistoryFrame<'a> {
     pub messages: Vec<MessageFrame<'a>>,
 }
 
-pub fn encode_synced(last: Option<u64>, count: u64, more: bool) -> Vec<u8> {
+pub fn encode_synced(last: Option<u64>, count: u64, more: bool, expired: u64) -> Vec<u8> {
     to_json(&SyncedFrame {
         kind: "synced",
         last: last.map(IdText),
         count,
         more,
+        expired,
     })
 }
 
@@ -1149,6 +1189,25 @@ mod read_path_frame_tests {
             decode_client_frame(text.as_bytes(), 16).unwrap_err().code,
             ErrorCode::InvalidField
         );
+    }
+
+    #[test]
+    fn a_delete_names_a_message_id_and_carries_nothing_else() {
+        let good = br#"{"type":"send","id":"d1","to":"bob","delete":"1234"}"#;
+        let ClientFrame::Send(send) = decode_client_frame(good, 16).unwrap() else {
+            panic!("a send");
+        };
+        assert_eq!((send.delete, send.body.as_ref()), (Some(1234), ""));
+        for bad in [
+            &br#"{"type":"send","id":"d1","to":"bob","delete":"x"}"#[..],
+            br#"{"type":"send","id":"d1","to":"bob","delete":"1234","body":"hi"}"#,
+            br#"{"type":"send","id":"d1","to":"bob","delete":"1234","bodies":{"phone":"c"}}"#,
+        ] {
+            let Err(error) = decode_client_frame(bad, 16) else {
+                panic!("accepted {}", String::from_utf8_lossy(bad));
+            };
+            assert_eq!(error.code, ErrorCode::InvalidField);
+        }
     }
 
     #[test]

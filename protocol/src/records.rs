@@ -67,6 +67,11 @@ pub enum Event<'a> {
         conversation: &'a str,
         receipts: Vec<Receipt<'a>>,
     },
+    /// Delete for everyone: the sender withdraws its message `target` of
+    /// the same conversation. Stored in place of the target too, as its
+    /// tombstone: a record whose `Delete` names its own id is a message
+    /// that was deleted (no body, no media, no ciphertexts).
+    Delete { target: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,6 +244,9 @@ impl MessageRecord<'_> {
                         .u64(receipt.up_to);
                 }
             }
+            Some(Event::Delete { target }) => {
+                encoder.u8(3).u64(*target);
+            }
         }
         encoder.u32(self.recipients.len() as u32);
         for recipient in &self.recipients {
@@ -273,6 +281,36 @@ impl<'a> MessageRecord<'a> {
             let (owner, device) = key.split_once('/')?;
             (owner == user).then_some((device, *body))
         })
+    }
+
+    /// The message this one deletes for everyone, if it is such a delete.
+    pub fn deletes(&self) -> Option<u64> {
+        match self.event {
+            Some(Event::Delete { target }) if target != self.message_id => Some(target),
+            _ => None,
+        }
+    }
+
+    /// Whether this is the tombstone of a message its sender deleted.
+    pub fn is_tombstone(&self) -> bool {
+        matches!(self.event, Some(Event::Delete { target }) if target == self.message_id)
+    }
+
+    /// This message's tombstone, stored in its place once its sender
+    /// deleted it for everyone: the same ids, sender and time, nothing of
+    /// what it said.
+    pub fn tombstone(&self) -> Vec<u8> {
+        MessageRecord {
+            body: "",
+            media: None,
+            event: Some(Event::Delete {
+                target: self.message_id,
+            }),
+            recipients: Vec::new(),
+            bodies: Vec::new(),
+            ..self.clone()
+        }
+        .encode()
     }
 
     /// The record as stored in its conversation: without the recipient list.
@@ -341,6 +379,9 @@ fn decode_event<'a>(decoder: &mut Decoder<'a>) -> Result<Option<Event<'a>>, Deco
                 receipts,
             })
         }
+        3 => Some(Event::Delete {
+            target: decoder.u64()?,
+        }),
         _ => return Err(DecodeError("bad event flag")),
     })
 }

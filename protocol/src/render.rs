@@ -36,6 +36,8 @@ pub fn message_frame<'a>(message: &'a MessageRecord<'a>) -> MessageFrame<'a> {
             }),
             _ => None,
         },
+        deletes: message.deletes().map(IdText),
+        deleted: message.is_tombstone(),
     }
 }
 

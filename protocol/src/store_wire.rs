@@ -188,6 +188,9 @@ pub enum Response {
         last_seq: u64,
         /// More entries remain after this page.
         more: bool,
+        /// Entries the page passed over that the device had not
+        /// acknowledged and retention removed: missed for good.
+        expired: u64,
     },
     /// Stored `Message` records, newest first.
     Messages {
@@ -561,6 +564,7 @@ mod tests {
             }],
             last_seq: 4,
             more: true,
+            expired: 3,
         });
         round_trip_response(Response::Messages {
             req: 2,
@@ -627,6 +631,7 @@ mod tests {
             }],
             last_seq: 1,
             more: false,
+            expired: 0,
         }
         .encode();
         // A bytes field: the record, its length and a few bytes of framing,

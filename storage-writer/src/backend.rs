@@ -24,8 +24,11 @@ pub enum BackendKind {
 
 /// Everything a backend needs to open.
 #[derive(Debug, Clone)]
-// The ScyllaDB fields are read only in builds with the `scylla` feature.
-#[cfg_attr(not(feature = "scylla"), allow(dead_code))]
+// Fields read only in builds with the `scylla` or `postgres` feature.
+#[cfg_attr(
+    any(not(feature = "scylla"), not(feature = "postgres")),
+    allow(dead_code)
+)]
 pub struct BackendOptions {
     pub kind: BackendKind,
     pub data_dir: PathBuf,
@@ -40,6 +43,10 @@ pub struct BackendOptions {
     pub idempotency_window: std::time::Duration,
     /// How long an offline presence row is kept (ScyllaDB: its TTL; 0: kept).
     pub presence_retention: std::time::Duration,
+    /// How long messages are kept (ScyllaDB: their TTL; `None`: forever).
+    pub message_retention: Option<std::time::Duration>,
+    /// PostgreSQL: the window of one partition, in ms.
+    pub postgres_partition_ms: u64,
 }
 
 pub fn open(options: &BackendOptions) -> Result<Box<dyn Backend>> {
@@ -64,9 +71,9 @@ fn open_postgres(options: &BackendOptions) -> Result<Box<dyn Backend>> {
         .postgres_url
         .as_deref()
         .ok_or_else(|| anyhow::anyhow!("--backend postgres needs --postgres-url"))?;
-    Ok(Box::new(crate::store::postgres::PostgresBackend::connect(
-        url,
-    )?))
+    Ok(Box::new(
+        crate::store::postgres::PostgresBackend::connect_with(url, options.postgres_partition_ms)?,
+    ))
 }
 
 #[cfg(not(feature = "postgres"))]
@@ -87,6 +94,7 @@ fn open_scylla(options: &BackendOptions) -> Result<Box<dyn Backend>> {
         &options.scylla_consistency,
         options.idempotency_window,
         options.presence_retention,
+        options.message_retention,
     )?))
 }
 

@@ -1,15 +1,20 @@
 //! The cleanup thread: removes what only served a window, off the commit
-//! path. Today that is idempotency keys older than `--idempotency-window-ms`
-//! (a retry after the window is a new message, as documented) and presence
-//! rows of users offline longer than `--presence-retention-ms` (their "last
-//! seen" is then unknown), on fjall and PostgreSQL; ScyllaDB's expire by
-//! their TTL.
+//! path: messages and their inbox entries older than
+//! `--message-retention-ms` (hot retention; PostgreSQL drops whole time
+//! partitions, which this thread also creates ahead), idempotency keys
+//! older than `--idempotency-window-ms` (a retry after the window is a new
+//! message, as documented) and presence rows of users offline longer than
+//! `--presence-retention-ms` (their "last seen" is then unknown), on fjall
+//! and PostgreSQL; ScyllaDB's rows expire by their TTL.
 //!
 //! Owns its own writer handle (so it never holds up a commit), a pass every
 //! `--cleanup-interval-s` in batches of `CLEANUP_BATCH_ROWS` until nothing
-//! old is left, and the counters `storage_writer_expired_total` and
-//! `storage_writer_cleanup_runs_total`. Never removes a key its window
-//! still needs, and never retries a failed pass sooner than the next one.
+//! old is left, and the counters `storage_writer_expired_total`,
+//! `storage_writer_reclaimed_bytes_total`,
+//! `storage_writer_partitions_created_total`,
+//! `storage_writer_cleanup_runs_total` and the gauge
+//! `storage_writer_cleanup_caught_up_unix_seconds`. Never removes a row its
+//! window still needs, and never retries a failed pass sooner than the next one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,7 +23,7 @@ use std::time::{Duration, Instant};
 use chat_protocol::snowflake;
 
 use crate::stats::Stats;
-use crate::store::{Backend, BatchWriter, Tables};
+use crate::store::{Backend, BatchWriter, Expired, Tables};
 
 /// Rows one cleanup batch removes at most (one short transaction each).
 const CLEANUP_BATCH_ROWS: usize = 10_000;
@@ -30,6 +35,8 @@ pub struct Cleanup {
     pub idempotency_window: Duration,
     /// Offline presence rows last seen longer ago are removed (zero: kept).
     pub presence_retention: Duration,
+    /// Messages made longer ago are removed (`None`: kept).
+    pub message_retention: Option<Duration>,
     pub interval: Duration,
     pub stats: Arc<Stats>,
     pub stop: Arc<AtomicBool>,
@@ -73,36 +80,70 @@ impl Cleanup {
     /// One pass; the handle back unless it failed (a new one next time).
     fn pass(&self, mut writer: Box<dyn BatchWriter>) -> Option<Box<dyn BatchWriter>> {
         let now = crate::store::unix_ms_now();
+        let mut created = 0;
+        if let Err(error) = writer.write_batch(&mut |tables| {
+            created = tables.partitions_ahead(now)?;
+            Ok(())
+        }) {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "cleanup: partitions not created; rows go to DEFAULT meanwhile"
+            );
+            return None;
+        }
+        self.stats
+            .partitions_created
+            .fetch_add(created as u64, Ordering::Relaxed);
+        if self.message_retention.is_some() {
+            let floor = crate::store::retention_floor(now, self.message_retention);
+            let expire_messages =
+                |tables: &mut dyn Tables, limit| tables.expire_messages(floor, limit);
+            if !self.expire(&mut *writer, &expire_messages, &self.stats.expired_messages) {
+                return None;
+            }
+        }
         let window_ms = self.idempotency_window.as_millis() as u64;
         let sends_before = snowflake::first_id_at(now.saturating_sub(window_ms));
-        let expire_sends =
-            |tables: &mut dyn Tables, limit| tables.expire_sends(sends_before, limit);
+        let expire_sends = |tables: &mut dyn Tables, limit| {
+            tables
+                .expire_sends(sends_before, limit)
+                .map(|removed| rows(removed, limit))
+        };
         if !self.expire(&mut *writer, &expire_sends, &self.stats.expired_sends) {
             return None;
         }
         if !self.presence_retention.is_zero() {
             let retention_ms = self.presence_retention.as_millis() as u64;
             let seen_before = now.saturating_sub(retention_ms);
-            let expire_presence =
-                |tables: &mut dyn Tables, limit| tables.expire_presence(seen_before, limit);
+            let expire_presence = |tables: &mut dyn Tables, limit| {
+                tables
+                    .expire_presence(seen_before, limit)
+                    .map(|removed| rows(removed, limit))
+            };
             if !self.expire(&mut *writer, &expire_presence, &self.stats.expired_presence) {
                 return None;
             }
         }
+        let caught_up = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        self.stats
+            .cleanup_caught_up_unix_s
+            .store(caught_up, Ordering::Relaxed);
         Some(writer)
     }
 
-    /// Runs `step` in batches of `CLEANUP_BATCH_ROWS` until a batch removes
-    /// fewer (nothing old is left) or the writer stops, counting the rows in
+    /// Runs `step` in batches of `CLEANUP_BATCH_ROWS` until one says nothing
+    /// old is left or the writer stops, counting the rows in
     /// `removed_total`. False when a batch failed (it is logged).
     fn expire(
         &self,
         writer: &mut dyn BatchWriter,
-        step: &dyn Fn(&mut dyn Tables, usize) -> anyhow::Result<usize>,
+        step: &dyn Fn(&mut dyn Tables, usize) -> anyhow::Result<Expired>,
         removed_total: &std::sync::atomic::AtomicU64,
     ) -> bool {
         loop {
-            let mut removed = 0;
+            let mut removed = Expired::default();
             let result = writer.write_batch(&mut |tables| {
                 removed = step(tables, CLEANUP_BATCH_ROWS)?;
                 Ok(())
@@ -114,10 +155,22 @@ impl Cleanup {
                 );
                 return false;
             }
-            removed_total.fetch_add(removed as u64, Ordering::Relaxed);
-            if removed < CLEANUP_BATCH_ROWS || self.stop.load(Ordering::Relaxed) {
+            removed_total.fetch_add(removed.rows, Ordering::Relaxed);
+            self.stats
+                .reclaimed_bytes
+                .fetch_add(removed.bytes, Ordering::Relaxed);
+            if !removed.more || self.stop.load(Ordering::Relaxed) {
                 return true;
             }
         }
+    }
+}
+
+/// A row-by-row step's count: more may be left when it removed its limit.
+fn rows(removed: usize, limit: usize) -> Expired {
+    Expired {
+        rows: removed as u64,
+        bytes: 0,
+        more: removed >= limit,
     }
 }

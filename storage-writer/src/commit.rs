@@ -233,10 +233,12 @@ impl CommitLoop {
         };
         let mut still_pending = VecDeque::new();
         let mut refused = Vec::new();
+        let mut deletes_refused = Vec::new();
         self.writer.write_batch(&mut |tables| {
             still_pending.clear();
             let outcome = store::apply(tables, &decoded, self.group_members_max)?;
             refused = outcome.refused;
+            deletes_refused = outcome.deletes_refused;
             for index in outcome.unresolved {
                 if let Record::Ack(ack) = &decoded[index].record {
                     still_pending.push_back(PendingAck {
@@ -274,11 +276,22 @@ impl CommitLoop {
             Ok(())
         })?;
         // Before the `Durable` that covers them (`publish`).
-        if !refused.is_empty() {
+        if !refused.is_empty() || !deletes_refused.is_empty() {
             let paths: Vec<std::path::PathBuf> = {
                 let rings = self.progress.rings.lock().expect("progress lock");
                 rings.iter().map(|ring| ring.path.clone()).collect()
             };
+            for (index, why) in &deletes_refused {
+                if let Record::Message(message) = &decoded[*index].record {
+                    tracing::info!(
+                        message_id = message.message_id,
+                        why,
+                        "delete for everyone refused"
+                    );
+                    self.sessions
+                        .refused(&paths[rings[*index]], message.message_id, why);
+                }
+            }
             let reason = format!("a group has at most {} members", self.group_members_max);
             for index in &refused {
                 if let Record::Message(message) = &decoded[*index].record {
@@ -295,7 +308,7 @@ impl CommitLoop {
         // Durable now: recipients that did not get it live may be pushed.
         if let Some(push) = &self.push {
             for (index, applied) in decoded.iter().enumerate() {
-                if refused.contains(&index) {
+                if refused.contains(&index) || deletes_refused.iter().any(|(i, _)| *i == index) {
                     continue;
                 }
                 if let Record::Message(message) = &applied.record {

@@ -116,6 +116,17 @@ struct Args {
     /// offline row.
     #[arg(long, default_value_t = 30 * 24 * 60 * 60 * 1000)]
     presence_retention_ms: u64,
+    /// Hot retention: messages (and their inbox entries) older than this
+    /// leave history and sync at once and are removed by the cleanup; a
+    /// device that had not received them is told how many it missed. 0
+    /// keeps them forever. ScyllaDB: the TTL of each message row and inbox
+    /// entry written.
+    #[arg(long, default_value_t = 90 * 24 * 60 * 60 * 1000)]
+    message_retention_ms: u64,
+    /// PostgreSQL: the time window of one partition of `messages` and
+    /// `inbox` (every writer of a database must use the same).
+    #[arg(long, default_value_t = store::POSTGRES_PARTITION_MS_DEFAULT)]
+    postgres_partition_ms: u64,
     /// How often the cleanup runs (expired idempotency keys, old presence), in seconds.
     #[arg(long, default_value_t = 60)]
     cleanup_interval_s: u64,
@@ -144,6 +155,11 @@ fn main() {
     }
 }
 
+/// `--message-retention-ms` (0: forever).
+fn message_retention(args: &Args) -> Option<Duration> {
+    (args.message_retention_ms > 0).then(|| Duration::from_millis(args.message_retention_ms))
+}
+
 fn run(args: Args) -> Result<()> {
     anyhow::ensure!(
         (1..=1 << 20).contains(&args.batch_records_max),
@@ -154,6 +170,7 @@ fn run(args: Args) -> Result<()> {
     // One writer per data directory: the embedded store has no lock of its
     // own, and a writer restarted while the previous one finishes its batch
     // must not open the store under it.
+    let message_retention = message_retention(&args);
     let _lock = lock::exclusive(&args.data_dir.join("storage-writer.lock"), LOCK_WAIT)?;
     let backend: Arc<dyn store::Backend> = Arc::from(backend::open(&BackendOptions {
         kind: args.backend,
@@ -167,6 +184,8 @@ fn run(args: Args) -> Result<()> {
         scylla_consistency: args.scylla_consistency.clone(),
         idempotency_window: Duration::from_millis(args.idempotency_window_ms),
         presence_retention: Duration::from_millis(args.presence_retention_ms),
+        message_retention,
+        postgres_partition_ms: args.postgres_partition_ms,
     })?);
     // Before anything can say READY: a SIGTERM right after it must find the
     // handler in place (the default action would kill the batch in hand).
@@ -215,6 +234,7 @@ fn run(args: Args) -> Result<()> {
         backend: backend.clone(),
         idempotency_window: Duration::from_millis(args.idempotency_window_ms),
         presence_retention: Duration::from_millis(args.presence_retention_ms),
+        message_retention,
         interval: Duration::from_secs(args.cleanup_interval_s),
         stats: stats.clone(),
         stop: stop.clone(),
@@ -229,6 +249,7 @@ fn run(args: Args) -> Result<()> {
         stop: stop.clone(),
         ring_dir: args.ring_dir.clone(),
         sessions_open: Default::default(),
+        message_retention,
     });
     std::thread::Builder::new()
         .name("accept".into())

@@ -86,6 +86,24 @@ pub fn render(stats: &Stats, push: Option<&PushStats>) -> String {
             "{table=\"presence\"}",
         ),
         (
+            "storage_writer_expired_total",
+            "Rows removed after their window, by table.",
+            &stats.expired_messages,
+            "{table=\"messages\"}",
+        ),
+        (
+            "storage_writer_reclaimed_bytes_total",
+            "Bytes given back at once by retention (PostgreSQL: partitions dropped; the embedded store reclaims in compaction).",
+            &stats.reclaimed_bytes,
+            "",
+        ),
+        (
+            "storage_writer_partitions_created_total",
+            "Time partitions created ahead (PostgreSQL).",
+            &stats.partitions_created,
+            "",
+        ),
+        (
             "storage_writer_cleanup_runs_total",
             "Cleanup passes made (every --cleanup-interval-s).",
             &stats.cleanup_runs,
@@ -98,6 +116,17 @@ pub fn render(stats: &Stats, push: Option<&PushStats>) -> String {
         }
         let _ = writeln!(out, "{name}{labels} {}", value.load(Relaxed));
     }
+    family(
+        &mut out,
+        "storage_writer_cleanup_caught_up_unix_seconds",
+        "gauge",
+        "When a cleanup pass last found nothing old left (0: never); the cleanup's lag is now minus this.",
+    );
+    let _ = writeln!(
+        out,
+        "storage_writer_cleanup_caught_up_unix_seconds {}",
+        stats.cleanup_caught_up_unix_s.load(Relaxed)
+    );
     family(
         &mut out,
         "storage_writer_batch_commit_seconds",

@@ -41,6 +41,9 @@ pub struct Server {
     /// Rings must live here (a shard cannot make the writer map other files).
     pub ring_dir: PathBuf,
     pub sessions_open: std::sync::atomic::AtomicUsize,
+    /// The hot retention (`None`: forever): history and sync show nothing
+    /// older, whether or not the cleanup has removed it yet.
+    pub message_retention: Option<std::time::Duration>,
 }
 
 /// Binds the socket (replacing a stale one) with owner-and-group permissions.
@@ -273,6 +276,7 @@ impl Server {
                 retryable: true,
             };
         }
+        let floor = store::retention_floor(store::unix_ms_now(), self.message_retention);
         let result = match request {
             Request::Sync {
                 req,
@@ -286,6 +290,7 @@ impl Server {
                 &user,
                 &device,
                 from,
+                floor,
                 usize::from(limit).min(SYNC_LIMIT_MAX),
                 (bytes_max as usize).min(SYNC_BYTES_MAX),
             )
@@ -294,6 +299,7 @@ impl Server {
                 entries: page.entries,
                 last_seq: page.last_seq,
                 more: page.more,
+                expired: page.expired,
             }),
             Request::History {
                 req,
@@ -301,8 +307,15 @@ impl Server {
                 before,
                 since,
                 limit,
-            } => store::history(tables, &conversation, before, since, usize::from(limit))
-                .map(|records| Response::Messages { req, records }),
+            } => store::history(
+                tables,
+                &conversation,
+                before,
+                since,
+                floor,
+                usize::from(limit),
+            )
+            .map(|records| Response::Messages { req, records }),
             Request::Recent {
                 req,
                 user,

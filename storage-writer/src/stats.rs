@@ -21,8 +21,17 @@ pub struct Stats {
     pub expired_sends: AtomicU64,
     /// Offline presence rows removed after `--presence-retention-ms`.
     pub expired_presence: AtomicU64,
+    /// Message rows and inbox entries removed after `--message-retention-ms`.
+    pub expired_messages: AtomicU64,
+    /// Bytes given back at once by retention (PostgreSQL partitions dropped).
+    pub reclaimed_bytes: AtomicU64,
+    /// Partitions created ahead (PostgreSQL).
+    pub partitions_created: AtomicU64,
     /// Cleanup passes made.
     pub cleanup_runs: AtomicU64,
+    /// When a pass last found nothing old left (unix seconds; 0: never):
+    /// the cleanup's lag is now minus this.
+    pub cleanup_caught_up_unix_s: AtomicU64,
     pub sizes: [AtomicU64; SIZE_BUCKETS],
     /// How long each batch took to commit (apply, write, fsync).
     pub commit_time: Histogram,

@@ -22,6 +22,8 @@ export const CloseCode = Object.freeze({
   HEARTBEAT: 4000,
   SLOW_CONSUMER: 4001,
   REVOKED: 4003,
+  /** Not sent by the gateway: what a client reports for a connection lost without a close frame. */
+  ABNORMAL: 1006,
 });
 
 /** Errors after which the same send is retried (after `retry_after_ms`). */
@@ -73,6 +75,10 @@ function newId() {
  * @property {number} [followHomeWithinMs] in a fleet, when `hello` names the
  *   user's home node, reconnect there at a random moment within this many
  *   milliseconds (default 60,000; 0 never moves)
+ * @property {number} [connectTimeoutMs] a connection without `hello` this
+ *   long after it was opened is dropped and tried again (default 10,000). A
+ *   server killed mid-handshake can leave a socket that never reports a
+ *   close, and without this bound the client would wait on it forever.
  */
 
 export class ChatClient extends EventTarget {
@@ -90,6 +96,7 @@ export class ChatClient extends EventTarget {
     this.seenMax = options.seenMax ?? 5_000;
     this.receipts = options.receipts ?? true;
     this.followHomeWithinMs = options.followHomeWithinMs ?? 60_000;
+    this.connectTimeoutMs = options.connectTimeoutMs ?? 10_000;
     /** @type {Map<string, {frame: object, resolve: (v: any) => void, reject: (e: any) => void, timer?: any}>} */
     this.outbox = new Map();
     /** @type {Set<string>} */
@@ -103,7 +110,7 @@ export class ChatClient extends EventTarget {
     this.state = 'idle';
     this.attempt = 0;
     this.stopped = true;
-    this.timers = { reconnect: null, ping: null, silence: null, home: null };
+    this.timers = { reconnect: null, ping: null, silence: null, home: null, handshake: null };
     /** Answers waited for by kind (history by conversation, members by group). */
     this.waiting = new Map();
   }
@@ -141,6 +148,20 @@ export class ChatClient extends EventTarget {
     const id = message.id ?? newId();
     const frame = { type: 'send', id, ...message };
     return this.#request(id, frame);
+  }
+
+  /**
+   * Deletes this user's message `messageId` for everyone in its
+   * conversation (`to` the other user, or `group`), within the node's
+   * `delete_window_ms`. Every device then gets a `message` with `deletes`,
+   * and history and sync show the message as `deleted` with no body.
+   * Resolves with `sent`; rejects with `forbidden` for someone else's
+   * message or a late delete.
+   * @param {{to?: string, group?: string}} where @param {string} messageId
+   */
+  deleteForEveryone(where, messageId) {
+    const id = newId();
+    return this.#request(id, { type: 'send', id, ...where, delete: messageId });
   }
 
   /** @param {string[]} members */
@@ -270,6 +291,8 @@ export class ChatClient extends EventTarget {
     const separator = this.url.includes('?') ? '&' : '?';
     const socket = new this.WebSocketClass(`${this.url}${separator}token=${encodeURIComponent(token)}`);
     this.socket = socket;
+    clearTimeout(this.timers.handshake);
+    this.timers.handshake = setTimeout(() => this.#abandon(socket), this.connectTimeoutMs);
     socket.onmessage = (event) => {
       if (this.socket !== socket) return;
       this.#heard();
@@ -281,25 +304,43 @@ export class ChatClient extends EventTarget {
       }
       this.#onFrame(frame);
     };
-    socket.onclose = (event) => {
-      if (this.socket !== socket) return;
-      this.socket = null;
-      this.#stopTimers();
-      this.#setState(this.stopped ? 'closed' : 'reconnecting');
-      this.#emit('close', { code: event.code, reason: event.reason });
-      if (event.code === CloseCode.REVOKED) {
-        // The operator revoked this device: the same token will never work
-        // again. Only a token function (which may sign in anew) retries.
-        this.#emit('revoked', { reason: event.reason });
-        if (!this.refreshable) {
-          this.stopped = true;
-          this.#setState('closed');
-          return;
-        }
-      }
-      if (!this.stopped) this.#scheduleReconnect(event.code);
-    };
+    socket.onclose = (event) => this.#lost(socket, event.code, event.reason);
     socket.onerror = () => {};
+  }
+
+  /** The connection `socket` ended with `code`: report it and reconnect. */
+  #lost(socket, code, reason) {
+    if (this.socket !== socket) return;
+    this.socket = null;
+    this.#stopTimers();
+    this.#setState(this.stopped ? 'closed' : 'reconnecting');
+    this.#emit('close', { code, reason });
+    if (code === CloseCode.REVOKED) {
+      // The operator revoked this device: the same token will never work
+      // again. Only a token function (which may sign in anew) retries.
+      this.#emit('revoked', { reason });
+      if (!this.refreshable) {
+        this.stopped = true;
+        this.#setState('closed');
+        return;
+      }
+    }
+    if (!this.stopped) this.#scheduleReconnect(code);
+  }
+
+  /**
+   * Drops a socket that did not reach `hello` in time, as if it had closed
+   * abnormally (1006), and reconnects. Its later events are ignored: they
+   * check `this.socket === socket`.
+   */
+  #abandon(socket) {
+    if (this.socket !== socket || this.stopped) return;
+    this.#lost(socket, CloseCode.ABNORMAL, 'no hello within connectTimeoutMs');
+    try {
+      socket.close();
+    } catch {
+      // A socket that cannot even be closed is dropped all the same.
+    }
   }
 
   #scheduleReconnect(code) {
@@ -310,6 +351,7 @@ export class ChatClient extends EventTarget {
   }
 
   #stopTimers() {
+    clearTimeout(this.timers.handshake);
     clearInterval(this.timers.ping);
     clearTimeout(this.timers.silence);
     clearTimeout(this.timers.home);
@@ -361,6 +403,7 @@ export class ChatClient extends EventTarget {
       case 'hello': {
         this.hello = frame;
         this.attempt = 0;
+        clearTimeout(this.timers.handshake);
         this.#setState('open');
         // The server wants activity at least every interval.
         const every = Math.max(1_000, Math.floor(frame.heartbeat_interval_ms / 2));

@@ -46,6 +46,19 @@ export async function until(check, what, ms = 15_000) {
   }
 }
 
+/** `promise`, or an error naming `what` after `ms`: no test waits forever. */
+export async function within(promise, what, ms = 30_000) {
+  let timer;
+  const late = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /**
  * A gateway process. `start()` again after `kill9()` restarts it on the same
  * ports with the same data directory (its ring and store survive).

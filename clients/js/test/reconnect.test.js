@@ -4,9 +4,10 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import net from 'node:net';
 
 import { ChatClient, CloseCode, reconnectDelay } from '../src/index.js';
-import { Gateway, freePort, token, until, sleep } from './gateway.js';
+import { Gateway, freePort, token, until, sleep, within } from './gateway.js';
 
 function client(gateway, user, device, options = {}) {
   return new ChatClient({
@@ -28,12 +29,44 @@ test('reconnect delays follow the close codes, with full jitter', () => {
   assert.equal(reconnectDelay(1006, 0, backoff, () => 0), 0, 'full jitter reaches zero');
 });
 
+test('a server that never answers the upgrade is dropped after connectTimeoutMs and tried again', { timeout: 30_000 }, async () => {
+  // A real TCP listener that accepts and then says nothing, like a node
+  // killed between accept and its answer.
+  const held = [];
+  const server = net.createServer((socket) => held.push(socket));
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = /** @type {net.AddressInfo} */ (server.address());
+  const closes = [];
+  const silent = new ChatClient({
+    url: `ws://127.0.0.1:${port}/ws`,
+    token: 'unused',
+    connectTimeoutMs: 300,
+    backoff: { baseMs: 20, maxMs: 50 },
+  });
+  silent.addEventListener('close', (e) => closes.push(e.detail));
+  const started = Date.now();
+  silent.start();
+  try {
+    await until(() => held.length >= 3, 'three connection attempts', 10_000);
+    assert.ok(Date.now() - started >= 2 * 300, 'each attempt waited connectTimeoutMs before the next');
+    assert.ok(closes.length >= 2, `a close event per abandoned attempt, got ${closes.length}`);
+    for (const close of closes) assert.deepEqual(close, { code: CloseCode.ABNORMAL, reason: 'no hello within connectTimeoutMs' });
+    assert.equal(silent.state === 'connecting' || silent.state === 'reconnecting', true, `still trying, state ${silent.state}`);
+  } finally {
+    silent.close();
+    for (const socket of held) socket.destroy();
+    await new Promise((resolve) => server.close(resolve));
+  }
+});
+
 test('a kill -9 and restart mid-conversation delivers every message to the app exactly once', async () => {
   const gateway = await new Gateway().start();
+  let alice;
+  let bob;
   try {
-    const alice = client(gateway, 'alice', 'phone');
-    const bob = client(gateway, 'bob', 'laptop');
-    await Promise.all([alice.opened(), bob.opened()]);
+    alice = client(gateway, 'alice', 'phone');
+    bob = client(gateway, 'bob', 'laptop');
+    await within(Promise.all([alice.opened(), bob.opened()]), 'both clients to open');
     const shown = [];
     bob.addEventListener('message', (e) => shown.push(e.detail));
     let reconnects = 0;
@@ -50,7 +83,7 @@ test('a kill -9 and restart mid-conversation delivers every message to the app e
       sends.push(alice.send({ to: 'bob', body: `m${index}` }));
       await sleep(5);
     }
-    const sent = await Promise.all(sends);
+    const sent = await within(Promise.all(sends), 'every send to be answered `sent`', 60_000);
     assert.equal(sent.length, total, 'every send answered `sent`, some after a resend');
     await until(() => shown.length >= total, 'bob to see every message');
     await sleep(300);
@@ -63,9 +96,10 @@ test('a kill -9 and restart mid-conversation delivers every message to the app e
     for (const message of shown) assert.ok(ids.has(message.message_id), `${message.body} under its acknowledged id`);
     assert.ok(reconnects >= 1, 'alice reconnected after the restart');
     assert.equal(alice.outbox.size, 0);
-    alice.close();
-    bob.close();
   } finally {
+    // Closed on failure too: their reconnect timers would keep the test alive.
+    alice?.close();
+    bob?.close();
     await gateway.remove();
   }
 });
@@ -78,14 +112,14 @@ test('a drain with 200 clients: they reconnect to the other process, spread over
   staying.port = draining.port;
   staying.adminPort = await freePort();
   await staying.start();
+  const clients = [];
   try {
-    const clients = [];
     const reopened = [];
     for (let index = 0; index < 200; index += 1) {
       const c = client(draining, `d${index}`, 'phone', { backoff: { baseMs: 50, maxMs: 1_000, drainSpreadMs: 1_000 } });
       clients.push(c);
     }
-    await Promise.all(clients.map((c) => c.opened()));
+    await within(Promise.all(clients.map((c) => c.opened())), 'all 200 clients to open');
     const onFirst = await draining.metric('gateway_connections');
     assert.ok(onFirst > 0 && onFirst < 200, `the kernel spread the clients: ${onFirst} on the draining process`);
     let closed = 0;
@@ -105,8 +139,8 @@ test('a drain with 200 clients: they reconnect to the other process, spread over
     const spread = Math.max(...reopened) - Math.min(...reopened);
     assert.ok(spread > 500, `reconnects spread over ${spread} ms`);
     assert.ok(Math.max(...reopened) - drainStarted < 10_000);
-    for (const c of clients) c.close();
   } finally {
+    for (const c of clients) c.close();
     await draining.remove();
     await staying.remove();
   }

@@ -34,6 +34,12 @@ impl Cursor {
         }
         let at = self.above.partition_point(|s| *s < seq);
         self.above.insert(at, seq);
+        self.fold();
+        self.above.truncate(ABOVE_MAX);
+    }
+
+    /// Moves the run of `above` that continues `through` into it.
+    fn fold(&mut self) {
         let run = self
             .above
             .iter()
@@ -44,7 +50,18 @@ impl Cursor {
             self.through += run as u64;
             self.above.drain(..run);
         }
-        self.above.truncate(ABOVE_MAX);
+    }
+
+    /// Counts everything up to and including `seq` as acknowledged (entries
+    /// retention removed), folding what follows.
+    pub fn skip_through(&mut self, seq: u64) {
+        if seq <= self.through {
+            return;
+        }
+        self.through = seq;
+        let passed = self.above.partition_point(|s| *s <= seq);
+        self.above.drain(..passed);
+        self.fold();
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -108,5 +125,21 @@ mod tests {
         );
         let decoded = Cursor::decode(&cursor.encode()).unwrap();
         assert_eq!(decoded, cursor);
+    }
+
+    #[test]
+    fn skipping_removed_entries_folds_the_acks_above_them() {
+        let mut cursor = Cursor::default();
+        cursor.ack(3);
+        cursor.ack(6);
+        cursor.ack(7);
+        cursor.skip_through(5);
+        assert_eq!((cursor.through, cursor.above.clone()), (7, vec![]));
+        cursor.skip_through(2);
+        assert_eq!(cursor.through, 7, "never moves back");
+        cursor.ack(10);
+        cursor.skip_through(8);
+        assert_eq!((cursor.through, cursor.above.clone()), (8, vec![10]));
+        assert!(!cursor.is_acked(9), "9 is still owed");
     }
 }

@@ -49,6 +49,12 @@ pub struct Embedded {
     sends_by_time: PartitionHandle,
     inbox: PartitionHandle,
     inbox_ids: PartitionHandle,
+    /// message id (big-endian) + the `inbox` key → nothing: every inbox
+    /// entry in time order, so retention finds the oldest without a scan.
+    inbox_by_time: PartitionHandle,
+    /// user → the highest inbox sequence retention removed (big-endian),
+    /// so a user whose every entry is gone never gets a sequence again.
+    inbox_heads: PartitionHandle,
     cursors: PartitionHandle,
     device_keys: PartitionHandle,
     prekeys: PartitionHandle,
@@ -93,6 +99,8 @@ impl Embedded {
             sends_by_time: open("sends_by_time")?,
             inbox: open("inbox")?,
             inbox_ids: open("inbox_ids")?,
+            inbox_by_time: open("inbox_by_time")?,
+            inbox_heads: open("inbox_heads")?,
             cursors: open("cursors")?,
             device_keys: open("device_keys")?,
             prekeys: open("prekeys")?,
@@ -136,6 +144,14 @@ impl Embedded {
                 let (send_key, value) = item?;
                 self.sends_by_time
                     .insert(by_time_key(be_u64(&value)?, &send_key), [])?;
+            }
+        }
+        if applied < 7 {
+            // Version 7: every inbox entry in time order (for retention).
+            for item in self.inbox.iter() {
+                let (inbox_key, value) = item?;
+                self.inbox_by_time
+                    .insert(by_time_key(be_u64(&value)?, &inbox_key), [])?;
             }
         }
         if applied < super::migrations::EMBEDDED_VERSION {
@@ -185,7 +201,8 @@ fn key(parts: &[&str], tail: Option<u64>) -> Vec<u8> {
     key
 }
 
-/// A `sends_by_time` key: the message id, then the `sends` key.
+/// A `sends_by_time` or `inbox_by_time` key: the message id, then the
+/// key of the row it indexes.
 fn by_time_key(message_id: u64, send_key: &[u8]) -> Vec<u8> {
     let mut key = message_id.to_be_bytes().to_vec();
     key.extend_from_slice(send_key);
@@ -193,6 +210,77 @@ fn by_time_key(message_id: u64, send_key: &[u8]) -> Vec<u8> {
 }
 
 impl Embedded {
+    /// The highest sequence retention removed from `user`'s inbox (0: none).
+    fn removed_head(&self, user: &str) -> Result<u64> {
+        match self.inbox_heads.get(user)? {
+            Some(value) => be_u64(&value),
+            None => Ok(0),
+        }
+    }
+
+    /// Removes up to `limit` inbox entries of messages made before
+    /// `before_id`, oldest first, with their `inbox_ids` rows and message
+    /// rows. Each user's removed head is recorded first, and each index row
+    /// goes last, so a crash in between leaves work the next pass redoes
+    /// (every removal is idempotent).
+    fn expire_messages_before(&self, before_id: u64, limit: usize) -> Result<super::Expired> {
+        let old: Vec<_> = self
+            .inbox_by_time
+            .range(..before_id.to_be_bytes().to_vec())
+            .take(limit)
+            .collect::<Result<_, _>>()?;
+        let mut heads: HashMap<&[u8], u64> = HashMap::new();
+        for (index_key, _) in &old {
+            let inbox_key = &index_key[8..];
+            let user = inbox_key
+                .get(
+                    ..inbox_key
+                        .len()
+                        .checked_sub(9)
+                        .context("bad inbox_by_time key")?,
+                )
+                .context("bad inbox_by_time key")?;
+            let seq = key_tail(inbox_key)?;
+            let head = heads.entry(user).or_default();
+            *head = (*head).max(seq);
+        }
+        for (user, seq) in &heads {
+            let user = std::str::from_utf8(user)?;
+            if *seq > self.removed_head(user)? {
+                self.inbox_heads.insert(user, seq.to_be_bytes())?;
+            }
+        }
+        let mut rows = 0;
+        for (index_key, _) in &old {
+            let (id, inbox_key) = index_key.split_at(8);
+            let message_id = be_u64(id)?;
+            if let Some(value) = self.inbox.get(inbox_key)? {
+                let origin_len = usize::from(*value.get(8).context("bad inbox entry")?);
+                let conversation = value.get(9 + origin_len..).context("bad inbox entry")?;
+                let user = &inbox_key[..inbox_key.len() - 8];
+                let mut ids_key = user.to_vec();
+                ids_key.extend_from_slice(id);
+                let mut message_key = conversation.to_vec();
+                message_key.push(0);
+                message_key.extend_from_slice(id);
+                if self.messages.get(&message_key)?.is_some() {
+                    self.messages.remove(message_key)?;
+                    rows += 1;
+                }
+                self.inbox_ids.remove(ids_key)?;
+                self.inbox.remove(inbox_key)?;
+                rows += 1;
+            }
+            debug_assert!(message_id < before_id);
+            self.inbox_by_time.remove(index_key.as_ref())?;
+        }
+        Ok(super::Expired {
+            rows,
+            bytes: 0,
+            more: old.len() == limit,
+        })
+    }
+
     /// Removes up to `limit` idempotency keys of sends made before
     /// `before_id`, with their `sends_recent` entries. Returns how many.
     fn expire_sends_before(&self, before_id: u64, limit: usize) -> Result<usize> {
@@ -290,6 +378,19 @@ impl Tables for Embedded {
         Ok(())
     }
 
+    fn replace_message(
+        &mut self,
+        conversation: &str,
+        message_id: u64,
+        record: &[u8],
+    ) -> Result<()> {
+        let at = key(&[conversation], Some(message_id));
+        if self.messages.get(&at)?.is_some() {
+            self.messages.insert(at, record)?;
+        }
+        Ok(())
+    }
+
     fn history(
         &mut self,
         conversation: &str,
@@ -375,6 +476,14 @@ impl Tables for Embedded {
             return Ok(None);
         };
         Ok(Some((be_u64(&value)?, text(&value[8..])?)))
+    }
+
+    fn inbox_head(&mut self, user: &str) -> Result<u64> {
+        let last = match self.inbox.prefix(key(&[user], None)).next_back() {
+            Some(item) => key_tail(&item?.0)?,
+            None => 0,
+        };
+        Ok(last.max(self.removed_head(user)?))
     }
 
     fn inbox_after(&mut self, user: &str, after: u64, limit: usize) -> Result<Vec<InboxEntry>> {
@@ -547,6 +656,9 @@ impl EmbeddedWriter {
         self.store
             .inbox_ids
             .insert(key(&[user], Some(message_id)), value)?;
+        self.store
+            .inbox_by_time
+            .insert(by_time_key(message_id, &key(&[user], Some(seq))), [])?;
         Ok(())
     }
 
@@ -569,6 +681,14 @@ impl Tables for EmbeddedWriter {
     }
     fn put_message(&mut self, conversation: &str, message_id: u64, record: &[u8]) -> Result<()> {
         self.store.put_message(conversation, message_id, record)
+    }
+    fn replace_message(
+        &mut self,
+        conversation: &str,
+        message_id: u64,
+        record: &[u8],
+    ) -> Result<()> {
+        self.store.replace_message(conversation, message_id, record)
     }
     fn history(&mut self, c: &str, before: Option<u64>, limit: usize) -> Result<Vec<Vec<u8>>> {
         self.store.history(c, before, limit)
@@ -615,9 +735,10 @@ impl Tables for EmbeddedWriter {
                 if self.counters.len() >= COUNTERS_MAX {
                     self.counters.clear();
                 }
-                let (seq, last_message_id) = self.last_entry(user)?;
+                let (last_seq, last_message_id) = self.last_entry(user)?;
+                let seq = last_seq.max(self.store.removed_head(user)?);
                 self.counters.insert(user.to_owned(), seq);
-                if seq > 0 && last_message_id == message_id {
+                if last_seq > 0 && last_seq == seq && last_message_id == message_id {
                     // A crash came between this entry and its index: finish it.
                     self.index_inbox(user, message_id, seq, conversation)?;
                     return Ok(seq);
@@ -645,6 +766,12 @@ impl Tables for EmbeddedWriter {
     }
     fn inbox_after(&mut self, user: &str, after: u64, limit: usize) -> Result<Vec<InboxEntry>> {
         self.store.inbox_after(user, after, limit)
+    }
+    fn inbox_head(&mut self, user: &str) -> Result<u64> {
+        self.store.inbox_head(user)
+    }
+    fn expire_messages(&mut self, before_id: u64, limit: usize) -> Result<super::Expired> {
+        self.store.expire_messages_before(before_id, limit)
     }
     fn cursor(&mut self, user: &str, device: &str) -> Result<Cursor> {
         self.store.cursor(user, device)

@@ -53,6 +53,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "presence_expiry",
         statements: include_str!("../../schema/postgres/0006_presence_expiry.sql"),
     },
+    Migration {
+        version: 7,
+        name: "partitioned_messages",
+        statements: include_str!("../../schema/postgres/0007_partitioned_messages.sql"),
+    },
 ];
 
 #[cfg_attr(not(feature = "scylla"), allow(dead_code))]
@@ -89,6 +94,11 @@ pub const SCYLLA: &[Migration] = &[
         name: "presence_expiry",
         statements: include_str!("../../schema/scylla/0006_presence_expiry.cql"),
     },
+    Migration {
+        version: 7,
+        name: "message_retention",
+        statements: include_str!("../../schema/scylla/0007_message_retention.cql"),
+    },
 ];
 
 /// The embedded store's version: its partitions are opened (created when
@@ -97,8 +107,9 @@ pub const SCYLLA: &[Migration] = &[
 /// values (an empty value is a member from before: no admin, joined 0);
 /// 4: `group_settings`; 5: `sends_by_time` (filled from `sends` when the
 /// store is opened); 6: presence expiry (no layout change: the cleanup
-/// thread reads `presence` as it is).
-pub const EMBEDDED_VERSION: u32 = 6;
+/// thread reads `presence` as it is); 7: `inbox_by_time` (filled from
+/// `inbox` when the store is opened) and `inbox_heads`, for retention.
+pub const EMBEDDED_VERSION: u32 = 7;
 
 /// The steps after `applied`, in order. Refuses a database that a newer
 /// build has migrated past what this build knows.

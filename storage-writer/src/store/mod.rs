@@ -41,6 +41,9 @@ use chat_protocol::store_wire::{MemberRole, PresenceAnswer, RecentSend, SyncEntr
 
 pub use self::cursor::Cursor;
 
+/// PostgreSQL: the window of one partition of `messages` and `inbox` (a day).
+pub const POSTGRES_PARTITION_MS_DEFAULT: u64 = 24 * 60 * 60 * 1000;
+
 /// Most push targets read for one user (a user has at most 16 devices
 /// connected; targets of devices not seen for long stay until pruned).
 pub const PUSH_TARGETS_PER_USER_MAX: usize = 64;
@@ -86,6 +89,32 @@ pub const MEMBERSHIP_READ_MAX: usize = 8192;
 /// Nodes whose presence rows are read for one user.
 pub const PRESENCE_NODES_MAX: usize = 64;
 
+/// What one `expire_messages` call removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    /// Message rows and inbox entries removed (for a dropped partition, the
+    /// database's estimate).
+    pub rows: u64,
+    /// Bytes given back to the file system at once (a dropped partition;
+    /// an LSM store reclaims later, in compaction, and says 0).
+    pub bytes: u64,
+    /// Whether more old rows may be left (call again).
+    pub more: bool,
+}
+
+/// The first message id retention still keeps at `now_ms`: everything made
+/// before `now_ms - retention` is gone for history and sync, whether or not
+/// the cleanup has removed its rows yet (so a page never half-shows a
+/// range being deleted). `None` keeps everything.
+pub fn retention_floor(now_ms: u64, retention: Option<std::time::Duration>) -> u64 {
+    match retention {
+        Some(retention) => {
+            snowflake::first_id_at(now_ms.saturating_sub(retention.as_millis() as u64))
+        }
+        None => 0,
+    }
+}
+
 /// A node's latest presence entry for a user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Presence {
@@ -118,6 +147,10 @@ pub struct InboxEntry {
 pub trait Tables {
     fn message(&mut self, conversation: &str, message_id: u64) -> Result<Option<Vec<u8>>>;
     fn put_message(&mut self, conversation: &str, message_id: u64, record: &[u8]) -> Result<()>;
+    /// Overwrites a stored message's record (its tombstone, after a delete
+    /// for everyone); nothing when it is not stored.
+    fn replace_message(&mut self, conversation: &str, message_id: u64, record: &[u8])
+        -> Result<()>;
     /// Several messages at once, each `None` when absent. A backend where a
     /// round trip per row is the cost (PostgreSQL) reads them in one.
     fn messages(&mut self, keys: &[(&str, u64)]) -> Result<Vec<Option<Vec<u8>>>> {
@@ -165,6 +198,17 @@ pub trait Tables {
     fn inbox_entry_of(&mut self, user: &str, message_id: u64) -> Result<Option<(u64, String)>>;
     /// Entries with sequence above `after`, ascending, at most `limit`.
     fn inbox_after(&mut self, user: &str, after: u64, limit: usize) -> Result<Vec<InboxEntry>>;
+    /// The highest sequence ever given in `user`'s inbox (0: none), also
+    /// after retention removed every entry: sequences are never reused.
+    fn inbox_head(&mut self, user: &str) -> Result<u64>;
+    /// Whether a sequence missing below a present one can only have been
+    /// removed (true where a sequence is reserved and its entry written in
+    /// one commit). ScyllaDB claims a sequence before it writes the entry,
+    /// so a reader can see the gap while the entry is on its way: cursors
+    /// never fold over gaps there.
+    fn gaps_are_removals(&self) -> bool {
+        true
+    }
 
     fn cursor(&mut self, user: &str, device: &str) -> Result<Cursor>;
     fn put_cursor(&mut self, user: &str, device: &str, cursor: &Cursor) -> Result<()>;
@@ -238,6 +282,19 @@ pub trait Tables {
     fn expire_presence(&mut self, _seen_before_ms: u64, _limit: usize) -> Result<usize> {
         Ok(0)
     }
+    /// Removes messages made before `before_id` with their inbox entries,
+    /// at most about `limit` rows at once (a whole partition, where the
+    /// store drops them that way). A store whose rows expire by themselves
+    /// (ScyllaDB: a TTL) removes none.
+    fn expire_messages(&mut self, _before_id: u64, _limit: usize) -> Result<Expired> {
+        Ok(Expired::default())
+    }
+    /// Makes sure rows made from `now_ms` on, for a while, have a partition
+    /// to go to (a store without partitions has nothing to do). Returns how
+    /// many were made.
+    fn partitions_ahead(&mut self, _now_ms: u64) -> Result<usize> {
+        Ok(0)
+    }
     /// Serialises membership changes of `groups` with every other writer's
     /// until this batch commits (PostgreSQL: transaction-scoped advisory
     /// locks, taken in sorted order). A store with one writer needs none.
@@ -297,6 +354,9 @@ pub struct Outcome {
     /// Membership changes not applied (nor stored) because the group would
     /// pass `group_members_max`: the caller tells the shard.
     pub refused: Vec<usize>,
+    /// Deletes for everyone not applied (nor stored), with why: the target
+    /// is not a message of that conversation sent by the same user.
+    pub deletes_refused: Vec<(usize, &'static str)>,
 }
 
 /// Applies decoded records in ring order, except membership changes that
@@ -308,11 +368,93 @@ pub fn apply(
     group_members_max: usize,
 ) -> Result<Outcome> {
     let refused = over_the_bound(tables, records, group_members_max)?;
-    let unresolved = apply_kept(tables, records, &refused)?;
+    let deletes_refused = check_deletes(tables, records)?;
+    let mut skip = refused.clone();
+    skip.extend(deletes_refused.iter().map(|(index, _)| *index));
+    let unresolved = apply_kept(tables, records, &skip)?;
+    tombstone_targets(tables, records, &skip)?;
     Ok(Outcome {
         unresolved,
         refused,
+        deletes_refused,
     })
+}
+
+/// The deletes for everyone of `records` that may not be applied, with
+/// why: the target must be a message (or its tombstone: a replayed delete)
+/// of the delete's conversation, sent by the same user; it may be stored
+/// already or come earlier in this batch.
+fn check_deletes(
+    tables: &mut dyn Tables,
+    records: &[Applied<'_>],
+) -> Result<Vec<(usize, &'static str)>> {
+    let mut refused = Vec::new();
+    for (index, applied) in records.iter().enumerate() {
+        let Record::Message(delete) = &applied.record else {
+            continue;
+        };
+        let Some(target) = delete.deletes() else {
+            continue;
+        };
+        let stored = tables.message(delete.conversation, target)?;
+        let decoded = stored
+            .as_deref()
+            .map(chat_protocol::records::decode_message)
+            .transpose()?;
+        // Not stored yet: it may come earlier in this batch.
+        let found = decoded.or_else(|| {
+            records[..index]
+                .iter()
+                .find_map(|applied| match &applied.record {
+                    Record::Message(m)
+                        if m.message_id == target && m.conversation == delete.conversation =>
+                    {
+                        Some(m.clone())
+                    }
+                    _ => None,
+                })
+        });
+        let why = match found {
+            None => Some("no such message in this conversation"),
+            Some(found) if found.from != delete.from => {
+                Some("only its sender can delete a message for everyone")
+            }
+            // A tombstone already: this delete is a replay, or a repeat.
+            Some(found) if found.event.is_none() || found.is_tombstone() => None,
+            Some(_) => Some("only a message can be deleted"),
+        };
+        if let Some(why) = why {
+            refused.push((index, why));
+        }
+    }
+    Ok(refused)
+}
+
+/// Replaces the target of each applied delete for everyone with its
+/// tombstone (after the batch's rows are in: the target may be one of them).
+/// Every step is idempotent, so a replayed batch runs it again.
+fn tombstone_targets(
+    tables: &mut dyn Tables,
+    records: &[Applied<'_>],
+    skip: &[usize],
+) -> Result<()> {
+    for (index, applied) in records.iter().enumerate() {
+        let Record::Message(delete) = &applied.record else {
+            continue;
+        };
+        let Some(target) = delete.deletes() else {
+            continue;
+        };
+        if skip.contains(&index) {
+            continue;
+        }
+        let Some(raw) = tables.message(delete.conversation, target)? else {
+            continue;
+        };
+        let stored = chat_protocol::records::decode_message(&raw)?;
+        tables.replace_message(delete.conversation, target, &stored.tombstone())?;
+    }
+    Ok(())
 }
 
 /// The membership changes of `records` that would take their group past
@@ -526,14 +668,17 @@ pub fn apply_membership(tables: &mut dyn Tables, message: &MessageRecord<'_>) ->
 }
 
 /// A page of `conversation`'s history, newest first, below `before` and
-/// (for a group member) not before `since`: a member reads from where they joined.
+/// (for a group member) not before `since`: a member reads from where they
+/// joined. Nothing below `floor` (the retention floor) is shown.
 pub fn history(
     tables: &mut dyn Tables,
     conversation: &str,
     before: Option<u64>,
     since: Option<u64>,
+    floor: u64,
     limit: usize,
 ) -> Result<Vec<Vec<u8>>> {
+    let since = since.max(Some(floor).filter(|floor| *floor > 0));
     let mut records = tables.history(conversation, before, limit)?;
     if let Some(since) = since {
         records.retain(|raw| {
@@ -638,7 +783,8 @@ pub fn apply_ack(
         after = last.seq;
         entries.extend(chunk);
     }
-    advance(&mut cursor, device, seq, &conversation, &entries);
+    let fold_gaps = tables.gaps_are_removals();
+    advance(&mut cursor, device, seq, &conversation, &entries, fold_gaps);
     tables.put_cursor(user, device, &cursor)?;
     Ok(true)
 }
@@ -648,15 +794,32 @@ pub fn apply_ack(
 /// conversation or was sent by this device (which never receives, so never
 /// acknowledges, its own sends). `entries` are the user's inbox entries
 /// after the cursor, ascending (as many as the caller read).
+///
+/// With `fold_gaps` (`Tables::gaps_are_removals`), sequences missing below
+/// the first entry after the cursor were removed by retention (inboxes are
+/// gap-free, and an entry never appears below one already there): they
+/// count as acknowledged, or the cursor could never fold past them.
 pub fn advance(
     cursor: &mut Cursor,
     device: &str,
     seq: u64,
     conversation: &str,
     entries: &[InboxEntry],
+    fold_gaps: bool,
 ) {
     if cursor.is_acked(seq) {
         return;
+    }
+    let first_present = match entries.iter().find(|entry| entry.seq > cursor.through) {
+        _ if !fold_gaps => None,
+        Some(entry) => Some(entry.seq.min(seq)),
+        // Every entry read is behind the cursor: past them nothing was read
+        // when the read stopped at its bound, so nothing is known missing.
+        None if entries.len() >= ACK_SCAN_MAX => None,
+        None => Some(seq),
+    };
+    if let Some(first) = first_present {
+        cursor.skip_through(first - 1);
     }
     for entry in entries.iter().take_while(|entry| entry.seq < seq) {
         if entry.conversation == conversation || entry.origin_device == device {
@@ -672,6 +835,11 @@ pub struct SyncPage {
     pub entries: Vec<SyncEntry>,
     pub last_seq: u64,
     pub more: bool,
+    /// Entries this page passed over that the device had not acknowledged
+    /// and retention removed (or is removing): messages the device missed
+    /// for good. At most that many: an own send removed from the inbox can
+    /// no longer be told apart and counts too.
+    pub expired: u64,
 }
 
 /// Why a read was refused (told to the client, not an outage).
@@ -720,13 +888,33 @@ fn first_made_since(
     Ok(low)
 }
 
+/// Sequences in `after+1..until` the cursor (if any) has not acknowledged.
+fn missing_between(cursor: Option<&Cursor>, after: u64, until: u64) -> u64 {
+    if until <= after + 1 {
+        return 0;
+    }
+    let acked = cursor.map_or(0, |cursor| {
+        let below_through = cursor.through.min(until - 1).saturating_sub(after);
+        let above = cursor
+            .above
+            .iter()
+            .filter(|seq| **seq > after.max(cursor.through) && **seq < until)
+            .count() as u64;
+        below_through + above
+    });
+    until - after - 1 - acked
+}
+
 /// What the device has not acknowledged (or everything after a message, or
 /// made since a time), in inbox order, skipping what the device itself sent.
+/// Entries of messages made before `floor` (the retention floor), and
+/// sequences whose entries retention removed, are counted in `expired`.
 pub fn sync_page(
     tables: &mut dyn Tables,
     user: &str,
     device: &str,
     from: SyncFrom,
+    floor: u64,
     limit: usize,
     bytes_max: usize,
 ) -> Result<SyncPage> {
@@ -766,7 +954,10 @@ pub fn sync_page(
             }
             scanned += 1;
             let own = entry.origin_device == device;
-            if !own && !cursor.as_ref().is_some_and(|c| c.is_acked(entry.seq)) {
+            if !own
+                && entry.message_id >= floor
+                && !cursor.as_ref().is_some_and(|c| c.is_acked(entry.seq))
+            {
                 wanted.push(index);
             }
         }
@@ -783,6 +974,13 @@ pub fn sync_page(
             if bytes >= bytes_max {
                 page.more = true;
                 return Ok(page);
+            }
+            page.expired += missing_between(cursor.as_ref(), after, entry.seq);
+            if entry.message_id < floor
+                && entry.origin_device != device
+                && !cursor.as_ref().is_some_and(|c| c.is_acked(entry.seq))
+            {
+                page.expired += 1;
             }
             after = entry.seq;
             page.last_seq = entry.seq;
@@ -804,6 +1002,14 @@ pub fn sync_page(
             return Ok(page);
         }
         if exhausted {
+            // Past the last entry there may be sequences whose entries were
+            // all removed. The head is read first: any entry at or below it
+            // is committed by the time the inbox is read again.
+            let head = tables.inbox_head(user)?;
+            if tables.inbox_after(user, after, 1)?.is_empty() {
+                page.expired += missing_between(cursor.as_ref(), after, head + 1);
+                page.last_seq = page.last_seq.max(head);
+            }
             return Ok(page);
         }
     }

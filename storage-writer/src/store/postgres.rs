@@ -5,7 +5,10 @@
 //! do not race; the applied steps in `schema_migrations`), one transaction per batch, and
 //! the per-user inbox counter (`inbox_heads`), whose row lock keeps sequences
 //! gap-free when writers on several nodes append to one user's inbox. Never
-//! reads or writes outside a statement's parameters (no string-built SQL).
+//! reads or writes outside a statement's parameters (no string-built SQL),
+//! except the partition DDL in `partitions`, built from integers alone.
+
+mod partitions;
 
 use anyhow::{Context, Result};
 use chat_protocol::store_wire::{MemberRole, RecentSend};
@@ -25,17 +28,35 @@ const SCHEMA_LOCK: i64 = 0x63_68_61_74;
 
 pub struct PostgresBackend {
     url: String,
+    /// The window of one partition, in ms (every writer of a database must
+    /// use the same; a different one applies only past the windows made).
+    partition_ms: u64,
 }
 
 impl PostgresBackend {
+    /// With partitions of `POSTGRES_PARTITION_MS_DEFAULT`.
+    #[cfg(test)]
     pub fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, super::POSTGRES_PARTITION_MS_DEFAULT)
+    }
+
+    pub fn connect_with(url: &str, partition_ms: u64) -> Result<Self> {
+        anyhow::ensure!(
+            partition_ms >= 1000,
+            "--postgres-partition-ms must be at least 1000"
+        );
         let mut client = Client::connect(url, NoTls).context("connecting to PostgreSQL")?;
         client.execute("SELECT pg_advisory_lock($1)", &[&SCHEMA_LOCK])?;
         let applied = migrate(&mut client);
         client.execute("SELECT pg_advisory_unlock($1)", &[&SCHEMA_LOCK])?;
         applied?;
+        // Before the first commit: its rows then have a partition to go to.
+        let mut transaction = client.transaction()?;
+        partitions::create_ahead(&mut transaction, super::unix_ms_now(), partition_ms)?;
+        transaction.commit()?;
         Ok(Self {
             url: url.to_owned(),
+            partition_ms,
         })
     }
 }
@@ -82,6 +103,7 @@ impl Backend for PostgresBackend {
             url: self.url.clone(),
             client: None,
             statements: Statements::default(),
+            partition_ms: self.partition_ms,
         }))
     }
     fn reader(&self) -> Result<Box<dyn Tables + Send>> {
@@ -89,6 +111,7 @@ impl Backend for PostgresBackend {
             client: Client::connect(&self.url, NoTls)?,
             statements: Statements::default(),
             for_update: false,
+            partition_ms: self.partition_ms,
         }))
     }
 }
@@ -99,6 +122,7 @@ struct PostgresWriter {
     client: Option<Client>,
     /// Prepared on this connection; dropped with it.
     statements: Statements,
+    partition_ms: u64,
 }
 
 /// Statements prepared once per connection (a statement prepared inside a
@@ -118,6 +142,7 @@ impl BatchWriter for PostgresWriter {
             client: transaction,
             statements: std::mem::take(&mut self.statements),
             for_update: true,
+            partition_ms: self.partition_ms,
         };
         let result = work(&mut tables);
         self.statements = std::mem::take(&mut tables.statements);
@@ -133,6 +158,8 @@ struct Pg<C> {
     statements: Statements,
     /// Lock rows read for update (inside a batch's transaction).
     for_update: bool,
+    /// The window of one partition, in ms.
+    partition_ms: u64,
 }
 
 fn id(value: u64) -> i64 {
@@ -188,6 +215,20 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         let statement = self.prepared(
             "INSERT INTO messages (conversation, message_id, record) VALUES ($1, $2, $3) \
              ON CONFLICT DO NOTHING",
+        )?;
+        self.client
+            .execute(&statement, &[&conversation, &id(message_id), &record])?;
+        Ok(())
+    }
+
+    fn replace_message(
+        &mut self,
+        conversation: &str,
+        message_id: u64,
+        record: &[u8],
+    ) -> Result<()> {
+        let statement = self.prepared(
+            "UPDATE messages SET record = $3 WHERE conversation = $1 AND message_id = $2",
         )?;
         self.client
             .execute(&statement, &[&conversation, &id(message_id), &record])?;
@@ -323,6 +364,20 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
                 origin_device: row.get(3),
             })
             .collect())
+    }
+
+    fn inbox_head(&mut self, user: &str) -> Result<u64> {
+        let statement = self.prepared("SELECT seq FROM inbox_heads WHERE user_id = $1")?;
+        let row = self.client.query_opt(&statement, &[&user])?;
+        Ok(row.map_or(0, |row| row.get::<_, i64>(0) as u64))
+    }
+
+    fn expire_messages(&mut self, before_id: u64, limit: usize) -> Result<super::Expired> {
+        partitions::expire(&mut self.client, before_id, limit)
+    }
+
+    fn partitions_ahead(&mut self, now_ms: u64) -> Result<usize> {
+        partitions::create_ahead(&mut self.client, now_ms, self.partition_ms)
     }
 
     fn cursor(&mut self, user: &str, device: &str) -> Result<Cursor> {
@@ -726,7 +781,7 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
                 .binary_search(&(ack.user, ack.device))
                 .expect("every resolved ack has a cursor slot");
             let cursor = &mut devices.get_mut(&keys[k]).expect("slot").0;
-            super::advance(cursor, ack.device, *seq, conversation, &entries[k]);
+            super::advance(cursor, ack.device, *seq, conversation, &entries[k], true);
         }
         let states: Vec<Vec<u8>> = devices.values().map(|(c, _)| c.encode()).collect();
         let statement = self.prepared(

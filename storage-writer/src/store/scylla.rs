@@ -84,6 +84,9 @@ pub struct ScyllaBackend {
     sends_ttl_s: i32,
     /// The TTL of an offline presence row, in seconds (0: none).
     presence_ttl_s: i32,
+    /// The TTL of a message row and an inbox entry: the hot retention, in
+    /// seconds (0: none, kept forever).
+    messages_ttl_s: i32,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -186,7 +189,10 @@ impl ScyllaBackend {
         consistency_name: &str,
         idempotency_window: std::time::Duration,
         presence_retention: std::time::Duration,
+        message_retention: Option<std::time::Duration>,
     ) -> Result<Self> {
+        let messages_ttl_s = i32::try_from(message_retention.map_or(0, |r| r.as_secs().max(1)))
+            .context("--message-retention-ms too long for a TTL")?;
         let presence_ttl_s = i32::try_from(presence_retention.as_secs())
             .context("--presence-retention-ms too long for a TTL")?;
         let sends_ttl_s = i32::try_from(idempotency_window.as_secs().max(1))
@@ -214,7 +220,7 @@ impl ScyllaBackend {
             let k = keyspace;
             let statements = Statements {
                 message: prepare(format!("SELECT record FROM {k}.messages WHERE conversation = ? AND message_id = ?")).await?,
-                put_message: prepare(format!("INSERT INTO {k}.messages (conversation, message_id, record) VALUES (?, ?, ?)")).await?,
+                put_message: prepare(format!("INSERT INTO {k}.messages (conversation, message_id, record) VALUES (?, ?, ?) USING TTL ?")).await?,
                 history: prepare(format!("SELECT record FROM {k}.messages WHERE conversation = ? AND message_id < ? LIMIT ?")).await?,
                 put_send: prepare(format!("INSERT INTO {k}.sends (user_id, device_id, client_msg_id, message_id, conversation) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?")).await?,
                 send_of: prepare(format!("SELECT message_id FROM {k}.sends WHERE user_id = ? AND device_id = ? AND client_msg_id = ?")).await?,
@@ -223,8 +229,8 @@ impl ScyllaBackend {
                 head: prepare(format!("SELECT seq FROM {k}.inbox_heads WHERE user_id = ?")).await?,
                 head_create: prepare(format!("INSERT INTO {k}.inbox_heads (user_id, seq) VALUES (?, 1) IF NOT EXISTS")).await?,
                 head_advance: prepare(format!("UPDATE {k}.inbox_heads SET seq = ? WHERE user_id = ? IF seq = ?")).await?,
-                put_inbox: prepare(format!("INSERT INTO {k}.inbox (user_id, seq, message_id, conversation, origin_device) VALUES (?, ?, ?, ?, ?)")).await?,
-                put_inbox_by_message: prepare(format!("INSERT INTO {k}.inbox_by_message (user_id, message_id, seq, conversation) VALUES (?, ?, ?, ?)")).await?,
+                put_inbox: prepare(format!("INSERT INTO {k}.inbox (user_id, seq, message_id, conversation, origin_device) VALUES (?, ?, ?, ?, ?) USING TTL ?")).await?,
+                put_inbox_by_message: prepare(format!("INSERT INTO {k}.inbox_by_message (user_id, message_id, seq, conversation) VALUES (?, ?, ?, ?) USING TTL ?")).await?,
                 inbox_entry_of: prepare(format!("SELECT seq, conversation FROM {k}.inbox_by_message WHERE user_id = ? AND message_id = ?")).await?,
                 inbox_after: prepare(format!("SELECT seq, message_id, conversation, origin_device FROM {k}.inbox WHERE user_id = ? AND seq > ? LIMIT ?")).await?,
                 cursor: prepare(format!("SELECT state FROM {k}.cursors WHERE user_id = ? AND device_id = ?")).await?,
@@ -266,6 +272,7 @@ impl ScyllaBackend {
             statements: Arc::new(statements),
             sends_ttl_s,
             presence_ttl_s,
+            messages_ttl_s,
         })
     }
 
@@ -277,6 +284,7 @@ impl ScyllaBackend {
             pending_messages: BTreeMap::new(),
             sends_ttl_s: self.sends_ttl_s,
             presence_ttl_s: self.presence_ttl_s,
+            messages_ttl_s: self.messages_ttl_s,
         })
     }
 }
@@ -301,6 +309,7 @@ struct Scylla {
     pending_messages: BTreeMap<String, Vec<(i64, Vec<u8>)>>,
     sends_ttl_s: i32,
     presence_ttl_s: i32,
+    messages_ttl_s: i32,
 }
 
 fn id(value: u64) -> i64 {
@@ -363,7 +372,12 @@ impl Scylla {
             let mut values = Vec::with_capacity(rows.len());
             for (message_id, record) in rows {
                 batch.append_statement(self.statements.put_message.clone());
-                values.push((conversation.clone(), message_id, record));
+                values.push((
+                    conversation.clone(),
+                    message_id,
+                    record,
+                    self.messages_ttl_s,
+                ));
             }
             self.runtime.block_on(self.session.batch(&batch, values))?;
         }
@@ -396,6 +410,28 @@ impl Tables for Scylla {
             .entry(conversation.to_owned())
             .or_default()
             .push((id(message_id), record.to_vec()));
+        Ok(())
+    }
+
+    fn replace_message(
+        &mut self,
+        conversation: &str,
+        message_id: u64,
+        record: &[u8],
+    ) -> Result<()> {
+        // One row per key in a batch: two writes of one row with one
+        // timestamp would be settled by comparing values, not by order.
+        let rows = self
+            .pending_messages
+            .entry(conversation.to_owned())
+            .or_default();
+        match rows
+            .iter_mut()
+            .find(|(pending, _)| *pending == id(message_id))
+        {
+            Some(row) => row.1 = record.to_vec(),
+            None => rows.push((id(message_id), record.to_vec())),
+        }
         Ok(())
     }
 
@@ -498,11 +534,18 @@ impl Tables for Scylla {
         let seq = seq.context("inbox sequence contended; the batch will be retried")?;
         self.execute(
             &self.statements.put_inbox,
-            (user, seq, id(message_id), conversation, origin_device),
+            (
+                user,
+                seq,
+                id(message_id),
+                conversation,
+                origin_device,
+                self.messages_ttl_s,
+            ),
         )?;
         self.execute(
             &self.statements.put_inbox_by_message,
-            (user, id(message_id), seq, conversation),
+            (user, id(message_id), seq, conversation, self.messages_ttl_s),
         )?;
         Ok(seq as u64)
     }
@@ -514,6 +557,15 @@ impl Tables for Scylla {
             .into_iter()
             .next()
             .map(|(seq, conversation)| (seq as u64, conversation)))
+    }
+
+    fn gaps_are_removals(&self) -> bool {
+        false
+    }
+
+    fn inbox_head(&mut self, user: &str) -> Result<u64> {
+        let rows: Vec<(i64,)> = self.rows(&self.statements.head, (user,))?;
+        Ok(rows.first().map_or(0, |(seq,)| *seq as u64))
     }
 
     fn inbox_after(&mut self, user: &str, after: u64, limit: usize) -> Result<Vec<InboxEntry>> {

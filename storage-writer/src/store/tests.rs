@@ -65,6 +65,8 @@ on_every_backend!(
     joins_that_each_fit_the_bound_but_not_together_are_refused_past_it,
     idempotency_keys_older_than_the_window_are_removed_in_batches,
     offline_presence_older_than_the_retention_is_removed_in_batches,
+    messages_older_than_the_retention_leave_history_inbox_and_sync,
+    a_delete_by_its_sender_leaves_a_tombstone_and_others_are_refused,
 );
 
 /// A message of group `group` from `from`, to `recipients`, with an optional event.
@@ -331,23 +333,33 @@ fn ack(user: &str, device: &str, id: u64) -> Vec<u8> {
 
 /// `run` with a group bound; returns the refused indices.
 fn run_bounded(fixture: &Fixture, raws: &[Vec<u8>], bound: usize) -> Vec<usize> {
+    apply_batch(fixture, raws, false, bound).refused
+}
+
+/// Applies `raws` as one batch, as the commit thread does.
+fn apply_batch(
+    fixture: &Fixture,
+    raws: &[Vec<u8>],
+    maybe_applied: bool,
+    bound: usize,
+) -> super::Outcome {
     let records: Vec<Applied<'_>> = raws
         .iter()
         .map(|raw| Applied {
             raw,
             record: Record::decode(raw).unwrap(),
-            maybe_applied: false,
+            maybe_applied,
         })
         .collect();
-    let mut refused = Vec::new();
+    let mut outcome = super::Outcome::default();
     let mut writer = fixture.backend.writer().unwrap();
     writer
         .write_batch(&mut |tables| {
-            refused = apply(tables, &records, bound)?.refused;
+            outcome = apply(tables, &records, bound)?;
             Ok(())
         })
         .unwrap();
-    refused
+    outcome
 }
 
 fn joins_that_each_fit_the_bound_but_not_together_are_refused_past_it(fixture: &Fixture) {
@@ -408,7 +420,7 @@ fn joins_that_each_fit_the_bound_but_not_together_are_refused_past_it(fixture: &
     assert_eq!(members, ["alice", "bob", "erin"]);
     // The refused change is stored nowhere: not in history, not in dave's inbox.
     let conversation = chat_protocol::ids::group_conversation_id("g9");
-    let history: Vec<u64> = super::history(&mut *reader, &conversation, None, None, 50)
+    let history: Vec<u64> = super::history(&mut *reader, &conversation, None, None, 0, 50)
         .unwrap()
         .iter()
         .map(|raw| {
@@ -474,24 +486,272 @@ fn idempotency_keys_older_than_the_window_are_removed_in_batches(fixture: &Fixtu
     assert_eq!(synced_ids(fixture, "bob", "phone").len(), 5);
 }
 
-fn run(fixture: &Fixture, raws: &[Vec<u8>], maybe_applied: bool) -> Vec<usize> {
-    let records: Vec<Applied<'_>> = raws
+fn a_delete_by_its_sender_leaves_a_tombstone_and_others_are_refused(fixture: &Fixture) {
+    use chat_protocol::records::decode_message;
+    let conversation = chat_protocol::ids::direct_conversation_id("alice", "bob");
+    let deletion = |id: u64, from: &str, to: &str, target: u64| -> Vec<u8> {
+        let raw = message_with_client_id(id, from, "phone", to, &format!("d{id}"));
+        MessageRecord {
+            body: "",
+            event: Some(Event::Delete { target }),
+            ..decode_message(&raw).unwrap()
+        }
+        .encode()
+    };
+    // In one batch: the message, bob's delete of it, a delete naming it
+    // from another conversation, and alice's own delete.
+    let raws = [
+        message(10, "alice", "phone", "bob"),
+        deletion(11, "bob", "alice", 10),
+        deletion(12, "carol", "alice", 10),
+        deletion(13, "alice", "bob", 10),
+    ];
+    for replay in [false, true] {
+        let refused: Vec<usize> = apply_batch(fixture, &raws, replay, usize::MAX)
+            .deletes_refused
+            .iter()
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(
+            refused,
+            [1, 2],
+            "replay {replay}: only alice may delete hers"
+        );
+    }
+    let mut reader = fixture.backend.reader().unwrap();
+    let stored = reader
+        .message(&conversation, 10)
+        .unwrap()
+        .expect("the row stays");
+    let tombstone = decode_message(&stored).unwrap();
+    assert_eq!((tombstone.body, tombstone.from), ("", "alice"));
+    assert_eq!(tombstone.event, Some(Event::Delete { target: 10 }));
+    assert!(
+        reader.message(&conversation, 11).unwrap().is_none(),
+        "a refused delete is not stored"
+    );
+    assert!(
+        reader.message(&conversation, 13).unwrap().is_some(),
+        "the delete is stored"
+    );
+    assert_eq!(
+        synced_ids(fixture, "bob", "laptop"),
+        [10, 13],
+        "bob syncs the tombstone and the delete"
+    );
+}
+
+/// Calls `expire_messages` until it says nothing old is left (bounded).
+fn expire_all(fixture: &Fixture, before_id: u64, limit: usize) -> u64 {
+    let mut writer = fixture.backend.writer().unwrap();
+    let mut rows = 0;
+    for _ in 0..100 {
+        let mut expired = super::Expired::default();
+        writer
+            .write_batch(&mut |tables| {
+                expired = tables.expire_messages(before_id, limit)?;
+                Ok(())
+            })
+            .unwrap();
+        rows += expired.rows;
+        if !expired.more {
+            return rows;
+        }
+    }
+    panic!("expire_messages never finished");
+}
+
+fn messages_older_than_the_retention_leave_history_inbox_and_sync(fixture: &Fixture) {
+    use chat_protocol::snowflake::first_id_at;
+    let day = 24 * 60 * 60 * 1000;
+    let now = super::unix_ms_now();
+    let conversation = chat_protocol::ids::direct_conversation_id("alice", "bob");
+    // Three messages two days old, two from now; carol only has old ones.
+    let old: Vec<u64> = (0..3).map(|i| first_id_at(now - 2 * day) + i).collect();
+    let new: Vec<u64> = (0..2).map(|i| first_id_at(now) + i).collect();
+    let mut batch: Vec<Vec<u8>> = old
         .iter()
-        .map(|raw| Applied {
-            raw,
-            record: Record::decode(raw).unwrap(),
-            maybe_applied,
-        })
+        .chain(&new)
+        .map(|id| message(*id, "alice", "phone", "bob"))
         .collect();
-    let mut unresolved = Vec::new();
+    let carols: Vec<u64> = (10..12).map(|i| first_id_at(now - 2 * day) + i).collect();
+    batch.extend(
+        carols
+            .iter()
+            .map(|id| message(*id, "dave", "phone", "carol")),
+    );
+    run(fixture, &batch, false);
+    let floor = super::retention_floor(now, Some(std::time::Duration::from_millis(day)));
+    assert!(old.iter().all(|id| *id < floor) && new.iter().all(|id| *id >= floor));
+
+    let page = |fixture: &Fixture, user: &str, floor: u64| {
+        let mut reader = fixture.backend.reader().unwrap();
+        sync_page(
+            &mut *reader,
+            user,
+            "laptop",
+            SyncFrom::Cursor,
+            floor,
+            100,
+            1 << 20,
+        )
+        .unwrap()
+    };
+    let ids = page_ids;
+    let history = |fixture: &Fixture, floor: u64| -> Vec<u64> {
+        let mut reader = fixture.backend.reader().unwrap();
+        record_ids(&super::history(&mut *reader, &conversation, None, None, floor, 100).unwrap())
+    };
+
+    // Past the floor, before any row is removed: gone for history and sync
+    // already, and the device is told how many it missed.
+    let before = page(fixture, "bob", floor);
+    assert_eq!(ids(&before), new);
+    assert_eq!(before.expired, 3, "bob missed three for good");
+    assert_eq!(history(fixture, floor), [new[1], new[0]]);
+    assert_eq!(history(fixture, 0).len(), 5, "no floor: all still stored");
+
+    let removed = expire_all(fixture, floor, 2);
+    assert!(removed >= 5, "the old rows were removed: {removed}");
+    let mut reader = fixture.backend.reader().unwrap();
+    for id in &old {
+        assert_eq!(reader.message(&conversation, *id).unwrap(), None);
+        assert_eq!(reader.inbox_entry_of("bob", *id).unwrap(), None);
+        assert_eq!(reader.inbox_entry_of("alice", *id).unwrap(), None);
+    }
+    for id in &new {
+        assert!(
+            reader.message(&conversation, *id).unwrap().is_some(),
+            "newer ones stay"
+        );
+    }
+    assert_eq!(
+        history(fixture, 0),
+        [new[1], new[0]],
+        "removed, even without a floor"
+    );
+    // The gap the removal left is still reported, and the sequences go on.
+    let after = page(fixture, "bob", floor);
+    assert_eq!((ids(&after), after.expired), (new.clone(), 3));
+    assert_eq!(reader.inbox_head("bob").unwrap(), 5);
+    let carol = page(fixture, "carol", floor);
+    assert_eq!(
+        (ids(&carol), carol.expired),
+        (vec![], 2),
+        "every entry gone"
+    );
+    assert_eq!(
+        reader.inbox_head("carol").unwrap(),
+        2,
+        "her sequence survives"
+    );
+
+    // An acknowledgement past the gap folds the cursor over it.
+    run(fixture, &[ack("bob", "laptop", new[1])], false);
+    let cursor = reader.cursor("bob", "laptop").unwrap();
+    assert_eq!((cursor.through, cursor.above.len()), (5, 0), "{cursor:?}");
+    assert_eq!(
+        page(fixture, "bob", floor).expired,
+        0,
+        "nothing owed any more"
+    );
+    // A new message never reuses a removed sequence.
+    let later = first_id_at(now) + 100;
+    run(fixture, &[message(later, "dave", "phone", "carol")], false);
+    let mut reader = fixture.backend.reader().unwrap();
+    assert_eq!(
+        reader.inbox_entry_of("carol", later).unwrap().map(|e| e.0),
+        Some(3)
+    );
+    let carol = page(fixture, "carol", floor);
+    assert_eq!((ids(&carol), carol.expired), (vec![later], 2));
+}
+
+#[test]
+fn postgres_creates_partitions_ahead_and_drops_them_whole_behind_the_retention() {
+    use chat_protocol::snowflake::first_id_at;
+    let day = 24 * 60 * 60 * 1000;
+    let server = testkit::postgres::Postgres::start();
+    let fixture = Fixture {
+        backend: Box::new(
+            super::postgres::PostgresBackend::connect_with(&server.url(), day).unwrap(),
+        ),
+        _keep: Box::new(()),
+    };
+    let now = super::unix_ms_now();
+    let mut client = postgres::Client::connect(&server.url(), postgres::NoTls).unwrap();
+    let names = |client: &mut postgres::Client| -> Vec<String> {
+        client
+            .query(
+                "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                 WHERE i.inhparent = 'messages'::regclass ORDER BY 1",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    };
+    let today = now / day * day;
+    let window = |start: u64| format!("messages_p{start}");
+    let made = names(&mut client);
+    for ahead in 0..=3 {
+        assert!(made.contains(&window(today + ahead * day)), "{made:?}");
+    }
+    assert!(made.contains(&"messages_default".to_string()));
+    // Windows from two days ago, as a writer running then made them.
     let mut writer = fixture.backend.writer().unwrap();
     writer
         .write_batch(&mut |tables| {
-            unresolved = apply(tables, &records, usize::MAX)?.unresolved;
+            tables.partitions_ahead(now - 2 * day)?;
             Ok(())
         })
         .unwrap();
-    unresolved
+    let old = first_id_at(now - 2 * day);
+    let new = first_id_at(now);
+    run(
+        &fixture,
+        &[
+            message(old, "alice", "phone", "bob"),
+            message(new, "alice", "phone", "bob"),
+        ],
+        false,
+    );
+    let in_window: i64 = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {}",
+                window((now - 2 * day) / day * day)
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(in_window, 1, "the old row went to its window's partition");
+    let floor = first_id_at(now - day);
+    expire_all(&fixture, floor, 1000);
+    let left = names(&mut client);
+    assert!(
+        !left.contains(&window((now - 2 * day) / day * day)),
+        "dropped whole: {left:?}"
+    );
+    assert!(
+        left.contains(&window((now - day) / day * day)),
+        "still covered: {left:?}"
+    );
+    let inbox_left = client
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname = $1",
+            &[&format!("inbox_p{}", (now - 2 * day) / day * day)],
+        )
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(inbox_left, 0, "the inbox's partition too");
+    assert_eq!(synced_ids(&fixture, "bob", "laptop"), [new]);
+}
+
+fn run(fixture: &Fixture, raws: &[Vec<u8>], maybe_applied: bool) -> Vec<usize> {
+    apply_batch(fixture, raws, maybe_applied, usize::MAX).unresolved
 }
 
 fn synced_ids(fixture: &Fixture, user: &str, device: &str) -> Vec<u64> {
@@ -500,11 +760,22 @@ fn synced_ids(fixture: &Fixture, user: &str, device: &str) -> Vec<u64> {
 
 fn synced_ids_from(fixture: &Fixture, user: &str, device: &str, from: SyncFrom) -> Vec<u64> {
     let mut reader = fixture.backend.reader().unwrap();
-    let page = sync_page(&mut *reader, user, device, from, 100, 1 << 20).unwrap();
-    page.entries
+    let page = sync_page(&mut *reader, user, device, from, 0, 100, 1 << 20).unwrap();
+    page_ids(&page)
+}
+
+/// The message ids of a sync page's entries, in order.
+fn page_ids(page: &super::SyncPage) -> Vec<u64> {
+    let records: Vec<Vec<u8>> = page.entries.iter().map(|e| e.record.clone()).collect();
+    record_ids(&records)
+}
+
+/// The message ids of stored `Message` records, in order.
+fn record_ids(records: &[Vec<u8>]) -> Vec<u64> {
+    records
         .iter()
-        .map(|e| {
-            chat_protocol::records::decode_message(&e.record)
+        .map(|raw| {
+            chat_protocol::records::decode_message(raw)
                 .unwrap()
                 .message_id
         })
@@ -739,11 +1010,31 @@ fn a_postgres_database_from_before_versions_is_migrated_in_place_once() {
             &[],
         )
         .unwrap();
+    // A message and its inbox entry, which migration 7 moves under the
+    // partitioned tables (as their DEFAULT partitions) without copying.
+    let old_id = chat_protocol::snowflake::first_id_at(super::unix_ms_now()) as i64;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO messages VALUES ('dm:a:b', {old_id}, '\\x01'); \
+             INSERT INTO inbox VALUES ('b', 1, {old_id}, 'dm:a:b', ''); \
+             INSERT INTO inbox_heads VALUES ('b', 1)"
+        ))
+        .unwrap();
     for _ in 0..2 {
         // Twice: the second start finds nothing to do.
         let backend = super::postgres::PostgresBackend::connect(&server.url()).unwrap();
         let mut tables = backend.reader().unwrap();
         assert_eq!(tables.revoked_at("old", "phone").unwrap(), Some(7), "kept");
+        assert_eq!(
+            tables.message("dm:a:b", old_id as u64).unwrap(),
+            Some(vec![1]),
+            "the old message row is kept"
+        );
+        assert_eq!(
+            tables.inbox_entry_of("b", old_id as u64).unwrap(),
+            Some((1, "dm:a:b".to_string())),
+            "and its inbox entry"
+        );
         tables.put_push_target("old", "phone", Some(b"t")).unwrap();
     }
     let versions: Vec<i32> = client
@@ -845,20 +1136,11 @@ fn roles_follow_the_changes_and_history_starts_at_joining(fixture: &Fixture) {
             ("carol".to_owned(), false, 12)
         ]
     );
-    let ids = |records: Vec<Vec<u8>>| -> Vec<u64> {
-        records
-            .iter()
-            .map(|raw| {
-                chat_protocol::records::decode_message(raw)
-                    .unwrap()
-                    .message_id
-            })
-            .collect()
-    };
+    let ids = |records: Vec<Vec<u8>>| record_ids(&records);
     let conversation = chat_protocol::ids::group_conversation_id("g3");
-    let everything = super::history(&mut *reader, &conversation, None, None, 50).unwrap();
+    let everything = super::history(&mut *reader, &conversation, None, None, 0, 50).unwrap();
     assert_eq!(ids(everything), [14, 13, 12, 11, 10]);
-    let from_joining = super::history(&mut *reader, &conversation, None, Some(12), 50).unwrap();
+    let from_joining = super::history(&mut *reader, &conversation, None, Some(12), 0, 50).unwrap();
     assert_eq!(ids(from_joining), [14, 13, 12]);
     // Posting restricted to admins, then opened again.
     assert!(!reader.admins_only("g3").unwrap(), "open until restricted");

@@ -16,7 +16,7 @@ use chat_protocol::records::MessageRecord;
 
 use crate::metrics::bump;
 use crate::shard::send::deliver::deliver_ephemeral;
-use crate::shard::send::pipeline::{self, HandOff, Outgoing};
+use crate::shard::send::pipeline::{self, Outgoing};
 use crate::shard::send::{devices, reply};
 use crate::shard::state::conn::Conn;
 use crate::shard::state::users::Allowance;
@@ -97,13 +97,16 @@ fn accept(shard: &Shard, conn: &Rc<Conn>, send: &SendFrame<'_>) {
         }
         return;
     }
+    if !pipeline::delete_in_window(shard, conn, send) {
+        return;
+    }
     let record = record_with(pipeline::next_message_id(shard));
     let out = Outgoing {
         record: &record,
         users,
         sender: Some(conn),
         notice: None,
-        hand_off: HandOff::Required,
+        hand_off: pipeline::hand_off_of(send),
     };
     let _ = pipeline::store_and_deliver(shard, out);
 }

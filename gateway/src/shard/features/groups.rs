@@ -101,13 +101,16 @@ fn accept_send(shard: &Shard, conn: &Rc<Conn>, send: &SendFrame<'_>, members: &M
         // The entry was loaded just before; gone only if the cache was cleared.
         None => return reply::not_answered(shard, conn, &send.client_msg_id),
     }
+    if !pipeline::delete_in_window(shard, conn, send) {
+        return;
+    }
     let record = record_with(pipeline::next_message_id(shard));
     let out = Outgoing {
         record: &record,
         users: &record.recipients,
         sender: Some(conn),
         notice: None,
-        hand_off: HandOff::Required,
+        hand_off: pipeline::hand_off_of(send),
     };
     if pipeline::store_and_deliver(shard, out).is_ok() {
         bump(&shard.metrics().group_messages, 1);

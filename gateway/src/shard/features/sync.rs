@@ -127,8 +127,13 @@ pub fn on_ack(shard: &Shard, conn: &Conn, message_id: u64) {
 async fn sync_device(shard: Rc<Shard>, conn: Rc<Conn>, from: SyncFrom, attempt: u32) {
     let mut failed = false;
     match sync_pages(&shard, &conn, from).await {
-        Ok((last, count, more)) => {
-            reply::send_json(&conn, &frames::encode_synced(last, count, more));
+        Ok(Synced {
+            last,
+            count,
+            more,
+            expired,
+        }) => {
+            reply::send_json(&conn, &frames::encode_synced(last, count, more, expired));
             bump(&shard.metrics().syncs, 1);
         }
         Err(SyncError::Closed) => {}
@@ -190,13 +195,23 @@ enum SyncError {
     Store(StoreError),
 }
 
+/// What a sync sent, for its `synced` frame.
+struct Synced {
+    last: Option<u64>,
+    count: u64,
+    more: bool,
+    /// Unacknowledged messages retention removed before the device saw them.
+    expired: u64,
+}
+
 async fn sync_pages(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
     mut from: SyncFrom,
-) -> Result<(Option<u64>, u64, bool), SyncError> {
+) -> Result<Synced, SyncError> {
     let mut last = None;
     let mut count = 0u64;
+    let mut expired = 0u64;
     let half_queue = shard.config.send_queue_bytes_max / 2;
     loop {
         while conn.queued_bytes() > half_queue && !conn.is_closing() {
@@ -222,6 +237,7 @@ async fn sync_pages(
             entries,
             last_seq,
             more,
+            expired: expired_here,
             ..
         } = response
         else {
@@ -246,11 +262,14 @@ async fn sync_pages(
             count += 1;
         }
         bump(&shard.metrics().synced_messages, entries.len() as u64);
-        if !more {
-            return Ok((last, count, false));
-        }
-        if count >= u64::from(shard.config.sync_messages_max) {
-            return Ok((last, count, true));
+        expired += expired_here;
+        if !more || count >= u64::from(shard.config.sync_messages_max) {
+            return Ok(Synced {
+                last,
+                count,
+                more,
+                expired,
+            });
         }
         from = match from {
             SyncFrom::Cursor | SyncFrom::AfterSeq(_) => SyncFrom::AfterSeq(last_seq),

@@ -10,8 +10,11 @@
 //! the record is durable. A membership change is delivered here only once
 //! durable (`HandOff::WhenDurable`): the writer may refuse it (a group past
 //! its bound by changes on two nodes), and then its sender gets
-//! `group_full` and nobody sees it. Features build the record and say who
-//! receives it; they never append, deliver or answer `sent` themselves.
+//! `group_full` and nobody sees it. So is a delete for everyone (the
+//! writer checks that the target is the sender's; if not, `forbidden`),
+//! after the pipeline checked its window (`delete_window_ms`). Features
+//! build the record and say who receives it; they never append, deliver or
+//! answer `sent` themselves.
 //! Never delivers a message before its record is in the ring.
 
 use std::rc::Rc;
@@ -20,7 +23,7 @@ use backplane_bridge::Outbound;
 use bytes::Bytes;
 use chat_protocol::codes::ErrorCode;
 use chat_protocol::frames::SendFrame;
-use chat_protocol::records::MessageRecord;
+use chat_protocol::records::{Event, MessageRecord};
 use chat_protocol::store_wire::{Request, Response};
 use chat_protocol::{render, snowflake, ws};
 
@@ -124,6 +127,10 @@ pub fn store_and_deliver(shard: &Shard, out: Outgoing<'_>) -> Result<u64, Refuse
             frame: Bytes::from(ws::text_frame(&json)),
             except,
             refused: None,
+            refusal_code: match record.event {
+                Some(Event::Delete { .. }) => ErrorCode::Forbidden,
+                _ => ErrorCode::GroupFull,
+            },
         })
     });
     if held.is_none() {
@@ -241,7 +248,7 @@ pub fn release(shard: &Shard, released: Released) {
             }
             if let Some(conn) = sender {
                 let id = Some(&*held.client_msg_id);
-                send_error(shard, &conn, id, ErrorCode::GroupFull, reason, None);
+                send_error(shard, &conn, id, held.refusal_code, reason, None);
             }
         }
     }
@@ -422,10 +429,44 @@ pub fn record_of_send<'a>(
         client_msg_id: &send.client_msg_id,
         body: &send.body,
         media: send.media.clone(),
-        event: None,
+        event: send.delete.map(|target| Event::Delete { target }),
         recipients: Vec::new(),
         bodies: Vec::new(),
     }
+}
+
+/// How a send is handed off: a delete for everyone is seen by nobody until
+/// the writer has checked it is the sender's own message.
+pub fn hand_off_of(send: &SendFrame<'_>) -> HandOff {
+    if send.delete.is_some() {
+        HandOff::WhenDurable
+    } else {
+        HandOff::Required
+    }
+}
+
+/// Whether a delete for everyone is still allowed: its target must have
+/// been made at most `delete_window_ms` ago (a snowflake holds its time).
+/// Told `forbidden` otherwise. A send that deletes nothing passes.
+pub fn delete_in_window(shard: &Shard, conn: &Rc<Conn>, send: &SendFrame<'_>) -> bool {
+    let Some(target) = send.delete else {
+        return true;
+    };
+    let window = shard.config.delete_window_ms;
+    let now_ms = crate::clock::unix_ms();
+    if target >= snowflake::first_id_at(now_ms.saturating_sub(window)) {
+        return true;
+    }
+    let message = format!("a message can be deleted for everyone within {window} ms of sending it");
+    send_error(
+        shard,
+        conn,
+        Some(&send.client_msg_id),
+        ErrorCode::Forbidden,
+        &message,
+        None,
+    );
+    false
 }
 
 /// A new message id and its timestamp (Unix ms, as the snowflake holds it).

@@ -47,6 +47,9 @@ pub struct Held {
     pub except: Option<usize>,
     /// Why the writer did not store it, if it did not.
     pub refused: Option<String>,
+    /// The error its sender gets then (`group_full` for a membership
+    /// change, `forbidden` for a delete of someone else's message).
+    pub refusal_code: chat_protocol::codes::ErrorCode,
 }
 
 /// A held record whose fate is known: deliver it (then answer `sent` and
