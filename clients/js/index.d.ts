@@ -9,6 +9,7 @@ export declare const CloseCode: Readonly<{
   HEARTBEAT: 4000;
   SLOW_CONSUMER: 4001;
   REVOKED: 4003;
+  ACCOUNT_DELETED: 4004;
   ABNORMAL: 1006;
 }>;
 
@@ -106,6 +107,11 @@ export declare class ChatClient extends EventTarget {
   }): Promise<Sent>;
   /** Deletes this user's message for everyone (within the node's window). */
   deleteForEveryone(where: { to?: string; group?: string }, messageId: string): Promise<Sent>;
+  /**
+   * Deletes this user's account (every device closed with 4004, every row
+   * removed, tokens refused); resolves with `account_deleted`, then stops.
+   */
+  deleteAccount(): Promise<{ type: 'account_deleted'; id: string; rows: number }>;
   createGroup(members: string[]): Promise<Sent>;
   addMembers(group: string, members: string[]): Promise<Sent>;
   removeMembers(group: string, members: string[]): Promise<Sent>;

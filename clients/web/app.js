@@ -4,7 +4,7 @@
 // away (the library's sync on reconnect). Each tab is its own device.
 // Uses the client library (`/chat-client.js`) for everything on the wire.
 
-import { ChatClient } from '/chat-client.js';
+import { ChatClient, CloseCode } from '/chat-client.js';
 
 const $ = (id) => document.getElementById(id);
 const TYPING_EVERY_MS = 3_000;
@@ -262,6 +262,9 @@ async function signIn(user, token) {
   client = new ChatClient({ url: wsUrl, token: getToken });
   client.addEventListener('state', (e) => ($('connection').textContent = e.detail));
   client.addEventListener('revoked', () => ($('connection').textContent = 'this device was revoked'));
+  client.addEventListener('close', (e) => {
+    if (e.detail.code === CloseCode.ACCOUNT_DELETED) $('connection').textContent = 'this account was deleted';
+  });
   client.addEventListener('open', (e) => {
     me = e.detail.user;
     $('me').textContent = e.detail.user;
@@ -309,6 +312,18 @@ async function init() {
     openConversation(sent.conversation);
   });
   $('older').addEventListener('click', () => open && loadHistory(open));
+  $('delete-account').addEventListener('click', async () => {
+    const really = window.confirm(
+      `Delete the account ${me}? Every device is signed out, and your keys, groups and inbox are removed. What you sent stays with the people you sent it to.`,
+    );
+    if (!really) return;
+    try {
+      const deleted = await client.deleteAccount();
+      $('connection').textContent = `account deleted (${deleted.rows} rows removed)`;
+    } catch (error) {
+      $('connection').textContent = `not deleted: ${error.message}`;
+    }
+  });
   $('composer').addEventListener('submit', (event) => {
     event.preventDefault();
     const text = $('composer-input').value;

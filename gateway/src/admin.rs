@@ -1,10 +1,11 @@
 //! The admin HTTP listener: /healthz, /readyz, /metrics, and the operator's
-//! one write call, `POST /revoke`.
+//! two write calls, `POST /revoke` and `POST /delete-account`.
 //!
 //! Owns one plain thread with blocking sockets, far from the shards' hot path;
 //! for probes and scrapers it only reads atomics the shards publish. A
-//! revocation needs `Authorization: Bearer <admin_token>` and goes to the
-//! user's home shard, which stores it and answers once it is durable.
+//! revocation or deletion needs `Authorization: Bearer <admin_token>` and
+//! goes to the user's home shard, which stores it and answers once it is
+//! durable.
 //! Requests are served one at a time with short timeouts and a size bound:
 //! it is for probes, scrapers and operators, not for the public.
 
@@ -93,8 +94,16 @@ fn serve(
         }
     };
     let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
-    if path == "/revoke" {
-        let (status, reason, body) = revoke(config, mesh, &method, query, bearer.as_deref());
+    if path == "/revoke" || path == "/delete-account" {
+        let delete_account = path == "/delete-account";
+        let (status, reason, body) = revoke(
+            config,
+            mesh,
+            &method,
+            query,
+            bearer.as_deref(),
+            delete_account,
+        );
         return respond(&mut stream, status, reason, "application/json", &body);
     }
     match path {
@@ -120,13 +129,16 @@ fn serve(
 }
 
 /// `POST /revoke?user=<id>[&device=<id>]`: revokes the device (every
-/// device of the user without `device`). Answers once it is durable.
+/// device of the user without `device`). `POST /delete-account?user=<id>`
+/// (`delete_account`): revokes every device, then removes every row of the
+/// user. Answers once it is durable.
 fn revoke(
     config: &Config,
     mesh: &Mesh,
     method: &str,
     query: &str,
     bearer: Option<&str>,
+    delete_account: bool,
 ) -> (u16, &'static str, String) {
     let error = |status, reason, message: &str| {
         let body = serde_json::json!({ "error": message }).to_string();
@@ -160,9 +172,20 @@ fn revoke(
             "`user` (and `device`, if given) must be 1-64 characters of [A-Za-z0-9_.-]",
         );
     }
+    if delete_account && device.is_some() {
+        return error(
+            400,
+            "Bad Request",
+            "an account is deleted whole: no `device`",
+        );
+    }
     let at_unix_ms = crate::clock::unix_ms();
     let (answer, outcome) = std::sync::mpsc::sync_channel(1);
-    let order = RevokeOrder { at_unix_ms, answer };
+    let order = RevokeOrder {
+        at_unix_ms,
+        delete_account,
+        answer,
+    };
     let revocation = Box::new(Revocation {
         user: user.as_str().into(),
         device: device.as_deref().map(Into::into),
@@ -179,17 +202,25 @@ fn revoke(
             "the user's shard is busy; retry",
         );
     }
-    let wait = Duration::from_millis(config.storage_timeout_ms) + Duration::from_secs(1);
-    match outcome.recv_timeout(wait) {
+    let storage = if delete_account {
+        config.account_deletion_timeout()
+    } else {
+        Duration::from_millis(config.storage_timeout_ms)
+    };
+    match outcome.recv_timeout(storage + Duration::from_secs(1)) {
         Ok(Ok(done)) => {
-            tracing::info!(%user, device = ?device, "revoked");
-            let body = serde_json::json!({
+            tracing::info!(%user, device = ?device, delete_account, "revoked");
+            let mut body = serde_json::json!({
                 "user": user,
                 "device": device,
                 "revoked_at_ms": at_unix_ms,
                 "keys_removed": done.keys_removed,
                 "closed_here": done.closed_here,
             });
+            if delete_account {
+                body["account_deleted"] = true.into();
+                body["rows_removed"] = done.rows_removed.into();
+            }
             (200, "OK", body.to_string())
         }
         Ok(Err(message)) => error(

@@ -452,12 +452,19 @@ fn read_file(path: &Path) -> anyhow::Result<Config> {
 }
 
 impl Config {
-    /// Whether this node leases its id from NATS (a fleet member with leases on).
+    /// How long the gateway waits for storage to delete an account: the
+    /// writer first lets every record already in its rings commit (up to
+    /// 10 s), then removes the rows, so a few storage timeouts.
+    pub fn account_deletion_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.storage_timeout_ms.saturating_mul(4))
+    }
+
     /// Whether the client listener speaks TLS.
     pub fn tls(&self) -> bool {
         !self.tls_cert.as_os_str().is_empty()
     }
 
+    /// Whether this node leases its id from NATS (a fleet member with leases on).
     pub fn leases_node_id(&self) -> bool {
         !self.nats_url.is_empty() && self.node_id_lease
     }

@@ -83,6 +83,19 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Delete a user's account through a running node's admin API: every
+    /// device is revoked and closed on every node, then every row of the
+    /// user is removed from storage (messages they sent stay in their
+    /// conversations; see docs/design/storage-lifecycle.md).
+    DeleteAccount {
+        #[arg(long)]
+        user: String,
+        /// The node's admin listener (default: `admin_listen` of the config).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// Print a bearer token signed with this node's secret.
     Token {
         #[arg(long)]
@@ -133,7 +146,12 @@ fn main() {
             device,
             admin,
             config,
-        }) => revoke(&config, &user, device.as_deref(), admin),
+        }) => admin_post(&config, "/revoke", &user, device.as_deref(), admin),
+        Some(Command::DeleteAccount {
+            user,
+            admin,
+            config,
+        }) => admin_post(&config, "/delete-account", &user, None, admin),
     };
     if let Err(error) = result {
         tracing::error!("{error:#}");
@@ -150,9 +168,11 @@ fn tune_allocator() {
     sys::disable_transparent_huge_pages();
 }
 
-/// `gateway revoke`: one authenticated POST to the admin listener.
-fn revoke(
+/// `gateway revoke` and `gateway delete-account`: one authenticated POST
+/// to the admin listener's `path`.
+fn admin_post(
     args: &ConfigArgs,
+    path: &str,
     user: &str,
     device: Option<&str>,
     admin: Option<std::net::SocketAddr>,
@@ -174,7 +194,7 @@ fn revoke(
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(
         stream,
-        "POST /revoke?{} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "POST {path}?{} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         query.finish()
     )?;
     let mut response = String::new();
@@ -183,7 +203,7 @@ fn revoke(
     println!("{body}");
     anyhow::ensure!(
         head.starts_with("HTTP/1.1 200"),
-        "not revoked: {}",
+        "{path} refused: {}",
         head.lines().next().unwrap_or("no answer")
     );
     Ok(())

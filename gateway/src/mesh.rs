@@ -52,7 +52,8 @@ pub enum ShardMessage {
     Resync { since_unix_ms: u64 },
     /// Revoke a device (or all of a user's devices) of a user homed on the
     /// receiver: store it first when `order` is set (an operator asked this
-    /// node), then close the revoked devices' connections here.
+    /// node), then close the revoked devices' connections here (and, when
+    /// the order says so, delete the account).
     Revoke(Box<Revocation>),
     /// This user's home node moved and the fleet has seen it: its devices
     /// here sync every message made since `since_unix_ms` (a sender using
@@ -75,6 +76,10 @@ pub struct Revocation {
 #[derive(Debug)]
 pub struct RevokeOrder {
     pub at_unix_ms: u64,
+    /// Delete the account too (every device; `Revocation::device` is
+    /// `None`): once the revocation is stored and the connections closed,
+    /// every other row of the user goes.
+    pub delete_account: bool,
     pub answer: std::sync::mpsc::SyncSender<Result<RevokeOutcome, String>>,
 }
 
@@ -84,6 +89,8 @@ pub struct RevokeOutcome {
     pub keys_removed: u32,
     /// Connections of the revoked devices closed on this node.
     pub closed_here: usize,
+    /// Rows of the account removed (0 unless it was deleted).
+    pub rows_removed: u64,
 }
 
 /// An authenticated connection in transit to its user's home shard. The 101

@@ -4,63 +4,11 @@
 //! the node), its keys leave the key directory, a fresh token enrolls it
 //! again; revoking every device of a user closes them on every node.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
-
 use serde_json::{json, Value};
 use testkit::fleet::{node_id, Fleet};
-use testkit::gateway::{connect_at, token, Client, Gateway, Next, WAIT};
+use testkit::gateway::{admin_request as admin, connect_at, fresh_token, token, Gateway};
 
 const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789abcdef";
-
-/// `POST` (or another method) on the admin listener: (status, JSON body).
-fn admin(address: SocketAddr, method: &str, target: &str, bearer: Option<&str>) -> (u16, Value) {
-    let mut stream = TcpStream::connect(address).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    let auth = bearer
-        .map(|b| format!("Authorization: Bearer {b}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "{method} {target} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    let status = head[9..12].parse().unwrap();
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
-/// Reads until the connection closes; its close code.
-fn closed_with(client: &mut Client) -> Option<u16> {
-    let deadline = Instant::now() + WAIT;
-    client.set_timeout(Duration::from_millis(200));
-    loop {
-        match client.next_frame() {
-            Next::Closed(code) => return code,
-            Next::Gone(_) => return None,
-            Next::Json(_) | Next::Silent => {
-                assert!(Instant::now() < deadline, "the connection stayed open");
-            }
-        }
-    }
-}
-
-fn upload_keys(client: &mut Client) {
-    client.send(
-        json!({"type": "keys_upload", "identity_key": "i", "signed_prekey": "s",
-                       "signed_prekey_signature": "g", "one_time_prekeys": ["k1", "k2"]}),
-    );
-    client.recv_type("keys_uploaded");
-}
-
-/// A token issued after every revocation so far (tokens carry seconds).
-fn fresh_token(user: &str, device: &str) -> String {
-    std::thread::sleep(Duration::from_millis(1_100));
-    token(user, device)
-}
 
 #[test]
 fn a_revoked_device_is_closed_refused_and_loses_its_keys_and_the_revocation_lasts() {
@@ -75,8 +23,8 @@ fn a_revoked_device_is_closed_refused_and_loses_its_keys_and_the_revocation_last
         .into_iter()
         .map(|device| (device, token("alice", device)))
         .collect();
-    upload_keys(&mut phone);
-    upload_keys(&mut laptop);
+    phone.upload_keys();
+    laptop.upload_keys();
 
     // Only the operator may revoke.
     let revoke_phone = "/revoke?user=alice&device=phone";
@@ -102,7 +50,7 @@ fn a_revoked_device_is_closed_refused_and_loses_its_keys_and_the_revocation_last
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["keys_removed"], 1);
     assert_eq!(answer["closed_here"], 1);
-    assert_eq!(closed_with(&mut phone), Some(4003));
+    assert_eq!(phone.closed_within_wait(), Some(4003));
     // The other device is untouched, and the key directory lists only it.
     laptop.send(json!({"type": "devices", "user": "alice"}));
     assert_eq!(laptop.recv_type("devices")["devices"], json!(["laptop"]));
@@ -144,8 +92,8 @@ fn a_revoked_device_is_closed_refused_and_loses_its_keys_and_the_revocation_last
     let printed: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(printed["device"], Value::Null);
     assert_eq!(printed["closed_here"], 2);
-    assert_eq!(closed_with(&mut laptop), Some(4003));
-    assert_eq!(closed_with(&mut phone), Some(4003));
+    assert_eq!(laptop.closed_within_wait(), Some(4003));
+    assert_eq!(phone.closed_within_wait(), Some(4003));
 
     // Durable: after a kill -9 the node still refuses the tokens issued
     // before, and takes one issued after.
@@ -193,9 +141,9 @@ fn revoking_a_user_closes_their_devices_on_every_node() {
         Some(ADMIN_TOKEN),
     );
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(closed_with(&mut on_a), Some(4003));
+    assert_eq!(on_a.closed_within_wait(), Some(4003));
     assert_eq!(
-        closed_with(&mut on_b),
+        on_b.closed_within_wait(),
         Some(4003),
         "closed on the other node too"
     );

@@ -103,10 +103,13 @@ pub enum CloseCode {
     /// 4003: an operator revoked this device (or all of the user's devices):
     /// its token no longer works; do not reconnect with it.
     Revoked,
+    /// 4004: the user deleted their account (or an operator did): every
+    /// row of theirs is gone and their tokens no longer work.
+    AccountDeleted,
 }
 
 /// Every close code, for metrics.
-pub const CLOSE_CODES: [CloseCode; 12] = [
+pub const CLOSE_CODES: [CloseCode; 13] = [
     CloseCode::Normal,
     CloseCode::ProtocolError,
     CloseCode::UnsupportedData,
@@ -119,6 +122,7 @@ pub const CLOSE_CODES: [CloseCode; 12] = [
     CloseCode::HeartbeatTimeout,
     CloseCode::SlowConsumer,
     CloseCode::Revoked,
+    CloseCode::AccountDeleted,
 ];
 
 impl CloseCode {
@@ -136,6 +140,7 @@ impl CloseCode {
             CloseCode::HeartbeatTimeout => 4000,
             CloseCode::SlowConsumer => 4001,
             CloseCode::Revoked => 4003,
+            CloseCode::AccountDeleted => 4004,
         }
     }
 
@@ -153,6 +158,7 @@ impl CloseCode {
             CloseCode::HeartbeatTimeout => "heartbeat timeout",
             CloseCode::SlowConsumer => "slow consumer",
             CloseCode::Revoked => "device revoked",
+            CloseCode::AccountDeleted => "account deleted",
         }
     }
 

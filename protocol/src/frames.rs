@@ -78,6 +78,13 @@ pub enum ClientFrame<'a> {
     PushUnregister {
         client_id: Cow<'a, str>,
     },
+    /// `{"type":"delete_account","user":"<own user id>"}`, with an optional
+    /// `id` that the answer repeats: delete the asker's account (the user
+    /// id is the confirmation; the gateway checks that it is the asker's).
+    DeleteAccount {
+        client_id: Option<Cow<'a, str>>,
+        user: Cow<'a, str>,
+    },
 }
 
 /// Whom a receipt is about: the sender `from` of messages of `conversation`
@@ -368,6 +375,7 @@ pub fn decode_client_frame(
         Some("keys_upload") => decode_keys_upload(raw),
         Some("devices") => user_field(raw).map(|user| ClientFrame::Devices { user }),
         Some("keys_fetch") => user_field(raw).map(|user| ClientFrame::KeysFetch { user }),
+        Some("delete_account") => decode_delete_account(raw),
         Some("push_register") => decode_push_register(raw),
         Some("push_unregister") => match raw.id {
             Some(id) if is_valid_id(&id) => Ok(ClientFrame::PushUnregister { client_id: id }),
@@ -612,7 +620,17 @@ fn decode_push_register(raw: RawFrame<'_>) -> Result<ClientFrame<'_>, Refused> {
     })
 }
 
-/// The `user` of `devices` and `keys_fetch`.
+/// `delete_account`: the asker's user id, and an optional `id`.
+fn decode_delete_account(mut raw: RawFrame<'_>) -> Result<ClientFrame<'_>, Refused> {
+    let client_id = raw.id.take();
+    if client_id.as_deref().is_some_and(|id| !is_valid_id(id)) {
+        return Err(invalid(ID_RULE));
+    }
+    let user = user_field(raw)?;
+    Ok(ClientFrame::DeleteAccount { client_id, user })
+}
+
+/// The `user` of `devices`, `keys_fetch` and `delete_account`.
 fn user_field(raw: RawFrame<'_>) -> Result<Cow<'_, str>, Refused> {
     match raw.user {
         Some(user) if is_valid_id(&user) => Ok(user),
@@ -969,6 +987,34 @@ mod tests {
             decode_client_frame(br#"{"type":"ping"}"#, MAX),
             Ok(ClientFrame::Ping)
         );
+    }
+
+    #[test]
+    fn delete_account_names_the_user_as_its_confirmation() {
+        assert_eq!(
+            decode_client_frame(br#"{"type":"delete_account","user":"alice"}"#, MAX),
+            Ok(ClientFrame::DeleteAccount {
+                client_id: None,
+                user: Cow::Borrowed("alice")
+            })
+        );
+        assert_eq!(
+            decode_client_frame(
+                br#"{"type":"delete_account","id":"d1","user":"alice"}"#,
+                MAX
+            ),
+            Ok(ClientFrame::DeleteAccount {
+                client_id: Some(Cow::Borrowed("d1")),
+                user: Cow::Borrowed("alice")
+            })
+        );
+        for text in [
+            &br#"{"type":"delete_account"}"#[..],
+            br#"{"type":"delete_account","user":"a b"}"#,
+            br#"{"type":"delete_account","id":"d 1","user":"alice"}"#,
+        ] {
+            assert_eq!(error_of(text).code, ErrorCode::InvalidField);
+        }
     }
 
     fn error_of(text: &[u8]) -> FrameError {

@@ -20,7 +20,7 @@ use crate::keys::Bundle;
 pub use crate::limits::{READ_FRAME_BYTES_MAX, READ_USERS_MAX};
 
 /// The read path's version. 2: postcard bodies (1 was a hand-laid layout).
-pub const READ_PATH_VERSION: u16 = 7;
+pub const READ_PATH_VERSION: u16 = 8;
 
 /// Where a sync page starts in a user's inbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +60,9 @@ pub enum Request {
     },
     History {
         req: u32,
+        /// Who reads: a name signed in again after its account was deleted
+        /// reads nothing the deleted account could.
+        asker: String,
         conversation: String,
         /// Only messages with a smaller id; `None` for the newest.
         before: Option<u64>,
@@ -131,6 +134,16 @@ pub enum Request {
         device: String,
         #[serde(with = "serde_bytes")]
         target: Option<Vec<u8>>,
+    },
+    /// Delete `user`'s account: their devices are revoked as of
+    /// `at_unix_ms` (kept, so older tokens stay refused), then, once every
+    /// record already in the rings is committed, every other row of theirs
+    /// goes. The caller closes their connections between the two. Durable
+    /// before the answer; asking again removes nothing more.
+    DeleteAccount {
+        req: u32,
+        user: String,
+        at_unix_ms: u64,
     },
 }
 
@@ -268,6 +281,12 @@ pub enum Response {
     Refused {
         message_id: u64,
         reason: String,
+    },
+    /// The account is deleted: `rows` rows went, and the user left `groups`.
+    AccountDeleted {
+        req: u32,
+        rows: u64,
+        groups: Vec<String>,
     },
 }
 
@@ -409,6 +428,7 @@ mod tests {
         }
         round_trip_request(Request::History {
             req: 2,
+            asker: "a".into(),
             conversation: "dm:a:b".into(),
             before: Some(77),
             since: Some(12),
@@ -416,6 +436,7 @@ mod tests {
         });
         round_trip_request(Request::History {
             req: 2,
+            asker: "b".into(),
             conversation: "dm:a:b".into(),
             before: None,
             since: None,
@@ -530,6 +551,16 @@ mod tests {
         round_trip_response(Response::RevokedAt {
             req: 16,
             at_unix_ms: Some(7),
+        });
+        round_trip_request(Request::DeleteAccount {
+            req: 17,
+            user: "alice".into(),
+            at_unix_ms: 1_800_000_000_000,
+        });
+        round_trip_response(Response::AccountDeleted {
+            req: 17,
+            rows: 42,
+            groups: vec!["g1".into(), "g2".into()],
         });
         round_trip_request(Request::Presence {
             req: 12,

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use chat_protocol::snowflake::first_id_at;
 use chat_protocol::store_wire::{self, Request, Response, READ_USERS_MAX};
 
 use crate::rings::Rings;
@@ -197,7 +198,8 @@ impl Server {
             | Request::Presence { req, .. }
             | Request::Revoke { req, .. }
             | Request::RevokedAt { req, .. }
-            | Request::PutPushTarget { req, .. } => *req,
+            | Request::PutPushTarget { req, .. }
+            | Request::DeleteAccount { req, .. } => *req,
             Request::Hello { .. } => 0,
         };
         // The key directory and revocations are not fed by the rings: no
@@ -266,15 +268,37 @@ impl Server {
                     bundles,
                 });
             }
+            Request::DeleteAccount {
+                req,
+                user,
+                at_unix_ms,
+            } => {
+                // The revocation first, so no token of theirs connects
+                // again; the caller has closed their connections, and the
+                // barrier lets what they sent before commit, so none of it
+                // lands after the rows are gone.
+                if let Err(error) = tables.revoke(&user, None, at_unix_ms) {
+                    return refused_or(req, Err(error), |r: Response| r);
+                }
+                let barrier = self.rings.progress.barrier();
+                if !self.rings.progress.wait_for(&barrier, BARRIER_TIMEOUT) {
+                    return behind(req);
+                }
+                let removed = tables.delete_account(&user, at_unix_ms);
+                return refused_or(req, removed, |removed| {
+                    tracing::info!(%user, rows = removed.rows, "account deleted");
+                    Response::AccountDeleted {
+                        req,
+                        rows: removed.rows,
+                        groups: removed.groups,
+                    }
+                });
+            }
             other => other,
         };
         let barrier = self.rings.progress.barrier();
         if !self.rings.progress.wait_for(&barrier, BARRIER_TIMEOUT) {
-            return Response::Failed {
-                req,
-                reason: "storage is behind; try again".into(),
-                retryable: true,
-            };
+            return behind(req);
         }
         let floor = store::retention_floor(store::unix_ms_now(), self.message_retention);
         let result = match request {
@@ -303,19 +327,25 @@ impl Server {
             }),
             Request::History {
                 req,
+                asker,
                 conversation,
                 before,
                 since,
                 limit,
-            } => store::history(
-                tables,
-                &conversation,
-                before,
-                since,
-                floor,
-                usize::from(limit),
-            )
-            .map(|records| Response::Messages { req, records }),
+            } => tables.account_deleted_at(&asker).and_then(|deleted_at| {
+                // A name signed in again after its account was deleted
+                // reads only what was said from then on.
+                let floor = deleted_at.map_or(floor, |at| floor.max(first_id_at(at)));
+                store::history(
+                    tables,
+                    &conversation,
+                    before,
+                    since,
+                    floor,
+                    usize::from(limit),
+                )
+                .map(|records| Response::Messages { req, records })
+            }),
             Request::Recent {
                 req,
                 user,
@@ -361,11 +391,22 @@ impl Server {
             | Request::Devices { .. }
             | Request::Revoke { .. }
             | Request::RevokedAt { .. }
-            | Request::PutPushTarget { .. } => {
+            | Request::PutPushTarget { .. }
+            | Request::DeleteAccount { .. } => {
                 unreachable!("answered above")
             }
         };
         refused_or(req, result, |response| response)
+    }
+}
+
+/// The answer when the rings' records before a request did not commit in
+/// time: retry later.
+fn behind(req: u32) -> Response {
+    Response::Failed {
+        req,
+        reason: "storage is behind; try again".into(),
+        retryable: true,
     }
 }
 

@@ -47,6 +47,13 @@ pub fn token(user: &str, device: &str) -> String {
     chat_protocol::token::mint(SECRET.as_bytes(), user, device, unix_s(), unix_s() + 3600).unwrap()
 }
 
+/// A token issued after every revocation so far: tokens carry seconds, so
+/// this waits for the next one.
+pub fn fresh_token(user: &str, device: &str) -> String {
+    std::thread::sleep(Duration::from_millis(1_100));
+    token(user, device)
+}
+
 /// A running gateway process; killed when dropped.
 pub struct Gateway {
     child: Child,
@@ -440,6 +447,32 @@ impl Client {
         panic!("no close within {limit} frames");
     }
 
+    /// Uploads this device's public keys with two one-time prekeys.
+    pub fn upload_keys(&mut self) {
+        self.send(
+            serde_json::json!({"type": "keys_upload", "identity_key": "i",
+            "signed_prekey": "s", "signed_prekey_signature": "g",
+            "one_time_prekeys": ["k1", "k2"]}),
+        );
+        self.recv_type("keys_uploaded");
+    }
+
+    /// Reads (skipping frames) until the server closes, within `WAIT`;
+    /// its close code (`None`: closed without a code, or the socket ended).
+    pub fn closed_within_wait(&mut self) -> Option<u16> {
+        let deadline = Instant::now() + WAIT;
+        self.set_timeout(Duration::from_millis(200));
+        loop {
+            match self.next_frame() {
+                Next::Closed(code) => return code,
+                Next::Gone(_) => return None,
+                Next::Json(_) | Next::Silent => {
+                    assert!(Instant::now() < deadline, "the connection stayed open");
+                }
+            }
+        }
+    }
+
     /// Asserts nothing arrives for `quiet`.
     pub fn expect_silence(&mut self, quiet: Duration) {
         self.set_timeout(quiet);
@@ -463,6 +496,31 @@ impl Client {
         }));
         let _ = self.socket.flush();
     }
+}
+
+/// A request on the admin listener at `address` (`method`, `target`, an
+/// optional bearer token): (status, JSON body, or null).
+pub fn admin_request(
+    address: SocketAddr,
+    method: &str,
+    target: &str,
+    bearer: Option<&str>,
+) -> (u16, Value) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let auth = bearer
+        .map(|b| format!("Authorization: Bearer {b}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {target} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head[9..12].parse().unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
 /// GET `path` on `address`: (status, body), or None if it did not answer.

@@ -22,6 +22,8 @@ export const CloseCode = Object.freeze({
   HEARTBEAT: 4000,
   SLOW_CONSUMER: 4001,
   REVOKED: 4003,
+  /** The account was deleted (by its user or an operator): the client stops. */
+  ACCOUNT_DELETED: 4004,
   /** Not sent by the gateway: what a client reports for a connection lost without a close frame. */
   ABNORMAL: 1006,
 });
@@ -162,6 +164,19 @@ export class ChatClient extends EventTarget {
   deleteForEveryone(where, messageId) {
     const id = newId();
     return this.#request(id, { type: 'send', id, ...where, delete: messageId });
+  }
+
+  /**
+   * Deletes this user's account: every device of theirs is closed (4004),
+   * every row of theirs is removed, and their tokens stop working; what they
+   * sent stays in the other side's history. Resolves with `account_deleted`
+   * (`rows` removed); the client then stops. Rejects if not connected.
+   */
+  deleteAccount() {
+    const user = this.hello?.user;
+    if (!user) return Promise.reject(new Error('deleteAccount needs a connection (after hello)'));
+    const id = newId();
+    return this.#request(id, { type: 'delete_account', id, user });
   }
 
   /** @param {string[]} members */
@@ -313,8 +328,19 @@ export class ChatClient extends EventTarget {
     if (this.socket !== socket) return;
     this.socket = null;
     this.#stopTimers();
+    // A deleted account is gone for good: stopped before anyone hears of it.
+    if (code === CloseCode.ACCOUNT_DELETED) this.stopped = true;
     this.#setState(this.stopped ? 'closed' : 'reconnecting');
     this.#emit('close', { code, reason });
+    if (code === CloseCode.ACCOUNT_DELETED) {
+      // Nothing still queued will ever be answered.
+      for (const [id, entry] of this.outbox) {
+        clearTimeout(entry.timer);
+        entry.reject(Object.assign(new Error('the account was deleted'), { code: 'account_deleted' }));
+        this.outbox.delete(id);
+      }
+      return;
+    }
     if (code === CloseCode.REVOKED) {
       // The operator revoked this device: the same token will never work
       // again. Only a token function (which may sign in anew) retries.
@@ -427,7 +453,8 @@ export class ChatClient extends EventTarget {
         if (fresh) this.#emit(frame.type, frame);
         break;
       }
-      case 'sent': {
+      case 'sent':
+      case 'account_deleted': {
         const entry = this.outbox.get(frame.id);
         if (entry) {
           clearTimeout(entry.timer);

@@ -99,6 +99,19 @@ test('two users chat in two browser pages: message, ticks, typing, a second devi
     }
     await second.page.screenshot({ path: join(shots, 'alice-second-tab.png') });
 
+    // Alice deletes her account from the second tab (confirming the
+    // dialog): both of her tabs say so, and bob still reads what she sent.
+    second.page.once('dialog', (dialog) => dialog.accept());
+    await second.page.click('#delete-account');
+    for (const tab of [alice, second]) {
+      await tab.page.waitForFunction(() => document.getElementById('connection').textContent === 'this account was deleted');
+    }
+    const bobAgain = await signIn(browser, gateway, 'bob');
+    await openChat(bobAgain.page, 'alice');
+    await bobAgain.page.waitForFunction(() => document.querySelectorAll('#messages .message').length >= 3);
+    assert.ok((await bodies(bobAgain.page)).includes('hello from alice'));
+    for (const session of [alice, second, bobAgain]) assert.deepEqual(session.problems, [], 'no page errors');
+
     for (const session of [alice, bob, second]) assert.deepEqual(session.problems, [], 'no page errors');
   } finally {
     await browser.close();

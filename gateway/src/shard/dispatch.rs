@@ -13,7 +13,7 @@ use chat_protocol::codes::CloseCode;
 use chat_protocol::frames::{self, ClientFrame};
 use chat_protocol::records::ReceiptStatus;
 
-use super::features::{direct, groups, keys, presence, push, receipts, sync};
+use super::features::{direct, groups, keys, presence, push, receipts, revocation, sync};
 use super::send::reply;
 use super::state::conn::Conn;
 use super::state::Shard;
@@ -70,5 +70,8 @@ pub fn on_text(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &[u8]) {
             before,
             limit,
         } => sync::on_history(shard, conn, &conversation, before, limit),
+        ClientFrame::DeleteAccount { client_id, user } => {
+            revocation::on_delete_account(shard, conn, client_id.as_deref(), &user)
+        }
     }
 }

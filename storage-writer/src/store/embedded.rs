@@ -21,6 +21,7 @@ use super::{Cursor, DeviceKeys, InboxEntry, Presence, ReadRefused, Tables};
 use chat_protocol::records::PresenceEntry;
 use chat_protocol::store_wire::MemberRole;
 
+mod account;
 mod social;
 
 /// Inbox counters cached in memory before the cache is cleared.
@@ -606,6 +607,15 @@ impl Tables for Embedded {
             }
         }
         Ok(latest)
+    }
+
+    fn delete_account(&mut self, user: &str, at_ms: u64) -> Result<super::AccountRemoved> {
+        self.delete_account_of(user, at_ms)
+    }
+
+    fn account_deleted_at(&mut self, user: &str) -> Result<Option<u64>> {
+        let at = key(&[user, super::ACCOUNT_DELETED_SCOPE], None);
+        self.revocations.get(at)?.map(|v| be_u64(&v)).transpose()
     }
 
     fn devices_of(&mut self, user: &str) -> Result<Vec<String>> {

@@ -102,6 +102,20 @@ pub struct Expired {
     pub more: bool,
 }
 
+/// The revocation scope (in place of a device id, which can never be
+/// this: `*` is not in the id grammar) that records an account's deletion.
+pub const ACCOUNT_DELETED_SCOPE: &str = "*deleted*";
+
+/// What one `delete_account` removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AccountRemoved {
+    /// Rows removed, over every table.
+    pub rows: u64,
+    /// The groups the user was a member of (their cached member lists are
+    /// stale now), sorted.
+    pub groups: Vec<String>,
+}
+
 /// The first message id retention still keeps at `now_ms`: everything made
 /// before `now_ms - retention` is gone for history and sync, whether or not
 /// the cleanup has removed its rows yet (so a page never half-shows a
@@ -245,6 +259,24 @@ pub trait Tables {
     /// The latest revocation that covers `user`'s `device` (its own, or all
     /// the user's devices), in unix ms.
     fn revoked_at(&mut self, _user: &str, _device: &str) -> Result<Option<u64>> {
+        anyhow::bail!("this handle does not serve revocations")
+    }
+
+    /// Removes every row of `user` (their devices' keys, prekeys, push
+    /// targets, cursors, idempotency keys, inbox and its head, presence,
+    /// group memberships and per-device revocations) except the revocation
+    /// of all their devices, which the caller stored first and which keeps
+    /// tokens issued before the deletion refused, then records that the
+    /// account was deleted at `at_ms` (a revocation row of scope
+    /// `ACCOUNT_DELETED_SCOPE`; a later deletion moves it). Messages they
+    /// sent stay in their conversations (`docs/design/storage-lifecycle.md`).
+    /// Durable before it returns; running it again removes nothing more.
+    fn delete_account(&mut self, _user: &str, _at_ms: u64) -> Result<AccountRemoved> {
+        anyhow::bail!("this handle does not delete accounts")
+    }
+
+    /// When `user`'s account was last deleted, in unix ms (`None`: never).
+    fn account_deleted_at(&mut self, _user: &str) -> Result<Option<u64>> {
         anyhow::bail!("this handle does not serve revocations")
     }
     /// Sets the device's push target (its stored form, `push::PushTarget`),

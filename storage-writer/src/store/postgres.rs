@@ -162,6 +162,18 @@ struct Pg<C> {
     partition_ms: u64,
 }
 
+/// Stores a revocation (or the record of a deletion); a later one of the
+/// same scope wins.
+const PUT_REVOCATION: &str =
+    "INSERT INTO revocations (user_id, device_id, at_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (user_id, device_id) DO UPDATE SET \
+             at_ms = GREATEST(revocations.at_ms, EXCLUDED.at_ms)";
+
+/// Takes the transaction-scoped advisory lock of each group in `$1`, in
+/// sorted order (so two writers never wait on each other in a cycle).
+const LOCK_GROUPS: &str = "SELECT pg_advisory_xact_lock(hashtextextended(g, 7)) \
+             FROM (SELECT g FROM UNNEST($1::text[]) AS t(g) ORDER BY g) AS sorted";
+
 fn id(value: u64) -> i64 {
     value as i64
 }
@@ -405,11 +417,7 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
     }
 
     fn revoke(&mut self, user: &str, device: Option<&str>, at_ms: u64) -> Result<u32> {
-        let store = self.prepared(
-            "INSERT INTO revocations (user_id, device_id, at_ms) VALUES ($1, $2, $3) \
-             ON CONFLICT (user_id, device_id) DO UPDATE SET \
-             at_ms = GREATEST(revocations.at_ms, EXCLUDED.at_ms)",
-        )?;
+        let store = self.prepared(PUT_REVOCATION)?;
         // '' matches every device of the user.
         let keys = self.prepared(
             "DELETE FROM device_keys WHERE user_id = $1 AND ($2 = '' OR device_id = $2)",
@@ -428,6 +436,62 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         transaction.execute(&push, &[&user, &scope])?;
         transaction.commit()?;
         Ok(u32::try_from(removed).unwrap_or(u32::MAX))
+    }
+
+    fn delete_account(&mut self, user: &str, at_ms: u64) -> Result<super::AccountRemoved> {
+        // Every table with a user_id column, the ones a user's rows are in
+        // (`rows_naming`, in the tests, finds any table this list misses).
+        const TABLES: [&str; 8] = [
+            "DELETE FROM sends WHERE user_id = $1",
+            "DELETE FROM inbox WHERE user_id = $1",
+            "DELETE FROM inbox_heads WHERE user_id = $1",
+            "DELETE FROM cursors WHERE user_id = $1",
+            "DELETE FROM device_keys WHERE user_id = $1",
+            "DELETE FROM prekeys WHERE user_id = $1",
+            "DELETE FROM push_targets WHERE user_id = $1",
+            "DELETE FROM presence WHERE user_id = $1",
+        ];
+        // The revocation of every device ('') stays: old tokens stay
+        // refused; so does the record of a deletion ($2), rewritten below.
+        let revocations = self
+            .prepared("DELETE FROM revocations WHERE user_id = $1 AND device_id NOT IN ('', $2)")?;
+        let mut statements = Vec::with_capacity(TABLES.len());
+        for sql in TABLES {
+            statements.push(self.prepared(sql)?);
+        }
+        let groups_of = self
+            .prepared("SELECT group_id FROM group_members WHERE user_id = $1 ORDER BY group_id")?;
+        let leave = self.prepared("DELETE FROM group_members WHERE user_id = $1")?;
+        let lock = self.prepared(LOCK_GROUPS)?;
+        let mark = self.prepared(PUT_REVOCATION)?;
+        let at_ms = i64::try_from(at_ms)?;
+        let mut transaction = self.client.transaction()?;
+        let mut rows = 0;
+        let scope = super::ACCOUNT_DELETED_SCOPE;
+        for statement in &statements {
+            rows += transaction.execute(statement, &[&user])?;
+        }
+        rows += transaction.execute(&revocations, &[&user, &scope])?;
+        // Leaving the groups takes their locks, as a membership change in a
+        // batch does, so no writer checks a group's bound meanwhile.
+        let groups: Vec<String> = transaction
+            .query(&groups_of, &[&user])?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        transaction.query(&lock, &[&groups])?;
+        rows += transaction.execute(&leave, &[&user])?;
+        transaction.execute(&mark, &[&user, &scope, &at_ms])?;
+        transaction.commit()?;
+        Ok(super::AccountRemoved { rows, groups })
+    }
+
+    fn account_deleted_at(&mut self, user: &str) -> Result<Option<u64>> {
+        let statement =
+            self.prepared("SELECT at_ms FROM revocations WHERE user_id = $1 AND device_id = $2")?;
+        let scope = super::ACCOUNT_DELETED_SCOPE;
+        let row = self.client.query_opt(&statement, &[&user, &scope])?;
+        Ok(row.map(|row| row.get::<_, i64>(0).max(0) as u64))
     }
 
     fn revoked_at(&mut self, user: &str, device: &str) -> Result<Option<u64>> {
@@ -556,10 +620,7 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
     /// (writers that lock the same groups never wait on each other in a
     /// cycle); released when the batch commits or rolls back.
     fn lock_groups(&mut self, groups: &[&str]) -> Result<()> {
-        let statement = self.prepared(
-            "SELECT pg_advisory_xact_lock(hashtextextended(g, 7)) \
-             FROM (SELECT g FROM UNNEST($1::text[]) AS t(g) ORDER BY g) AS sorted",
-        )?;
+        let statement = self.prepared(LOCK_GROUPS)?;
         self.client.query(&statement, &[&groups])?;
         Ok(())
     }

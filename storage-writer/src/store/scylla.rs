@@ -75,6 +75,15 @@ struct Statements {
     delete_push_target: PreparedStatement,
     delete_push_targets: PreparedStatement,
     push_targets: PreparedStatement,
+    cursor_devices: PreparedStatement,
+    delete_sends: PreparedStatement,
+    delete_sends_by_time: PreparedStatement,
+    delete_inbox: PreparedStatement,
+    delete_inbox_by_message: PreparedStatement,
+    delete_inbox_head: PreparedStatement,
+    delete_cursors: PreparedStatement,
+    delete_presence: PreparedStatement,
+    delete_revocation: PreparedStatement,
 }
 
 pub struct ScyllaBackend {
@@ -264,6 +273,16 @@ impl ScyllaBackend {
                 // An offline row expires after the retention; an online one never (TTL 0).
                 put_presence: prepare(format!("INSERT INTO {k}.presence (user_id, node_id, online, last_seen_ms) VALUES (?, ?, ?, ?) USING TTL ?")).await?,
                 presence: prepare(format!("SELECT online, last_seen_ms FROM {k}.presence WHERE user_id = ? LIMIT ?")).await?,
+                // Account deletion: whole partitions where the user is the key.
+                cursor_devices: prepare(format!("SELECT device_id FROM {k}.cursors WHERE user_id = ?")).await?,
+                delete_sends: prepare(format!("DELETE FROM {k}.sends WHERE user_id = ? AND device_id = ?")).await?,
+                delete_sends_by_time: prepare(format!("DELETE FROM {k}.sends_by_time WHERE user_id = ? AND device_id = ?")).await?,
+                delete_inbox: prepare(format!("DELETE FROM {k}.inbox WHERE user_id = ?")).await?,
+                delete_inbox_by_message: prepare(format!("DELETE FROM {k}.inbox_by_message WHERE user_id = ?")).await?,
+                delete_inbox_head: prepare(format!("DELETE FROM {k}.inbox_heads WHERE user_id = ?")).await?,
+                delete_cursors: prepare(format!("DELETE FROM {k}.cursors WHERE user_id = ?")).await?,
+                delete_presence: prepare(format!("DELETE FROM {k}.presence WHERE user_id = ?")).await?,
+                delete_revocation: prepare(format!("DELETE FROM {k}.revocations WHERE user_id = ? AND device_id = ?")).await?,
             };
             anyhow::Ok((session, statements))
         })?;
@@ -631,6 +650,87 @@ impl Tables for Scylla {
             None => self.execute(&self.statements.delete_push_targets, (user,))?,
         }
         Ok(removed)
+    }
+
+    fn delete_account(&mut self, user: &str, at_ms: u64) -> Result<super::AccountRemoved> {
+        // The devices the store knows of: any with a cursor, keys, a push
+        // target or a revocation of its own. Idempotency keys are
+        // partitioned by device; those of a device known nowhere else
+        // expire by their TTL within the idempotency window.
+        let mut devices: Vec<String> = self.devices_of(user)?;
+        let cursors: Vec<(String,)> = self.rows(&self.statements.cursor_devices, (user,))?;
+        let pushed: Vec<(String, Vec<u8>)> = self.rows(&self.statements.push_targets, (user,))?;
+        let revoked: Vec<(String, i64)> = self.rows(&self.statements.revocations, (user,))?;
+        devices.extend(cursors.into_iter().map(|(device,)| device));
+        devices.extend(pushed.into_iter().map(|(device, _)| device));
+        devices.extend(revoked.into_iter().map(|(device, _)| device));
+        // Not the revocation of every device, nor the record of a deletion.
+        devices.retain(|device| !device.is_empty() && device != super::ACCOUNT_DELETED_SCOPE);
+        devices.sort();
+        devices.dedup();
+        // CQL says nothing of how many rows a DELETE removed: count the
+        // rows and partitions addressed.
+        let mut rows = 0u64;
+        for device in &devices {
+            let device = device.as_str();
+            let s = &self.statements;
+            for statement in [
+                &s.delete_sends,
+                &s.delete_sends_by_time,
+                &s.delete_device_keys,
+                &s.delete_prekeys,
+                &s.delete_revocation,
+            ] {
+                self.execute(statement, (user, device))?;
+                rows += 1;
+            }
+        }
+        let s = &self.statements;
+        for statement in [
+            &s.delete_inbox,
+            &s.delete_inbox_by_message,
+            &s.delete_inbox_head,
+            &s.delete_cursors,
+            &s.delete_presence,
+            &s.delete_push_targets,
+        ] {
+            self.execute(statement, (user,))?;
+            rows += 1;
+        }
+        // `groups_of` reads a bounded page: take pages until none is left.
+        let mut groups = Vec::new();
+        loop {
+            let page = self.groups_of(user)?;
+            // A page of groups already left: a replica has not seen the
+            // deletes yet (consistency ONE); stop rather than spin.
+            if page.is_empty() || page.iter().all(|group| groups.contains(group)) {
+                break;
+            }
+            for group in &page {
+                self.execute(&self.statements.delete_member, (group.as_str(), user))?;
+                self.execute(&self.statements.delete_group_of, (user, group.as_str()))?;
+                rows += 2;
+            }
+            groups.extend(page);
+        }
+        groups.sort();
+        // Written with its time as the write timestamp, like a revocation:
+        // the later deletion wins.
+        let at = i64::try_from(at_ms)?;
+        let scope = super::ACCOUNT_DELETED_SCOPE;
+        self.execute(
+            &self.statements.put_revocation,
+            (user, scope, at, at.saturating_mul(1_000)),
+        )?;
+        Ok(super::AccountRemoved { rows, groups })
+    }
+
+    fn account_deleted_at(&mut self, user: &str) -> Result<Option<u64>> {
+        let revoked: Vec<(String, i64)> = self.rows(&self.statements.revocations, (user,))?;
+        Ok(revoked
+            .into_iter()
+            .find(|(scope, _)| scope == super::ACCOUNT_DELETED_SCOPE)
+            .map(|(_, at)| at.max(0) as u64))
     }
 
     fn put_push_target(&mut self, user: &str, device: &str, target: Option<&[u8]>) -> Result<()> {

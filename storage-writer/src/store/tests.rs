@@ -12,28 +12,66 @@ use super::embedded::{Embedded, Fsync};
 use super::{apply, sync_page, Applied};
 use crate::store::{Backend, Tables};
 
+/// Rows naming a user, per table: (table, count).
+type RowsNaming = Box<dyn Fn(&str) -> Vec<(String, usize)>>;
+
 /// A backend and whatever keeps it alive (a directory, a server).
 struct Fixture {
     backend: Box<dyn Backend>,
+    /// Every row that names a user, per table, found by looking at every
+    /// table there is (not at a list the code under test also uses).
+    rows_naming: RowsNaming,
     _keep: Box<dyn std::any::Any>,
 }
 
 fn embedded() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Embedded::open(&dir.path().join("store"), 1 << 20, Fsync::None).unwrap();
+    let audited = store.clone();
     Fixture {
         backend: Box::new(crate::backend::EmbeddedBackend(store)),
+        rows_naming: Box::new(move |user| audited.rows_naming(user).unwrap()),
         _keep: Box::new(dir),
     }
 }
 
 fn postgres() -> Fixture {
     let server = testkit::postgres::Postgres::start();
-    let backend = super::postgres::PostgresBackend::connect(&server.url()).unwrap();
+    let url = server.url();
+    let backend = super::postgres::PostgresBackend::connect(&url).unwrap();
     Fixture {
         backend: Box::new(backend),
+        rows_naming: Box::new(move |user| postgres_rows_naming(&url, user)),
         _keep: Box::new(server),
     }
+}
+
+/// Rows with `user_id = user` in every table of the schema that has a
+/// `user_id` column (partitions are listed apart from their parent).
+fn postgres_rows_naming(url: &str, user: &str) -> Vec<(String, usize)> {
+    let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let tables: Vec<String> = client
+        .query(
+            "SELECT c.table_name FROM information_schema.columns c \
+             JOIN pg_class k ON k.relname = c.table_name \
+             WHERE c.column_name = 'user_id' AND c.table_schema = current_schema() \
+             AND k.relkind = 'r' ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(tables.len() >= 10, "the tables with users: {tables:?}");
+    let mut found = Vec::new();
+    for table in tables {
+        let sql = format!("SELECT count(*) FROM {table} WHERE user_id = $1");
+        let count: i64 = client.query_one(sql.as_str(), &[&user]).unwrap().get(0);
+        if count > 0 {
+            found.push((table, count as usize));
+        }
+    }
+    found
 }
 
 /// Runs `rule` on both backends.
@@ -67,6 +105,7 @@ on_every_backend!(
     offline_presence_older_than_the_retention_is_removed_in_batches,
     messages_older_than_the_retention_leave_history_inbox_and_sync,
     a_delete_by_its_sender_leaves_a_tombstone_and_others_are_refused,
+    a_deleted_account_leaves_no_row_but_its_revocation,
 );
 
 /// A message of group `group` from `from`, to `recipients`, with an optional event.
@@ -676,6 +715,7 @@ fn postgres_creates_partitions_ahead_and_drops_them_whole_behind_the_retention()
         backend: Box::new(
             super::postgres::PostgresBackend::connect_with(&server.url(), day).unwrap(),
         ),
+        rows_naming: Box::new(|_| unreachable!("not audited here")),
         _keep: Box::new(()),
     };
     let now = super::unix_ms_now();
@@ -819,6 +859,124 @@ fn a_sync_made_since_an_id_offers_what_a_cumulative_ack_passed(fixture: &Fixture
     // The sender's own device gets none of its own sends, as in any sync.
     let from = SyncFrom::MadeSince(1);
     assert!(synced_ids_from(fixture, "alice", "phone", from).is_empty());
+}
+
+fn a_deleted_account_leaves_no_row_but_its_revocation(fixture: &Fixture) {
+    let create = Event::Group {
+        action: GroupAction::Create,
+        members: vec!["alice", "bob", "carol"],
+    };
+    let presence = PresenceRecord {
+        node: 3,
+        entries: vec![
+            PresenceEntry {
+                user: "alice",
+                online: false,
+                last_seen_ms: 40,
+            },
+            PresenceEntry {
+                user: "bob",
+                online: true,
+                last_seen_ms: 41,
+            },
+        ],
+    };
+    run(
+        fixture,
+        &[
+            group_message(1, "g1", "alice", &["alice", "bob", "carol"], Some(create)),
+            message(2, "alice", "phone", "bob"),
+            message(3, "bob", "phone", "alice"),
+            message(4, "alice", "laptop", "carol"),
+            group_message(5, "g1", "bob", &["alice", "bob", "carol"], None),
+            ack("alice", "phone", 3),
+            ack("bob", "phone", 2),
+            presence.encode(),
+        ],
+        false,
+    );
+    let mut tables = fixture.backend.reader().unwrap();
+    let prekeys = vec!["k1".to_owned()];
+    for (user, device) in [("alice", "phone"), ("alice", "laptop"), ("bob", "phone")] {
+        let upload = super::DeviceKeys {
+            user,
+            device,
+            identity_key: "i",
+            signed_prekey: "s",
+            signed_prekey_signature: "g",
+            one_time_prekeys: &prekeys,
+        };
+        tables.put_device_keys(&upload).unwrap();
+        let target = br#"{"kind":"fcm","token":"t"}"#;
+        tables.put_push_target(user, device, Some(target)).unwrap();
+    }
+    tables.revoke("alice", Some("tablet"), 100).unwrap();
+    let before = (fixture.rows_naming)("alice");
+    for table in [
+        "sends",
+        "inbox",
+        "cursors",
+        "device_keys",
+        "prekeys",
+        "push_targets",
+    ] {
+        assert!(
+            // (PostgreSQL's inbox is its partitions: inbox_default, ...)
+            before.iter().any(|(name, _)| name.starts_with(table)),
+            "alice has rows in {table} to delete: {before:?}"
+        );
+    }
+    let bob_before = (fixture.rows_naming)("bob");
+
+    // As the writer does it: every device revoked, then the rest removed.
+    tables.revoke("alice", None, 200).unwrap();
+    assert_eq!(tables.account_deleted_at("alice").unwrap(), None);
+    let removed = tables.delete_account("alice", 200).unwrap();
+    assert_eq!(removed.groups, ["g1"]);
+    assert!(removed.rows >= 10, "{removed:?}");
+    assert_eq!(
+        (fixture.rows_naming)("alice"),
+        [("revocations".to_owned(), 2)],
+        "only the revocation of every device and the record of the deletion are left"
+    );
+    assert_eq!(tables.revoked_at("alice", "phone").unwrap(), Some(200));
+    assert_eq!(tables.revoked_at("alice", "tablet").unwrap(), Some(200));
+    assert_eq!(tables.account_deleted_at("alice").unwrap(), Some(200));
+    assert_eq!(tables.account_deleted_at("bob").unwrap(), None);
+    // Again (a retry, or the name's new account deleted too): nothing more
+    // to remove, nothing fails, and the record moves to the later time.
+    assert_eq!(tables.delete_account("alice", 300).unwrap().rows, 0);
+    assert_eq!(tables.account_deleted_at("alice").unwrap(), Some(300));
+
+    // Everyone else keeps their rows, and what alice sent stays in their
+    // conversations (the documented choice).
+    let bob_after = (fixture.rows_naming)("bob");
+    assert_eq!(bob_after, bob_before, "bob's rows are untouched");
+    let members: Vec<String> = tables
+        .member_roles("g1")
+        .unwrap()
+        .into_iter()
+        .map(|role| role.user)
+        .collect();
+    assert_eq!(members, ["bob", "carol"]);
+    let direct = chat_protocol::ids::direct_conversation_id("alice", "bob");
+    assert_eq!(
+        record_ids(&tables.history(&direct, None, 10).unwrap()),
+        [3, 2]
+    );
+    assert_eq!(synced_ids(fixture, "carol", "phone"), [1, 4, 5]);
+    assert!(synced_ids(fixture, "alice", "phone").is_empty());
+    assert!(tables.devices_of("alice").unwrap().is_empty());
+    assert!(tables.push_targets("alice").unwrap().is_empty());
+    assert!(tables.groups_of("alice").unwrap().is_empty());
+    drop(tables);
+    // Durable: a new handle (a restarted writer) finds the same.
+    assert_eq!(
+        (fixture.rows_naming)("alice"),
+        [("revocations".to_owned(), 2)]
+    );
+    let mut again = fixture.backend.reader().unwrap();
+    assert_eq!(again.account_deleted_at("alice").unwrap(), Some(300));
 }
 
 fn a_revocation_is_kept_and_takes_the_devices_keys_with_it(fixture: &Fixture) {

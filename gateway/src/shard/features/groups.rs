@@ -24,7 +24,6 @@ use chat_protocol::records::{Event, GroupAction, MessageRecord};
 use chat_protocol::store_wire::MemberRole;
 use chat_protocol::{ids, social_frames};
 
-use crate::mesh::{Sender, ShardMessage};
 use crate::metrics::bump;
 use crate::shard::send::deliver::deliver_ephemeral;
 use crate::shard::send::members::{cached, cached_posters, member_roles, members, Roles};
@@ -296,11 +295,7 @@ fn apply_change(shard: &Shard, conn: &Rc<Conn>, change: &GroupChangeFrame<'_>, r
     bump(&shard.metrics().group_changes, 1);
     // Every shard (and other nodes, once the change is durable) forgets its
     // list and reloads it, with the roles, from storage.
-    shard.groups.borrow_mut().forget(&group);
-    for other in (0..shard.mesh.shard_count()).filter(|s| *s != shard.id) {
-        let changed = ShardMessage::GroupChanged(group.as_str().into());
-        let _ = shard.mesh.send(Sender::Shard(shard.id), other, changed);
-    }
+    shard.forget_group_everywhere(&group);
 }
 
 /// `group_members`: the list, for members only.

@@ -1,22 +1,33 @@
-//! Revoking a device, or all of a user's devices, on the user's home shard.
+//! Revoking a device, or all of a user's devices, and deleting an account,
+//! on the user's home shard.
 //!
-//! Owns the order an operator gave this node (store the revocation, durable
-//! before anything else, then close the revoked devices' connections here
-//! and tell the other nodes with devices of the user through the backplane)
-//! and a revocation another node stored (close connections here only). The
-//! check at connect, which refuses tokens issued before a revocation, is in
-//! `shard::accept`. Never imports another feature.
+//! Owns the order of each. A revocation an operator gave this node: store
+//! it, durable before anything else, then close the revoked devices'
+//! connections here and tell the other nodes with devices of the user
+//! through the backplane; one another node stored: close connections here
+//! only. An account deletion (the user's own `delete_account`, or an
+//! operator's): revoke every device, close every connection of the user
+//! (the asker's is paused instead, to hear the answer), then ask storage to
+//! remove every row of the user, which it does once the records already in
+//! its rings are committed, and make every shard and node forget the
+//! member lists of the groups the user left. The check at connect, which
+//! refuses tokens issued before a revocation, is in `shard::accept`. Never
+//! imports another feature.
 
 use std::rc::Rc;
 
 use backplane_bridge::Outbound;
-use chat_protocol::codes::CloseCode;
+use chat_protocol::codes::{CloseCode, ErrorCode};
 use chat_protocol::store_wire::{Request, Response};
 
+use crate::limits::UNAVAILABLE_RETRY_AFTER_MS;
 use crate::mesh::{Revocation, RevokeOutcome};
+use crate::shard::send::reply;
+use crate::shard::state::conn::Conn;
+use crate::shard::state::store_client::StoreError;
 use crate::shard::state::Shard;
 
-/// A revocation for a user homed here.
+/// A revocation (or an operator's account deletion) for a user homed here.
 pub fn on_revoke(shard: &Rc<Shard>, revocation: Revocation) {
     let Revocation {
         user,
@@ -24,47 +35,181 @@ pub fn on_revoke(shard: &Rc<Shard>, revocation: Revocation) {
         order,
     } = revocation;
     let Some(order) = order else {
-        close_revoked(shard, &user, device.as_deref());
+        close_revoked(shard, &user, device.as_deref(), CloseCode::Revoked, None);
         return;
     };
     let shard = shard.clone();
     monoio::spawn(async move {
-        let request = |req| Request::Revoke {
-            req,
-            user: user.to_string(),
-            device: device.as_deref().map(str::to_owned),
-            at_unix_ms: order.at_unix_ms,
+        let outcome = if order.delete_account {
+            delete_account(&shard, &user, order.at_unix_ms, None)
+                .await
+                .map_err(|failed| failed.to_string())
+        } else {
+            let code = CloseCode::Revoked;
+            revoke(
+                &shard,
+                &user,
+                device.as_deref(),
+                order.at_unix_ms,
+                code,
+                None,
+            )
+            .await
+            .map_err(|error| error.to_string())
         };
-        let outcome = match shard.store.request(request, shard.storage_timeout()).await {
-            Ok(Response::Revoked { keys_removed, .. }) => {
-                let closed_here = close_revoked(&shard, &user, device.as_deref());
-                // The other nodes with devices of the user close theirs.
-                shard.publish(Outbound::Revoke {
-                    user: user.clone(),
-                    device: device.clone(),
-                });
-                Ok(RevokeOutcome {
-                    keys_removed,
-                    closed_here,
-                })
-            }
-            Ok(Response::Failed { reason, .. }) => Err(reason),
-            Ok(_) => Err("storage answered something else".into()),
-            Err(error) => Err(error.to_string()),
-        };
-        // The operator may have stopped waiting; the revocation stands.
+        // The operator may have stopped waiting; what was stored stands.
         let _ = order.answer.send(outcome);
     });
 }
 
+/// `delete_account`: the asker deletes their own account. `user` must be
+/// the asker's (the confirmation). Answered `account_deleted` (with the
+/// frame's `id`, and the rows removed), then closed with 4004.
+pub fn on_delete_account(shard: &Rc<Shard>, conn: &Rc<Conn>, client_id: Option<&str>, user: &str) {
+    if *conn.user_id != *user {
+        let message = "`user` must be your own user id: it confirms the deletion";
+        return reply::invalid(shard, conn, client_id, message);
+    }
+    let client_id = client_id.map(str::to_owned);
+    // Nothing more from this connection is processed: what it sent before
+    // is in the ring, which storage commits before it removes the rows.
+    conn.pause();
+    let (shard, conn) = (shard.clone(), conn.clone());
+    monoio::spawn(async move {
+        let at_unix_ms = crate::clock::unix_ms();
+        let user = conn.user_id.clone();
+        match delete_account(&shard, &user, at_unix_ms, Some(&conn)).await {
+            Ok(outcome) => {
+                let mut frame = serde_json::json!({
+                    "type": "account_deleted",
+                    "rows": outcome.rows_removed,
+                });
+                if let Some(id) = &client_id {
+                    frame["id"] = id.as_str().into();
+                }
+                reply::send_json(&conn, frame.to_string().as_bytes());
+                conn.request_close(CloseCode::AccountDeleted);
+            }
+            // Nothing was stored: the account stands, the connection goes on.
+            Err(Failed::Revoking(error)) => {
+                let id = client_id.as_deref();
+                reply::storage_error_for(&shard, &conn, id, "delete_account", error);
+                conn.resume();
+            }
+            // Revoked but not yet erased: its tokens no longer work. A new
+            // sign-in (a token issued now) may ask again; so may an operator.
+            Err(Failed::Erasing(error)) => {
+                let message = format!(
+                    "delete_account: your devices are revoked but the rows are not all removed ({error}); sign in again and retry"
+                );
+                let id = client_id.as_deref();
+                let unavailable = ErrorCode::Unavailable;
+                let retry = Some(UNAVAILABLE_RETRY_AFTER_MS);
+                reply::send_error(&shard, &conn, id, unavailable, &message, retry);
+                conn.request_close(CloseCode::Revoked);
+            }
+        }
+    });
+}
+
+/// Stores the revocation, then closes the revoked connections here (all
+/// but `keep`) with `code` and has the other nodes close theirs (4003).
+async fn revoke(
+    shard: &Rc<Shard>,
+    user: &str,
+    device: Option<&str>,
+    at_unix_ms: u64,
+    code: CloseCode,
+    keep: Option<&Conn>,
+) -> Result<RevokeOutcome, StoreError> {
+    let request = |req| Request::Revoke {
+        req,
+        user: user.to_owned(),
+        device: device.map(str::to_owned),
+        at_unix_ms,
+    };
+    match shard
+        .store
+        .request(request, shard.storage_timeout())
+        .await?
+    {
+        Response::Revoked { keys_removed, .. } => {
+            let closed_here = close_revoked(shard, user, device, code, keep);
+            // The other nodes with devices of the user close theirs.
+            shard.publish(Outbound::Revoke {
+                user: user.into(),
+                device: device.map(Into::into),
+            });
+            Ok(RevokeOutcome {
+                keys_removed,
+                closed_here,
+                rows_removed: 0,
+            })
+        }
+        _ => Err(StoreError::Unavailable),
+    }
+}
+
+/// Where an account deletion stopped.
+#[derive(Debug, thiserror::Error)]
+enum Failed {
+    #[error("not revoked: {0}")]
+    Revoking(StoreError),
+    #[error("revoked, rows not all removed: {0}")]
+    Erasing(StoreError),
+}
+
+/// Revokes every device of `user`, closes their connections (all but
+/// `keep`), then removes every row of theirs; every shard and node
+/// forgets the member lists of the groups they left.
+async fn delete_account(
+    shard: &Rc<Shard>,
+    user: &str,
+    at_unix_ms: u64,
+    keep: Option<&Conn>,
+) -> Result<RevokeOutcome, Failed> {
+    let code = CloseCode::AccountDeleted;
+    let mut outcome = revoke(shard, user, None, at_unix_ms, code, keep)
+        .await
+        .map_err(Failed::Revoking)?;
+    let request = |req| Request::DeleteAccount {
+        req,
+        user: user.to_owned(),
+        at_unix_ms,
+    };
+    let timeout = shard.config.account_deletion_timeout();
+    match shard.store.request(request, timeout).await {
+        Ok(Response::AccountDeleted { rows, groups, .. }) => {
+            for group in groups {
+                shard.forget_group_everywhere(&group);
+                shard.publish(Outbound::GroupChanged {
+                    group: group.into(),
+                });
+            }
+            tracing::info!(%user, rows, "account deleted");
+            outcome.rows_removed = rows;
+            Ok(outcome)
+        }
+        Ok(_) => Err(Failed::Erasing(StoreError::Unavailable)),
+        Err(error) => Err(Failed::Erasing(error)),
+    }
+}
+
 /// Closes every connection here of `user`'s `device` (every device for
-/// `None`) with 4003. Returns how many.
-fn close_revoked(shard: &Shard, user: &str, device: Option<&str>) -> usize {
+/// `None`) with `code`, except `keep`. Returns how many.
+fn close_revoked(
+    shard: &Shard,
+    user: &str,
+    device: Option<&str>,
+    code: CloseCode,
+    keep: Option<&Conn>,
+) -> usize {
     let devices = shard.users.borrow().devices_of(user);
     let mut closed = 0;
     for conn in devices {
-        if device.is_none_or(|device| *conn.device_id == *device) {
-            conn.request_close(CloseCode::Revoked);
+        let kept = keep.is_some_and(|keep| std::ptr::eq(keep, &*conn));
+        if !kept && device.is_none_or(|device| *conn.device_id == *device) {
+            conn.request_close(code);
             closed += 1;
         }
     }

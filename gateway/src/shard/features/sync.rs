@@ -323,6 +323,7 @@ async fn history(
     };
     let request = |req| Request::History {
         req,
+        asker: conn.user_id.to_string(),
         conversation: conversation.clone(),
         before,
         since,

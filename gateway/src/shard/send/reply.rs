@@ -65,11 +65,23 @@ pub fn not_answered(shard: &Shard, conn: &Conn, client_msg_id: &str) {
 /// A storage request for `what` failed: retry later (`unavailable`), or
 /// (refused) why it was wrong.
 pub fn storage_error(shard: &Shard, conn: &Conn, what: &str, error: StoreError) {
+    storage_error_for(shard, conn, None, what, error);
+}
+
+/// `storage_error` answering the frame with `client_msg_id`.
+pub fn storage_error_for(
+    shard: &Shard,
+    conn: &Conn,
+    client_msg_id: Option<&str>,
+    what: &str,
+    error: StoreError,
+) {
     let (code, retry) = match error {
         StoreError::Unavailable => (ErrorCode::Unavailable, Some(UNAVAILABLE_RETRY_AFTER_MS)),
         StoreError::Refused(_) => (ErrorCode::InvalidField, None),
     };
-    send_error(shard, conn, None, code, &format!("{what}: {error}"), retry);
+    let message = format!("{what}: {error}");
+    send_error(shard, conn, client_msg_id, code, &message, retry);
 }
 
 /// The asker may not see or do this (not a member, not its conversation).

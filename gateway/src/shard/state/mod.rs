@@ -169,6 +169,18 @@ impl Shard {
         connections.store(connections.load(Relaxed).saturating_sub(1), Relaxed);
     }
 
+    /// Forgets `group`'s cached member list on every shard here, so each
+    /// reloads it from storage (other nodes hear of it from the backplane).
+    pub fn forget_group_everywhere(&self, group: &str) {
+        self.groups.borrow_mut().forget(group);
+        for other in (0..self.mesh.shard_count()).filter(|s| *s != self.id) {
+            let changed = crate::mesh::ShardMessage::GroupChanged(group.into());
+            let _ = self
+                .mesh
+                .send(crate::mesh::Sender::Shard(self.id), other, changed);
+        }
+    }
+
     /// Hands a message to the backplane for other nodes. A full bridge queue
     /// drops it (counted): it is durable, so remote devices get it on sync.
     pub fn publish(&self, publish: Outbound) {

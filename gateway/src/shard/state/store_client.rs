@@ -267,6 +267,7 @@ async fn read_loop<O: ReadPathOwner>(
                 | Response::Revoked { req, .. }
                 | Response::RevokedAt { req, .. }
                 | Response::PushTargetStored { req, .. }
+                | Response::AccountDeleted { req, .. }
                 | Response::Failed { req, .. } => shard.read_path().complete(req, response),
             }
         }
