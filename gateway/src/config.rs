@@ -160,6 +160,10 @@ pub struct Config {
     /// Presence is written this often (online users refreshed, departures
     /// recorded); a node that stops writing shows its users offline after 2.5×.
     pub presence_interval_ms: u64,
+    /// Each connected device is told to storage as seen this often (and when
+    /// it connects and leaves), so the writer's `--device-retention-ms`
+    /// (120 days) never removes the rows of a device that stays connected.
+    pub device_seen_interval_ms: u64,
     /// `presence` requests per second per user, across devices (token bucket rate).
     pub presence_per_s: f32,
     /// `presence` requests a user may send at once.
@@ -272,6 +276,7 @@ impl Default for Config {
             group_cache_ms: 5_000,
             receipt_window_ms: 1_000,
             presence_interval_ms: 30_000,
+            device_seen_interval_ms: 6 * 60 * 60 * 1000,
             presence_per_s: 2.0,
             presence_burst: 10.0,
             drain_window_ms: 60_000,
@@ -364,6 +369,7 @@ overrides! {
     group_cache_ms: u64,
     receipt_window_ms: u64,
     presence_interval_ms: u64,
+    device_seen_interval_ms: u64,
     presence_per_s: f32,
     presence_burst: f32,
     drain_window_ms: u64,
@@ -477,6 +483,9 @@ impl Config {
         }
         if self.receipt_window_ms == 0 || self.presence_interval_ms < 100 {
             bail!("receipt_window_ms must be > 0 and presence_interval_ms >= 100");
+        }
+        if self.device_seen_interval_ms < 1_000 {
+            bail!("device_seen_interval_ms must be at least 1000");
         }
         let shard_limit = usize::from(chat_protocol::snowflake::SHARD_ID_MAX) + 1;
         if self.shards == 0 || self.shards > shard_limit {

@@ -145,6 +145,16 @@ pub enum Request {
         user: String,
         at_unix_ms: u64,
     },
+    /// `user`'s `device` connected or left at `at_unix_ms`: its per-device
+    /// rows stay until it is not seen for the writer's device retention.
+    /// Not made durable on its own (the next commit carries it): a time
+    /// lost in a crash only makes the device look older by one connection.
+    DeviceSeen {
+        req: u32,
+        user: String,
+        device: String,
+        at_unix_ms: u64,
+    },
 }
 
 /// What storage knows of one user's presence, for one asker.
@@ -287,6 +297,10 @@ pub enum Response {
         req: u32,
         rows: u64,
         groups: Vec<String>,
+    },
+    /// The answer to `DeviceSeen`.
+    DeviceSeenStored {
+        req: u32,
     },
 }
 
@@ -562,6 +576,13 @@ mod tests {
             rows: 42,
             groups: vec!["g1".into(), "g2".into()],
         });
+        round_trip_request(Request::DeviceSeen {
+            req: 18,
+            user: "alice".into(),
+            device: "phone".into(),
+            at_unix_ms: 1_800_000_000_000,
+        });
+        round_trip_response(Response::DeviceSeenStored { req: 18 });
         round_trip_request(Request::Presence {
             req: 12,
             asker: "alice".into(),

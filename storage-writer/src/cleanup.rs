@@ -3,9 +3,11 @@
 //! `--message-retention-ms` (hot retention; PostgreSQL drops whole time
 //! partitions, which this thread also creates ahead), idempotency keys
 //! older than `--idempotency-window-ms` (a retry after the window is a new
-//! message, as documented) and presence rows of users offline longer than
-//! `--presence-retention-ms` (their "last seen" is then unknown), on fjall
-//! and PostgreSQL; ScyllaDB's rows expire by their TTL.
+//! message, as documented), presence rows of users offline longer than
+//! `--presence-retention-ms` (their "last seen" is then unknown) and the
+//! per-device rows of devices not seen for `--device-retention-ms`, on
+//! fjall and PostgreSQL; ScyllaDB's rows expire by their TTL (devices: not
+//! yet).
 //!
 //! Owns its own writer handle (so it never holds up a commit), a pass every
 //! `--cleanup-interval-s` in batches of `CLEANUP_BATCH_ROWS` until nothing
@@ -35,6 +37,8 @@ pub struct Cleanup {
     pub idempotency_window: Duration,
     /// Offline presence rows last seen longer ago are removed (zero: kept).
     pub presence_retention: Duration,
+    /// Devices not seen for longer lose their per-device rows (zero: kept).
+    pub device_retention: Duration,
     /// Messages made longer ago are removed (`None`: kept).
     pub message_retention: Option<Duration>,
     pub interval: Duration,
@@ -121,6 +125,18 @@ impl Cleanup {
                     .map(|removed| rows(removed, limit))
             };
             if !self.expire(&mut *writer, &expire_presence, &self.stats.expired_presence) {
+                return None;
+            }
+        }
+        if !self.device_retention.is_zero() {
+            let retention_ms = self.device_retention.as_millis() as u64;
+            let seen_before = now.saturating_sub(retention_ms);
+            let expire_devices = |tables: &mut dyn Tables, limit| {
+                tables
+                    .expire_devices(seen_before, limit)
+                    .map(|removed| rows(removed, limit))
+            };
+            if !self.expire(&mut *writer, &expire_devices, &self.stats.expired_devices) {
                 return None;
             }
         }

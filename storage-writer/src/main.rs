@@ -116,6 +116,12 @@ struct Args {
     /// offline row.
     #[arg(long, default_value_t = 30 * 24 * 60 * 60 * 1000)]
     presence_retention_ms: u64,
+    /// A device not seen (connecting or leaving) for longer than this loses
+    /// its cursor, keys, one-time prekeys and push target: senders stop
+    /// encrypting for it, and if it comes back it syncs from the start of
+    /// the retention and uploads keys again. 0 keeps them. Not on ScyllaDB.
+    #[arg(long, default_value_t = 120 * 24 * 60 * 60 * 1000)]
+    device_retention_ms: u64,
     /// Hot retention: messages (and their inbox entries) older than this
     /// leave history and sync at once and are removed by the cleanup; a
     /// device that had not received them is told how many it missed. 0
@@ -234,6 +240,7 @@ fn run(args: Args) -> Result<()> {
         backend: backend.clone(),
         idempotency_window: Duration::from_millis(args.idempotency_window_ms),
         presence_retention: Duration::from_millis(args.presence_retention_ms),
+        device_retention: Duration::from_millis(args.device_retention_ms),
         message_retention,
         interval: Duration::from_secs(args.cleanup_interval_s),
         stats: stats.clone(),

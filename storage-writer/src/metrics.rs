@@ -88,6 +88,12 @@ pub fn render(stats: &Stats, push: Option<&PushStats>) -> String {
         (
             "storage_writer_expired_total",
             "Rows removed after their window, by table.",
+            &stats.expired_devices,
+            "{table=\"devices\"}",
+        ),
+        (
+            "storage_writer_expired_total",
+            "Rows removed after their window, by table.",
             &stats.expired_messages,
             "{table=\"messages\"}",
         ),

@@ -199,7 +199,8 @@ impl Server {
             | Request::Revoke { req, .. }
             | Request::RevokedAt { req, .. }
             | Request::PutPushTarget { req, .. }
-            | Request::DeleteAccount { req, .. } => *req,
+            | Request::DeleteAccount { req, .. }
+            | Request::DeviceSeen { req, .. } => *req,
             Request::Hello { .. } => 0,
         };
         // The key directory and revocations are not fed by the rings: no
@@ -267,6 +268,22 @@ impl Server {
                     req,
                     bundles,
                 });
+            }
+            Request::DeviceSeen {
+                req,
+                user,
+                device,
+                at_unix_ms,
+            } => {
+                // A device of an account deleted since (its connection's
+                // close arrives after the deletion) leaves no row behind.
+                let stored = tables.account_deleted_at(&user).and_then(|deleted_at| {
+                    if deleted_at.is_some_and(|deleted| deleted >= at_unix_ms) {
+                        return Ok(());
+                    }
+                    tables.put_device_seen(&user, &device, at_unix_ms)
+                });
+                return refused_or(req, stored, |()| Response::DeviceSeenStored { req });
             }
             Request::DeleteAccount {
                 req,
@@ -392,7 +409,8 @@ impl Server {
             | Request::Revoke { .. }
             | Request::RevokedAt { .. }
             | Request::PutPushTarget { .. }
-            | Request::DeleteAccount { .. } => {
+            | Request::DeleteAccount { .. }
+            | Request::DeviceSeen { .. } => {
                 unreachable!("answered above")
             }
         };

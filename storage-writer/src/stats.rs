@@ -21,6 +21,8 @@ pub struct Stats {
     pub expired_sends: AtomicU64,
     /// Offline presence rows removed after `--presence-retention-ms`.
     pub expired_presence: AtomicU64,
+    /// Devices removed (with their per-device rows) after `--device-retention-ms`.
+    pub expired_devices: AtomicU64,
     /// Message rows and inbox entries removed after `--message-retention-ms`.
     pub expired_messages: AtomicU64,
     /// Bytes given back at once by retention (PostgreSQL partitions dropped).

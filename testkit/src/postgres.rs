@@ -163,6 +163,54 @@ impl Postgres {
         )
     }
 
+    /// One query through `psql` (unaligned, tuples only): its rows, each
+    /// a list of its columns.
+    pub fn query(&self, sql: &str) -> Vec<Vec<String>> {
+        let output = Command::new(bin_dir().join("psql"))
+            .args(["-X", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1"])
+            .args(["-d", &self.url(), "-c", sql])
+            .output()
+            .expect("psql runs");
+        assert!(
+            output.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(|line| line.split('\t').map(str::to_owned).collect())
+            .collect()
+    }
+
+    /// Rows with `user_id = user` in every table of the schema that has a
+    /// `user_id` column (partitions apart from their parent), as (table,
+    /// count), for the tables with any: found by looking at every table
+    /// there is, not at a list the code under test also uses.
+    pub fn rows_naming(&self, user: &str) -> Vec<(String, usize)> {
+        assert!(
+            user.bytes().all(|b| b.is_ascii_alphanumeric()),
+            "a plain user id"
+        );
+        let tables = self.query(
+            "SELECT c.table_name FROM information_schema.columns c \
+             JOIN pg_class k ON k.relname = c.table_name \
+             WHERE c.column_name = 'user_id' AND c.table_schema = current_schema() \
+             AND k.relkind = 'r' ORDER BY 1",
+        );
+        assert!(tables.len() >= 10, "the tables with users: {tables:?}");
+        let mut found = Vec::new();
+        for table in tables {
+            let table = &table[0];
+            let sql = format!("SELECT count(*) FROM {table} WHERE user_id = '{user}'");
+            let count: usize = self.query(&sql)[0][0].parse().unwrap();
+            if count > 0 {
+                found.push((table.clone(), count));
+            }
+        }
+        found
+    }
+
     /// Flags that make a spawned storage-writer use this server.
     pub fn writer_flags(&self) -> Vec<String> {
         vec![

@@ -511,6 +511,7 @@ pub fn adopt(
     // held while the connect-time sync runs (then de-duplicated against it).
     conn.begin_sync();
     shard.register(&conn);
+    shard.note_device_seen(&conn);
     bump(&shard.metrics().handshakes_accepted, 1);
     monoio::spawn(socket::serve(shard.clone(), socket, tls, conn, early_bytes));
 }

@@ -267,6 +267,7 @@ async fn shard_main(setup: ShardSetup, driver: &'static str) -> anyhow::Result<(
     monoio::spawn(store_client::run(shard.clone()));
     monoio::spawn(inbox(shard.clone()));
     monoio::spawn(sweep(shard.clone()));
+    monoio::spawn(devices_seen(shard.clone()));
     monoio::spawn(release_held(shard.clone()));
     monoio::spawn(receipts::flush_loop(shard.clone()));
     monoio::spawn(presence::write_loop(shard.clone()));
@@ -332,6 +333,31 @@ async fn sweep(shard: Rc<Shard>) {
         let mut said = metrics.storage_failure.lock().expect("failure lock");
         if *said != failure {
             *said = failure;
+        }
+    }
+}
+
+/// Tells storage, every `device_seen_interval_ms`, that each device
+/// connected here is still seen (one small request per device, spread over
+/// the interval's first tenth so a big shard sends no burst).
+async fn devices_seen(shard: Rc<Shard>) {
+    let interval = Duration::from_millis(shard.config.device_seen_interval_ms);
+    loop {
+        monoio::time::sleep(interval).await;
+        let conns: Vec<Rc<Conn>> = shard
+            .conns
+            .borrow()
+            .iter()
+            .map(|(_, conn)| conn.clone())
+            .collect();
+        let pause = interval / 10 / (conns.len().max(1) as u32);
+        for conn in conns {
+            if !conn.is_closing() {
+                shard.note_device_seen(&conn);
+            }
+            if !pause.is_zero() {
+                monoio::time::sleep(pause).await;
+            }
         }
     }
 }

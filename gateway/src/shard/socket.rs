@@ -101,6 +101,11 @@ pub async fn serve(
     .await;
 
     shard.unregister(&conn);
+    // No sighting of a revoked device (it would leave a row of a deleted
+    // account behind).
+    if !conn.was_revoked() {
+        shard.note_device_seen(&conn);
+    }
     if let Ending::Close(code) = ending {
         shard.metrics().closed(code);
         Box::pin(close_gracefully(

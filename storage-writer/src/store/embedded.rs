@@ -22,6 +22,7 @@ use chat_protocol::records::PresenceEntry;
 use chat_protocol::store_wire::MemberRole;
 
 mod account;
+mod devices;
 mod social;
 
 /// Inbox counters cached in memory before the cache is cleared.
@@ -68,6 +69,9 @@ pub struct Embedded {
     revocations: PartitionHandle,
     /// (user, device) → the device's push target (its stored form).
     push_targets: PartitionHandle,
+    /// (user, device) → last seen; and its time index (`devices`).
+    devices_seen: PartitionHandle,
+    devices_by_seen: PartitionHandle,
     /// Serialises taking one-time prekeys (the store has no transactions;
     /// every reader of this node shares it, so no prekey is taken twice).
     keys_lock: std::sync::Arc<std::sync::Mutex<()>>,
@@ -111,6 +115,8 @@ impl Embedded {
             presence: open("presence")?,
             revocations: open("revocations")?,
             push_targets: open("push_targets")?,
+            devices_seen: open("devices_seen")?,
+            devices_by_seen: open("devices_by_seen")?,
             keys_lock: Default::default(),
             keyspace,
             fsync,
@@ -153,6 +159,19 @@ impl Embedded {
                 let (inbox_key, value) = item?;
                 self.inbox_by_time
                     .insert(by_time_key(be_u64(&value)?, &inbox_key), [])?;
+            }
+        }
+        if applied < 8 {
+            // Version 8: every device known from its cursor, keys or push
+            // target counts as seen now (its retention runs from here).
+            let now = super::unix_ms_now();
+            for partition in [&self.cursors, &self.device_keys, &self.push_targets] {
+                for item in partition.iter() {
+                    let (row, _) = item?;
+                    if let Some(device_key) = device_key_of(&row) {
+                        self.seen_if_unknown(device_key, now)?;
+                    }
+                }
             }
         }
         if applied < super::migrations::EMBEDDED_VERSION {
@@ -200,6 +219,13 @@ fn key(parts: &[&str], tail: Option<u64>) -> Vec<u8> {
         key.extend_from_slice(&tail.to_be_bytes());
     }
     key
+}
+
+/// The `user\0device\0` at the front of a per-device key.
+fn device_key_of(row: &[u8]) -> Option<&[u8]> {
+    let mut nuls = row.iter().enumerate().filter(|(_, byte)| **byte == 0);
+    let (end, _) = nuls.nth(1)?;
+    Some(&row[..=end])
 }
 
 /// A `sends_by_time` or `inbox_by_time` key: the message id, then the
@@ -618,6 +644,10 @@ impl Tables for Embedded {
         self.revocations.get(at)?.map(|v| be_u64(&v)).transpose()
     }
 
+    fn put_device_seen(&mut self, user: &str, device: &str, at_ms: u64) -> Result<()> {
+        self.put_device_seen_at(user, device, at_ms)
+    }
+
     fn devices_of(&mut self, user: &str) -> Result<Vec<String>> {
         let mut devices = Vec::new();
         for item in self.device_keys.prefix(key(&[user], None)).take(1024) {
@@ -722,6 +752,9 @@ impl Tables for EmbeddedWriter {
     }
     fn expire_presence(&mut self, seen_before_ms: u64, limit: usize) -> Result<usize> {
         self.store.expire_presence_before(seen_before_ms, limit)
+    }
+    fn expire_devices(&mut self, seen_before_ms: u64, limit: usize) -> Result<usize> {
+        self.store.expire_devices_before(seen_before_ms, limit)
     }
     fn recent_sends(
         &mut self,

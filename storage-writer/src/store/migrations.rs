@@ -58,6 +58,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "partitioned_messages",
         statements: include_str!("../../schema/postgres/0007_partitioned_messages.sql"),
     },
+    Migration {
+        version: 8,
+        name: "devices_seen",
+        statements: include_str!("../../schema/postgres/0008_devices_seen.sql"),
+    },
 ];
 
 #[cfg_attr(not(feature = "scylla"), allow(dead_code))]
@@ -99,6 +104,11 @@ pub const SCYLLA: &[Migration] = &[
         name: "message_retention",
         statements: include_str!("../../schema/scylla/0007_message_retention.cql"),
     },
+    Migration {
+        version: 8,
+        name: "devices_seen",
+        statements: include_str!("../../schema/scylla/0008_devices_seen.cql"),
+    },
 ];
 
 /// The embedded store's version: its partitions are opened (created when
@@ -108,8 +118,10 @@ pub const SCYLLA: &[Migration] = &[
 /// 4: `group_settings`; 5: `sends_by_time` (filled from `sends` when the
 /// store is opened); 6: presence expiry (no layout change: the cleanup
 /// thread reads `presence` as it is); 7: `inbox_by_time` (filled from
-/// `inbox` when the store is opened) and `inbox_heads`, for retention.
-pub const EMBEDDED_VERSION: u32 = 7;
+/// `inbox` when the store is opened) and `inbox_heads`, for retention; 8:
+/// `devices_seen` and `devices_by_seen` (every device known from its
+/// cursor, keys or push target counts as seen when the store is opened).
+pub const EMBEDDED_VERSION: u32 = 8;
 
 /// The steps after `applied`, in order. Refuses a database that a newer
 /// build has migrated past what this build knows.

@@ -275,6 +275,21 @@ pub trait Tables {
         anyhow::bail!("this handle does not delete accounts")
     }
 
+    /// Notes that `user`'s `device` was seen (it connected or left) at
+    /// `at_ms`; an earlier time never moves it back. Not made durable here:
+    /// the next commit's fsync carries it.
+    fn put_device_seen(&mut self, _user: &str, _device: &str, _at_ms: u64) -> Result<()> {
+        anyhow::bail!("this handle does not serve the key directory")
+    }
+
+    /// Removes up to `limit` devices last seen before `seen_before_ms`,
+    /// oldest first, each with its cursor, keys, one-time prekeys and push
+    /// target. Returns how many devices. A store that cannot find them by
+    /// time (ScyllaDB) removes none.
+    fn expire_devices(&mut self, _seen_before_ms: u64, _limit: usize) -> Result<usize> {
+        Ok(0)
+    }
+
     /// When `user`'s account was last deleted, in unix ms (`None`: never).
     fn account_deleted_at(&mut self, _user: &str) -> Result<Option<u64>> {
         anyhow::bail!("this handle does not serve revocations")

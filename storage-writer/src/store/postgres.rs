@@ -441,7 +441,7 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
     fn delete_account(&mut self, user: &str, at_ms: u64) -> Result<super::AccountRemoved> {
         // Every table with a user_id column, the ones a user's rows are in
         // (`rows_naming`, in the tests, finds any table this list misses).
-        const TABLES: [&str; 8] = [
+        const TABLES: [&str; 9] = [
             "DELETE FROM sends WHERE user_id = $1",
             "DELETE FROM inbox WHERE user_id = $1",
             "DELETE FROM inbox_heads WHERE user_id = $1",
@@ -450,6 +450,7 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
             "DELETE FROM prekeys WHERE user_id = $1",
             "DELETE FROM push_targets WHERE user_id = $1",
             "DELETE FROM presence WHERE user_id = $1",
+            "DELETE FROM devices_seen WHERE user_id = $1",
         ];
         // The revocation of every device ('') stays: old tokens stay
         // refused; so does the record of a deletion ($2), rewritten below.
@@ -484,6 +485,22 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
         transaction.execute(&mark, &[&user, &scope, &at_ms])?;
         transaction.commit()?;
         Ok(super::AccountRemoved { rows, groups })
+    }
+
+    fn put_device_seen(&mut self, user: &str, device: &str, at_ms: u64) -> Result<()> {
+        let statement = self.prepared(
+            "INSERT INTO devices_seen (user_id, device_id, last_seen_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (user_id, device_id) DO UPDATE SET \
+             last_seen_ms = GREATEST(devices_seen.last_seen_ms, EXCLUDED.last_seen_ms)",
+        )?;
+        // Not worth a WAL flush of its own (one per connection): the next
+        // commit's flush carries it.
+        let asynchronous = self.prepared("SET LOCAL synchronous_commit TO OFF")?;
+        let mut transaction = self.client.transaction()?;
+        transaction.execute(&asynchronous, &[])?;
+        transaction.execute(&statement, &[&user, &device, &id(at_ms)])?;
+        transaction.commit()?;
+        Ok(())
     }
 
     fn account_deleted_at(&mut self, user: &str) -> Result<Option<u64>> {
@@ -614,6 +631,32 @@ impl<C: GenericClient + Send> Tables for Pg<C> {
             .client
             .execute(&statement, &[&id(seen_before_ms), &(limit as i64)])?;
         Ok(removed as usize)
+    }
+
+    fn expire_devices(&mut self, seen_before_ms: u64, limit: usize) -> Result<usize> {
+        // One statement: the devices' time rows go first (locked, so a
+        // device seen meanwhile waits and then starts a fresh row), and
+        // their per-device rows with them.
+        let statement = self.prepared(
+            "WITH gone AS ( \
+                DELETE FROM devices_seen WHERE (user_id, device_id) IN ( \
+                    SELECT user_id, device_id FROM devices_seen WHERE last_seen_ms < $1 \
+                    ORDER BY last_seen_ms LIMIT $2) \
+                RETURNING user_id, device_id), \
+             c AS (DELETE FROM cursors x USING gone g \
+                WHERE x.user_id = g.user_id AND x.device_id = g.device_id), \
+             k AS (DELETE FROM device_keys x USING gone g \
+                WHERE x.user_id = g.user_id AND x.device_id = g.device_id), \
+             p AS (DELETE FROM prekeys x USING gone g \
+                WHERE x.user_id = g.user_id AND x.device_id = g.device_id), \
+             t AS (DELETE FROM push_targets x USING gone g \
+                WHERE x.user_id = g.user_id AND x.device_id = g.device_id) \
+             SELECT count(*) FROM gone",
+        )?;
+        let row = self
+            .client
+            .query_one(&statement, &[&id(seen_before_ms), &(limit as i64)])?;
+        Ok(row.get::<_, i64>(0).max(0) as usize)
     }
 
     /// Transaction-scoped advisory locks, one per group, in sorted order

@@ -84,6 +84,8 @@ struct Statements {
     delete_cursors: PreparedStatement,
     delete_presence: PreparedStatement,
     delete_revocation: PreparedStatement,
+    put_device_seen: PreparedStatement,
+    delete_devices_seen: PreparedStatement,
 }
 
 pub struct ScyllaBackend {
@@ -283,6 +285,9 @@ impl ScyllaBackend {
                 delete_cursors: prepare(format!("DELETE FROM {k}.cursors WHERE user_id = ?")).await?,
                 delete_presence: prepare(format!("DELETE FROM {k}.presence WHERE user_id = ?")).await?,
                 delete_revocation: prepare(format!("DELETE FROM {k}.revocations WHERE user_id = ? AND device_id = ?")).await?,
+                // The time as the write timestamp: a later sighting wins.
+                put_device_seen: prepare(format!("INSERT INTO {k}.devices_seen (user_id, device_id, last_seen_ms) VALUES (?, ?, ?) USING TIMESTAMP ?")).await?,
+                delete_devices_seen: prepare(format!("DELETE FROM {k}.devices_seen WHERE user_id = ?")).await?,
             };
             anyhow::Ok((session, statements))
         })?;
@@ -693,6 +698,7 @@ impl Tables for Scylla {
             &s.delete_cursors,
             &s.delete_presence,
             &s.delete_push_targets,
+            &s.delete_devices_seen,
         ] {
             self.execute(statement, (user,))?;
             rows += 1;
@@ -723,6 +729,14 @@ impl Tables for Scylla {
             (user, scope, at, at.saturating_mul(1_000)),
         )?;
         Ok(super::AccountRemoved { rows, groups })
+    }
+
+    fn put_device_seen(&mut self, user: &str, device: &str, at_ms: u64) -> Result<()> {
+        let at = i64::try_from(at_ms)?;
+        self.execute(
+            &self.statements.put_device_seen,
+            (user, device, at, at.saturating_mul(1_000)),
+        )
     }
 
     fn account_deleted_at(&mut self, user: &str) -> Result<Option<u64>> {

@@ -36,42 +36,14 @@ fn embedded() -> Fixture {
 }
 
 fn postgres() -> Fixture {
-    let server = testkit::postgres::Postgres::start();
-    let url = server.url();
-    let backend = super::postgres::PostgresBackend::connect(&url).unwrap();
+    let server = std::rc::Rc::new(testkit::postgres::Postgres::start());
+    let backend = super::postgres::PostgresBackend::connect(&server.url()).unwrap();
+    let audited = server.clone();
     Fixture {
         backend: Box::new(backend),
-        rows_naming: Box::new(move |user| postgres_rows_naming(&url, user)),
+        rows_naming: Box::new(move |user| audited.rows_naming(user)),
         _keep: Box::new(server),
     }
-}
-
-/// Rows with `user_id = user` in every table of the schema that has a
-/// `user_id` column (partitions are listed apart from their parent).
-fn postgres_rows_naming(url: &str, user: &str) -> Vec<(String, usize)> {
-    let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
-    let tables: Vec<String> = client
-        .query(
-            "SELECT c.table_name FROM information_schema.columns c \
-             JOIN pg_class k ON k.relname = c.table_name \
-             WHERE c.column_name = 'user_id' AND c.table_schema = current_schema() \
-             AND k.relkind = 'r' ORDER BY 1",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    assert!(tables.len() >= 10, "the tables with users: {tables:?}");
-    let mut found = Vec::new();
-    for table in tables {
-        let sql = format!("SELECT count(*) FROM {table} WHERE user_id = $1");
-        let count: i64 = client.query_one(sql.as_str(), &[&user]).unwrap().get(0);
-        if count > 0 {
-            found.push((table, count as usize));
-        }
-    }
-    found
 }
 
 /// Runs `rule` on both backends.
@@ -106,6 +78,7 @@ on_every_backend!(
     messages_older_than_the_retention_leave_history_inbox_and_sync,
     a_delete_by_its_sender_leaves_a_tombstone_and_others_are_refused,
     a_deleted_account_leaves_no_row_but_its_revocation,
+    devices_not_seen_for_the_retention_lose_their_per_device_rows,
 );
 
 /// A message of group `group` from `from`, to `recipients`, with an optional event.
@@ -911,6 +884,8 @@ fn a_deleted_account_leaves_no_row_but_its_revocation(fixture: &Fixture) {
         tables.put_push_target(user, device, Some(target)).unwrap();
     }
     tables.revoke("alice", Some("tablet"), 100).unwrap();
+    tables.put_device_seen("alice", "phone", 150).unwrap();
+    tables.put_device_seen("bob", "phone", 150).unwrap();
     let before = (fixture.rows_naming)("alice");
     for table in [
         "sends",
@@ -919,6 +894,7 @@ fn a_deleted_account_leaves_no_row_but_its_revocation(fixture: &Fixture) {
         "device_keys",
         "prekeys",
         "push_targets",
+        "devices_seen",
     ] {
         assert!(
             // (PostgreSQL's inbox is its partitions: inbox_default, ...)
@@ -977,6 +953,76 @@ fn a_deleted_account_leaves_no_row_but_its_revocation(fixture: &Fixture) {
     );
     let mut again = fixture.backend.reader().unwrap();
     assert_eq!(again.account_deleted_at("alice").unwrap(), Some(300));
+}
+
+fn devices_not_seen_for_the_retention_lose_their_per_device_rows(fixture: &Fixture) {
+    let mut tables = fixture.backend.reader().unwrap();
+    let prekeys = vec!["k1".to_owned(), "k2".to_owned()];
+    let devices = [
+        ("alice", "phone", 1_000),
+        ("alice", "laptop", 1_000),
+        ("bob", "phone", 2_000),
+    ];
+    for (user, device, seen) in devices {
+        let upload = super::DeviceKeys {
+            user,
+            device,
+            identity_key: "i",
+            signed_prekey: "s",
+            signed_prekey_signature: "g",
+            one_time_prekeys: &prekeys,
+        };
+        tables.put_device_keys(&upload).unwrap();
+        let target = br#"{"kind":"fcm","token":"t"}"#;
+        tables.put_push_target(user, device, Some(target)).unwrap();
+        let cursor = super::Cursor {
+            through: 3,
+            above: vec![5],
+        };
+        tables.put_cursor(user, device, &cursor).unwrap();
+        tables.put_device_seen(user, device, seen).unwrap();
+    }
+    // The laptop came back later; an older sighting never moves it back.
+    tables.put_device_seen("alice", "laptop", 5_000).unwrap();
+    tables.put_device_seen("alice", "laptop", 4_000).unwrap();
+    let expire = |before: u64, limit: usize| -> usize {
+        let mut removed = 0;
+        let mut writer = fixture.backend.writer().unwrap();
+        writer
+            .write_batch(&mut |tables| {
+                removed = tables.expire_devices(before, limit)?;
+                Ok(())
+            })
+            .unwrap();
+        removed
+    };
+    // In batches: one device, then the other, then nothing.
+    assert_eq!(expire(4_500, 1), 1);
+    assert_eq!(expire(4_500, 1), 1);
+    assert_eq!(expire(4_500, 1), 0);
+    assert_eq!(tables.devices_of("alice").unwrap(), ["laptop"]);
+    let targets: Vec<String> = tables
+        .push_targets("alice")
+        .unwrap()
+        .into_iter()
+        .map(|(device, _)| device)
+        .collect();
+    assert_eq!(targets, ["laptop"]);
+    assert_eq!(tables.cursor("alice", "laptop").unwrap().through, 3);
+    assert_eq!(tables.cursor("alice", "phone").unwrap().through, 0);
+    // Every table there is: bob's only device is gone whole.
+    assert_eq!((fixture.rows_naming)("bob"), []);
+    let alice = (fixture.rows_naming)("alice");
+    for table in ["cursors", "device_keys", "push_targets", "devices_seen"] {
+        assert!(
+            alice.contains(&(table.to_owned(), 1)),
+            "the laptop's row in {table}: {alice:?}"
+        );
+    }
+    assert!(alice.contains(&("prekeys".to_owned(), 2)), "{alice:?}");
+    // Back after its rows went: a new device, seen from now on.
+    tables.put_device_seen("bob", "phone", 9_000).unwrap();
+    assert_eq!(expire(4_500, 10), 0);
 }
 
 fn a_revocation_is_kept_and_takes_the_devices_keys_with_it(fixture: &Fixture) {
@@ -1170,12 +1216,14 @@ fn a_postgres_database_from_before_versions_is_migrated_in_place_once() {
         .unwrap();
     // A message and its inbox entry, which migration 7 moves under the
     // partitioned tables (as their DEFAULT partitions) without copying.
+    let started = super::unix_ms_now() as i64;
     let old_id = chat_protocol::snowflake::first_id_at(super::unix_ms_now()) as i64;
     client
         .batch_execute(&format!(
             "INSERT INTO messages VALUES ('dm:a:b', {old_id}, '\\x01'); \
              INSERT INTO inbox VALUES ('b', 1, {old_id}, 'dm:a:b', ''); \
-             INSERT INTO inbox_heads VALUES ('b', 1)"
+             INSERT INTO inbox_heads VALUES ('b', 1); \
+             INSERT INTO cursors VALUES ('b', 'phone', '\\x00')"
         ))
         .unwrap();
     for _ in 0..2 {
@@ -1195,6 +1243,20 @@ fn a_postgres_database_from_before_versions_is_migrated_in_place_once() {
         );
         tables.put_push_target("old", "phone", Some(b"t")).unwrap();
     }
+    // Migration 8: a device known before it counts as seen at the upgrade,
+    // so the device retention runs from then, not from an unknown past.
+    let seen: Vec<(String, String, i64)> = client
+        .query(
+            "SELECT user_id, device_id, last_seen_ms FROM devices_seen",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!((seen[0].0.as_str(), seen[0].1.as_str()), ("b", "phone"));
+    assert!(seen[0].2 >= started, "seen at the upgrade: {seen:?}");
     let versions: Vec<i32> = client
         .query(
             "SELECT version FROM schema_migrations ORDER BY version",
@@ -1247,6 +1309,45 @@ fn the_embedded_store_records_its_version_and_refuses_a_newer_one() {
     };
     let error = format!("{error:#}");
     assert!(error.contains("newer than this storage-writer"), "{error}");
+}
+
+#[test]
+fn an_embedded_store_from_version_7_counts_its_known_devices_as_seen_at_the_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let started = super::unix_ms_now();
+    {
+        // Version 7's layout: a device with a cursor, one with only a push
+        // target, and no `devices_seen`.
+        let keyspace = fjall::Config::new(&path).open().unwrap();
+        let open = |name: &str| {
+            keyspace
+                .open_partition(name, fjall::PartitionCreateOptions::default())
+                .unwrap()
+        };
+        open("cursors").insert(b"bob\0phone\0", [0u8]).unwrap();
+        open("push_targets").insert(b"bob\0tablet\0", b"t").unwrap();
+        open("meta")
+            .insert(b"schema_version", 7u32.to_be_bytes())
+            .unwrap();
+        keyspace.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let store = Embedded::open(&path, 1 << 20, Fsync::Batch).unwrap();
+    let fixture = Fixture {
+        backend: Box::new(crate::backend::EmbeddedBackend(store.clone())),
+        rows_naming: Box::new(move |user| store.rows_naming(user).unwrap()),
+        _keep: Box::new(()),
+    };
+    let found = (fixture.rows_naming)("bob");
+    assert!(found.contains(&("devices_seen".to_owned(), 2)), "{found:?}");
+    // Seen at the upgrade: a retention cut from before it removes nothing.
+    let mut writer = fixture.backend.writer().unwrap();
+    writer
+        .write_batch(&mut |tables| {
+            assert_eq!(tables.expire_devices(started, 10)?, 0);
+            Ok(())
+        })
+        .unwrap();
 }
 
 fn roles_follow_the_changes_and_history_starts_at_joining(fixture: &Fixture) {

@@ -219,6 +219,15 @@ impl Conn {
         self.close.get().is_some()
     }
 
+    /// Closed because its device was revoked or its account deleted: it is
+    /// not coming back as itself, so it leaves no sighting or presence row.
+    pub fn was_revoked(&self) -> bool {
+        matches!(
+            self.close.get(),
+            Some(CloseCode::Revoked | CloseCode::AccountDeleted)
+        )
+    }
+
     pub fn last_seen_ms(&self) -> u64 {
         self.last_seen_ms.get()
     }

@@ -159,14 +159,38 @@ impl Shard {
         let last_here = self.users.borrow_mut().remove(conn);
         if let Some(written) = last_here {
             self.interest(&conn.user_id, false);
-            let now_unix_ms = crate::clock::unix_ms();
-            self.presence
-                .borrow_mut()
-                .went_offline(&conn.user_id, now_unix_ms, written);
+            // Revoked (every device) or deleted: no departure is written,
+            // which would leave a presence row of a deleted account; a
+            // reader takes the last online row as offline once it is 2.5
+            // intervals old, and the deletion removed it.
+            if !conn.was_revoked() {
+                let now_unix_ms = crate::clock::unix_ms();
+                self.presence
+                    .borrow_mut()
+                    .went_offline(&conn.user_id, now_unix_ms, written);
+            }
         }
         self.conns.borrow_mut().try_remove(conn.slot);
         let connections = &self.metrics().connections;
         connections.store(connections.load(Relaxed).saturating_sub(1), Relaxed);
+    }
+
+    /// Tells storage that `conn`'s device was seen now (it connected or
+    /// left), so its per-device rows outlive the writer's device retention
+    /// while it keeps coming back. Nobody waits for the answer.
+    pub fn note_device_seen(self: &Rc<Self>, conn: &Conn) {
+        let shard = self.clone();
+        let (user, device) = (conn.user_id.to_string(), conn.device_id.to_string());
+        monoio::spawn(async move {
+            let request = |req| chat_protocol::store_wire::Request::DeviceSeen {
+                req,
+                user,
+                device,
+                at_unix_ms: crate::clock::unix_ms(),
+            };
+            // A sighting lost to an outage only makes the device look older.
+            let _ = shard.store.request(request, shard.storage_timeout()).await;
+        });
     }
 
     /// Forgets `group`'s cached member list on every shard here, so each

@@ -268,6 +268,7 @@ async fn read_loop<O: ReadPathOwner>(
                 | Response::RevokedAt { req, .. }
                 | Response::PushTargetStored { req, .. }
                 | Response::AccountDeleted { req, .. }
+                | Response::DeviceSeenStored { req, .. }
                 | Response::Failed { req, .. } => shard.read_path().complete(req, response),
             }
         }

@@ -40,6 +40,7 @@ impl Embedded {
             rows += 1;
         }
         rows += remove_prefix(&self.inbox_ids, &prefix)?;
+        rows += self.forget_devices_of(&prefix)?;
         if self.inbox_heads.get(user)?.is_some() {
             self.inbox_heads.remove(user)?;
             rows += 1;
