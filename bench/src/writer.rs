@@ -45,12 +45,17 @@ pub struct WriterArgs {
     #[arg(long, default_value_t = 100)]
     pub body_bytes: usize,
     /// Also append the recipient's acknowledgement after each message (as a
-    /// device that reads everything would): twice the records.
+    /// device that reads everything would): twice the records. 1:1 only.
     #[arg(long)]
     pub acks: bool,
     /// Distinct users (each message goes from user i to user i+1).
     #[arg(long, default_value_t = 1000)]
     pub users: usize,
+    /// Group messages instead of 1:1: each goes to a group of this many
+    /// members (a window of `--users`, moving with each message), with
+    /// every member an inbox entry. 0: 1:1 messages.
+    #[arg(long, default_value_t = 0)]
+    pub group_members: usize,
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     pub ring_bytes: u64,
     /// Pin the writer (all its threads) to this core, for a one-core figure.
@@ -96,6 +101,12 @@ pub fn run(args: &WriterArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.records >= 1 && args.users >= 2,
         "need 1+ records and 2+ users"
+    );
+    anyhow::ensure!(
+        args.group_members <= args.users
+            && args.group_members <= chat_protocol::records::RECIPIENTS_MAX,
+        "--group-members is at most --users and {}",
+        chat_protocol::records::RECIPIENTS_MAX
     );
     let temporary = args.dir.is_none();
     let dir = match &args.dir {
@@ -345,13 +356,26 @@ fn drive(
             }
         }
         let from = &users[index as usize % users.len()];
-        let to = &users[(index as usize + 1) % users.len()];
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_millis() as u64;
         let message_id = ids.next_id(now_ms);
-        let conversation = chat_protocol::ids::direct_conversation_id(from, to);
         let client_msg_id = format!("b{index}");
+        // A group: its members from the sender on; its id names the window.
+        let (to, conversation, recipients) = if args.group_members > 0 {
+            let first = index as usize % users.len();
+            let members: Vec<&str> = (0..args.group_members)
+                .map(|offset| users[(first + offset) % users.len()].as_str())
+                .collect();
+            let group = format!("g{first}");
+            let conversation = chat_protocol::ids::group_conversation_id(&group);
+            (group, conversation, members)
+        } else {
+            let to = users[(index as usize + 1) % users.len()].clone();
+            let conversation = chat_protocol::ids::direct_conversation_id(from, &to);
+            (to, conversation, Vec::new())
+        };
+        let to = to.as_str();
         let record = MessageRecord {
             message_id,
             ts: now_ms,
@@ -363,11 +387,11 @@ fn drive(
             body: &body,
             media: None,
             event: None,
-            recipients: Vec::new(),
+            recipients,
             bodies: Vec::new(),
         }
         .encode();
-        let ack = args.acks.then(|| {
+        let ack = (args.acks && args.group_members == 0).then(|| {
             chat_protocol::records::AckRecord {
                 user: to,
                 device: "d0",
