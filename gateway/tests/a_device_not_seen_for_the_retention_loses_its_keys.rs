@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use testkit::gateway::{http_get, metric_in, Client, Gateway, WAIT};
+use testkit::gateway::{http_get, metric_in, writer_args, Client, Gateway, WAIT};
 
 /// The device retention, short enough for a test and several device-seen
 /// intervals long.
@@ -24,27 +24,27 @@ fn devices_of(asker: &mut Client, user: &str) -> serde_json::Value {
 fn a_device_gone_past_the_retention_loses_its_keys_and_a_connected_one_keeps_them() {
     let retention = RETENTION_MS.to_string();
     let writer_metrics = format!("127.0.0.1:{}", testkit::free_port());
-    let gateway = Gateway::start(&[
+    let mut flags = writer_args(&[
+        "--metrics-listen",
+        &writer_metrics,
+        "--device-retention-ms",
+        &retention,
+        "--cleanup-interval-s",
+        "1",
+    ]);
+    // `devices` shares the key directory's allowance: bob polls.
+    for flag in [
         "--device-seen-interval-ms",
         "1000",
-        // `devices` shares the key directory's allowance: bob polls.
         "--prekey-fetches-per-s",
         "100",
         "--prekey-fetches-burst",
         "100",
-        "--storage-writer-arg",
-        "--metrics-listen",
-        "--storage-writer-arg",
-        &writer_metrics,
-        "--storage-writer-arg",
-        "--device-retention-ms",
-        "--storage-writer-arg",
-        &retention,
-        "--storage-writer-arg",
-        "--cleanup-interval-s",
-        "--storage-writer-arg",
-        "1",
-    ]);
+    ] {
+        flags.push(flag.to_owned());
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let gateway = Gateway::start(&flags);
     let mut phone = gateway.connect("alice", "phone");
     phone.upload_keys();
     let mut laptop = gateway.connect("alice", "laptop");

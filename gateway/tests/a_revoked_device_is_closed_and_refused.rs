@@ -125,9 +125,7 @@ fn the_revocation_api_is_off_without_an_admin_token() {
 
 #[test]
 fn revoking_a_user_closes_their_devices_on_every_node() {
-    let fleet = Fleet::start_with(2, &["--admin-token", ADMIN_TOKEN]);
-    let nodes: Vec<&Gateway> = fleet.nodes.iter().collect();
-    fleet.wait_membership(&nodes, 2);
+    let fleet = Fleet::start_joined(2, &["--admin-token", ADMIN_TOKEN]);
     let mut on_a = fleet.nodes[0].connect("carol", "phone");
     let mut on_b = connect_at(fleet.nodes[1].ws, "carol", "laptop");
     let mut dave = fleet.nodes[1].connect("dave", "phone");

@@ -22,6 +22,12 @@ fn members_of(asker: &mut Client, group: &str) -> Value {
     asker.recv_type("group_members")["members"].clone()
 }
 
+/// Reads until the message with `body`; its conversation.
+fn conversation_of(reader: &mut Client, body: &str) -> String {
+    let message = reader.messages_until(body).pop().unwrap();
+    message["conversation"].as_str().unwrap().to_owned()
+}
+
 /// The bodies of `conversation`'s history as `reader` reads it, oldest first.
 fn bodies(reader: &mut Client, conversation: &str) -> Vec<String> {
     reader
@@ -45,10 +51,7 @@ fn a_user_deletes_their_own_account_and_nothing_of_theirs_is_left_but_what_they_
     let group = phone.create_group("g1", &["bob", "carol"]);
     phone.send_message("m1", "bob", "hello bob");
     phone.recv_type("sent");
-    let conversation = bob.messages_until("hello bob").pop().unwrap()["conversation"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let conversation = conversation_of(&mut bob, "hello bob");
     bob.send_message("m2", "alice", "hi alice");
     bob.recv_type("sent");
     phone.messages_until("hi alice");
@@ -107,19 +110,14 @@ fn a_user_deletes_their_own_account_and_nothing_of_theirs_is_left_but_what_they_
 fn an_operator_deletes_an_account_on_every_node() {
     // (A fleet writes presence every 400 ms: a departure or an online row
     // written after the deletion shows in the check at the end.)
-    let fleet = Fleet::start_with(2, &["--admin-token", ADMIN_TOKEN]);
-    let nodes: Vec<&Gateway> = fleet.nodes.iter().collect();
-    fleet.wait_membership(&nodes, 2);
+    let fleet = Fleet::start_joined(2, &["--admin-token", ADMIN_TOKEN]);
     let mut on_a = fleet.nodes[0].connect("carol", "phone");
     let mut on_b = connect_at(fleet.nodes[1].ws, "carol", "laptop");
     let mut dave = fleet.nodes[1].connect("dave", "phone");
     let issued_before = token("carol", "tablet");
     on_a.send_message("c1", "dave", "from carol");
     on_a.recv_type("sent");
-    let conversation = dave.messages_until("from carol").pop().unwrap()["conversation"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let conversation = conversation_of(&mut dave, "from carol");
 
     // An account goes whole: naming a device is refused.
     let (status, body) = admin_request(

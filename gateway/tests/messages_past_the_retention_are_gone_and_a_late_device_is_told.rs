@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use testkit::gateway::Gateway;
+use testkit::gateway::{writer_args, Gateway};
 
 const RETENTION_MS: u64 = 8_000;
 
@@ -38,20 +38,16 @@ fn sync_bob(gateway: &Gateway) -> (Vec<serde_json::Value>, serde_json::Value) {
 fn a_device_away_past_the_retention_is_told_what_it_missed_and_keeps_the_rest() {
     let retention = RETENTION_MS.to_string();
     let writer_metrics = format!("127.0.0.1:{}", testkit::free_port());
-    let gateway = Gateway::start(&[
-        "--storage-writer-arg",
+    let flags = writer_args(&[
         "--metrics-listen",
-        "--storage-writer-arg",
         &writer_metrics,
-        "--storage-writer-arg",
         "--message-retention-ms",
-        "--storage-writer-arg",
         &retention,
-        "--storage-writer-arg",
         "--cleanup-interval-s",
-        "--storage-writer-arg",
         "1",
     ]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let gateway = Gateway::start(&flags);
     let mut alice = gateway.connect("alice", "phone");
     for index in 0..5 {
         alice.send_message(&format!("old-{index}"), "bob", &format!("old {index}"));

@@ -91,6 +91,14 @@ impl Fleet {
     }
 
     /// Waits until every running node counts `count` live nodes.
+    /// `start_with`, then waits until every node sees all the others.
+    pub fn start_joined(count: usize, extra: &[&str]) -> Fleet {
+        let fleet = Self::start_with(count, extra);
+        let nodes: Vec<&Gateway> = fleet.nodes.iter().collect();
+        fleet.wait_membership(&nodes, count as u64);
+        fleet
+    }
+
     pub fn wait_membership(&self, nodes: &[&Gateway], count: u64) {
         let deadline = Instant::now() + WAIT * 2;
         for node in nodes {

@@ -47,6 +47,14 @@ pub fn token(user: &str, device: &str) -> String {
     chat_protocol::token::mint(SECRET.as_bytes(), user, device, unix_s(), unix_s() + 3600).unwrap()
 }
 
+/// Gateway flags that pass each of `args` to its spawned storage-writer
+/// (`--storage-writer-arg` before each).
+pub fn writer_args(args: &[&str]) -> Vec<String> {
+    args.iter()
+        .flat_map(|arg| ["--storage-writer-arg".to_owned(), (*arg).to_owned()])
+        .collect()
+}
+
 /// A token issued after every revocation so far: tokens carry seconds, so
 /// this waits for the next one.
 pub fn fresh_token(user: &str, device: &str) -> String {

@@ -834,6 +834,22 @@ fn a_sync_made_since_an_id_offers_what_a_cumulative_ack_passed(fixture: &Fixture
     assert!(synced_ids_from(fixture, "alice", "phone", from).is_empty());
 }
 
+/// Gives `user`'s `device` keys with `prekeys` one-time prekeys and a push target.
+fn enroll(tables: &mut dyn Tables, user: &str, device: &str, prekeys: usize) {
+    let prekeys: Vec<String> = (0..prekeys).map(|i| format!("k{i}")).collect();
+    let upload = super::DeviceKeys {
+        user,
+        device,
+        identity_key: "i",
+        signed_prekey: "s",
+        signed_prekey_signature: "g",
+        one_time_prekeys: &prekeys,
+    };
+    tables.put_device_keys(&upload).unwrap();
+    let target = br#"{"kind":"fcm","token":"t"}"#;
+    tables.put_push_target(user, device, Some(target)).unwrap();
+}
+
 fn a_deleted_account_leaves_no_row_but_its_revocation(fixture: &Fixture) {
     let create = Event::Group {
         action: GroupAction::Create,
@@ -869,19 +885,8 @@ fn a_deleted_account_leaves_no_row_but_its_revocation(fixture: &Fixture) {
         false,
     );
     let mut tables = fixture.backend.reader().unwrap();
-    let prekeys = vec!["k1".to_owned()];
     for (user, device) in [("alice", "phone"), ("alice", "laptop"), ("bob", "phone")] {
-        let upload = super::DeviceKeys {
-            user,
-            device,
-            identity_key: "i",
-            signed_prekey: "s",
-            signed_prekey_signature: "g",
-            one_time_prekeys: &prekeys,
-        };
-        tables.put_device_keys(&upload).unwrap();
-        let target = br#"{"kind":"fcm","token":"t"}"#;
-        tables.put_push_target(user, device, Some(target)).unwrap();
+        enroll(&mut *tables, user, device, 1);
     }
     tables.revoke("alice", Some("tablet"), 100).unwrap();
     tables.put_device_seen("alice", "phone", 150).unwrap();
@@ -957,24 +962,13 @@ fn a_deleted_account_leaves_no_row_but_its_revocation(fixture: &Fixture) {
 
 fn devices_not_seen_for_the_retention_lose_their_per_device_rows(fixture: &Fixture) {
     let mut tables = fixture.backend.reader().unwrap();
-    let prekeys = vec!["k1".to_owned(), "k2".to_owned()];
     let devices = [
         ("alice", "phone", 1_000),
         ("alice", "laptop", 1_000),
         ("bob", "phone", 2_000),
     ];
     for (user, device, seen) in devices {
-        let upload = super::DeviceKeys {
-            user,
-            device,
-            identity_key: "i",
-            signed_prekey: "s",
-            signed_prekey_signature: "g",
-            one_time_prekeys: &prekeys,
-        };
-        tables.put_device_keys(&upload).unwrap();
-        let target = br#"{"kind":"fcm","token":"t"}"#;
-        tables.put_push_target(user, device, Some(target)).unwrap();
+        enroll(&mut *tables, user, device, 2);
         let cursor = super::Cursor {
             through: 3,
             above: vec![5],
