@@ -18,7 +18,7 @@
 //! `storage_writer_cleanup_caught_up_unix_seconds`. Never removes a row its
 //! window still needs, and never retries a failed pass sooner than the next one.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -116,27 +116,28 @@ impl Cleanup {
         if !self.expire(&mut *writer, &expire_sends, &self.stats.expired_sends) {
             return None;
         }
-        if !self.presence_retention.is_zero() {
-            let retention_ms = self.presence_retention.as_millis() as u64;
-            let seen_before = now.saturating_sub(retention_ms);
-            let expire_presence = |tables: &mut dyn Tables, limit| {
-                tables
-                    .expire_presence(seen_before, limit)
-                    .map(|removed| rows(removed, limit))
-            };
-            if !self.expire(&mut *writer, &expire_presence, &self.stats.expired_presence) {
-                return None;
+        // Rows last seen longer ago than a retention (zero: kept), row by row.
+        let by_last_seen: [(Duration, LastSeenStep, &AtomicU64); 2] = [
+            (
+                self.presence_retention,
+                |tables, before, limit| tables.expire_presence(before, limit),
+                &self.stats.expired_presence,
+            ),
+            (
+                self.device_retention,
+                |tables, before, limit| tables.expire_devices(before, limit),
+                &self.stats.expired_devices,
+            ),
+        ];
+        for (retention, step, removed_total) in by_last_seen {
+            if retention.is_zero() {
+                continue;
             }
-        }
-        if !self.device_retention.is_zero() {
-            let retention_ms = self.device_retention.as_millis() as u64;
-            let seen_before = now.saturating_sub(retention_ms);
-            let expire_devices = |tables: &mut dyn Tables, limit| {
-                tables
-                    .expire_devices(seen_before, limit)
-                    .map(|removed| rows(removed, limit))
+            let seen_before = now.saturating_sub(retention.as_millis() as u64);
+            let expire = |tables: &mut dyn Tables, limit| {
+                step(tables, seen_before, limit).map(|removed| rows(removed, limit))
             };
-            if !self.expire(&mut *writer, &expire_devices, &self.stats.expired_devices) {
+            if !self.expire(&mut *writer, &expire, removed_total) {
                 return None;
             }
         }
@@ -156,7 +157,7 @@ impl Cleanup {
         &self,
         writer: &mut dyn BatchWriter,
         step: &dyn Fn(&mut dyn Tables, usize) -> anyhow::Result<Expired>,
-        removed_total: &std::sync::atomic::AtomicU64,
+        removed_total: &AtomicU64,
     ) -> bool {
         loop {
             let mut removed = Expired::default();
@@ -181,6 +182,9 @@ impl Cleanup {
         }
     }
 }
+
+/// Removes up to a limit of rows last seen before a time; returns how many.
+type LastSeenStep = fn(&mut dyn Tables, u64, usize) -> anyhow::Result<usize>;
 
 /// A row-by-row step's count: more may be left when it removed its limit.
 fn rows(removed: usize, limit: usize) -> Expired {
