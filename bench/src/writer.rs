@@ -25,8 +25,10 @@ use chat_ring::{attach_producer, RingOptions};
 
 use crate::report::{self, Percentiles};
 
-/// Longest a run may take, all phases together.
-const RUN_LIMIT: Duration = Duration::from_secs(600);
+/// Longest a run may take, all phases together, unless `--time-limit-s` says otherwise.
+const RUN_LIMIT_DEFAULT_S: u64 = 600;
+/// The most `--time-limit-s` accepts: a run is always bounded.
+const RUN_LIMIT_MAX_S: u64 = 3 * 60 * 60;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct WriterArgs {
@@ -67,6 +69,10 @@ pub struct WriterArgs {
     /// JSON summary.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Longest the run may take, all phases together (at most three hours):
+    /// a run of ten million records on one core needs more than the default.
+    #[arg(long, default_value_t = RUN_LIMIT_DEFAULT_S)]
+    pub time_limit_s: u64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -107,6 +113,10 @@ pub fn run(args: &WriterArgs) -> anyhow::Result<()> {
             && args.group_members <= chat_protocol::records::RECIPIENTS_MAX,
         "--group-members is at most --users and {}",
         chat_protocol::records::RECIPIENTS_MAX
+    );
+    anyhow::ensure!(
+        (1..=RUN_LIMIT_MAX_S).contains(&args.time_limit_s),
+        "--time-limit-s is 1 to {RUN_LIMIT_MAX_S}"
     );
     let temporary = args.dir.is_none();
     let dir = match &args.dir {
@@ -339,6 +349,7 @@ fn drive(
         })
     };
 
+    let run_limit = Duration::from_secs(args.time_limit_s);
     let cpu_before = crate::procfs::process_cpu_seconds(writer_pid)?;
     let body = "b".repeat(args.body_bytes);
     let mut ids = SnowflakeGenerator::new(0, 0);
@@ -348,7 +359,7 @@ fn drive(
     let mut ring_full_waits = 0;
     let mut last_end = 0;
     for index in 0..args.records {
-        anyhow::ensure!(started.elapsed() < RUN_LIMIT, "run exceeded its time bound");
+        anyhow::ensure!(started.elapsed() < run_limit, "run exceeded its time bound");
         if let Some(interval) = interval {
             let due = started + interval * index as u32;
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -412,7 +423,7 @@ fn drive(
     }
     while waiting.durable.load(Relaxed) < last_end {
         anyhow::ensure!(
-            started.elapsed() < RUN_LIMIT,
+            started.elapsed() < run_limit,
             "writer did not catch up in time"
         );
         std::thread::sleep(Duration::from_micros(200));

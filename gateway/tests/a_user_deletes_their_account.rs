@@ -2,8 +2,9 @@
 //! account (`delete_account`, confirmed with their user id) or an operator
 //! does (`POST /delete-account`, `gateway delete-account`). Every device of
 //! theirs closes with 4004 (4003 on other nodes), their tokens are refused
-//! from then on (also after a `kill -9`), their keys and group memberships
-//! go, what they sent stays in the other side's history (the documented
+//! from then on (also after a `kill -9`), their keys go, they leave their
+//! groups (a `left` change the other members see live, on sync and in
+//! history), what they sent stays in the other side's history (the documented
 //! choice), and a later sign-in under the name finds an empty account. The
 //! fleet's PostgreSQL is checked table by table after an operator's
 //! deletion; the storage-writer's
@@ -20,6 +21,11 @@ const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789abcdef";
 fn members_of(asker: &mut Client, group: &str) -> Value {
     asker.send(json!({"type": "group_members", "group": group}));
     asker.recv_type("group_members")["members"].clone()
+}
+
+/// Whether `message` is `user`'s `left` change.
+fn is_left_by(message: &Value, user: &str) -> bool {
+    message["event"]["action"] == "left" && message["event"]["members"] == json!([user])
 }
 
 /// Reads until the message with `body`; its conversation.
@@ -71,7 +77,28 @@ fn a_user_deletes_their_own_account_and_nothing_of_theirs_is_left_but_what_they_
     assert_eq!(laptop.closed_within_wait(), Some(4004));
     assert_eq!(gateway.connect_with_token(&issued_before).err(), Some(401));
 
-    // Bob: alice's keys are gone, she left the group, and what each sent
+    // She left the group, and its members are told: bob live, carol (who
+    // was offline) on sync, both in its history, where it is the last.
+    let left = bob.recv_type("message");
+    assert!(is_left_by(&left, "alice"), "{left}");
+    assert_eq!(left["group"], group.as_str(), "{left}");
+    let carol = gateway.connect("carol", "phone");
+    let synced_events: Vec<&Value> = carol
+        .synced
+        .iter()
+        .filter(|m| m["group"] == group.as_str())
+        .collect();
+    assert_eq!(
+        synced_events.len(),
+        2,
+        "created and left: {:?}",
+        carol.synced
+    );
+    assert!(is_left_by(synced_events[1], "alice"), "{:?}", carol.synced);
+    let history = bob.whole_history(&format!("grp:{group}"));
+    assert!(is_left_by(history.last().unwrap(), "alice"), "{history:?}");
+
+    // Bob: alice's keys are gone, she is not a member, and what each sent
     // the other stays in his history.
     bob.send(json!({"type": "devices", "user": "alice"}));
     assert_eq!(bob.recv_type("devices")["devices"], json!([]));
@@ -115,6 +142,7 @@ fn an_operator_deletes_an_account_on_every_node() {
     let mut on_b = connect_at(fleet.nodes[1].ws, "carol", "laptop");
     let mut dave = fleet.nodes[1].connect("dave", "phone");
     let issued_before = token("carol", "tablet");
+    let group = on_a.create_group("g1", &["dave"]);
     on_a.send_message("c1", "dave", "from carol");
     on_a.recv_type("sent");
     let conversation = conversation_of(&mut dave, "from carol");
@@ -153,6 +181,10 @@ fn an_operator_deletes_an_account_on_every_node() {
     // The node that stored it closes with 4004, the other with 4003.
     assert_eq!(on_b.closed_within_wait(), Some(4004));
     assert_eq!(on_a.closed_within_wait(), Some(4003));
+    // Dave, on the other node, hears that she left their group.
+    let left = dave.recv_type("message");
+    assert!(is_left_by(&left, "carol"), "{left}");
+    assert_eq!(left["group"], group.as_str(), "{left}");
     for node in &fleet.nodes {
         assert_eq!(node.connect_with_token(&issued_before).err(), Some(401));
     }

@@ -20,7 +20,7 @@ use crate::keys::Bundle;
 pub use crate::limits::{READ_FRAME_BYTES_MAX, READ_USERS_MAX};
 
 /// The read path's version. 2: postcard bodies (1 was a hand-laid layout).
-pub const READ_PATH_VERSION: u16 = 8;
+pub const READ_PATH_VERSION: u16 = 9;
 
 /// Where a sync page starts in a user's inbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +155,9 @@ pub enum Request {
         device: String,
         at_unix_ms: u64,
     },
+    /// The groups `user` is a member of, sorted, at most
+    /// `MEMBERSHIP_READ_MAX` of the storage-writer's (a page).
+    GroupsOf { req: u32, user: String },
 }
 
 /// What storage knows of one user's presence, for one asker.
@@ -301,6 +304,11 @@ pub enum Response {
     /// The answer to `DeviceSeen`.
     DeviceSeenStored {
         req: u32,
+    },
+    /// The answer to `GroupsOf`.
+    Groups {
+        req: u32,
+        groups: Vec<String>,
     },
 }
 
@@ -507,6 +515,14 @@ mod tests {
         round_trip_request(Request::MemberRoles {
             req: 9,
             group: "g1".into(),
+        });
+        round_trip_request(Request::GroupsOf {
+            req: 10,
+            user: "alice".into(),
+        });
+        round_trip_response(Response::Groups {
+            req: 10,
+            groups: vec!["g1".into(), "g2".into()],
         });
         round_trip_response(Response::MemberRoles {
             req: 9,

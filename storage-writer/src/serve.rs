@@ -194,6 +194,7 @@ impl Server {
             | Request::KeysFetch { req, .. }
             | Request::SendOf { req, .. }
             | Request::MemberRoles { req, .. }
+            | Request::GroupsOf { req, .. }
             | Request::Devices { req, .. }
             | Request::Presence { req, .. }
             | Request::Revoke { req, .. }
@@ -394,6 +395,9 @@ impl Server {
                     })
                 })
             }
+            Request::GroupsOf { req, user } => tables
+                .groups_of(&user)
+                .map(|groups| Response::Groups { req, groups }),
             Request::Presence { req, asker, users } => {
                 if users.len() > READ_USERS_MAX {
                     Err(ReadRefused("too many users in one presence request").into())

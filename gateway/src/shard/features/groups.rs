@@ -10,24 +10,25 @@
 //! creator is an admin; only admins add, remove, promote, and restrict
 //! posting to admins or open it again (any member of a group with no admin
 //! may); roles are read from storage with the list for every change; in a
-//! restricted group only admins post. Storing and
-//! answering is the pipeline's. Never imports another feature, and never
+//! restricted group only admins post. A change's record is made and
+//! stored by `send::group_change` (also used for a deleted account's
+//! `left`); storing and answering a send is the pipeline's. Never imports another feature, and never
 //! holds a `RefCell` borrow across an await.
 
 use std::collections::BTreeSet;
 use std::rc::Rc;
 
-use backplane_bridge::Outbound;
 use chat_protocol::codes::ErrorCode;
 use chat_protocol::frames::{self, GroupChangeFrame, SendFrame};
-use chat_protocol::records::{Event, GroupAction, MessageRecord};
+use chat_protocol::records::{GroupAction, MessageRecord};
 use chat_protocol::store_wire::MemberRole;
 use chat_protocol::{ids, social_frames};
 
 use crate::metrics::bump;
 use crate::shard::send::deliver::deliver_ephemeral;
+use crate::shard::send::group_change::{self, Change};
 use crate::shard::send::members::{cached, cached_posters, member_roles, members, Roles};
-use crate::shard::send::pipeline::{self, HandOff, Outgoing};
+use crate::shard::send::pipeline::{self, Outgoing};
 use crate::shard::send::reply;
 use crate::shard::state::conn::Conn;
 use crate::shard::state::group_cache::{is_member, Members};
@@ -255,47 +256,24 @@ fn apply_change(shard: &Shard, conn: &Rc<Conn>, change: &GroupChangeFrame<'_>, r
             &format!("a group has at most {max} members"),
         );
     }
-    let (message_id, ts) = pipeline::next_message_id(shard);
+    let id = pipeline::next_message_id(shard);
     let group = match &change.group {
         Some(group) => group.to_string(),
-        None => ids::new_group_id(message_id),
+        None => ids::new_group_id(id.0),
     };
-    let conversation = ids::group_conversation_id(&group);
-    let record = MessageRecord {
-        message_id,
-        ts,
-        conversation: &conversation,
-        from: user,
-        from_device: &conn.device_id,
-        to: &group,
-        client_msg_id: &change.client_msg_id,
-        body: "",
-        media: None,
-        event: Some(Event::Group {
-            action: change.action,
-            members: named,
-        }),
+    let change = Change {
+        group: &group,
+        action: change.action,
+        named,
         // Everyone concerned hears of it: members before and after.
         recipients: now.union(&after).copied().collect(),
-        bodies: Vec::new(),
+        from: user,
+        from_device: &conn.device_id,
+        client_msg_id: &change.client_msg_id,
+        id,
     };
-    let out = Outgoing {
-        record: &record,
-        users: &record.recipients,
-        sender: Some(conn),
-        notice: Some(Box::new(Outbound::GroupChanged {
-            group: group.as_str().into(),
-        })),
-        // Seen by nobody until the writer has stored it within the bound.
-        hand_off: HandOff::WhenDurable,
-    };
-    if pipeline::store_and_deliver(shard, out).is_err() {
-        return;
-    }
-    bump(&shard.metrics().group_changes, 1);
-    // Every shard (and other nodes, once the change is durable) forgets its
-    // list and reloads it, with the roles, from storage.
-    shard.forget_group_everywhere(&group);
+    // Refused: the pipeline told the sender.
+    let _ = group_change::store(shard, change, Some(conn));
 }
 
 /// `group_members`: the list, for members only.

@@ -7,10 +7,12 @@
 //! through the backplane; one another node stored: close connections here
 //! only. An account deletion (the user's own `delete_account`, or an
 //! operator's): revoke every device, close every connection of the user
-//! (the asker's is paused instead, to hear the answer), then ask storage to
-//! remove every row of the user, which it does once the records already in
-//! its rings are committed, and make every shard and node forget the
-//! member lists of the groups the user left. The check at connect, which
+//! (the asker's is paused instead, to hear the answer), leave every group
+//! the user is in (a `left` change from them, which the other members see
+//! like any other), then ask storage to remove every row of the user,
+//! which it does once the records already in its rings are committed, and
+//! make every shard and node forget the member lists of the groups the
+//! user was still in. The check at connect, which
 //! refuses tokens issued before a revocation, is in `shard::accept`. Never
 //! imports another feature.
 
@@ -18,11 +20,14 @@ use std::rc::Rc;
 
 use backplane_bridge::Outbound;
 use chat_protocol::codes::{CloseCode, ErrorCode};
+use chat_protocol::records::GroupAction;
 use chat_protocol::store_wire::{Request, Response};
 
 use crate::limits::UNAVAILABLE_RETRY_AFTER_MS;
 use crate::mesh::{Revocation, RevokeOutcome};
-use crate::shard::send::reply;
+use crate::shard::send::group_change::{self, Change};
+use crate::shard::send::members::member_roles;
+use crate::shard::send::{pipeline, reply};
 use crate::shard::state::conn::Conn;
 use crate::shard::state::store_client::StoreError;
 use crate::shard::state::Shard;
@@ -172,6 +177,10 @@ async fn delete_account(
     let mut outcome = revoke(shard, user, None, at_unix_ms, code, keep)
         .await
         .map_err(Failed::Revoking)?;
+    let device = keep.map_or("", |conn| &*conn.device_id);
+    let groups_left = leave_groups(shard, user, device)
+        .await
+        .map_err(Failed::Erasing)?;
     let request = |req| Request::DeleteAccount {
         req,
         user: user.to_owned(),
@@ -186,13 +195,58 @@ async fn delete_account(
                     group: group.into(),
                 });
             }
-            tracing::info!(%user, rows, "account deleted");
+            tracing::info!(%user, rows, groups_left, "account deleted");
             outcome.rows_removed = rows;
             Ok(outcome)
         }
         Ok(_) => Err(Failed::Erasing(StoreError::Unavailable)),
         Err(error) => Err(Failed::Erasing(error)),
     }
+}
+
+/// The user leaves every group they are in (the first page storage lists,
+/// `MEMBERSHIP_READ_MAX` groups; the deletion removes the rest without a
+/// change), each a `left` change from them, from `device` (the asker's;
+/// empty for an operator's deletion), delivered to the members at once.
+/// The changes are in this shard's ring before `DeleteAccount`, which
+/// storage handles only after them; it then removes the user's own copy
+/// and idempotency keys with their other rows. Returns how many.
+async fn leave_groups(shard: &Rc<Shard>, user: &str, device: &str) -> Result<usize, StoreError> {
+    let request = |req| Request::GroupsOf {
+        req,
+        user: user.to_owned(),
+    };
+    let Response::Groups { groups, .. } = shard
+        .store
+        .request(request, shard.storage_timeout())
+        .await?
+    else {
+        return Err(StoreError::Unavailable);
+    };
+    let mut left = 0;
+    for group in &groups {
+        let roles = member_roles(shard, group).await?;
+        if !roles.members.iter().any(|member| *member.user == *user) {
+            continue;
+        }
+        // One key per group: a retried deletion finds the user gone from
+        // the groups it already left.
+        let client_msg_id = format!("account-deleted:{group}");
+        let change = Change {
+            group,
+            action: GroupAction::Leave,
+            named: vec![user],
+            recipients: roles.members.iter().map(|m| m.user.as_str()).collect(),
+            from: user,
+            from_device: device,
+            client_msg_id: &client_msg_id,
+            id: pipeline::next_message_id(shard),
+        };
+        // A full ring or queue: the caller answers "retry".
+        group_change::store(shard, change, None).map_err(|_| StoreError::Unavailable)?;
+        left += 1;
+    }
+    Ok(left)
 }
 
 /// Closes every connection here of `user`'s `device` (every device for

@@ -2,10 +2,12 @@
 //! membership look-ups, the per-device check, and the one send pipeline.
 //!
 //! Files here import `state` and each other downwards only (`reply` and
-//! `deliver` at the bottom, `pipeline` on top) and never a feature.
+//! `deliver` at the bottom, then `pipeline`, with `group_change` on top)
+//! and never a feature.
 
 pub mod deliver;
 pub mod devices;
+pub mod group_change;
 pub mod members;
 pub mod pipeline;
 pub mod reply;

@@ -269,6 +269,7 @@ async fn read_loop<O: ReadPathOwner>(
                 | Response::PushTargetStored { req, .. }
                 | Response::AccountDeleted { req, .. }
                 | Response::DeviceSeenStored { req, .. }
+                | Response::Groups { req, .. }
                 | Response::Failed { req, .. } => shard.read_path().complete(req, response),
             }
         }
