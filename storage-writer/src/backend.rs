@@ -45,6 +45,9 @@ pub struct BackendOptions {
     pub presence_retention: std::time::Duration,
     /// How long messages are kept (ScyllaDB: their TTL; `None`: forever).
     pub message_retention: Option<std::time::Duration>,
+    /// How long a device not seen keeps its rows (ScyllaDB: sizes the time
+    /// buckets of `devices_by_seen` when the keyspace first gets them).
+    pub device_retention: std::time::Duration,
     /// PostgreSQL: the window of one partition, in ms.
     pub postgres_partition_ms: u64,
 }
@@ -92,9 +95,12 @@ fn open_scylla(options: &BackendOptions) -> Result<Box<dyn Backend>> {
         &options.scylla_keyspace,
         options.scylla_replication_factor,
         &options.scylla_consistency,
-        options.idempotency_window,
-        options.presence_retention,
-        options.message_retention,
+        crate::store::scylla::Lifetimes {
+            idempotency_window: options.idempotency_window,
+            presence_retention: options.presence_retention,
+            message_retention: options.message_retention,
+            device_retention: options.device_retention,
+        },
     )?))
 }
 

@@ -5,9 +5,9 @@
 //! older than `--idempotency-window-ms` (a retry after the window is a new
 //! message, as documented), presence rows of users offline longer than
 //! `--presence-retention-ms` (their "last seen" is then unknown) and the
-//! per-device rows of devices not seen for `--device-retention-ms`, on
-//! fjall and PostgreSQL; ScyllaDB's rows expire by their TTL (devices: not
-//! yet).
+//! per-device rows of devices not seen for `--device-retention-ms` (on
+//! ScyllaDB through the time buckets of `devices_by_seen`); ScyllaDB's
+//! other rows expire by their TTL.
 //!
 //! Owns its own writer handle (so it never holds up a commit), a pass every
 //! `--cleanup-interval-s` in batches of `CLEANUP_BATCH_ROWS` until nothing

@@ -119,7 +119,9 @@ struct Args {
     /// A device not seen (connecting or leaving) for longer than this loses
     /// its cursor, keys, one-time prekeys and push target: senders stop
     /// encrypting for it, and if it comes back it syncs from the start of
-    /// the retention and uploads keys again. 0 keeps them. Not on ScyllaDB.
+    /// the retention and uploads keys again. 0 keeps them. ScyllaDB: also
+    /// sizes the time buckets of `devices_by_seen` (a sixteenth, 1 s to
+    /// 1 h) when a keyspace first gets them.
     #[arg(long, default_value_t = 120 * 24 * 60 * 60 * 1000)]
     device_retention_ms: u64,
     /// Hot retention: messages (and their inbox entries) older than this
@@ -191,6 +193,7 @@ fn run(args: Args) -> Result<()> {
         idempotency_window: Duration::from_millis(args.idempotency_window_ms),
         presence_retention: Duration::from_millis(args.presence_retention_ms),
         message_retention,
+        device_retention: Duration::from_millis(args.device_retention_ms),
         postgres_partition_ms: args.postgres_partition_ms,
     })?);
     // Before anything can say READY: a SIGTERM right after it must find the

@@ -4,7 +4,8 @@
 //! and its client in `gateway`, the storage-writer in `writer`, PostgreSQL,
 //! nats-server, a fleet of nodes in `fleet`), picking free ports, killing what a test started, signals,
 //! and reading a fake systemd notify socket; the chaos scenario (`chaos`),
-//! which `bench chaos` runs for minutes. Never used by the gateway or the
+//! which `bench chaos` runs for minutes; scenarios two backends' tests share
+//! (`retention`, `gateway::messages_survive_a_node_replacement`). Never used by the gateway or the
 //! storage-writer.
 
 pub mod chaos;
@@ -13,6 +14,7 @@ pub mod gateway;
 pub mod nats;
 pub mod postgres;
 pub mod push_standins;
+pub mod retention;
 pub mod webpush;
 pub mod writer;
 

@@ -109,6 +109,11 @@ pub const SCYLLA: &[Migration] = &[
         name: "devices_seen",
         statements: include_str!("../../schema/scylla/0008_devices_seen.cql"),
     },
+    Migration {
+        version: 9,
+        name: "devices_by_seen",
+        statements: include_str!("../../schema/scylla/0009_devices_by_seen.cql"),
+    },
 ];
 
 /// The embedded store's version: its partitions are opened (created when

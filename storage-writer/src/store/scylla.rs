@@ -31,6 +31,22 @@ use chat_protocol::records::PresenceEntry;
 /// Compare-and-set attempts for one inbox sequence before the batch fails (and is retried).
 const CAS_ATTEMPTS: usize = 16;
 
+/// The parts of one time bucket of `devices_by_seen` (by the user's hash):
+/// a bucket of a large fleet is this many partitions of bounded size.
+const DEVICE_BUCKET_PARTS: i32 = 64;
+/// `cleanup_progress`'s row for the device expiry.
+const DEVICE_PROGRESS: &str = "devices_by_seen";
+/// A bucket is at most an hour wide, at least a second, and about a
+/// sixteenth of the device retention the keyspace first had.
+const DEVICE_BUCKET_MS_MAX: u64 = 60 * 60 * 1000;
+const DEVICE_BUCKET_MS_MIN: u64 = 1000;
+/// Rows read from one bucket part, or users from `devices_seen`, per query.
+const DEVICE_PAGE_ROWS: i32 = 512;
+/// One expiry call reads at most this many times its limit of bucket rows
+/// (most are of devices seen again since, which stay): the rest waits for
+/// the next cleanup pass.
+const DEVICE_ROWS_READ_PER_LIMIT: usize = 8;
+
 struct Statements {
     message: PreparedStatement,
     put_message: PreparedStatement,
@@ -86,6 +102,25 @@ struct Statements {
     delete_revocation: PreparedStatement,
     put_device_seen: PreparedStatement,
     delete_devices_seen: PreparedStatement,
+    put_device_by_seen: PreparedStatement,
+    devices_in_bucket: PreparedStatement,
+    delete_device_by_seen: PreparedStatement,
+    device_seen_at: PreparedStatement,
+    devices_seen_of: PreparedStatement,
+    seed_users: PreparedStatement,
+    progress: PreparedStatement,
+    put_progress: PreparedStatement,
+    /// A device's rows, deleted with a write timestamp: a row written after
+    /// it (the device came back) stays.
+    expire_device_rows: [PreparedStatement; 5],
+}
+
+/// How long each kind of row lives (the writer's flags of the same names).
+pub struct Lifetimes {
+    pub idempotency_window: std::time::Duration,
+    pub presence_retention: std::time::Duration,
+    pub message_retention: Option<std::time::Duration>,
+    pub device_retention: std::time::Duration,
 }
 
 pub struct ScyllaBackend {
@@ -98,6 +133,8 @@ pub struct ScyllaBackend {
     /// The TTL of a message row and an inbox entry: the hot retention, in
     /// seconds (0: none, kept forever).
     messages_ttl_s: i32,
+    /// The width of one `devices_by_seen` bucket, from `cleanup_progress`.
+    device_bucket_ms: u64,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -198,10 +235,14 @@ impl ScyllaBackend {
         keyspace: &str,
         replication_factor: u8,
         consistency_name: &str,
-        idempotency_window: std::time::Duration,
-        presence_retention: std::time::Duration,
-        message_retention: Option<std::time::Duration>,
+        lifetimes: Lifetimes,
     ) -> Result<Self> {
+        let Lifetimes {
+            idempotency_window,
+            presence_retention,
+            message_retention,
+            device_retention,
+        } = lifetimes;
         let messages_ttl_s = i32::try_from(message_retention.map_or(0, |r| r.as_secs().max(1)))
             .context("--message-retention-ms too long for a TTL")?;
         let presence_ttl_s = i32::try_from(presence_retention.as_secs())
@@ -288,15 +329,33 @@ impl ScyllaBackend {
                 // The time as the write timestamp: a later sighting wins.
                 put_device_seen: prepare(format!("INSERT INTO {k}.devices_seen (user_id, device_id, last_seen_ms) VALUES (?, ?, ?) USING TIMESTAMP ?")).await?,
                 delete_devices_seen: prepare(format!("DELETE FROM {k}.devices_seen WHERE user_id = ?")).await?,
+                put_device_by_seen: prepare(format!("INSERT INTO {k}.devices_by_seen (bucket, part, user_id, device_id) VALUES (?, ?, ?, ?)")).await?,
+                devices_in_bucket: prepare(format!("SELECT user_id, device_id FROM {k}.devices_by_seen WHERE bucket = ? AND part = ? LIMIT ?")).await?,
+                delete_device_by_seen: prepare(format!("DELETE FROM {k}.devices_by_seen WHERE bucket = ? AND part = ? AND user_id = ? AND device_id = ?")).await?,
+                device_seen_at: prepare(format!("SELECT last_seen_ms FROM {k}.devices_seen WHERE user_id = ? AND device_id = ?")).await?,
+                devices_seen_of: prepare(format!("SELECT device_id, last_seen_ms FROM {k}.devices_seen WHERE user_id = ?")).await?,
+                seed_users: prepare(format!("SELECT DISTINCT user_id, token(user_id) FROM {k}.devices_seen WHERE token(user_id) > ? LIMIT ?")).await?,
+                progress: prepare(format!("SELECT bucket_ms, next_bucket, seed_token FROM {k}.cleanup_progress WHERE name = ?")).await?,
+                put_progress: prepare(format!("UPDATE {k}.cleanup_progress SET next_bucket = ?, seed_token = ? WHERE name = ?")).await?,
+                expire_device_rows: [
+                    prepare(format!("DELETE FROM {k}.cursors USING TIMESTAMP ? WHERE user_id = ? AND device_id = ?")).await?,
+                    prepare(format!("DELETE FROM {k}.device_keys USING TIMESTAMP ? WHERE user_id = ? AND device_id = ?")).await?,
+                    prepare(format!("DELETE FROM {k}.prekeys USING TIMESTAMP ? WHERE user_id = ? AND device_id = ?")).await?,
+                    prepare(format!("DELETE FROM {k}.push_targets USING TIMESTAMP ? WHERE user_id = ? AND device_id = ?")).await?,
+                    prepare(format!("DELETE FROM {k}.devices_seen USING TIMESTAMP ? WHERE user_id = ? AND device_id = ?")).await?,
+                ],
             };
             anyhow::Ok((session, statements))
         })?;
+        let device_bucket_ms =
+            runtime.block_on(device_progress(&session, keyspace, device_retention))?;
         Ok(Self {
             session: Arc::new(session),
             statements: Arc::new(statements),
             sends_ttl_s,
             presence_ttl_s,
             messages_ttl_s,
+            device_bucket_ms,
         })
     }
 
@@ -309,8 +368,39 @@ impl ScyllaBackend {
             sends_ttl_s: self.sends_ttl_s,
             presence_ttl_s: self.presence_ttl_s,
             messages_ttl_s: self.messages_ttl_s,
+            device_bucket_ms: self.device_bucket_ms,
         })
     }
+}
+
+/// The device expiry's progress row, created by the first writer of this
+/// version (the bucket width from the retention then, the next bucket now,
+/// and the devices seen before it still to be given bucket rows); returns
+/// the keyspace's bucket width. Every writer since uses that width, so a
+/// later change of the retention moves no bucket.
+async fn device_progress(
+    session: &Session,
+    keyspace: &str,
+    device_retention: std::time::Duration,
+) -> Result<u64> {
+    let wanted = (device_retention.as_millis() as u64 / 16)
+        .clamp(DEVICE_BUCKET_MS_MIN, DEVICE_BUCKET_MS_MAX);
+    let next = super::unix_ms_now() / wanted;
+    session
+        .query_unpaged(
+            format!("INSERT INTO {keyspace}.cleanup_progress (name, bucket_ms, next_bucket, seed_token) VALUES (?, ?, ?, ?) IF NOT EXISTS"),
+            (DEVICE_PROGRESS, wanted as i64, next as i64, i64::MIN),
+        )
+        .await?;
+    let rows = session
+        .query_unpaged(
+            format!("SELECT bucket_ms FROM {keyspace}.cleanup_progress WHERE name = ?"),
+            (DEVICE_PROGRESS,),
+        )
+        .await?
+        .into_rows_result()?;
+    let (width,) = rows.first_row::<(i64,)>()?;
+    Ok((width.max(1)) as u64)
 }
 
 impl Backend for ScyllaBackend {
@@ -334,6 +424,7 @@ struct Scylla {
     sends_ttl_s: i32,
     presence_ttl_s: i32,
     messages_ttl_s: i32,
+    device_bucket_ms: u64,
 }
 
 fn id(value: u64) -> i64 {
@@ -341,6 +432,61 @@ fn id(value: u64) -> i64 {
 }
 
 impl Scylla {
+    /// The device expiry's progress: (bucket width, next bucket, the token
+    /// of `devices_seen` its seeding reached, `None` once done).
+    fn device_progress(&self) -> Result<(i64, i64, Option<i64>)> {
+        let rows: Vec<(i64, i64, Option<i64>)> =
+            self.rows(&self.statements.progress, (DEVICE_PROGRESS,))?;
+        rows.into_iter()
+            .next()
+            .context("cleanup_progress has no row for the device expiry")
+    }
+
+    /// The sighting's row in its time bucket, or in bucket `floor` when
+    /// that is later (the seeding passes the next bucket the expiry reads,
+    /// so a device seen long before version 9 is found there). A sighting
+    /// is "now", far ahead of the buckets the expiry has read.
+    fn put_device_by_seen(&self, user: &str, device: &str, at_ms: u64, floor: i64) -> Result<()> {
+        let bucket = i64::try_from(at_ms / self.device_bucket_ms)?.max(floor);
+        let part = (chat_protocol::ids::user_hash(user) % DEVICE_BUCKET_PARTS as u64) as i32;
+        self.execute(
+            &self.statements.put_device_by_seen,
+            (bucket, part, user, device),
+        )
+    }
+
+    /// Devices seen before version 9 have a `devices_seen` row and no bucket
+    /// row: walks `devices_seen` by token, in pages of users, and gives each
+    /// device its bucket row, until done or `budget` users are read, where
+    /// the next call goes on. Returns the budget left.
+    fn seed_devices_by_seen(&mut self, mut budget: usize) -> Result<usize> {
+        let (_, next, Some(mut token)) = self.device_progress()? else {
+            return Ok(budget);
+        };
+        while budget > 0 {
+            let users: Vec<(String, i64)> =
+                self.rows(&self.statements.seed_users, (token, DEVICE_PAGE_ROWS))?;
+            for (user, user_token) in &users {
+                let devices: Vec<(String, i64)> =
+                    self.rows(&self.statements.devices_seen_of, (user.as_str(),))?;
+                for (device, seen) in devices {
+                    self.put_device_by_seen(user, &device, seen.max(0) as u64, next)?;
+                }
+                token = *user_token;
+            }
+            budget = budget.saturating_sub(users.len().max(1));
+            let reached = (users.len() == DEVICE_PAGE_ROWS as usize).then_some(token);
+            self.execute(
+                &self.statements.put_progress,
+                (next, reached, DEVICE_PROGRESS),
+            )?;
+            if reached.is_none() {
+                break;
+            }
+        }
+        Ok(budget)
+    }
+
     fn rows<R>(
         &self,
         statement: &PreparedStatement,
@@ -736,7 +882,58 @@ impl Tables for Scylla {
         self.execute(
             &self.statements.put_device_seen,
             (user, device, at, at.saturating_mul(1_000)),
-        )
+        )?;
+        self.put_device_by_seen(user, device, at_ms, 0)
+    }
+
+    fn expire_devices(&mut self, seen_before_ms: u64, limit: usize) -> Result<usize> {
+        let mut budget = limit.saturating_mul(DEVICE_ROWS_READ_PER_LIMIT);
+        budget = self.seed_devices_by_seen(budget)?;
+        if budget == 0 {
+            return Ok(0);
+        }
+        let (_, mut next, seed) = self.device_progress()?;
+        // Buckets wholly before the cutoff; each part of one in turn.
+        let end = i64::try_from(seen_before_ms / self.device_bucket_ms)?;
+        let before = i64::try_from(seen_before_ms)?;
+        let before_us = before.saturating_mul(1_000);
+        let mut removed = 0;
+        while next < end {
+            for part in 0..DEVICE_BUCKET_PARTS {
+                loop {
+                    let page: Vec<(String, String)> = self.rows(
+                        &self.statements.devices_in_bucket,
+                        (next, part, DEVICE_PAGE_ROWS),
+                    )?;
+                    for (user, device) in &page {
+                        let (user, device) = (user.as_str(), device.as_str());
+                        let seen: Vec<(i64,)> =
+                            self.rows(&self.statements.device_seen_at, (user, device))?;
+                        // Seen since (its row is in a later bucket): it stays.
+                        if seen.first().is_none_or(|(at,)| *at < before) {
+                            for statement in &self.statements.expire_device_rows {
+                                self.execute(statement, (before_us, user, device))?;
+                            }
+                            removed += 1;
+                        }
+                        self.execute(
+                            &self.statements.delete_device_by_seen,
+                            (next, part, user, device),
+                        )?;
+                        budget = budget.saturating_sub(1);
+                        if removed >= limit || budget == 0 {
+                            return Ok(removed);
+                        }
+                    }
+                    if page.len() < DEVICE_PAGE_ROWS as usize {
+                        break;
+                    }
+                }
+            }
+            next += 1;
+            self.execute(&self.statements.put_progress, (next, seed, DEVICE_PROGRESS))?;
+        }
+        Ok(removed)
     }
 
     fn account_deleted_at(&mut self, user: &str) -> Result<Option<u64>> {
