@@ -6,7 +6,9 @@
 
 use serde_json::{json, Value};
 use testkit::fleet::{node_id, Fleet};
-use testkit::gateway::{admin_request as admin, connect_at, fresh_token, token, Gateway};
+use testkit::gateway::{
+    admin_request as admin, connect_at, fresh_token, gateway_command, token, Gateway,
+};
 
 const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789abcdef";
 
@@ -72,24 +74,10 @@ fn a_revoked_device_is_closed_refused_and_loses_its_keys_and_the_revocation_last
     assert_eq!(phone.recv()["type"], "hello");
 
     // Every device, with the operator command.
-    let status = std::process::Command::new(testkit::workspace_binary("gateway"))
-        .args([
-            "revoke",
-            "--user",
-            "alice",
-            "--admin",
-            &gateway.admin.to_string(),
-        ])
-        .env("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env_remove("GATEWAY_AUTH_SECRET")
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    let printed: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let admin = gateway.admin.to_string();
+    let args = ["revoke", "--user", "alice", "--admin", &admin];
+    let printed = gateway_command(&args, Some(ADMIN_TOKEN));
+    let printed: Value = serde_json::from_str(&printed).unwrap();
     assert_eq!(printed["device"], Value::Null);
     assert_eq!(printed["closed_here"], 2);
     assert_eq!(laptop.closed_within_wait(), Some(4003));

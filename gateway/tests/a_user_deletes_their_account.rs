@@ -13,7 +13,9 @@
 
 use serde_json::{json, Value};
 use testkit::fleet::Fleet;
-use testkit::gateway::{admin_request, connect_at, fresh_token, token, Client, Gateway};
+use testkit::gateway::{
+    admin_request, connect_at, fresh_token, gateway_command, token, Client, Gateway,
+};
 
 const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789abcdef";
 
@@ -158,24 +160,10 @@ fn an_operator_deletes_an_account_on_every_node() {
     on_a.ping();
 
     // With the operator command, on the node without the user's home.
-    let output = std::process::Command::new(testkit::workspace_binary("gateway"))
-        .args([
-            "delete-account",
-            "--user",
-            "carol",
-            "--admin",
-            &fleet.nodes[1].admin.to_string(),
-        ])
-        .env("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env_remove("GATEWAY_AUTH_SECRET")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let admin = fleet.nodes[1].admin.to_string();
+    let args = ["delete-account", "--user", "carol", "--admin", &admin];
+    let printed = gateway_command(&args, Some(ADMIN_TOKEN));
+    let printed: Value = serde_json::from_str(&printed).unwrap();
     assert_eq!(printed["account_deleted"], true, "{printed}");
     assert!(printed["rows_removed"].as_u64().unwrap() >= 3, "{printed}");
     // The node that stored it closes with 4004, the other with 4003.

@@ -5,7 +5,7 @@ use testkit::gateway as support;
 
 use std::process::Command;
 
-use support::Gateway;
+use support::{gateway_command, Gateway};
 
 #[test]
 fn a_token_from_the_cli_connects_to_a_node_with_a_generated_secret() {
@@ -18,20 +18,19 @@ fn a_token_from_the_cli_connects_to_a_node_with_a_generated_secret() {
     );
     assert_eq!(mode & 0o777, 0o600, "only the owner may read the secret");
 
-    let output = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args([
-            "token", "--user", "alice", "--device", "phone", "--ttl", "10m",
-        ])
-        .args(["--data-dir", gateway.data_dir.path().to_str().unwrap()])
-        .env_remove("GATEWAY_AUTH_SECRET")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let data_dir = gateway.data_dir.path().to_str().unwrap();
+    let args = [
+        "token",
+        "--user",
+        "alice",
+        "--device",
+        "phone",
+        "--ttl",
+        "10m",
+        "--data-dir",
+        data_dir,
+    ];
+    let token = gateway_command(&args, None).trim().to_owned();
 
     let mut client = gateway
         .connect_with_token(&token)

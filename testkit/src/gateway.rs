@@ -55,6 +55,25 @@ pub fn writer_args(args: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// Runs one of the gateway's operator commands (`revoke`, `delete-account`,
+/// `token`...) with `args`, with `GATEWAY_ADMIN_TOKEN` set to `admin_token`
+/// when given and no `GATEWAY_AUTH_SECRET`; expects it to succeed and
+/// returns what it printed.
+pub fn gateway_command(args: &[&str], admin_token: Option<&str>) -> String {
+    let mut command = std::process::Command::new(crate::workspace_binary("gateway"));
+    command.args(args).env_remove("GATEWAY_AUTH_SECRET");
+    if let Some(admin_token) = admin_token {
+        command.env("GATEWAY_ADMIN_TOKEN", admin_token);
+    }
+    let output = command.output().expect("the gateway runs");
+    assert!(
+        output.status.success(),
+        "gateway {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("the command prints UTF-8")
+}
+
 /// A token issued after every revocation so far: tokens carry seconds, so
 /// this waits for the next one.
 pub fn fresh_token(user: &str, device: &str) -> String {

@@ -1021,17 +1021,8 @@ fn devices_not_seen_for_the_retention_lose_their_per_device_rows(fixture: &Fixtu
 
 fn a_revocation_is_kept_and_takes_the_devices_keys_with_it(fixture: &Fixture) {
     let mut tables = fixture.backend.reader().unwrap();
-    let prekeys = vec!["k1".to_owned(), "k2".to_owned()];
     for device in ["phone", "laptop", "tablet"] {
-        let upload = super::DeviceKeys {
-            user: "alice",
-            device,
-            identity_key: "i",
-            signed_prekey: "s",
-            signed_prekey_signature: "g",
-            one_time_prekeys: &prekeys,
-        };
-        tables.put_device_keys(&upload).unwrap();
+        enroll(&mut *tables, "alice", device, 2);
     }
     assert_eq!(tables.revoked_at("alice", "phone").unwrap(), None);
     assert_eq!(tables.revoke("alice", Some("phone"), 5_000).unwrap(), 1);
