@@ -956,6 +956,9 @@ fn missing_between(cursor: Option<&Cursor>, after: u64, until: u64) -> u64 {
 /// made since a time), in inbox order, skipping what the device itself sent.
 /// Entries of messages made before `floor` (the retention floor), and
 /// sequences whose entries retention removed, are counted in `expired`.
+/// For a name signed in again after its account was deleted, entries of
+/// messages made before the deletion (one another node stored for the old
+/// account after its rows went) are skipped, and not counted.
 pub fn sync_page(
     tables: &mut dyn Tables,
     user: &str,
@@ -981,6 +984,9 @@ pub fn sync_page(
             (first_made_since(tables, user, &cursor, message_id)?, None)
         }
     };
+    let account_from = tables
+        .account_deleted_at(user)?
+        .map_or(0, snowflake::first_id_at);
     let mut page = SyncPage {
         last_seq: after,
         ..SyncPage::default()
@@ -1002,7 +1008,7 @@ pub fn sync_page(
             scanned += 1;
             let own = entry.origin_device == device;
             if !own
-                && entry.message_id >= floor
+                && entry.message_id >= floor.max(account_from)
                 && !cursor.as_ref().is_some_and(|c| c.is_acked(entry.seq))
             {
                 wanted.push(index);
@@ -1024,6 +1030,7 @@ pub fn sync_page(
             }
             page.expired += missing_between(cursor.as_ref(), after, entry.seq);
             if entry.message_id < floor
+                && entry.message_id >= account_from
                 && entry.origin_device != device
                 && !cursor.as_ref().is_some_and(|c| c.is_acked(entry.seq))
             {

@@ -958,6 +958,34 @@ fn a_deleted_account_leaves_no_row_but_its_revocation(fixture: &Fixture) {
     );
     let mut again = fixture.backend.reader().unwrap();
     assert_eq!(again.account_deleted_at("alice").unwrap(), Some(300));
+    // A message another node stored for the old account after its rows
+    // went (made before the deletion) is not the new account's to sync;
+    // one made after the deletion is. (Deleted again at a time of this
+    // era: message ids count from the snowflake epoch.)
+    let deleted_at = super::unix_ms_now();
+    again.delete_account("alice", deleted_at).unwrap();
+    let after_deletion = chat_protocol::snowflake::first_id_at(deleted_at + 1_000);
+    let late = [
+        message(6, "bob", "phone", "alice"),
+        message(after_deletion, "bob", "phone", "alice"),
+    ];
+    run(fixture, &late, false);
+    assert_eq!(synced_ids(fixture, "alice", "phone"), [after_deletion]);
+    let mut reader = fixture.backend.reader().unwrap();
+    let page = sync_page(
+        &mut *reader,
+        "alice",
+        "phone",
+        SyncFrom::Cursor,
+        0,
+        100,
+        1 << 20,
+    );
+    assert_eq!(
+        page.unwrap().expired,
+        0,
+        "the old account's entry is not the new one's loss"
+    );
 }
 
 fn devices_not_seen_for_the_retention_lose_their_per_device_rows(fixture: &Fixture) {
