@@ -12,7 +12,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use chat_protocol::store_wire::RecentSend;
-use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
+use fjall::{Config, Keyspace, PartitionHandle, PersistMode};
 
 use chat_protocol::binary::{Decoder, Encoder};
 use chat_protocol::keys::{Bundle, STORED_PREKEYS_MAX};
@@ -23,7 +23,10 @@ use chat_protocol::store_wire::MemberRole;
 
 mod account;
 mod devices;
+mod options;
 mod social;
+
+use options::partition_options;
 
 /// Inbox counters cached in memory before the cache is cleared.
 const COUNTERS_MAX: usize = 1 << 20;
@@ -86,6 +89,14 @@ pub struct EmbeddedWriter {
 
 impl Embedded {
     pub fn open(path: &Path, cache_bytes: u64, fsync: Fsync) -> Result<Self> {
+        let upgraded = options::upgrade_partition_options(path)
+            .with_context(|| format!("upgrading the partitions at {}", path.display()))?;
+        if upgraded > 0 {
+            tracing::info!(
+                partitions = upgraded,
+                "embedded store: partitions' journal flushing upgraded"
+            );
+        }
         let keyspace = Config::new(path)
             .manual_journal_persist(true)
             .cache_size(cache_bytes)
@@ -93,7 +104,7 @@ impl Embedded {
             .with_context(|| format!("opening the embedded store at {}", path.display()))?;
         let open = |name: &str| {
             keyspace
-                .open_partition(name, PartitionCreateOptions::default())
+                .open_partition(name, partition_options())
                 .with_context(|| format!("opening partition {name}"))
         };
         let meta = open("meta")?;

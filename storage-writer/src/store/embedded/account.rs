@@ -96,7 +96,7 @@ impl Embedded {
         for name in self.keyspace.list_partitions() {
             let partition = self
                 .keyspace
-                .open_partition(&name, fjall::PartitionCreateOptions::default())?;
+                .open_partition(&name, super::partition_options())?;
             let skip = if name.ends_with("_by_time") { 8 } else { 0 };
             let mut count = 0;
             for item in partition.iter() {
