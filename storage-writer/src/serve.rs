@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use chat_protocol::snowflake::first_id_at;
 use chat_protocol::store_wire::{self, Request, Response, READ_USERS_MAX};
 
 use crate::rings::Rings;
@@ -350,10 +349,8 @@ impl Server {
                 before,
                 since,
                 limit,
-            } => tables.account_deleted_at(&asker).and_then(|deleted_at| {
-                // A name signed in again after its account was deleted
-                // reads only what was said from then on.
-                let floor = deleted_at.map_or(floor, |at| floor.max(first_id_at(at)));
+            } => store::account_from(tables, &asker).and_then(|account_from| {
+                let floor = floor.max(account_from);
                 store::history(
                     tables,
                     &conversation,

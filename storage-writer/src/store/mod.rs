@@ -952,6 +952,15 @@ fn missing_between(cursor: Option<&Cursor>, after: u64, until: u64) -> u64 {
     until - after - 1 - acked
 }
 
+/// The first message id of `user`'s current account: a name signed in
+/// again after its account was deleted reads (in history) and syncs
+/// nothing made before the deletion. 0 for an account never deleted.
+pub fn account_from(tables: &mut dyn Tables, user: &str) -> Result<u64> {
+    Ok(tables
+        .account_deleted_at(user)?
+        .map_or(0, snowflake::first_id_at))
+}
+
 /// What the device has not acknowledged (or everything after a message, or
 /// made since a time), in inbox order, skipping what the device itself sent.
 /// Entries of messages made before `floor` (the retention floor), and
@@ -984,9 +993,7 @@ pub fn sync_page(
             (first_made_since(tables, user, &cursor, message_id)?, None)
         }
     };
-    let account_from = tables
-        .account_deleted_at(user)?
-        .map_or(0, snowflake::first_id_at);
+    let account_from = account_from(tables, user)?;
     let mut page = SyncPage {
         last_seq: after,
         ..SyncPage::default()

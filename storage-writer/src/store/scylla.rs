@@ -335,7 +335,7 @@ impl ScyllaBackend {
                 device_seen_at: prepare(format!("SELECT last_seen_ms FROM {k}.devices_seen WHERE user_id = ? AND device_id = ?")).await?,
                 devices_seen_of: prepare(format!("SELECT device_id, last_seen_ms FROM {k}.devices_seen WHERE user_id = ?")).await?,
                 seed_users: prepare(format!("SELECT DISTINCT user_id, token(user_id) FROM {k}.devices_seen WHERE token(user_id) > ? LIMIT ?")).await?,
-                progress: prepare(format!("SELECT bucket_ms, next_bucket, seed_token FROM {k}.cleanup_progress WHERE name = ?")).await?,
+                progress: prepare(format!("SELECT next_bucket, seed_token FROM {k}.cleanup_progress WHERE name = ?")).await?,
                 put_progress: prepare(format!("UPDATE {k}.cleanup_progress SET next_bucket = ?, seed_token = ? WHERE name = ?")).await?,
                 expire_device_rows: [
                     prepare(format!("DELETE FROM {k}.cursors USING TIMESTAMP ? WHERE user_id = ? AND device_id = ?")).await?,
@@ -432,10 +432,10 @@ fn id(value: u64) -> i64 {
 }
 
 impl Scylla {
-    /// The device expiry's progress: (bucket width, next bucket, the token
-    /// of `devices_seen` its seeding reached, `None` once done).
-    fn device_progress(&self) -> Result<(i64, i64, Option<i64>)> {
-        let rows: Vec<(i64, i64, Option<i64>)> =
+    /// The device expiry's progress: (next bucket, the token of
+    /// `devices_seen` its seeding reached, `None` once done).
+    fn device_progress(&self) -> Result<(i64, Option<i64>)> {
+        let rows: Vec<(i64, Option<i64>)> =
             self.rows(&self.statements.progress, (DEVICE_PROGRESS,))?;
         rows.into_iter()
             .next()
@@ -458,10 +458,16 @@ impl Scylla {
     /// Devices seen before version 9 have a `devices_seen` row and no bucket
     /// row: walks `devices_seen` by token, in pages of users, and gives each
     /// device its bucket row, until done or `budget` users are read, where
-    /// the next call goes on. Returns the budget left.
-    fn seed_devices_by_seen(&mut self, mut budget: usize) -> Result<usize> {
-        let (_, next, Some(mut token)) = self.device_progress()? else {
-            return Ok(budget);
+    /// the next call goes on. Returns the budget left and the seeding's
+    /// token, as `device_progress` now says.
+    fn seed_devices_by_seen(
+        &mut self,
+        next: i64,
+        seed: Option<i64>,
+        mut budget: usize,
+    ) -> Result<(usize, Option<i64>)> {
+        let Some(mut token) = seed else {
+            return Ok((budget, None));
         };
         while budget > 0 {
             let users: Vec<(String, i64)> =
@@ -481,10 +487,10 @@ impl Scylla {
                 (next, reached, DEVICE_PROGRESS),
             )?;
             if reached.is_none() {
-                break;
+                return Ok((budget, None));
             }
         }
-        Ok(budget)
+        Ok((budget, Some(token)))
     }
 
     fn rows<R>(
@@ -887,12 +893,12 @@ impl Tables for Scylla {
     }
 
     fn expire_devices(&mut self, seen_before_ms: u64, limit: usize) -> Result<usize> {
-        let mut budget = limit.saturating_mul(DEVICE_ROWS_READ_PER_LIMIT);
-        budget = self.seed_devices_by_seen(budget)?;
+        let (mut next, seed) = self.device_progress()?;
+        let budget = limit.saturating_mul(DEVICE_ROWS_READ_PER_LIMIT);
+        let (mut budget, seed) = self.seed_devices_by_seen(next, seed, budget)?;
         if budget == 0 {
             return Ok(0);
         }
-        let (_, mut next, seed) = self.device_progress()?;
         // Buckets wholly before the cutoff; each part of one in turn.
         let end = i64::try_from(seen_before_ms / self.device_bucket_ms)?;
         let before = i64::try_from(seen_before_ms)?;

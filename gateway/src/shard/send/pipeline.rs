@@ -86,6 +86,12 @@ pub struct Outgoing<'r> {
 /// Returns the ring position that makes it durable.
 pub fn store_and_deliver(shard: &Shard, out: Outgoing<'_>) -> Result<u64, Refused> {
     let record = out.record;
+    // A held record is released with its sender's `sent`: without one it
+    // would never be delivered (`send::group_change` picks `Required`).
+    debug_assert!(
+        out.hand_off != HandOff::WhenDurable || out.sender.is_some(),
+        "a record held until durable needs a sender"
+    );
     if !shard.node.may_make_ids() {
         return Err(refuse(shard, out.sender, record, Refused::NoNodeId));
     }
