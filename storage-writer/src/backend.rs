@@ -60,6 +60,7 @@ pub fn open(options: &BackendOptions) -> Result<Box<dyn Backend>> {
                 &options.data_dir.join("store"),
                 options.cache_bytes,
                 options.fsync,
+                options.message_retention,
             )?;
             Ok(Box::new(EmbeddedBackend(store)))
         }

@@ -377,7 +377,7 @@ mod tests {
     #[test]
     fn a_batch_retried_after_a_lost_commit_answer_is_stored_once() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Embedded::open(&dir.path().join("store"), 1 << 20, Fsync::None).unwrap();
+        let store = Embedded::open(&dir.path().join("store"), 1 << 20, Fsync::None, None).unwrap();
         let backend = EmbeddedBackend(store);
         let progress = Arc::new(Progress {
             rings: Default::default(),

@@ -2,13 +2,15 @@
 //!
 //! Owns the key layout of each table (ids cannot contain a 0 byte, so `\0`
 //! separates key parts and big-endian integers sort numerically) and the
-//! per-user inbox counters. Writes go straight into the partitions and become
+//! per-user inbox counters. `messages`, `inbox` and `inbox_ids` live in
+//! time buckets (`buckets`), which retention drops whole. Writes go straight into the partitions and become
 //! durable when `persist` fsyncs the journal once per batch (group commit).
 //! Never fsyncs per record, and never keeps more than `COUNTERS_MAX` counters
 //! in memory (they are re-read from the inbox's last key).
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use chat_protocol::store_wire::RecentSend;
@@ -22,9 +24,12 @@ use chat_protocol::records::PresenceEntry;
 use chat_protocol::store_wire::MemberRole;
 
 mod account;
+mod buckets;
 mod devices;
 mod options;
 mod social;
+
+use buckets::{Bucket, Buckets};
 
 use options::partition_options;
 
@@ -46,17 +51,13 @@ pub enum Fsync {
 #[derive(Clone)]
 pub struct Embedded {
     keyspace: Keyspace,
-    messages: PartitionHandle,
+    /// `messages`, `inbox` and `inbox_ids`, one set per time window.
+    buckets: Arc<Buckets>,
     sends: PartitionHandle,
     sends_recent: PartitionHandle,
     /// message id (big-endian) + the `sends` key → nothing: the idempotency
     /// keys in time order, so the oldest are found without a scan.
     sends_by_time: PartitionHandle,
-    inbox: PartitionHandle,
-    inbox_ids: PartitionHandle,
-    /// message id (big-endian) + the `inbox` key → nothing: every inbox
-    /// entry in time order, so retention finds the oldest without a scan.
-    inbox_by_time: PartitionHandle,
     /// user → the highest inbox sequence retention removed (big-endian),
     /// so a user whose every entry is gone never gets a sequence again.
     inbox_heads: PartitionHandle,
@@ -85,10 +86,20 @@ pub struct Embedded {
 pub struct EmbeddedWriter {
     store: Embedded,
     counters: HashMap<String, u64>,
+    /// The bucket the cleanup is closing: its window start, and the inbox
+    /// key its walk over the users' last sequences goes on from.
+    closing: Option<(u64, Vec<u8>)>,
 }
 
 impl Embedded {
-    pub fn open(path: &Path, cache_bytes: u64, fsync: Fsync) -> Result<Self> {
+    /// Opens the store; `retention` sizes the time buckets of a store that
+    /// has none yet (a sixteenth of it each; `None` keeps everything in one).
+    pub fn open(
+        path: &Path,
+        cache_bytes: u64,
+        fsync: Fsync,
+        retention: Option<std::time::Duration>,
+    ) -> Result<Self> {
         let upgraded = options::upgrade_partition_options(path)
             .with_context(|| format!("upgrading the partitions at {}", path.display()))?;
         if upgraded > 0 {
@@ -108,14 +119,12 @@ impl Embedded {
                 .with_context(|| format!("opening partition {name}"))
         };
         let meta = open("meta")?;
+        let buckets = Buckets::open(&keyspace, &meta, retention, super::unix_ms_now())?;
         Self {
-            messages: open("messages")?,
+            buckets: Arc::new(buckets),
             sends: open("sends")?,
             sends_recent: open("sends_recent")?,
             sends_by_time: open("sends_by_time")?,
-            inbox: open("inbox")?,
-            inbox_ids: open("inbox_ids")?,
-            inbox_by_time: open("inbox_by_time")?,
             inbox_heads: open("inbox_heads")?,
             cursors: open("cursors")?,
             device_keys: open("device_keys")?,
@@ -136,8 +145,8 @@ impl Embedded {
     }
 
     /// Records the layout's version in `meta` (refusing a store written by
-    /// a newer build). The partitions above are created when missing, so
-    /// the steps so far move no data; a later step that does runs here.
+    /// a newer build). The partitions above are created when missing, and
+    /// the steps that move data run here.
     fn migrated(self, meta: PartitionHandle) -> Result<Self> {
         const VERSION_KEY: &[u8] = b"schema_version";
         let applied = match meta.get(VERSION_KEY)? {
@@ -164,14 +173,6 @@ impl Embedded {
                     .insert(by_time_key(be_u64(&value)?, &send_key), [])?;
             }
         }
-        if applied < 7 {
-            // Version 7: every inbox entry in time order (for retention).
-            for item in self.inbox.iter() {
-                let (inbox_key, value) = item?;
-                self.inbox_by_time
-                    .insert(by_time_key(be_u64(&value)?, &inbox_key), [])?;
-            }
-        }
         if applied < 8 {
             // Version 8: every device known from its cursor, keys or push
             // target counts as seen now (its retention runs from here).
@@ -183,6 +184,22 @@ impl Embedded {
                         self.seen_if_unknown(device_key, now)?;
                     }
                 }
+            }
+        }
+        if applied < 9 {
+            // Version 9: the inbox's time index (version 7) gives way to
+            // the time buckets, which retention drops whole; the store's
+            // rows so far are its legacy bucket (`Buckets::open`).
+            if self
+                .keyspace
+                .list_partitions()
+                .iter()
+                .any(|name| &**name == "inbox_by_time")
+            {
+                let index = self
+                    .keyspace
+                    .open_partition("inbox_by_time", partition_options())?;
+                self.keyspace.delete_partition(index)?;
             }
         }
         if applied < super::migrations::EMBEDDED_VERSION {
@@ -200,10 +217,35 @@ impl Embedded {
         Ok(self)
     }
 
+    /// The names of the store's partitions, sorted.
+    #[cfg(test)]
+    pub(crate) fn partition_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .keyspace
+            .list_partitions()
+            .iter()
+            .map(|name| name.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Writes every bucket's memtables to segments on disk.
+    #[cfg(test)]
+    pub(crate) fn flush_buckets(&self) -> Result<()> {
+        for bucket in self.buckets.all() {
+            for partition in [&bucket.messages, &bucket.inbox, &bucket.inbox_ids] {
+                partition.rotate_memtable_and_wait()?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn writer(&self) -> EmbeddedWriter {
         EmbeddedWriter {
             store: self.clone(),
             counters: HashMap::new(),
+            closing: None,
         }
     }
 
@@ -256,67 +298,56 @@ impl Embedded {
         }
     }
 
-    /// Removes up to `limit` inbox entries of messages made before
-    /// `before_id`, oldest first, with their `inbox_ids` rows and message
-    /// rows. Each user's removed head is recorded first, and each index row
-    /// goes last, so a crash in between leaves work the next pass redoes
-    /// (every removal is idempotent).
-    fn expire_messages_before(&self, before_id: u64, limit: usize) -> Result<super::Expired> {
-        let old: Vec<_> = self
-            .inbox_by_time
-            .range(..before_id.to_be_bytes().to_vec())
-            .take(limit)
-            .collect::<Result<_, _>>()?;
-        let mut heads: HashMap<&[u8], u64> = HashMap::new();
-        for (index_key, _) in &old {
-            let inbox_key = &index_key[8..];
-            let user = inbox_key
-                .get(
-                    ..inbox_key
-                        .len()
-                        .checked_sub(9)
-                        .context("bad inbox_by_time key")?,
-                )
-                .context("bad inbox_by_time key")?;
-            let seq = key_tail(inbox_key)?;
-            let head = heads.entry(user).or_default();
-            *head = (*head).max(seq);
+    /// Raises `user`'s removed head to `seq` (never lowers it). Takes the
+    /// keys lock, which account deletion holds while it removes the head.
+    fn raise_head(&self, user: &str, seq: u64) -> Result<()> {
+        let _serial = self.keys_lock.lock().expect("keys lock");
+        self.raise_head_held(user, seq)
+    }
+
+    /// `raise_head` for a caller that holds the keys lock.
+    fn raise_head_held(&self, user: &str, seq: u64) -> Result<()> {
+        if seq > self.removed_head(user)? {
+            self.inbox_heads.insert(user, seq.to_be_bytes())?;
         }
-        for (user, seq) in &heads {
-            let user = std::str::from_utf8(user)?;
-            if *seq > self.removed_head(user)? {
-                self.inbox_heads.insert(user, seq.to_be_bytes())?;
-            }
-        }
-        let mut rows = 0;
-        for (index_key, _) in &old {
-            let (id, inbox_key) = index_key.split_at(8);
-            let message_id = be_u64(id)?;
-            if let Some(value) = self.inbox.get(inbox_key)? {
-                let origin_len = usize::from(*value.get(8).context("bad inbox entry")?);
-                let conversation = value.get(9 + origin_len..).context("bad inbox entry")?;
-                let user = &inbox_key[..inbox_key.len() - 8];
-                let mut ids_key = user.to_vec();
-                ids_key.extend_from_slice(id);
-                let mut message_key = conversation.to_vec();
-                message_key.push(0);
-                message_key.extend_from_slice(id);
-                if self.messages.get(&message_key)?.is_some() {
-                    self.messages.remove(message_key)?;
-                    rows += 1;
+        Ok(())
+    }
+
+    /// Records in `inbox_heads` the last sequence of each user with entries
+    /// in `bucket`'s inbox, from the inbox key `from` on, for up to `limit`
+    /// users: a user whose every entry goes with the bucket never gets a
+    /// sequence again, and sync still tells a device what it missed.
+    /// Returns where to go on from, or None once every user is done. Each
+    /// user is read and recorded under the keys lock, as account deletion
+    /// removes their entries under it: a deleted account's head is never
+    /// written back.
+    fn record_heads(
+        &self,
+        bucket: &Bucket,
+        mut from: Vec<u8>,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>> {
+        for _ in 0..limit.max(1) {
+            let Some(item) = bucket.inbox.range(from.clone()..).next() else {
+                return Ok(None);
+            };
+            let (first, _) = item?;
+            let prefix = first
+                .get(..first.len().checked_sub(8).context("bad inbox key")?)
+                .filter(|prefix| prefix.last() == Some(&0))
+                .context("bad inbox key")?;
+            {
+                let _serial = self.keys_lock.lock().expect("keys lock");
+                if let Some(last) = bucket.inbox.prefix(prefix).next_back() {
+                    let user = std::str::from_utf8(&prefix[..prefix.len() - 1])?;
+                    self.raise_head_held(user, key_tail(&last?.0)?)?;
                 }
-                self.inbox_ids.remove(ids_key)?;
-                self.inbox.remove(inbox_key)?;
-                rows += 1;
             }
-            debug_assert!(message_id < before_id);
-            self.inbox_by_time.remove(index_key.as_ref())?;
+            // `user\x01` sorts after every `user\0…` key and before the next user's.
+            from = prefix.to_vec();
+            *from.last_mut().expect("a user key ends with NUL") = 1;
         }
-        Ok(super::Expired {
-            rows,
-            bytes: 0,
-            more: old.len() == limit,
-        })
+        Ok(Some(from))
     }
 
     /// Removes up to `limit` idempotency keys of sends made before
@@ -404,15 +435,24 @@ impl Tables for Embedded {
         self.presence_of(user)
     }
     fn message(&mut self, conversation: &str, message_id: u64) -> Result<Option<Vec<u8>>> {
-        Ok(self
+        let Some(bucket) = self.buckets.find(message_id) else {
+            return Ok(None);
+        };
+        Ok(bucket
             .messages
             .get(key(&[conversation], Some(message_id)))?
             .map(|v| v.to_vec()))
     }
 
+    /// A message whose window is past the retention and dropped is not
+    /// stored (it would be removed at once).
     fn put_message(&mut self, conversation: &str, message_id: u64, record: &[u8]) -> Result<()> {
-        self.messages
-            .insert(key(&[conversation], Some(message_id)), record)?;
+        if let Some(bucket) = self.buckets.for_id(message_id)? {
+            bucket.write(|b| {
+                Ok(b.messages
+                    .insert(key(&[conversation], Some(message_id)), record)?)
+            })?;
+        }
         Ok(())
     }
 
@@ -422,24 +462,41 @@ impl Tables for Embedded {
         message_id: u64,
         record: &[u8],
     ) -> Result<()> {
+        let Some(bucket) = self.buckets.find(message_id) else {
+            return Ok(());
+        };
         let at = key(&[conversation], Some(message_id));
-        if self.messages.get(&at)?.is_some() {
-            self.messages.insert(at, record)?;
-        }
+        bucket.write(|b| {
+            if b.messages.get(&at)?.is_some() {
+                b.messages.insert(at.clone(), record)?;
+            }
+            Ok(())
+        })?;
         Ok(())
     }
 
+    /// Newest window first, until `limit` records.
     fn history(
         &mut self,
         conversation: &str,
         before: Option<u64>,
         limit: usize,
     ) -> Result<Vec<Vec<u8>>> {
+        let before = before.unwrap_or(u64::MAX);
         let start = key(&[conversation], Some(0));
-        let end = key(&[conversation], Some(before.unwrap_or(u64::MAX)));
+        let end = key(&[conversation], Some(before));
         let mut records = Vec::with_capacity(limit.min(128));
-        for item in self.messages.range(start..end).rev().take(limit) {
-            records.push(item?.1.to_vec());
+        for bucket in self.buckets.all().iter().rev() {
+            if records.len() >= limit {
+                break;
+            }
+            if bucket.first_id() >= before {
+                continue;
+            }
+            let range = bucket.messages.range(start.clone()..end.clone());
+            for item in range.rev().take(limit - records.len()) {
+                records.push(item?.1.to_vec());
+            }
         }
         Ok(records)
     }
@@ -510,35 +567,56 @@ impl Tables for Embedded {
     }
 
     fn inbox_entry_of(&mut self, user: &str, message_id: u64) -> Result<Option<(u64, String)>> {
-        let Some(value) = self.inbox_ids.get(key(&[user], Some(message_id)))? else {
+        let Some(bucket) = self.buckets.find(message_id) else {
+            return Ok(None);
+        };
+        let Some(value) = bucket.inbox_ids.get(key(&[user], Some(message_id)))? else {
             return Ok(None);
         };
         Ok(Some((be_u64(&value)?, text(&value[8..])?)))
     }
 
     fn inbox_head(&mut self, user: &str) -> Result<u64> {
-        let last = match self.inbox.prefix(key(&[user], None)).next_back() {
-            Some(item) => key_tail(&item?.0)?,
-            None => 0,
-        };
-        Ok(last.max(self.removed_head(user)?))
+        let mut last = self.removed_head(user)?;
+        for bucket in self.buckets.all() {
+            if let Some(item) = bucket.inbox.prefix(key(&[user], None)).next_back() {
+                last = last.max(key_tail(&item?.0)?);
+            }
+        }
+        Ok(last)
     }
 
+    /// The `limit` lowest sequences above `after`, from every window: a
+    /// sequence follows commit order, a window the message id's time, so
+    /// neighbouring windows may interleave. Once `limit` are in hand, a
+    /// later window is only asked for sequences below the highest kept.
     fn inbox_after(&mut self, user: &str, after: u64, limit: usize) -> Result<Vec<InboxEntry>> {
         let start = key(&[user], Some(after.saturating_add(1)));
-        let end = key(&[user], Some(u64::MAX));
-        let mut entries = Vec::with_capacity(limit.min(256));
-        for item in self.inbox.range(start..=end).take(limit) {
-            let (k, v) = item?;
-            let origin_len = usize::from(*v.get(8).context("bad inbox entry")?);
-            let origin = v.get(9..9 + origin_len).context("bad inbox entry")?;
-            entries.push(InboxEntry {
-                seq: key_tail(&k)?,
-                message_id: be_u64(&v)?,
-                origin_device: text(origin)?,
-                conversation: text(&v[9 + origin_len..])?,
-            });
+        let mut entries: Vec<InboxEntry> = Vec::with_capacity(limit.min(256));
+        for bucket in self.buckets.all() {
+            let below = match entries.get(limit.wrapping_sub(1)) {
+                Some(highest_kept) => highest_kept.seq,
+                None => u64::MAX,
+            };
+            let end = key(&[user], Some(below));
+            let before = entries.len();
+            for item in bucket.inbox.range(start.clone()..=end).take(limit) {
+                let (k, v) = item?;
+                let origin_len = usize::from(*v.get(8).context("bad inbox entry")?);
+                let origin = v.get(9..9 + origin_len).context("bad inbox entry")?;
+                entries.push(InboxEntry {
+                    seq: key_tail(&k)?,
+                    message_id: be_u64(&v)?,
+                    origin_device: text(origin)?,
+                    conversation: text(&v[9 + origin_len..])?,
+                });
+            }
+            if entries.len() > before && before > 0 {
+                entries.sort_by_key(|entry| entry.seq);
+                entries.truncate(limit);
+            }
         }
+        entries.truncate(limit);
         Ok(entries)
     }
 
@@ -701,28 +779,61 @@ impl EmbeddedWriter {
         self.store.persist()
     }
 
-    fn index_inbox(&self, user: &str, message_id: u64, seq: u64, conversation: &str) -> Result<()> {
-        let mut value = seq.to_be_bytes().to_vec();
-        value.extend_from_slice(conversation.as_bytes());
-        self.store
-            .inbox_ids
-            .insert(key(&[user], Some(message_id)), value)?;
-        self.store
-            .inbox_by_time
-            .insert(by_time_key(message_id, &key(&[user], Some(seq))), [])?;
-        Ok(())
+    /// The user's last inbox entry in any bucket: (sequence, message id),
+    /// or zeros.
+    fn last_entry(&self, user: &str) -> Result<(u64, u64)> {
+        let mut last = (0, 0);
+        for bucket in self.store.buckets.all() {
+            if let Some(item) = bucket.inbox.prefix(key(&[user], None)).next_back() {
+                let (k, v) = item?;
+                last = last.max((key_tail(&k)?, be_u64(&v)?));
+            }
+        }
+        Ok(last)
     }
 
-    /// The user's last inbox entry: (sequence, message id), or zeros.
-    fn last_entry(&self, user: &str) -> Result<(u64, u64)> {
-        match self.store.inbox.prefix(key(&[user], None)).next_back() {
-            Some(item) => {
-                let (k, v) = item?;
-                Ok((key_tail(&k)?, be_u64(&v)?))
-            }
-            None => Ok((0, 0)),
+    /// Drops the oldest bucket whose whole window is before `before_id`,
+    /// in steps: it is closed to writers, the last sequence of each user
+    /// with entries in it is recorded (`record_heads`, up to `limit` users
+    /// a call), that is made durable, and only then are its partitions
+    /// deleted, one call later than the last walk. A crash in between
+    /// leaves a bucket that the next pass closes and walks again: every
+    /// step is idempotent.
+    fn expire_messages_before(&mut self, before_id: u64, limit: usize) -> Result<super::Expired> {
+        let floor_ms = chat_protocol::snowflake::decode(before_id).unix_ms;
+        let Some(bucket) = self.store.buckets.oldest_ending_by(floor_ms) else {
+            self.closing = None;
+            return Ok(super::Expired::default());
+        };
+        self.store.buckets.close(&bucket);
+        let from = match self.closing.take() {
+            Some((start, from)) if start == bucket.start_ms => from,
+            _ => Vec::new(),
+        };
+        if let Some(next) = self.store.record_heads(&bucket, from, limit)? {
+            self.closing = Some((bucket.start_ms, next));
+            return Ok(super::Expired {
+                rows: 0,
+                bytes: 0,
+                more: true,
+            });
         }
+        self.store.persist()?;
+        let rows = (bucket.messages.approximate_len() + bucket.inbox.approximate_len()) as u64;
+        let bytes = self.store.buckets.drop_closed(&bucket)?;
+        Ok(super::Expired {
+            rows,
+            bytes,
+            more: true,
+        })
     }
+}
+
+/// `inbox_ids`' value: the sequence, then the conversation.
+fn inbox_id_value(seq: u64, conversation: &str) -> Vec<u8> {
+    let mut value = seq.to_be_bytes().to_vec();
+    value.extend_from_slice(conversation.as_bytes());
+    value
 }
 
 /// Every table read and write goes to the store; only `append_inbox` differs.
@@ -783,6 +894,9 @@ impl Tables for EmbeddedWriter {
         conversation: &str,
         origin_device: &str,
     ) -> Result<u64> {
+        // None: the message's window is past the retention and dropped.
+        let bucket = self.store.buckets.for_id(message_id)?;
+        let ids_key = key(&[user], Some(message_id));
         let last = match self.counters.get(user) {
             Some(seq) => *seq,
             None => {
@@ -794,7 +908,12 @@ impl Tables for EmbeddedWriter {
                 self.counters.insert(user.to_owned(), seq);
                 if last_seq > 0 && last_seq == seq && last_message_id == message_id {
                     // A crash came between this entry and its index: finish it.
-                    self.index_inbox(user, message_id, seq, conversation)?;
+                    if let Some(bucket) = &bucket {
+                        bucket.write(|b| {
+                            Ok(b.inbox_ids
+                                .insert(ids_key.clone(), inbox_id_value(seq, conversation))?)
+                        })?;
+                    }
                     return Ok(seq);
                 }
                 seq
@@ -810,8 +929,20 @@ impl Tables for EmbeddedWriter {
         // The entry, then its index. The journal keeps write order, so a
         // crash leaves at most the user's last entry without an index, which
         // the next append for that message repairs (above).
-        self.store.inbox.insert(key(&[user], Some(seq)), value)?;
-        self.index_inbox(user, message_id, seq, conversation)?;
+        let written = match &bucket {
+            Some(bucket) => bucket.write(|b| {
+                b.inbox.insert(key(&[user], Some(seq)), value)?;
+                b.inbox_ids
+                    .insert(ids_key, inbox_id_value(seq, conversation))?;
+                Ok(())
+            })?,
+            None => false,
+        };
+        if !written {
+            // Past the retention, its window gone or going: the sequence is
+            // taken and counted as removed, so it is never given again.
+            self.store.raise_head(user, seq)?;
+        }
         self.counters.insert(user.to_owned(), seq);
         Ok(seq)
     }
@@ -825,7 +956,10 @@ impl Tables for EmbeddedWriter {
         self.store.inbox_head(user)
     }
     fn expire_messages(&mut self, before_id: u64, limit: usize) -> Result<super::Expired> {
-        self.store.expire_messages_before(before_id, limit)
+        self.expire_messages_before(before_id, limit)
+    }
+    fn partitions_ahead(&mut self, now_ms: u64) -> Result<usize> {
+        self.store.buckets.make_ahead(now_ms)
     }
     fn cursor(&mut self, user: &str, device: &str) -> Result<Cursor> {
         self.store.cursor(user, device)

@@ -24,9 +24,11 @@ struct Fixture {
     _keep: Box<dyn std::any::Any>,
 }
 
+/// The embedded store with a day's retention: time buckets of 90 minutes.
 fn embedded() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let store = Embedded::open(&dir.path().join("store"), 1 << 20, Fsync::None).unwrap();
+    let day = std::time::Duration::from_secs(24 * 60 * 60);
+    let store = Embedded::open(&dir.path().join("store"), 1 << 20, Fsync::None, Some(day)).unwrap();
     let audited = store.clone();
     Fixture {
         backend: Box::new(crate::backend::EmbeddedBackend(store)),
@@ -1302,8 +1304,8 @@ fn a_postgres_database_from_before_versions_is_migrated_in_place_once() {
 fn the_embedded_store_records_its_version_and_refuses_a_newer_one() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store");
-    drop(Embedded::open(&path, 1 << 20, Fsync::Batch).unwrap());
-    drop(Embedded::open(&path, 1 << 20, Fsync::Batch).unwrap());
+    drop(Embedded::open(&path, 1 << 20, Fsync::Batch, None).unwrap());
+    drop(Embedded::open(&path, 1 << 20, Fsync::Batch, None).unwrap());
     {
         let keyspace = fjall::Config::new(&path).open().unwrap();
         let meta = keyspace
@@ -1317,7 +1319,7 @@ fn the_embedded_store_records_its_version_and_refuses_a_newer_one() {
         meta.insert(b"schema_version", 99u32.to_be_bytes()).unwrap();
         keyspace.persist(fjall::PersistMode::SyncAll).unwrap();
     }
-    let Err(error) = Embedded::open(&path, 1 << 20, Fsync::Batch) else {
+    let Err(error) = Embedded::open(&path, 1 << 20, Fsync::Batch, None) else {
         panic!("a newer layout was accepted");
     };
     let error = format!("{error:#}");
@@ -1345,7 +1347,7 @@ fn an_embedded_store_from_version_7_counts_its_known_devices_as_seen_at_the_upgr
             .unwrap();
         keyspace.persist(fjall::PersistMode::SyncAll).unwrap();
     }
-    let store = Embedded::open(&path, 1 << 20, Fsync::Batch).unwrap();
+    let store = Embedded::open(&path, 1 << 20, Fsync::Batch, None).unwrap();
     let fixture = Fixture {
         backend: Box::new(crate::backend::EmbeddedBackend(store.clone())),
         rows_naming: Box::new(move |user| store.rows_naming(user).unwrap()),
@@ -1461,4 +1463,358 @@ fn roles_follow_the_changes_and_history_starts_at_joining(fixture: &Fixture) {
         .find(|role| role.user == "bob")
         .unwrap();
     assert_eq!((bob.admin, bob.joined_id), (false, 16));
+}
+
+/// An embedded store at `path` kept for `retention`, and a fixture over it.
+fn embedded_at(
+    path: &std::path::Path,
+    retention: Option<std::time::Duration>,
+) -> (Fixture, Embedded) {
+    let store = Embedded::open(path, 1 << 20, Fsync::None, retention).unwrap();
+    let audited = store.clone();
+    let fixture = Fixture {
+        backend: Box::new(crate::backend::EmbeddedBackend(store.clone())),
+        rows_naming: Box::new(move |user| audited.rows_naming(user).unwrap()),
+        _keep: Box::new(()),
+    };
+    (fixture, store)
+}
+
+/// A sync page of `user`'s laptop from its cursor, with a retention floor.
+fn sync_from_cursor(fixture: &Fixture, user: &str, floor: u64) -> super::SyncPage {
+    let mut reader = fixture.backend.reader().unwrap();
+    sync_page(
+        &mut *reader,
+        user,
+        "laptop",
+        SyncFrom::Cursor,
+        floor,
+        100,
+        1 << 20,
+    )
+    .unwrap()
+}
+
+/// The store's partitions of time windows (`<table>_b<start ms>`).
+fn window_partitions(store: &Embedded) -> Vec<String> {
+    store
+        .partition_names()
+        .into_iter()
+        .filter(|name| {
+            name.rsplit_once("_b")
+                .is_some_and(|(_, start)| start.parse::<u64>().is_ok())
+        })
+        .collect()
+}
+
+/// One `expire_messages` call through `writer`.
+fn expire_once(
+    writer: &mut dyn super::BatchWriter,
+    before_id: u64,
+    limit: usize,
+) -> super::Expired {
+    let mut expired = super::Expired::default();
+    writer
+        .write_batch(&mut |tables| {
+            expired = tables.expire_messages(before_id, limit)?;
+            Ok(())
+        })
+        .unwrap();
+    expired
+}
+
+#[test]
+fn embedded_retention_drops_whole_time_windows_and_gives_their_bytes_back() {
+    use chat_protocol::snowflake::first_id_at;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let retention = std::time::Duration::from_secs(16);
+    let (fixture, store) = embedded_at(&path, Some(retention));
+    let now = super::unix_ms_now();
+    // Windows of a second: two old ones, a minute back, and the current one.
+    let old: Vec<u64> = [60_000, 60_000, 50_000]
+        .iter()
+        .enumerate()
+        .map(|(i, ago)| first_id_at(now - ago) + i as u64)
+        .collect();
+    let new = first_id_at(now);
+    let batch: Vec<Vec<u8>> = old
+        .iter()
+        .chain([&new])
+        .map(|id| message(*id, "alice", "phone", "bob"))
+        .collect();
+    run(&fixture, &batch, false);
+    assert_eq!(
+        window_partitions(&store).len(),
+        9,
+        "three windows, three tables each"
+    );
+    let mut writer = fixture.backend.writer().unwrap();
+    let mut made = 0;
+    writer
+        .write_batch(&mut |tables| {
+            made = tables.partitions_ahead(now)?;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(made, 1, "the next window is made ahead");
+    store.flush_buckets().unwrap();
+
+    let floor = super::retention_floor(now, Some(retention));
+    let mut removed = super::Expired::default();
+    for _ in 0..20 {
+        let step = expire_once(&mut *writer, floor, 1000);
+        removed.rows += step.rows;
+        removed.bytes += step.bytes;
+        if !step.more {
+            break;
+        }
+    }
+    assert_eq!(
+        removed.rows, 9,
+        "three messages and their six inbox entries (bob's, and alice's own): {removed:?}"
+    );
+    assert!(
+        removed.bytes > 0,
+        "the dropped windows' segments are counted"
+    );
+    let windows = window_partitions(&store);
+    assert_eq!(
+        windows.len(),
+        6,
+        "the current and the next window stay: {windows:?}"
+    );
+    let old_start = (now - 60_000) / 1000 * 1000;
+    let folder = path
+        .join("partitions")
+        .join(format!("messages_b{old_start}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while folder.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} is still on disk",
+            folder.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // What retention keeps is there, the gap is reported, sequences go on.
+    let page = sync_from_cursor(&fixture, "bob", floor);
+    assert_eq!((page_ids(&page), page.expired), (vec![new], 3));
+    let mut reader = fixture.backend.reader().unwrap();
+    assert_eq!(reader.inbox_head("bob").unwrap(), 4);
+    for id in &old {
+        assert_eq!(
+            reader
+                .message(
+                    &chat_protocol::ids::direct_conversation_id("alice", "bob"),
+                    *id
+                )
+                .unwrap(),
+            None
+        );
+    }
+    let later = first_id_at(now) + 10;
+    run(&fixture, &[message(later, "alice", "phone", "bob")], false);
+    assert_eq!(
+        reader.inbox_entry_of("bob", later).unwrap().map(|e| e.0),
+        Some(5)
+    );
+}
+
+#[test]
+fn embedded_counts_the_rows_its_dropped_windows_held() {
+    use chat_protocol::snowflake::first_id_at;
+    let dir = tempfile::tempdir().unwrap();
+    let retention = std::time::Duration::from_secs(16);
+    let (fixture, _store) = embedded_at(&dir.path().join("store"), Some(retention));
+    let now = super::unix_ms_now();
+    let batch: Vec<Vec<u8>> = (0..4)
+        .map(|i| message(first_id_at(now - 60_000) + i, "dave", "phone", "carol"))
+        .collect();
+    run(&fixture, &batch, false);
+    let floor = super::retention_floor(now, Some(retention));
+    let rows = expire_all(&fixture, floor, 1000);
+    assert_eq!(rows, 4 + 8, "four messages and eight inbox entries: {rows}");
+}
+
+#[test]
+fn a_message_committed_into_a_window_being_dropped_still_takes_its_sequence() {
+    use chat_protocol::snowflake::first_id_at;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let retention = std::time::Duration::from_secs(16);
+    let now = super::unix_ms_now();
+    let old = first_id_at(now - 60_000);
+    let floor = super::retention_floor(now, Some(retention));
+    {
+        let (fixture, _store) = embedded_at(&path, Some(retention));
+        run(
+            &fixture,
+            &[
+                message(old, "dave", "phone", "carol"),
+                message(old + 1, "dave", "phone", "carol"),
+            ],
+            false,
+        );
+        // The cleanup closes the window and walks one of its two users...
+        let mut cleanup = fixture.backend.writer().unwrap();
+        assert!(expire_once(&mut *cleanup, floor, 1).more);
+        // ...when a late message for that window commits: it is not
+        // stored, but its sequence is taken for good.
+        run(
+            &fixture,
+            &[message(old + 2, "dave", "phone", "carol")],
+            false,
+        );
+        let mut reader = fixture.backend.reader().unwrap();
+        assert_eq!(reader.inbox_entry_of("carol", old + 2).unwrap(), None);
+        assert_eq!(reader.inbox_head("carol").unwrap(), 3);
+        for _ in 0..10 {
+            if !expire_once(&mut *cleanup, floor, 1).more {
+                break;
+            }
+        }
+        assert_eq!(
+            reader.inbox_head("carol").unwrap(),
+            3,
+            "the walk never lowers it"
+        );
+    }
+    // After a restart (no counter in memory) the next sequence is 4.
+    let (fixture, _store) = embedded_at(&path, Some(retention));
+    let new = first_id_at(super::unix_ms_now());
+    run(&fixture, &[message(new, "dave", "phone", "carol")], false);
+    let mut reader = fixture.backend.reader().unwrap();
+    assert_eq!(
+        reader.inbox_entry_of("carol", new).unwrap().map(|e| e.0),
+        Some(4)
+    );
+    let page = sync_from_cursor(&fixture, "carol", floor);
+    assert_eq!((page_ids(&page), page.expired), (vec![new], 3));
+}
+
+#[test]
+fn sync_follows_the_inbox_order_where_neighbouring_windows_interleave() {
+    use chat_protocol::snowflake::first_id_at;
+    let dir = tempfile::tempdir().unwrap();
+    let (fixture, _store) = embedded_at(
+        &dir.path().join("store"),
+        Some(std::time::Duration::from_secs(16)),
+    );
+    let now = super::unix_ms_now();
+    // A message of a later window commits first (it came from a node whose
+    // clock runs ahead): sequence order is commit order, not id order.
+    let (later, earlier) = (first_id_at(now + 3_000), first_id_at(now));
+    run(&fixture, &[message(later, "alice", "phone", "bob")], false);
+    run(
+        &fixture,
+        &[
+            message(earlier, "alice", "phone", "bob"),
+            message(earlier + 1, "alice", "phone", "bob"),
+        ],
+        false,
+    );
+    assert_eq!(
+        synced_ids(&fixture, "bob", "laptop"),
+        [later, earlier, earlier + 1]
+    );
+    let mut reader = fixture.backend.reader().unwrap();
+    let seqs = |entries: Vec<super::InboxEntry>| entries.iter().map(|e| e.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(reader.inbox_after("bob", 0, 2).unwrap()), [1, 2]);
+    assert_eq!(seqs(reader.inbox_after("bob", 1, 1).unwrap()), [2]);
+    assert_eq!(seqs(reader.inbox_after("bob", 2, 5).unwrap()), [3]);
+    let conversation = chat_protocol::ids::direct_conversation_id("alice", "bob");
+    let history = super::history(&mut *reader, &conversation, None, None, 0, 2).unwrap();
+    assert_eq!(
+        record_ids(&history),
+        [later, earlier + 1],
+        "history is by id, newest first, across windows"
+    );
+}
+
+#[test]
+fn an_embedded_store_from_version_8_keeps_its_rows_as_a_legacy_window_dropped_whole_later() {
+    use chat_protocol::snowflake::first_id_at;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let before = super::unix_ms_now();
+    let old = first_id_at(before - 1_000);
+    {
+        // Version 8's layout: unsplit tables, the inbox's time index, no
+        // bucket keys in `meta`.
+        let (fixture, store) = embedded_at(&path, None);
+        run(
+            &fixture,
+            &[
+                message(old, "alice", "phone", "bob"),
+                message(old + 1, "alice", "phone", "bob"),
+            ],
+            false,
+        );
+        assert!(
+            window_partitions(&store).is_empty(),
+            "a store keeping everything has no windows"
+        );
+        drop(fixture);
+        drop(store);
+        let keyspace = fjall::Config::new(&path).open().unwrap();
+        let meta = keyspace
+            .open_partition("meta", fjall::PartitionCreateOptions::default())
+            .unwrap();
+        meta.insert(b"schema_version", 8u32.to_be_bytes()).unwrap();
+        meta.remove(b"bucket_width_ms").unwrap();
+        meta.remove(b"legacy_until_ms").unwrap();
+        keyspace
+            .open_partition("inbox_by_time", fjall::PartitionCreateOptions::default())
+            .unwrap()
+            .insert(b"k", b"")
+            .unwrap();
+        keyspace.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let retention = std::time::Duration::from_secs(16);
+    let (fixture, store) = embedded_at(&path, Some(retention));
+    let opened = super::unix_ms_now();
+    let names = store.partition_names();
+    assert!(!names.iter().any(|n| n == "inbox_by_time"), "{names:?}");
+    assert!(
+        names.iter().any(|n| n == "messages"),
+        "the legacy window stays: {names:?}"
+    );
+    assert_eq!(synced_ids(&fixture, "bob", "laptop"), [old, old + 1]);
+    // New messages go to windows; the legacy one is dropped only once the
+    // retention has passed the upgrade.
+    let new = first_id_at(opened + 5_000);
+    run(&fixture, &[message(new, "alice", "phone", "bob")], false);
+    assert_eq!(window_partitions(&store).len(), 3);
+    let mut cleanup = fixture.backend.writer().unwrap();
+    assert!(
+        !expire_once(&mut *cleanup, first_id_at(before), 1000).more,
+        "the upgrade is after the floor"
+    );
+    assert!(store.partition_names().iter().any(|n| n == "messages"));
+    for _ in 0..10 {
+        if !expire_once(&mut *cleanup, first_id_at(opened), 1000).more {
+            break;
+        }
+    }
+    let names = store.partition_names();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n == "messages" || n == "inbox" || n == "inbox_ids"),
+        "{names:?}"
+    );
+    let page = sync_from_cursor(&fixture, "bob", 0);
+    assert_eq!((page_ids(&page), page.expired), (vec![new], 2));
+    drop(fixture);
+    drop(store);
+    // Reopened: the layout is kept, and so is the sequence.
+    let (fixture, _store) = embedded_at(&path, Some(retention));
+    let newer = new + 1;
+    run(&fixture, &[message(newer, "alice", "phone", "bob")], false);
+    let mut reader = fixture.backend.reader().unwrap();
+    assert_eq!(
+        reader.inbox_entry_of("bob", newer).unwrap().map(|e| e.0),
+        Some(4)
+    );
 }

@@ -31,15 +31,12 @@ impl Embedded {
         }
         rows += remove_prefix(&self.sends_recent, &prefix)?;
         // The inbox (`user\0` + seq → id, origin, conversation) and its
-        // indexes: by time (found from each entry) and by message id.
-        for item in self.inbox.prefix(&prefix) {
-            let (inbox_key, value) = item?;
-            self.inbox_by_time
-                .remove(by_time_key(be_u64(&value)?, &inbox_key))?;
-            self.inbox.remove(inbox_key)?;
-            rows += 1;
+        // index by message id, in every time bucket (a closed one too: the
+        // cleanup's walk over it holds this lock, so it finds nothing left).
+        for bucket in self.buckets.all() {
+            rows += remove_prefix(&bucket.inbox, &prefix)?;
+            rows += remove_prefix(&bucket.inbox_ids, &prefix)?;
         }
-        rows += remove_prefix(&self.inbox_ids, &prefix)?;
         rows += self.forget_devices_of(&prefix)?;
         if self.inbox_heads.get(user)?.is_some() {
             self.inbox_heads.remove(user)?;
@@ -117,11 +114,12 @@ impl Embedded {
     }
 }
 
-/// Removes every key under `prefix`. Returns how many.
+/// Removes every key under `prefix`. Returns how many. A bucket the
+/// cleanup drops meanwhile takes its keys with it.
 fn remove_prefix(partition: &PartitionHandle, prefix: &[u8]) -> Result<u64> {
     let mut removed = 0;
     for item in partition.prefix(prefix) {
-        partition.remove(item?.0)?;
+        super::buckets::dropped_meanwhile(partition.remove(item?.0))?;
         removed += 1;
     }
     Ok(removed)
