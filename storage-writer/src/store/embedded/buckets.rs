@@ -126,8 +126,17 @@ impl Buckets {
             (None, Some(width)) => (width, if has_legacy { now_ms } else { 0 }),
             (None, None) => (0, u64::MAX),
         };
-        meta.insert(WIDTH_KEY, width_ms.to_be_bytes())?;
-        meta.insert(LEGACY_UNTIL_KEY, legacy_until_ms.to_be_bytes())?;
+        if stored(WIDTH_KEY)? != Some(width_ms)
+            || stored(LEGACY_UNTIL_KEY)? != Some(legacy_until_ms)
+        {
+            // Durable before any row goes by it: a layout decided again
+            // after a crash would send some ids to another window.
+            meta.insert(WIDTH_KEY, width_ms.to_be_bytes())?;
+            meta.insert(LEGACY_UNTIL_KEY, legacy_until_ms.to_be_bytes())?;
+            keyspace
+                .persist(fjall::PersistMode::SyncAll)
+                .context("persisting the store's time windows")?;
+        }
         let buckets = Self {
             keyspace: keyspace.clone(),
             width_ms,
