@@ -560,13 +560,7 @@ fn expire_all(fixture: &Fixture, before_id: u64, limit: usize) -> u64 {
     let mut writer = fixture.backend.writer().unwrap();
     let mut rows = 0;
     for _ in 0..100 {
-        let mut expired = super::Expired::default();
-        writer
-            .write_batch(&mut |tables| {
-                expired = tables.expire_messages(before_id, limit)?;
-                Ok(())
-            })
-            .unwrap();
+        let expired = expire_once(&mut *writer, before_id, limit);
         rows += expired.rows;
         if !expired.more {
             return rows;
@@ -598,19 +592,7 @@ fn messages_older_than_the_retention_leave_history_inbox_and_sync(fixture: &Fixt
     let floor = super::retention_floor(now, Some(std::time::Duration::from_millis(day)));
     assert!(old.iter().all(|id| *id < floor) && new.iter().all(|id| *id >= floor));
 
-    let page = |fixture: &Fixture, user: &str, floor: u64| {
-        let mut reader = fixture.backend.reader().unwrap();
-        sync_page(
-            &mut *reader,
-            user,
-            "laptop",
-            SyncFrom::Cursor,
-            floor,
-            100,
-            1 << 20,
-        )
-        .unwrap()
-    };
+    let page = sync_from_cursor;
     let ids = page_ids;
     let history = |fixture: &Fixture, floor: u64| -> Vec<u64> {
         let mut reader = fixture.backend.reader().unwrap();
@@ -1507,6 +1489,13 @@ fn window_partitions(store: &Embedded) -> Vec<String> {
         .collect()
 }
 
+/// Messages from alice's phone to bob, one per id.
+fn alice_to_bob(ids: &[u64]) -> Vec<Vec<u8>> {
+    ids.iter()
+        .map(|id| message(*id, "alice", "phone", "bob"))
+        .collect()
+}
+
 /// One `expire_messages` call through `writer`.
 fn expire_once(
     writer: &mut dyn super::BatchWriter,
@@ -1706,14 +1695,7 @@ fn sync_follows_the_inbox_order_where_neighbouring_windows_interleave() {
     // clock runs ahead): sequence order is commit order, not id order.
     let (later, earlier) = (first_id_at(now + 3_000), first_id_at(now));
     run(&fixture, &[message(later, "alice", "phone", "bob")], false);
-    run(
-        &fixture,
-        &[
-            message(earlier, "alice", "phone", "bob"),
-            message(earlier + 1, "alice", "phone", "bob"),
-        ],
-        false,
-    );
+    run(&fixture, &alice_to_bob(&[earlier, earlier + 1]), false);
     assert_eq!(
         synced_ids(&fixture, "bob", "laptop"),
         [later, earlier, earlier + 1]
@@ -1743,14 +1725,7 @@ fn an_embedded_store_from_version_8_keeps_its_rows_as_a_legacy_window_dropped_wh
         // Version 8's layout: unsplit tables, the inbox's time index, no
         // bucket keys in `meta`.
         let (fixture, store) = embedded_at(&path, None);
-        run(
-            &fixture,
-            &[
-                message(old, "alice", "phone", "bob"),
-                message(old + 1, "alice", "phone", "bob"),
-            ],
-            false,
-        );
+        run(&fixture, &alice_to_bob(&[old, old + 1]), false);
         assert!(
             window_partitions(&store).is_empty(),
             "a store keeping everything has no windows"
