@@ -1,7 +1,8 @@
 //! The cleanup thread: removes what only served a window, off the commit
 //! path: messages and their inbox entries older than
-//! `--message-retention-ms` (hot retention; PostgreSQL drops whole time
-//! partitions, which this thread also creates ahead), idempotency keys
+//! `--message-retention-ms` (hot retention; PostgreSQL and the embedded
+//! store drop whole time partitions or windows, which this thread also
+//! creates ahead), idempotency keys
 //! older than `--idempotency-window-ms` (a retry after the window is a new
 //! message, as documented), presence rows of users offline longer than
 //! `--presence-retention-ms` (their "last seen" is then unknown) and the
