@@ -166,12 +166,13 @@ impl Buckets {
 
     /// The bucket `message_id` belongs to, if it exists.
     pub fn find(&self, message_id: u64) -> Option<Arc<Bucket>> {
-        let start = self.start_of(snowflake::decode(message_id).unix_ms);
-        self.open
-            .read()
-            .expect("buckets lock poisoned")
-            .get(&start)
-            .cloned()
+        self.get(self.start_of(snowflake::decode(message_id).unix_ms))
+    }
+
+    /// The bucket of the window starting at `start`, if it is open.
+    fn get(&self, start: u64) -> Option<Arc<Bucket>> {
+        let open = self.open.read().expect("buckets lock poisoned");
+        open.get(&start).cloned()
     }
 
     /// Every bucket, oldest window first.
@@ -189,12 +190,7 @@ impl Buckets {
         let mut made = 0;
         for at in [now_ms, now_ms + self.width_ms] {
             let start = self.start_of(at);
-            let existed = self
-                .open
-                .read()
-                .expect("buckets lock poisoned")
-                .contains_key(&start);
-            if !existed && self.at(start, true)?.is_some() {
+            if self.get(start).is_none() && self.at(start, true)?.is_some() {
                 made += 1;
             }
         }
@@ -251,8 +247,8 @@ impl Buckets {
     }
 
     fn at(&self, start: u64, make: bool) -> Result<Option<Arc<Bucket>>> {
-        if let Some(bucket) = self.open.read().expect("buckets lock poisoned").get(&start) {
-            return Ok(Some(bucket.clone()));
+        if let Some(bucket) = self.get(start) {
+            return Ok(Some(bucket));
         }
         // The legacy bucket is only ever made for a store without windows;
         // once windows exist it can only have been dropped.
