@@ -431,6 +431,7 @@ fn behind(req: u32) -> Response {
 
 /// Reads one frame body; `None` at a clean end of stream.
 fn read_frame<'a>(stream: &mut UnixStream, buffer: &'a mut Vec<u8>) -> Result<Option<&'a [u8]>> {
+    wait_readable(stream)?;
     let mut prefix = [0u8; 4];
     match stream.read_exact(&mut prefix) {
         Ok(()) => {}
@@ -441,6 +442,24 @@ fn read_frame<'a>(stream: &mut UnixStream, buffer: &'a mut Vec<u8>) -> Result<Op
     buffer.resize(len, 0);
     stream.read_exact(buffer)?;
     Ok(Some(buffer))
+}
+
+/// Sleeps until the shard has sent something (or closed). A thread blocked
+/// in `read` on a Unix stream is woken each time the shard reads a notice
+/// the commit thread wrote on this same socket (the kernel's "space to
+/// write" wake-up does not say which side it is for); `poll` for input
+/// sleeps through those. Measured: two spurious context switches per
+/// `Durable` notice without it (BENCHMARKS.md, issue 17).
+fn wait_readable(stream: &UnixStream) -> Result<()> {
+    use rustix::event::{poll, PollFd, PollFlags};
+    loop {
+        let mut fds = [PollFd::new(stream, PollFlags::IN)];
+        match poll(&mut fds, None) {
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(error) => return Err(std::io::Error::from(error).into()),
+        }
+    }
 }
 
 /// `Failed` for an error (not retryable when the request itself was wrong),

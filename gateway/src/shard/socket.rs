@@ -58,68 +58,74 @@ struct Reader {
 
 /// Serves one registered connection until it closes, then unregisters it.
 /// `tls` is the connection's TLS session (handshake done) on a `wss://` listener.
-pub async fn serve(
+///
+/// Not an `async fn`: one keeps each argument twice in the connection's
+/// task, once as the argument and once as the local it is moved into
+/// (rust-lang/rust#62958), about 100 bytes per idle connection; the
+/// `async move` block holds each once (`docs/design/memory-budget.md`).
+pub fn serve(
     shard: Rc<Shard>,
     stream: TcpStream,
     tls: Option<Box<rustls::ServerConnection>>,
     conn: Rc<Conn>,
-    early_bytes: Vec<u8>,
-) {
-    let mut link = Link::new(stream.as_raw_fd(), tls);
-    let mut reader = Reader {
-        decoder: WsDecoder::default(),
-        partial: Vec::new(),
-        stalled: false,
-    };
-    // Bytes of the outbox's front entry already written.
-    let mut front_written = 0usize;
-    // `hello` goes out now; the device's frames are read only once its recent
-    // sends are loaded, so a retry after a gateway restart is recognised.
-    let _ = flush(&mut link, &shard, &conn, &mut front_written);
-    // One boxed future for the whole start: the storage request's future is
-    // large and short-lived; inline, it would size the connection's task for
-    // as long as the connection lives.
-    Box::pin(start(&shard, &conn)).await;
-    if !early_bytes.is_empty() && !conn.is_closing() {
-        let mut early_bytes = early_bytes;
-        let consumed = process(&shard, &conn, &mut reader.decoder, &mut early_bytes);
-        early_bytes.drain(..consumed);
-        reader.partial = early_bytes;
-        reader.stalled = conn.is_paused();
-    }
+    mut early_bytes: Vec<u8>,
+) -> impl Future<Output = ()> {
+    async move {
+        let mut link = Link::new(stream.as_raw_fd(), tls);
+        let mut reader = Reader {
+            decoder: WsDecoder::default(),
+            partial: Vec::new(),
+            stalled: false,
+        };
+        // Bytes of the outbox's front entry already written.
+        let mut front_written = 0usize;
+        // `hello` goes out now; the device's frames are read only once its recent
+        // sends are loaded, so a retry after a gateway restart is recognised.
+        let _ = flush(&mut link, &shard, &conn, &mut front_written);
+        // One boxed future for the whole start: the storage request's future is
+        // large and short-lived; inline, it would size the connection's task for
+        // as long as the connection lives.
+        Box::pin(start(&shard, &conn)).await;
+        if !early_bytes.is_empty() && !conn.is_closing() {
+            let consumed = process(&shard, &conn, &mut reader.decoder, &mut early_bytes);
+            early_bytes.drain(..consumed);
+            reader.partial = std::mem::take(&mut early_bytes);
+            reader.stalled = conn.is_paused();
+        }
 
-    // Boxed so the long-lived task holds only the small steady-state future;
-    // the close path (timers, two readiness waits) is allocated when needed.
-    let ending = Box::pin(serve_until_closing(
-        &shard,
-        &stream,
-        &mut link,
-        &conn,
-        &mut reader,
-        &mut front_written,
-    ))
-    .await;
-
-    shard.unregister(&conn);
-    // No sighting of a revoked device (it would leave a row of a deleted
-    // account behind).
-    if !conn.was_revoked() {
-        shard.note_device_seen(&conn);
-    }
-    if let Ending::Close(code) = ending {
-        shard.metrics().closed(code);
-        Box::pin(close_gracefully(
+        // Boxed so the long-lived task holds only the small steady-state future;
+        // the close path (timers, two readiness waits) is allocated when needed.
+        let ending = Box::pin(serve_until_closing(
             &shard,
             &stream,
             &mut link,
             &conn,
-            code,
-            front_written,
+            &mut reader,
+            &mut front_written,
         ))
         .await;
+
+        shard.unregister(&conn);
+        // No sighting of a revoked device (it would leave a row of a deleted
+        // account behind).
+        if !conn.was_revoked() {
+            shard.note_device_seen(&conn);
+        }
+        if let Ending::Close(code) = ending {
+            shard.metrics().closed(code);
+            Box::pin(close_gracefully(
+                &shard,
+                &stream,
+                &mut link,
+                &conn,
+                code,
+                front_written,
+            ))
+            .await;
+        }
+        drop(stream);
+        shard.node.release_connection();
     }
-    drop(stream);
-    shard.node.release_connection();
 }
 
 /// Before the device's frames are read: load its recent sends (idempotency
@@ -138,65 +144,68 @@ async fn start(shard: &Rc<Shard>, conn: &Rc<Conn>) {
 
 /// The connection's life: write what is queued, read what arrives, until a
 /// close is requested or the peer is gone.
-async fn serve_until_closing(
-    shard: &Rc<Shard>,
-    stream: &TcpStream,
-    link: &mut Link,
-    conn: &Rc<Conn>,
-    reader: &mut Reader,
-    front_written: &mut usize,
-) -> Ending {
-    let mut read_ready = pin!(stream.readable(false));
-    let mut write_ready: Option<Pin<Box<dyn Future<Output = io::Result<()>> + '_>>> = None;
+/// An `async move` block for the reason `serve` gives.
+fn serve_until_closing<'a>(
+    shard: &'a Rc<Shard>,
+    stream: &'a TcpStream,
+    link: &'a mut Link,
+    conn: &'a Rc<Conn>,
+    reader: &'a mut Reader,
+    front_written: &'a mut usize,
+) -> impl Future<Output = Ending> + 'a {
+    async move {
+        let mut read_ready = pin!(stream.readable(false));
+        let mut write_ready: Option<Pin<Box<dyn Future<Output = io::Result<()>> + '_>>> = None;
 
-    loop {
-        if reader.stalled && !conn.is_paused() {
-            process_stalled(shard, conn, reader);
-        }
-        if write_ready.is_none() && (conn.has_outbound() || link.wants_write()) {
-            match flush(link, shard, conn, front_written) {
-                Ok(true) => {}
-                Ok(false) => write_ready = Some(Box::pin(stream.writable(false))),
-                Err(_) => break Ending::Lost,
+        loop {
+            if reader.stalled && !conn.is_paused() {
+                process_stalled(shard, conn, reader);
             }
-        }
-        if let Some(code) = conn.close_code() {
-            break Ending::Close(code);
-        }
-        // TLS may hold decrypted bytes the socket will not signal again.
-        let input_buffered = link.has_buffered_input();
-        let event = poll_fn(|cx| {
-            conn.register(cx.waker());
-            if conn.is_closing() || (write_ready.is_none() && conn.has_outbound()) {
-                return Poll::Ready(Event::Woken);
-            }
-            if let Some(writable) = write_ready.as_mut() {
-                if let Poll::Ready(result) = writable.as_mut().poll(cx) {
-                    return Poll::Ready(Event::Writable(result));
+            if write_ready.is_none() && (conn.has_outbound() || link.wants_write()) {
+                match flush(link, shard, conn, front_written) {
+                    Ok(true) => {}
+                    Ok(false) => write_ready = Some(Box::pin(stream.writable(false))),
+                    Err(_) => break Ending::Lost,
                 }
             }
-            // Paused: the socket's later frames wait (back-pressure on the client).
-            if conn.is_paused() || reader.stalled {
-                return Poll::Pending;
+            if let Some(code) = conn.close_code() {
+                break Ending::Close(code);
             }
-            if input_buffered {
-                return Poll::Ready(Event::Readable(Ok(())));
-            }
-            read_ready.as_mut().poll(cx).map(Event::Readable)
-        })
-        .await;
-        match event {
-            Event::Woken => {}
-            Event::Writable(Ok(())) => write_ready = None,
-            Event::Readable(Ok(())) => {
-                read_ready.set(stream.readable(false));
-                if !read_available(shard, conn, link, reader) {
-                    break Ending::Lost;
+            // TLS may hold decrypted bytes the socket will not signal again.
+            let input_buffered = link.has_buffered_input();
+            let event = poll_fn(|cx| {
+                conn.register(cx.waker());
+                if conn.is_closing() || (write_ready.is_none() && conn.has_outbound()) {
+                    return Poll::Ready(Event::Woken);
                 }
-                // Frames after a pausing one wait in `partial` for the resume.
-                reader.stalled = conn.is_paused() && !reader.partial.is_empty();
+                if let Some(writable) = write_ready.as_mut() {
+                    if let Poll::Ready(result) = writable.as_mut().poll(cx) {
+                        return Poll::Ready(Event::Writable(result));
+                    }
+                }
+                // Paused: the socket's later frames wait (back-pressure on the client).
+                if conn.is_paused() || reader.stalled {
+                    return Poll::Pending;
+                }
+                if input_buffered {
+                    return Poll::Ready(Event::Readable(Ok(())));
+                }
+                read_ready.as_mut().poll(cx).map(Event::Readable)
+            })
+            .await;
+            match event {
+                Event::Woken => {}
+                Event::Writable(Ok(())) => write_ready = None,
+                Event::Readable(Ok(())) => {
+                    read_ready.set(stream.readable(false));
+                    if !read_available(shard, conn, link, reader) {
+                        break Ending::Lost;
+                    }
+                    // Frames after a pausing one wait in `partial` for the resume.
+                    reader.stalled = conn.is_paused() && !reader.partial.is_empty();
+                }
+                Event::Readable(Err(_)) | Event::Writable(Err(_)) => break Ending::Lost,
             }
-            Event::Readable(Err(_)) | Event::Writable(Err(_)) => break Ending::Lost,
         }
     }
 }
