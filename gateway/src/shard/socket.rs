@@ -56,14 +56,25 @@ struct Reader {
     stalled: bool,
 }
 
+/// A connection's byte stream and framing state, owned by its task and
+/// lent whole to the steady-state loop (one reference, not four: the loop's
+/// future lives as long as the connection).
+struct Session {
+    stream: TcpStream,
+    link: Link,
+    reader: Reader,
+    /// Bytes of the outbox's front entry already written.
+    front_written: usize,
+}
+
 /// Serves one registered connection until it closes, then unregisters it.
 /// `tls` is the connection's TLS session (handshake done) on a `wss://` listener.
 ///
 /// Not an `async fn`: one keeps each argument twice in the connection's
 /// task, once as the argument and once as the local it is moved into
-/// (rust-lang/rust#62958). The link and the reader are built here, outside
-/// the `async move` block, which then holds each value once: the task is
-/// 248 bytes instead of 400 (`docs/design/memory-budget.md`).
+/// (rust-lang/rust#62958). The session is built here, outside the `async
+/// move` block, which then holds each value once: the task is 248 bytes
+/// instead of 400 (`docs/design/memory-budget.md`).
 pub fn serve(
     shard: Rc<Shard>,
     stream: TcpStream,
@@ -71,23 +82,27 @@ pub fn serve(
     conn: Rc<Conn>,
     early_bytes: Vec<u8>,
 ) -> impl Future<Output = ()> {
-    let mut link = Link::new(stream.as_raw_fd(), tls);
-    // Bytes that came with the upgrade request wait here for the start.
-    let mut reader = Reader {
-        decoder: WsDecoder::default(),
-        partial: early_bytes,
-        stalled: false,
+    let link = Link::new(stream.as_raw_fd(), tls);
+    let mut session = Session {
+        stream,
+        link,
+        // Bytes that came with the upgrade request wait here for the start.
+        reader: Reader {
+            decoder: WsDecoder::default(),
+            partial: early_bytes,
+            stalled: false,
+        },
+        front_written: 0,
     };
     async move {
-        // Bytes of the outbox's front entry already written.
-        let mut front_written = 0usize;
         // `hello` goes out now; the device's frames are read only once its recent
         // sends are loaded, so a retry after a gateway restart is recognised.
-        let _ = flush(&mut link, &shard, &conn, &mut front_written);
+        let _ = flush(&mut session.link, &shard, &conn, &mut session.front_written);
         // One boxed future for the whole start: the storage request's future is
         // large and short-lived; inline, it would size the connection's task for
         // as long as the connection lives.
         Box::pin(start(&shard, &conn)).await;
+        let reader = &mut session.reader;
         if !reader.partial.is_empty() && !conn.is_closing() {
             let consumed = process(&shard, &conn, &mut reader.decoder, &mut reader.partial);
             reader.partial.drain(..consumed);
@@ -96,15 +111,7 @@ pub fn serve(
 
         // Boxed so the long-lived task holds only the small steady-state future;
         // the close path (timers, two readiness waits) is allocated when needed.
-        let ending = Box::pin(serve_until_closing(
-            &shard,
-            &stream,
-            &mut link,
-            &conn,
-            &mut reader,
-            &mut front_written,
-        ))
-        .await;
+        let ending = Box::pin(serve_until_closing(&shard, &conn, &mut session)).await;
 
         shard.unregister(&conn);
         // No sighting of a revoked device (it would leave a row of a deleted
@@ -116,15 +123,15 @@ pub fn serve(
             shard.metrics().closed(code);
             Box::pin(close_gracefully(
                 &shard,
-                &stream,
-                &mut link,
+                &session.stream,
+                &mut session.link,
                 &conn,
                 code,
-                front_written,
+                session.front_written,
             ))
             .await;
         }
-        drop(stream);
+        drop(session);
         shard.node.release_connection();
     }
 }
@@ -144,28 +151,26 @@ async fn start(shard: &Rc<Shard>, conn: &Rc<Conn>) {
 }
 
 /// The connection's life: write what is queued, read what arrives, until a
-/// close is requested or the peer is gone.
-/// An `async move` block for the reason `serve` gives.
+/// close is requested or the peer is gone. An `async move` block for the
+/// reason `serve` gives; its poll closure copies what it only reads, so it
+/// holds three references, not five.
 fn serve_until_closing<'a>(
     shard: &'a Rc<Shard>,
-    stream: &'a TcpStream,
-    link: &'a mut Link,
     conn: &'a Rc<Conn>,
-    reader: &'a mut Reader,
-    front_written: &'a mut usize,
+    session: &'a mut Session,
 ) -> impl Future<Output = Ending> + 'a {
     async move {
-        let mut read_ready = pin!(stream.readable(false));
+        let mut read_ready = pin!(session.stream.readable(false));
         let mut write_ready: Option<Pin<Box<dyn Future<Output = io::Result<()>> + '_>>> = None;
 
         loop {
-            if reader.stalled && !conn.is_paused() {
-                process_stalled(shard, conn, reader);
+            if session.reader.stalled && !conn.is_paused() {
+                process_stalled(shard, conn, &mut session.reader);
             }
-            if write_ready.is_none() && (conn.has_outbound() || link.wants_write()) {
-                match flush(link, shard, conn, front_written) {
+            if write_ready.is_none() && (conn.has_outbound() || session.link.wants_write()) {
+                match flush(&mut session.link, shard, conn, &mut session.front_written) {
                     Ok(true) => {}
-                    Ok(false) => write_ready = Some(Box::pin(stream.writable(false))),
+                    Ok(false) => write_ready = Some(Box::pin(session.stream.writable(false))),
                     Err(_) => break Ending::Lost,
                 }
             }
@@ -173,33 +178,37 @@ fn serve_until_closing<'a>(
                 break Ending::Close(code);
             }
             // TLS may hold decrypted bytes the socket will not signal again.
-            let input_buffered = link.has_buffered_input();
-            let event = poll_fn(|cx| {
+            let input_buffered = session.link.has_buffered_input();
+            let stalled = session.reader.stalled;
+            let writing = &mut write_ready;
+            let reading = &mut read_ready;
+            let event = poll_fn(move |cx| {
                 conn.register(cx.waker());
-                if conn.is_closing() || (write_ready.is_none() && conn.has_outbound()) {
+                if conn.is_closing() || (writing.is_none() && conn.has_outbound()) {
                     return Poll::Ready(Event::Woken);
                 }
-                if let Some(writable) = write_ready.as_mut() {
+                if let Some(writable) = writing.as_mut() {
                     if let Poll::Ready(result) = writable.as_mut().poll(cx) {
                         return Poll::Ready(Event::Writable(result));
                     }
                 }
                 // Paused: the socket's later frames wait (back-pressure on the client).
-                if conn.is_paused() || reader.stalled {
+                if conn.is_paused() || stalled {
                     return Poll::Pending;
                 }
                 if input_buffered {
                     return Poll::Ready(Event::Readable(Ok(())));
                 }
-                read_ready.as_mut().poll(cx).map(Event::Readable)
+                reading.as_mut().poll(cx).map(Event::Readable)
             })
             .await;
             match event {
                 Event::Woken => {}
                 Event::Writable(Ok(())) => write_ready = None,
                 Event::Readable(Ok(())) => {
-                    read_ready.set(stream.readable(false));
-                    if !read_available(shard, conn, link, reader) {
+                    read_ready.set(session.stream.readable(false));
+                    let reader = &mut session.reader;
+                    if !read_available(shard, conn, &mut session.link, reader) {
                         break Ending::Lost;
                     }
                     // Frames after a pausing one wait in `partial` for the resume.
