@@ -427,6 +427,13 @@ impl Client {
                 }
                 Ok(Message::Close(frame)) => return Next::Closed(frame.map(|f| u16::from(f.code))),
                 Ok(_) => continue,
+                // A signal landed during the read (seen once in a full run):
+                // nothing was read, so read again.
+                Err(tungstenite::Error::Io(error))
+                    if error.kind() == std::io::ErrorKind::Interrupted =>
+                {
+                    continue
+                }
                 Err(tungstenite::Error::Io(error))
                     if matches!(
                         error.kind(),
