@@ -444,12 +444,12 @@ fn read_frame<'a>(stream: &mut UnixStream, buffer: &'a mut Vec<u8>) -> Result<Op
     Ok(Some(buffer))
 }
 
-/// Sleeps until the shard has sent something (or closed). A thread blocked
-/// in `read` on a Unix stream is woken each time the shard reads a notice
-/// the commit thread wrote on this same socket (the kernel's "space to
-/// write" wake-up does not say which side it is for); `poll` for input
-/// sleeps through those. Measured: two spurious context switches per
-/// `Durable` notice without it (BENCHMARKS.md, issue 17).
+/// Sleeps until the shard has sent something (or closed). A thread asleep
+/// in `read` on a Unix stream wakes for any wake-up on the socket, and the
+/// kernel sends one ("room to write") each time the shard reads a notice
+/// the commit thread wrote on this same socket; a `poll` for input sleeps
+/// through those. Measured: two needless context switches per `Durable`
+/// notice without it (BENCHMARKS.md, "Spurious wake-ups").
 fn wait_readable(stream: &UnixStream) -> Result<()> {
     use rustix::event::{poll, PollFd, PollFlags};
     loop {
