@@ -130,6 +130,7 @@ struct Conn {
 struct WorkerResult {
     delivery: Option<Histogram<u64>>,
     ack: Option<Histogram<u64>>,
+    ack_from_write: Option<Histogram<u64>>,
     sent: u64,
     late_sends: u64,
     errors: BTreeMap<String, u64>,
@@ -164,6 +165,10 @@ pub struct OneToOneReport {
     pub acked_total: u64,
     pub delivery: Percentiles,
     pub ack: Percentiles,
+    /// `sent` latency from the moment the load generator wrote the send,
+    /// not from its intended time: the server's share, without the
+    /// generator's own lateness (which `ack` includes, as it should).
+    pub ack_from_write: Percentiles,
     pub delivered_per_s_measured: f64,
     pub server_cpu_s: Option<f64>,
     /// The server's own process, without its children (for the gateway, the
@@ -335,6 +340,7 @@ fn run_one(
     let Totals {
         delivery,
         ack,
+        ack_from_write,
         sent,
         late_sends,
         delivered,
@@ -346,6 +352,7 @@ fn run_one(
     } = totals;
     let delivery = histogram_from(&delivery)?;
     let ack = histogram_from(&ack)?;
+    let ack_from_write = histogram_from(&ack_from_write)?;
     let result = WorkerResult {
         sent,
         late_sends,
@@ -366,6 +373,7 @@ fn run_one(
         acked_total: acked,
         delivery: report::percentiles(&delivery),
         ack: report::percentiles(&ack),
+        ack_from_write: report::percentiles(&ack_from_write),
         delivered_per_s_measured: measured_deliveries as f64 / args.duration_s as f64,
         server_cpu_s: server_cpu_s.map(|cpu| cpu.tree_s),
         server_process_cpu_s: server_cpu_s.map(|cpu| cpu.process_s),
@@ -409,6 +417,8 @@ impl Phase {
 struct Totals {
     delivery: Vec<(u64, u64)>,
     ack: Vec<(u64, u64)>,
+    #[serde(default)]
+    ack_from_write: Vec<(u64, u64)>,
     sent: u64,
     late_sends: u64,
     delivered: u64,
@@ -423,6 +433,7 @@ impl Totals {
     fn add(&mut self, other: Totals) {
         self.delivery.extend(other.delivery);
         self.ack.extend(other.ack);
+        self.ack_from_write.extend(other.ack_from_write);
         self.sent += other.sent;
         self.late_sends += other.late_sends;
         self.delivered += other.delivered;
@@ -538,6 +549,7 @@ impl Running {
     fn join(self) -> anyhow::Result<Totals> {
         let mut delivery = report::new_histogram();
         let mut ack = report::new_histogram();
+        let mut ack_from_write = report::new_histogram();
         let mut totals = Totals {
             connections_held: self.connections_held,
             ..Totals::default()
@@ -548,6 +560,7 @@ impl Running {
                 .map_err(|_| anyhow::anyhow!("worker panicked"))??;
             delivery.add(part.delivery.as_ref().expect("set"))?;
             ack.add(part.ack.as_ref().expect("set"))?;
+            ack_from_write.add(part.ack_from_write.as_ref().expect("set"))?;
             totals.sent += part.sent;
             totals.late_sends += part.late_sends;
             totals.closes += part.closes;
@@ -557,6 +570,7 @@ impl Running {
         }
         totals.delivery = pairs_of(&delivery);
         totals.ack = pairs_of(&ack);
+        totals.ack_from_write = pairs_of(&ack_from_write);
         totals.delivered = self.shared.delivered.load(Relaxed);
         totals.acked = self.shared.acked.load(Relaxed);
         totals.bench_cpu_s = self.bench_cpu_before.and_then(|before| {
@@ -746,7 +760,11 @@ fn print_table(report: &OneToOneReport) {
         "  {:<10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
         "latency", "p50", "p90", "p95", "p99", "p99.9", "max", "count"
     );
-    for (name, p) in [("delivery", &report.delivery), ("ack", &report.ack)] {
+    for (name, p) in [
+        ("delivery", &report.delivery),
+        ("ack", &report.ack),
+        ("ack/write", &report.ack_from_write),
+    ] {
         let ms = |us: u64| format!("{:.3}", us as f64 / 1000.0);
         println!(
             "  {:<10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}  (ms)",
@@ -812,6 +830,7 @@ fn worker(
     let mut result = WorkerResult {
         delivery: Some(report::new_histogram()),
         ack: Some(report::new_histogram()),
+        ack_from_write: Some(report::new_histogram()),
         ..WorkerResult::default()
     };
     let mut next_sender = 0usize;
@@ -843,7 +862,7 @@ fn worker(
             match shared.peer {
                 Peer::Gateway => {
                     let json = format!(
-                        r#"{{"type":"send","id":"{sequence}-{intended}","to":"{}{recipient}","body":"t{intended}:{padding}"}}"#,
+                        r#"{{"type":"send","id":"{sequence}-{intended}-{now}","to":"{}{recipient}","body":"t{intended}:{padding}"}}"#,
                         args.user_prefix
                     );
                     wsclient::encode_text(json.as_bytes(), &mut frame);
@@ -942,6 +961,25 @@ fn record_latency(
     }
 }
 
+/// Records the latency of a `sent` from the moment its send was written,
+/// when the send was intended inside the measured window (the same sends
+/// `record_latency` measures from their intended time).
+fn record_from_write(
+    intended: Option<&str>,
+    written: Option<&str>,
+    now: u64,
+    shared: &Shared,
+    histogram: &mut Histogram<u64>,
+) {
+    let parse = |text: Option<&str>| text.and_then(|text| text.parse::<u64>().ok());
+    let (Some(intended), Some(written)) = (parse(intended), parse(written)) else {
+        return;
+    };
+    if intended >= shared.measure_from_ns && intended < shared.end_ns {
+        let _ = histogram.record((now.saturating_sub(written) / 1000).max(1));
+    }
+}
+
 fn read_and_record(
     conn: &mut Conn,
     scratch: &mut [u8],
@@ -985,14 +1023,22 @@ fn read_and_record(
                         record_latency(intended, now, shared, &shared.delivered, histogram);
                     }
                     "sent" => {
-                        // The id is `<sequence>-<intended ns>`.
-                        let intended = incoming.id.and_then(|id| id.split('-').nth(1));
+                        // The id is `<sequence>-<intended ns>-<written ns>`.
+                        let mut parts = incoming.id.unwrap_or_default().split('-').skip(1);
+                        let (intended, written) = (parts.next(), parts.next());
                         record_latency(
                             intended,
                             now,
                             shared,
                             &shared.acked,
                             result.ack.as_mut().expect("set"),
+                        );
+                        record_from_write(
+                            intended,
+                            written,
+                            now,
+                            shared,
+                            result.ack_from_write.as_mut().expect("set"),
                         );
                     }
                     "error" => {
