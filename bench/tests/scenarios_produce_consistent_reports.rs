@@ -151,7 +151,7 @@ fn one_to_one_counts_add_up_and_files_are_written() {
     assert_eq!(number(&["delivered_total"]), 600);
     assert_eq!(number(&["acked_total"]), 600);
     // Only sends intended inside the 2 s measured window are in the histograms.
-    for latency in ["delivery", "ack"] {
+    for latency in ["delivery", "ack", "ack_from_write"] {
         let count = number(&[latency, "count"]);
         assert!((399..=401).contains(&count), "{latency} count {count}");
         let (p50, p99, max) = (
@@ -162,6 +162,18 @@ fn one_to_one_counts_add_up_and_files_are_written() {
         assert!(
             p50 >= 1 && p50 <= p99 && p99 <= max,
             "{latency}: {p50} {p99} {max}"
+        );
+    }
+    // Each send is written at or after its intended time, so measured from
+    // the write no `sent` takes longer, at any percentile.
+    for percentile in ["p50_us", "p99_us", "max_us"] {
+        let (from_write, from_intended) = (
+            number(&["ack_from_write", percentile]),
+            number(&["ack", percentile]),
+        );
+        assert!(
+            from_write <= from_intended,
+            "{percentile}: {from_write} from the write, {from_intended} from the intended time"
         );
     }
     assert!(report["errors"].as_object().unwrap().is_empty(), "{report}");
@@ -271,7 +283,7 @@ fn one_to_one_spread_over_worker_processes_merges_exactly() {
     assert_eq!(report["sent"], 450, "{report}");
     assert_eq!(report["delivered_total"], 450, "{report}");
     assert_eq!(report["acked_total"], 450, "{report}");
-    for latency in ["delivery", "ack"] {
+    for latency in ["delivery", "ack", "ack_from_write"] {
         let count = report[latency]["count"].as_u64().unwrap();
         assert!(
             (298..=302).contains(&count),
