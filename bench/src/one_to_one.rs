@@ -152,6 +152,13 @@ struct Shared {
     acked: AtomicU64,
 }
 
+impl Shared {
+    /// Whether a send intended at `intended_ns` is in the measured window.
+    fn measures(&self, intended_ns: u64) -> bool {
+        intended_ns >= self.measure_from_ns && intended_ns < self.end_ns
+    }
+}
+
 #[derive(Debug, serde::Serialize)]
 pub struct OneToOneReport {
     pub peer: Peer,
@@ -956,7 +963,7 @@ fn record_latency(
         return;
     };
     counter.fetch_add(1, Relaxed);
-    if intended >= shared.measure_from_ns && intended < shared.end_ns {
+    if shared.measures(intended) {
         let _ = histogram.record((now.saturating_sub(intended) / 1000).max(1));
     }
 }
@@ -975,7 +982,7 @@ fn record_from_write(
     let (Some(intended), Some(written)) = (parse(intended), parse(written)) else {
         return;
     };
-    if intended >= shared.measure_from_ns && intended < shared.end_ns {
+    if shared.measures(intended) {
         let _ = histogram.record((now.saturating_sub(written) / 1000).max(1));
     }
 }

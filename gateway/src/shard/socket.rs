@@ -121,15 +121,7 @@ pub fn serve(
         }
         if let Ending::Close(code) = ending {
             shard.metrics().closed(code);
-            Box::pin(close_gracefully(
-                &shard,
-                &session.stream,
-                &mut session.link,
-                &conn,
-                code,
-                session.front_written,
-            ))
-            .await;
+            Box::pin(close_gracefully(&shard, &conn, &mut session, code)).await;
         }
         drop(session);
         shard.node.release_connection();
@@ -439,30 +431,29 @@ fn flush(
 
 /// Sends what should still go out, then the close frame, then waits (bounded)
 /// for the client to close its side, as RFC 6455 §7 asks.
-async fn close_gracefully(
-    shard: &Shard,
-    stream: &TcpStream,
-    link: &mut Link,
-    conn: &Conn,
-    code: CloseCode,
-    mut front_written: usize,
-) {
+async fn close_gracefully(shard: &Shard, conn: &Conn, session: &mut Session, code: CloseCode) {
+    let Session {
+        stream,
+        link,
+        front_written,
+        ..
+    } = session;
     let fd = stream.as_raw_fd();
     {
         let mut outbox = conn.outbox.borrow_mut();
         if code == CloseCode::SlowConsumer {
             // The backlog is the problem: keep only a frame already half written.
-            outbox.truncate(usize::from(front_written > 0));
+            outbox.truncate(usize::from(*front_written > 0));
         }
         let close = Bytes::from(ws::close_frame(code));
-        let queued = outbox.iter().map(Bytes::len).sum::<usize>() - front_written + close.len();
+        let queued = outbox.iter().map(Bytes::len).sum::<usize>() - *front_written + close.len();
         conn.outbox_bytes.set(queued as u32);
         outbox.push_back(close);
     }
     let deadline = Instant::now() + Duration::from_millis(shard.config.close_grace_ms);
     let mut close_notify_queued = !link.is_tls();
     loop {
-        match flush(link, shard, conn, &mut front_written) {
+        match flush(link, shard, conn, front_written) {
             // TLS ends with close_notify after the close frame.
             Ok(true) if !close_notify_queued => {
                 link.close_notify();
