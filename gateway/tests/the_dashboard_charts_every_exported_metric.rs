@@ -1,10 +1,11 @@
 //! `dashboards/chat-gateway.json` (a Grafana dashboard) queries only metric
-//! families a real gateway exports on `/metrics`, and charts every one of
-//! them, so a metric added to the node without a panel (or a panel left
-//! behind by a renamed metric) fails here. The alert rules
-//! (`dashboards/alerts.yml`) pass `promtool check rules` and name only
-//! exported families. The gateway runs in a fleet (real nats-server) so the
-//! backplane's families are exported too.
+//! families a real node exports (the gateway on its admin `/metrics`, its
+//! storage-writer on `--metrics-listen`), and charts every one of them, so a
+//! metric added without a panel (or a panel left behind by a renamed metric)
+//! fails here. The alert rules (`dashboards/alerts.yml`) pass `promtool
+//! check rules` and name only exported families. The gateway runs in a fleet
+//! (real nats-server) so the backplane's families are exported too, and its
+//! writer has Web Push configured so the push families are.
 
 use std::collections::BTreeSet;
 
@@ -45,25 +46,60 @@ fn family(identifier: &str) -> &str {
         .unwrap_or(identifier)
 }
 
-/// The metric families a real node (in a fleet) exports.
-fn exported_families() -> BTreeSet<String> {
-    let nats = NatsServer::start();
-    let gateway = Gateway::start(&["--nats-url", &nats.url()]);
-    let (status, metrics) = gateway.admin_get("/metrics").expect("metrics answer");
-    assert_eq!(status, 200);
-    let exported: BTreeSet<String> = metrics
+/// The families a Prometheus text answer declares (`# TYPE` lines).
+fn declared(metrics: &str) -> BTreeSet<String> {
+    metrics
         .lines()
         .filter_map(|line| line.strip_prefix("# TYPE "))
         .map(|rest| rest.split(' ').next().unwrap().to_owned())
-        .collect();
+        .collect()
+}
+
+/// The metric families a real node (in a fleet, its writer with Web Push
+/// configured) exports: the gateway's and its storage-writer's.
+fn exported_families() -> BTreeSet<String> {
+    let nats = NatsServer::start();
+    let vapid = tempfile::tempdir().unwrap();
+    let vapid_key = vapid.path().join("vapid.pem");
+    std::fs::write(
+        &vapid_key,
+        rcgen::KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    let writer_metrics: std::net::SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
+        .parse()
+        .unwrap();
+    let mut flags = vec!["--nats-url".to_owned(), nats.url()];
+    flags.extend(testkit::gateway::writer_args(&[
+        "--metrics-listen",
+        &writer_metrics.to_string(),
+        "--push-vapid-key",
+        &vapid_key.display().to_string(),
+    ]));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let gateway = Gateway::start(&flags);
+    let (status, metrics) = gateway.admin_get("/metrics").expect("metrics answer");
+    assert_eq!(status, 200);
+    let mut exported = declared(&metrics);
     assert!(exported.len() > 40, "{exported:?}");
+    // The gateway is ready once its writer answers, so its endpoint is up.
+    let (status, writer) =
+        testkit::gateway::http_get(writer_metrics, "/metrics").expect("writer metrics answer");
+    assert_eq!(status, 200);
+    let writer = declared(&writer);
+    assert!(
+        writer.contains("storage_writer_batch_commit_seconds")
+            && writer.contains("storage_writer_push_latency_seconds"),
+        "{writer:?}"
+    );
+    exported.extend(writer);
     exported
 }
 
-/// The `gateway_` families an expression names.
+/// The node's families (`gateway_`, `storage_writer_`) an expression names.
 fn families_in(expr: &str) -> Vec<String> {
     expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|word| word.starts_with("gateway_"))
+        .filter(|word| word.starts_with("gateway_") || word.starts_with("storage_writer_"))
         .map(|word| family(word).to_owned())
         .collect()
 }
