@@ -27,21 +27,18 @@ const COALESCE_MS: u64 = 2_500;
 struct Node {
     gateway: Gateway,
     writer_metrics: SocketAddr,
-    _vapid: tempfile::TempDir,
+    _vapid: testkit::webpush::VapidKey,
     /// The VAPID public key (base64url), for subscribing.
     application_server_key: String,
 }
 
 /// A VAPID key in a file, the gateway flags that turn Web Push on with it
 /// (and the writer's metrics on `metrics`, if given), and its public key.
-fn push_flags(metrics: Option<SocketAddr>) -> (tempfile::TempDir, Vec<String>, String) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let key_path = dir.path().join("vapid.pem");
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+fn push_flags(metrics: Option<SocketAddr>) -> (testkit::webpush::VapidKey, Vec<String>, String) {
+    let key = testkit::webpush::VapidKey::generate();
     let mut writer_args = vec![
         "--push-vapid-key".to_owned(),
-        key_path.display().to_string(),
+        key.path.display().to_string(),
         "--push-vapid-subject".into(),
         "mailto:ops@example.org".into(),
         "--push-ack-wait-ms".into(),
@@ -58,8 +55,8 @@ fn push_flags(metrics: Option<SocketAddr>) -> (tempfile::TempDir, Vec<String>, S
             .iter()
             .map(|arg| format!("--storage-writer-arg={arg}")),
     );
-    let public = Base64UrlUnpadded::encode_string(key.public_key_raw());
-    (dir, flags, public)
+    let public = Base64UrlUnpadded::encode_string(&key.public_key_raw);
+    (key, flags, public)
 }
 
 fn start_node() -> Node {

@@ -59,13 +59,7 @@ fn declared(metrics: &str) -> BTreeSet<String> {
 /// configured) exports: the gateway's and its storage-writer's.
 fn exported_families() -> BTreeSet<String> {
     let nats = NatsServer::start();
-    let vapid = tempfile::tempdir().unwrap();
-    let vapid_key = vapid.path().join("vapid.pem");
-    std::fs::write(
-        &vapid_key,
-        rcgen::KeyPair::generate().unwrap().serialize_pem(),
-    )
-    .unwrap();
+    let vapid = testkit::webpush::VapidKey::generate();
     let writer_metrics: std::net::SocketAddr = format!("127.0.0.1:{}", testkit::free_port())
         .parse()
         .unwrap();
@@ -74,7 +68,7 @@ fn exported_families() -> BTreeSet<String> {
         "--metrics-listen",
         &writer_metrics.to_string(),
         "--push-vapid-key",
-        &vapid_key.display().to_string(),
+        &vapid.path.display().to_string(),
     ]));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let gateway = Gateway::start(&flags);

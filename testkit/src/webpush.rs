@@ -5,7 +5,8 @@
 //!
 //! Owns starting it (killed when dropped), subscribing, reading back what a
 //! subscription was sent, and expiring a subscription (its endpoint then
-//! answers 410). Every wait is bounded by `WAIT`.
+//! answers 410). Every wait is bounded by `WAIT`. Also owns the tests'
+//! VAPID key: a fresh P-256 key in a PEM file for `--push-vapid-key`.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -15,6 +16,30 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::{free_port, repo, KillOnDrop, WAIT};
+
+/// A fresh VAPID key (P-256) in a PEM file, removed when dropped.
+pub struct VapidKey {
+    _dir: tempfile::TempDir,
+    /// The PEM file, for the writer's `--push-vapid-key`.
+    pub path: std::path::PathBuf,
+    /// The uncompressed public point (the subscription's
+    /// `applicationServerKey`, once base64url-encoded).
+    pub public_key_raw: Vec<u8>,
+}
+
+impl VapidKey {
+    pub fn generate() -> VapidKey {
+        let key = rcgen::KeyPair::generate().expect("a P-256 key");
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("vapid.pem");
+        std::fs::write(&path, key.serialize_pem()).expect("the VAPID key is written");
+        VapidKey {
+            _dir: dir,
+            path,
+            public_key_raw: key.public_key_raw().to_vec(),
+        }
+    }
+}
 
 pub struct WebPushService {
     _child: KillOnDrop,
